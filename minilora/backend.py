@@ -1,0 +1,137 @@
+"""One array backend for the CPU (NumPy) and the GPU (CuPy).
+
+Every layer in minilora is written once, against the NumPy API. CuPy implements the same API on a
+CUDA GPU, so the same code runs on either device. The rules that make this work:
+
+- Layer code never imports numpy or cupy to compute: it asks its inputs for their module with
+  ``xp = get_xp(x)`` and calls ``xp.matmul``, ``xp.exp``, ... on that.
+- Arrays cross between host and device in exactly two functions: ``to_device`` and ``to_numpy``.
+  Printing, plotting and ``np.testing`` only ever see NumPy arrays.
+- Random initial weights and training batches are drawn on the host from a seeded
+  ``numpy.random.Generator`` and then moved, so CPU and GPU runs start from identical numbers.
+  Dropout masks are drawn on the active device (``device_rng``), since they are made every step.
+
+The device is chosen explicitly: ``--device cpu|cuda`` on the command line, a ``device=`` argument in
+the Python API, and the environment variable ``MINILORA_DEVICE`` as the default for both.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+DEVICE_ENV_VAR = "MINILORA_DEVICE"
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used; the message says how to fix it."""
+
+
+def resolve_device(device: str | None = None) -> str:
+    """The device to use: the argument if given, else $MINILORA_DEVICE, else "cpu"."""
+    chosen = device if device is not None else os.environ.get(DEVICE_ENV_VAR, "cpu")
+    chosen = chosen.strip().lower()
+    if chosen not in DEVICES:
+        source = "device argument" if device is not None else f"${DEVICE_ENV_VAR}"
+        raise BackendError(f"unknown device {chosen!r} (from the {source}); choose one of {DEVICES}")
+    return chosen
+
+
+def _import_cupy() -> ModuleType:
+    """Import CuPy and check that a GPU is visible, or explain how to get there."""
+    try:
+        import cupy
+    except ImportError as err:
+        raise BackendError(
+            "device 'cuda' needs CuPy, which is not installed. Install the wheel that matches your "
+            "CUDA driver: pip install -e '.[cuda12]' or pip install -e '.[cuda13]' "
+            f"(import error: {err})"
+        ) from err
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CuPy raises its own CUDARuntimeError subclasses here
+        raise BackendError(
+            f"device 'cuda': CuPy is installed but cannot reach a GPU ({err}). Check nvidia-smi, the "
+            "driver version against the cupy-cuda12x/13x wheel you installed, and CUDA_VISIBLE_DEVICES; "
+            "or run with --device cpu"
+        ) from err
+    if n_gpus == 0:
+        raise BackendError("device 'cuda': no GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
+    return cupy
+
+
+def get_backend(device: str | None = None) -> ModuleType:
+    """The array module (numpy or cupy) for a device name; see resolve_device for the default."""
+    return np if resolve_device(device) == "cpu" else _import_cupy()
+
+
+def get_xp(x) -> ModuleType:
+    """The array module an array belongs to, so layer code follows its inputs onto the device."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def device_of(x) -> str:
+    """'cuda' for a CuPy array, 'cpu' for anything else."""
+    return "cuda" if get_xp(x) is not np else "cpu"
+
+
+def to_device(x, device: str | None = None):
+    """Move a host array to a device (a no-op for 'cpu' and for arrays already there)."""
+    xp = get_backend(device)
+    return xp.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """Move an array of either backend to a host NumPy array (a no-op for NumPy arrays)."""
+    if get_xp(x) is np:
+        return np.asarray(x)
+    return x.get()
+
+
+def scatter_add(target, indices, values) -> None:
+    """target[indices] += values, in place, adding every repeated index.
+
+    Plain ``target[indices] += values`` keeps only one of several updates to the same row (the
+    embedding backward sees every token that occurs twice in a batch), so it is wrong here.
+    """
+    xp = get_xp(target)
+    if xp is np:
+        np.add.at(target, indices, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+
+
+def host_rng(*key: int) -> np.random.Generator:
+    """A NumPy generator seeded by a tuple of integers, e.g. host_rng(seed, stream, step).
+
+    Seeding from (seed, step) rather than carrying one generator through training makes every
+    step's randomness a pure function of its number: resuming at step k needs no saved RNG state.
+    """
+    return np.random.default_rng(list(key))
+
+
+def device_rng(xp: ModuleType, *key: int):
+    """A generator on the device of ``xp``, seeded by a tuple of integers (see host_rng).
+
+    Used for per-step randomness made on the device, such as dropout masks. CuPy's generator takes
+    one integer seed, which we derive from the key with NumPy's SeedSequence.
+    """
+    if xp is np:
+        return host_rng(*key)
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return xp.random.default_rng(seed)
+
+
+def synchronize(xp: ModuleType) -> None:
+    """Wait for queued GPU work to finish (GPU calls return early); a no-op on the CPU."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()

@@ -1,0 +1,119 @@
+"""Checkpoints that are never half-written: one safetensors file, replaced atomically.
+
+A checkpoint is a single ``.safetensors`` file holding the parameters (``params.<name>``), the
+optimiser's buffers (``optim.<kind>.<name>``) and, in the file's string metadata, a JSON document
+with the model config, the training state and provenance. A readable copy of that JSON is written
+beside it (``<name>.json``); the safetensors file is the authority.
+
+Writes go to a temporary file in the same directory, are flushed and fsynced, and then renamed over
+the old file. A rename within one file system is atomic, so a crash or an error at any point leaves
+either the old checkpoint or the new one, never a mixture or a truncated file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from .backend import get_xp, to_numpy
+
+METADATA_KEY = "minilora"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit; the message names the file and the key."""
+
+
+@dataclass
+class Checkpoint:
+    params: dict  # name -> host NumPy array
+    optimizer: dict | None  # Optimizer.state_dict() layout, host arrays, or None
+    metadata: dict  # config, training state, provenance
+
+
+def write_all(fd: int, payload: bytes) -> None:
+    """os.write until every byte is written (one call may write fewer)."""
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, nothing else."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            write_all(fd, payload)
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # and the rename itself is on disk
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path, params: dict, metadata: dict, optimizer_state: dict | None = None) -> None:
+    """Save parameters, optional optimiser state and JSON-able metadata to ``path`` atomically."""
+    tensors = {f"params.{name}": to_numpy(value) for name, value in params.items()}
+    if optimizer_state is not None:
+        tensors.update({f"optim.{key}": to_numpy(value) for key, value in optimizer_state["buffers"].items()})
+        metadata = {**metadata, "optimizer_step_count": optimizer_state["step_count"]}
+    document = json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, sort_keys=True)
+    path = Path(path)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: document}))
+    atomic_write_bytes(path.with_suffix(".json"), (document + "\n").encode())
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; a clear CheckpointError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
+    if METADATA_KEY not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not a minilora checkpoint (no {METADATA_KEY!r} metadata)")
+    metadata = json.loads(header[METADATA_KEY])
+    params = {key[len("params."):]: value for key, value in tensors.items() if key.startswith("params.")}
+    buffers = {key[len("optim."):]: value for key, value in tensors.items() if key.startswith("optim.")}
+    optimizer = None
+    if "optimizer_step_count" in metadata:
+        optimizer = {"step_count": metadata["optimizer_step_count"], "buffers": buffers}
+    return Checkpoint(params=params, optimizer=optimizer, metadata=metadata)
+
+
+def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped parameter."""
+    for name, shape in expected_shapes.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: missing parameter {name!r} (expected shape {shape})")
+        if tuple(params[name].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(params[name].shape)}, "
+                                  f"the model expects {tuple(shape)}")
+    unexpected = sorted(set(params) - set(expected_shapes))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected parameters {unexpected}")
+
+
+def all_finite(params: dict) -> bool:
+    """True if no parameter holds a NaN or an infinity (checked before a checkpoint is written)."""
+    return all(bool(get_xp(value).isfinite(value).all()) for value in params.values())

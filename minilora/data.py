@@ -1,0 +1,132 @@
+"""Corpora as byte arrays, and random (input, target) batches for next-token prediction.
+
+A corpus is a training and a validation array of token ids; with the byte-level tokenizer the ids
+are simply the UTF-8 bytes of the text, so loading is reading and checking a file. The shipped
+corpora (built by data/build_corpora.py, described in data/README.md) come with fixed splits; any
+other UTF-8 text file is split by one stated rule. A batch is B windows of T consecutive tokens at
+random offsets, and the target of each position is the token that follows it. What this leaves out:
+streaming corpora larger than memory, epochs and sampling without replacement, padding.
+
+Shape letters: B batch size, T block size (context length).
+"""
+
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHIPPED_CORPORA = ("shakespeare_modern", "shakespeare_folio", "kjv", "devils_dictionary")
+DATA_DIR = Path(__file__).parent.parent / "data"  # the repository's data/ (editable install)
+VAL_PERCENT = 10  # share of a user's text file that becomes validation, see split_text
+
+
+class CorpusError(ValueError):
+    """A corpus could not be found, read or split; the message names the problem."""
+
+
+# eq=False: a generated __eq__ would compare arrays, which have no single truth value.
+@dataclass(frozen=True, eq=False)
+class Corpus:
+    """A named corpus: training and validation token ids, 1-D read-only uint8 arrays."""
+
+    name: str
+    train: np.ndarray  # (N_train,) uint8
+    val: np.ndarray  # (N_val,) uint8
+
+
+def load_corpus(name_or_path: str) -> Corpus:
+    """Load a shipped corpus by name, or any UTF-8 text file by path.
+
+    A shipped name reads data/NAME.train.txt.xz and data/NAME.val.txt.xz. A path is read as bytes,
+    checked to be non-empty valid UTF-8, and split by `split_text`: validation starts at the first
+    byte of the line that holds byte N * 90 // 100, so it is the last ~10% of the text in whole
+    lines. The bytes are used as they are (no newline or BOM normalisation). A shipped name wins
+    over a file of the same name in the current directory.
+    """
+    if name_or_path in SHIPPED_CORPORA:
+        name = name_or_path
+        return Corpus(name, read_shipped(name, "train"), read_shipped(name, "val"))
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = ", ".join(SHIPPED_CORPORA)
+        if path.suffix or path.name != name_or_path:  # "x.txt", "dir/x", "./x" name files
+            raise CorpusError(f"no such file: {name_or_path!r} (nor a shipped corpus: {shipped})")
+        raise CorpusError(
+            f"unknown corpus {name_or_path!r}: shipped corpora are {shipped}, "
+            "or give the path of a UTF-8 text file"
+        )
+    if not path.is_file():
+        raise CorpusError(f"{name_or_path!r} is not a file")
+    raw = path.read_bytes()
+    if not raw:
+        raise CorpusError(f"{name_or_path!r} is empty")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{name_or_path!r} is not valid UTF-8: {err.reason} at byte offset {err.start}"
+        ) from err
+    train, val = split_text(read_only(raw), name_or_path)
+    return Corpus(path.stem, train, val)
+
+
+def read_shipped(name: str, split: str) -> np.ndarray:
+    """Decompress one split of a shipped corpus into a read-only uint8 array."""
+    path = DATA_DIR / f"{name}.{split}.txt.xz"
+    if not path.is_file():
+        raise CorpusError(
+            f"shipped corpus file missing: {path} (install minilora from a source checkout "
+            "with `pip install -e .`, or rebuild with `python data/build_corpora.py`)"
+        )
+    return read_only(lzma.decompress(path.read_bytes()))
+
+
+def read_only(raw: bytes) -> np.ndarray:
+    """View bytes as a uint8 array; bytes are immutable, so the array is read-only."""
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def split_text(data: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split at the start of the line holding byte N * 90 // 100: the last ~10% is validation.
+
+    Cutting at a line start keeps every line whole, and since byte 0x0a (newline) never occurs
+    inside a multi-byte UTF-8 character, no character is split either. Validation is at least the
+    last 10% of the bytes. Needs a newline before that byte, so a one-line text is too short.
+    """
+    N = len(data)
+    boundary = N * (100 - VAL_PERCENT) // 100  # integer arithmetic: no float rounding at the edge
+    newlines = np.flatnonzero(data[:boundary] == ord("\n"))
+    if newlines.size == 0:
+        raise CorpusError(
+            f"{source!r} is too short to split ({N} bytes): it needs a line break before byte "
+            f"{boundary} so that whole lines are left for both training and validation"
+        )
+    cut = int(newlines[-1]) + 1  # first byte of the line that starts validation
+    return data[:cut], data[cut:]
+
+
+def get_batch(
+    data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample B windows of T tokens at uniform random offsets; targets are inputs shifted by one.
+
+    x[b, t] = data[o_b + t] and y[b, t] = data[o_b + t + 1], with o_b uniform in 0..N-T-1 so that
+    the last target stays inside data. Both are int64, shape (B, T). The windows are gathered in
+    one fancy-indexing step: offsets[:, None] + arange(T) is a (B, T) array of positions.
+    """
+    if data.ndim != 1:
+        raise ValueError(f"data must be a 1-D array of token ids, got shape {data.shape}")
+    if batch_size < 1 or block_size < 1:
+        raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
+    N = len(data)
+    if N < block_size + 1:
+        raise ValueError(
+            f"data has {N} tokens, fewer than block_size + 1 = {block_size + 1} "
+            "(a window of inputs plus the token after it)"
+        )
+    offsets = rng.integers(0, N - block_size, size=batch_size)  # (B,), high is exclusive
+    positions = offsets[:, None] + np.arange(block_size)  # (B, T)
+    x = data[positions].astype(np.int64)  # (B, T)
+    y = data[positions + 1].astype(np.int64)  # (B, T)
+    return x, y

@@ -1,0 +1,294 @@
+"""A GPT-2 language model with hand-written backprop.
+
+The architecture is GPT-2's: learned token and position embeddings, pre-LayerNorm blocks
+
+    x = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+    x = x + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(x)))))
+
+a final LayerNorm, and an output head tied to the token embedding (logits = ln_f(x) @ wte^T).
+
+Parameters live in one flat dict named exactly like the Hugging Face GPT-2 state dict
+(``transformer.h.0.attn.c_attn.weight``, with its (C_in, C_out) layout), so weights can be compared
+with, or loaded into, ``transformers.GPT2LMHeadModel``. Gradients use the same keys.
+
+The forward pass returns a cache of everything the backward needs; the backward walks the blocks in
+reverse and returns gradients for exactly the trainable parameters. A frozen linear weight still
+passes gradient to its input, but its own weight gradient is never computed. Subclasses (LoRA) change
+how a linear layer is applied by overriding ``linear_forward`` / ``linear_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import get_xp, to_device
+from .config import GPTConfig
+from .layers import (
+    attention_backward,
+    attention_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    make_dropout_mask,
+)
+
+WTE = "transformer.wte.weight"
+WPE = "transformer.wpe.weight"
+INIT_STD = 0.02  # GPT-2's initializer_range
+
+
+def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in the order of the Hugging Face GPT-2 state dict."""
+    C, V, T = config.n_embd, config.vocab_size, config.block_size
+
+    def affine(name, shape_w, n_out):  # a weight and, if the config has biases, its bias
+        return {f"{name}.weight": shape_w, **({f"{name}.bias": (n_out,)} if config.bias else {})}
+
+    shapes = {WTE: (V, C), WPE: (T, C)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}"
+        shapes.update(affine(f"{p}.ln_1", (C,), C))
+        shapes.update(affine(f"{p}.attn.c_attn", (C, 3 * C), 3 * C))
+        shapes.update(affine(f"{p}.attn.c_proj", (C, C), C))
+        shapes.update(affine(f"{p}.ln_2", (C,), C))
+        shapes.update(affine(f"{p}.mlp.c_fc", (C, 4 * C), 4 * C))
+        shapes.update(affine(f"{p}.mlp.c_proj", (4 * C, C), C))
+    shapes.update(affine("transformer.ln_f", (C,), C))
+    return shapes
+
+
+def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32, device: str | None = None) -> dict:
+    """GPT-2 initialisation, drawn on the host from a seeded generator and then moved to ``device``.
+
+    Linear and embedding weights ~ N(0, 0.02^2); the two residual projections (attn.c_proj and
+    mlp.c_proj) use std 0.02 / sqrt(2 n_layer), since 2 n_layer of them add into the residual stream;
+    LayerNorm gains are 1 and every bias is 0.
+    """
+    rng = np.random.default_rng(seed)
+    residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
+    params = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith(".bias"):
+            value = np.zeros(shape, dtype=dtype)
+        elif ".ln_" in name:
+            value = np.ones(shape, dtype=dtype)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else INIT_STD
+            value = (std * rng.standard_normal(shape, dtype=np.float64)).astype(dtype)
+        params[name] = to_device(value, device)
+    return params
+
+
+class BlockCache(NamedTuple):
+    ln_1: object
+    c_attn: object
+    attn: object
+    attn_proj: object
+    attn_dropout: object  # the residual dropout mask after attn.c_proj, or None
+    ln_2: object
+    c_fc: object
+    gelu: object
+    mlp_proj: object
+    mlp_dropout: object  # the residual dropout mask after mlp.c_proj, or None
+
+
+class ModelCache(NamedTuple):
+    token_embedding: object
+    seq_len: int
+    embedding_dropout: object  # mask or None
+    blocks: list  # one BlockCache per layer
+    ln_f: object
+    head: object
+    loss: object  # CrossEntropyCache, or None when no targets were given
+
+
+class GPT:
+    """A GPT-2 model: its config, its flat parameter dict, and which parameters are frozen."""
+
+    def __init__(self, config: GPTConfig, params: dict, frozen=()):
+        expected = parameter_shapes(config)
+        missing = [name for name in expected if name not in params]
+        unexpected = [name for name in params if name not in expected]
+        if missing or unexpected:
+            raise KeyError(f"parameters do not match the config: missing {missing}, unexpected {unexpected}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {shape}")
+        unknown_frozen = sorted(set(frozen) - set(params))
+        if unknown_frozen:
+            raise KeyError(f"cannot freeze unknown parameters {unknown_frozen}")
+        self.config = config
+        self.params = params
+        self.frozen = frozenset(frozen)
+
+    @property
+    def xp(self):
+        return get_xp(self.params[WTE])
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [name for name in self.params if name not in self.frozen]
+
+    def is_trainable(self, name: str) -> bool:
+        return name in self.params and name not in self.frozen
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        names = self.trainable_names if trainable_only else self.params
+        return sum(int(self.params[name].size) for name in names)
+
+    def check_token_ids(self, ids, what: str = "idx"):
+        """Validate a (B, T) array of token ids, on the host, and move it to the model's device.
+
+        CuPy wraps out-of-range indices around silently, so the range check must happen before the
+        ids reach the GPU: pass host (NumPy) arrays. Device arrays are trusted to be checked already.
+        """
+        if ids.ndim != 2:
+            raise ValueError(f"{what} must have shape (B, T), got {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        T = ids.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"{what} has {T} positions, more than block_size={self.config.block_size}")
+        if isinstance(ids, np.ndarray) and ids.size:
+            bad = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
+            if bad.size:
+                position = np.unravel_index(bad[0], ids.shape)
+                raise ValueError(
+                    f"{what} holds token id {int(ids[position])} at position {tuple(int(i) for i in position)}, "
+                    f"outside the vocabulary 0..{self.config.vocab_size - 1}"
+                )
+        return self.xp.asarray(ids)
+
+    # Hooks for one linear layer, by module name (e.g. "transformer.h.0.attn.c_attn").
+    # LoRA overrides these two to add its adapter path.
+
+    def linear_forward(self, name: str, x):
+        return linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+
+    def linear_backward(self, name: str, dout, cache, grads: dict):
+        """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
+        weight, bias = f"{name}.weight", f"{name}.bias"
+        dx, dW, db = linear_backward(dout, cache, compute_dW=self.is_trainable(weight))
+        if dW is not None:
+            grads[weight] = dW
+        if db is not None and self.is_trainable(bias):
+            grads[bias] = db
+        return dx
+
+    def _layernorm_forward(self, name: str, x):
+        return layernorm_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+
+    def _layernorm_backward(self, name: str, dout, cache, grads: dict):
+        dx, dw, db = layernorm_backward(dout, cache)
+        for key, grad in ((f"{name}.weight", dw), (f"{name}.bias", db)):
+            if grad is not None and self.is_trainable(key):
+                grads[key] = grad
+        return dx
+
+    def _dropout_mask(self, rng, shape, dtype):
+        """A fresh dropout mask when training with dropout (rng given, p > 0); None otherwise."""
+        if rng is None or self.config.dropout == 0.0:
+            return None
+        return make_dropout_mask(rng, shape, self.config.dropout, dtype)
+
+    def _block_forward(self, i: int, x, rng):
+        p = f"transformer.h.{i}"
+        B, T, C = x.shape
+        h, ln_1 = self._layernorm_forward(f"{p}.ln_1", x)
+        qkv, c_attn = self.linear_forward(f"{p}.attn.c_attn", h)  # (B, T, 3C)
+        attn_mask = self._dropout_mask(rng, (B, self.config.n_head, T, T), x.dtype)
+        a, attn = attention_forward(qkv, self.config.n_head, attn_mask)  # (B, T, C)
+        a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a)
+        attn_dropout = self._dropout_mask(rng, a.shape, x.dtype)
+        if attn_dropout is not None:
+            a, _ = dropout_forward(a, attn_dropout)
+        x = x + a  # residual
+        h, ln_2 = self._layernorm_forward(f"{p}.ln_2", x)
+        f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h)  # (B, T, 4C)
+        g, gelu = gelu_forward(f)
+        m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g)  # (B, T, C)
+        mlp_dropout = self._dropout_mask(rng, m.shape, x.dtype)
+        if mlp_dropout is not None:
+            m, _ = dropout_forward(m, mlp_dropout)
+        x = x + m  # residual
+        return x, BlockCache(ln_1, c_attn, attn, attn_proj, attn_dropout, ln_2, c_fc, gelu, mlp_proj, mlp_dropout)
+
+    def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
+        p = f"transformer.h.{i}"
+        # x_out = x + m: the residual hands dx unchanged to x and to the MLP branch m.
+        dm = dx if cache.mlp_dropout is None else dropout_backward(dx, cache.mlp_dropout)
+        dg = self.linear_backward(f"{p}.mlp.c_proj", dm, cache.mlp_proj, grads)
+        df = gelu_backward(dg, cache.gelu)
+        dh = self.linear_backward(f"{p}.mlp.c_fc", df, cache.c_fc, grads)
+        dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)  # fan-out: sum both paths
+        # x_mid = x + a: the same split for the attention branch.
+        da = dx if cache.attn_dropout is None else dropout_backward(dx, cache.attn_dropout)
+        da = self.linear_backward(f"{p}.attn.c_proj", da, cache.attn_proj, grads)
+        dqkv = attention_backward(da, cache.attn)
+        dh = self.linear_backward(f"{p}.attn.c_attn", dqkv, cache.c_attn, grads)
+        return dx + self._layernorm_backward(f"{p}.ln_1", dh, cache.ln_1, grads)
+
+    def forward(self, idx, targets=None, dropout_rng=None):
+        """Logits for every position, and the mean cross-entropy if targets are given.
+
+        idx, targets: (B, T) integer token ids (host arrays are range-checked, then moved).
+        dropout_rng: a generator on the model's device (backend.device_rng); dropout is applied
+        only when it is given and config.dropout > 0, so evaluation simply leaves it out.
+        Returns (logits (B, T, V), loss (0-d array) or None, cache for ``backward``).
+        """
+        idx = self.check_token_ids(idx, "idx")
+        B, T = idx.shape
+        wte, wpe = self.params[WTE], self.params[WPE]
+        tok, token_embedding = embedding_forward(idx, wte)  # (B, T, C)
+        x = tok + wpe[:T]  # position embeddings broadcast over the batch
+        embedding_dropout = self._dropout_mask(dropout_rng, x.shape, x.dtype)
+        if embedding_dropout is not None:
+            x, _ = dropout_forward(x, embedding_dropout)
+        blocks = []
+        for i in range(self.config.n_layer):
+            x, block = self._block_forward(i, x, dropout_rng)
+            blocks.append(block)
+        x, ln_f = self._layernorm_forward("transformer.ln_f", x)
+        logits, head = linear_forward(x, wte.T)  # tied head: W = wte^T, (C, V); logits (B, T, V)
+        loss, loss_cache = None, None
+        if targets is not None:
+            targets = self.check_token_ids(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
+            loss, loss_cache = cross_entropy_forward(logits, targets)
+        cache = ModelCache(token_embedding, T, embedding_dropout, blocks, ln_f, head, loss_cache)
+        return logits, loss, cache
+
+    def backward(self, cache: ModelCache, dloss: float = 1.0) -> dict:
+        """Gradients of the loss for every trainable parameter, keyed like ``params``."""
+        if cache.loss is None:
+            raise ValueError("backward needs a forward pass that was given targets")
+        grads = {}
+        dlogits = cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
+        train_wte = self.is_trainable(WTE)
+        dx, dW_head, _ = linear_backward(dlogits, cache.head, compute_dW=train_wte)  # dx (B, T, C)
+        dx = self._layernorm_backward("transformer.ln_f", dx, cache.ln_f, grads)
+        for i in reversed(range(self.config.n_layer)):
+            dx = self._block_backward(i, dx, cache.blocks[i], grads)
+        if cache.embedding_dropout is not None:
+            dx = dropout_backward(dx, cache.embedding_dropout)
+        if self.is_trainable(WPE):
+            dwpe = self.xp.zeros(self.params[WPE].shape, dtype=dx.dtype)  # rows >= T get no gradient
+            dwpe[: cache.seq_len] = dx.sum(axis=0)  # (T, C): summed over the batch it was broadcast over
+            grads[WPE] = dwpe
+        if train_wte:
+            # wte is used twice, by the embedding lookup and by the tied head: its gradient is the sum.
+            grads[WTE] = embedding_backward(dx, cache.token_embedding) + dW_head.T  # (V, C)
+        return {name: grads[name] for name in self.params if name in grads}  # in parameter order

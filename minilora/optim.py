@@ -1,0 +1,177 @@
+"""Optimisers over a flat parameter dict: AdamW, SGD with momentum, gradient clipping, LR schedule.
+
+An optimiser is built for a list of trainable names and keeps state (moments, momentum buffers) for
+those names only. With LoRA that list is the adapter's few tensors, and the optimiser's memory
+shrinks with it: Adam keeps two extra numbers per trainable parameter.
+
+Updates are in place on the arrays of ``params``, with the same arithmetic as ``torch.optim``, so
+both can be compared step by step on the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import get_xp
+from .model import WPE, WTE
+
+
+def default_decay_names(params: dict, names) -> set[str]:
+    """The parameters that get weight decay by default: matrices, but not the embeddings.
+
+    Biases and LayerNorm gains (vectors) and the token/position embeddings are left undecayed, as in
+    GPT-2 and nanoGPT practice: shrinking a gain or a lookup table towards 0 is not regularisation.
+    """
+    return {name for name in names if params[name].ndim >= 2 and name not in (WTE, WPE)}
+
+
+class Optimizer:
+    """Shared bookkeeping: the trainable names, their decay set, the step count, state save/load."""
+
+    state_names: tuple[str, ...] = ()  # the per-parameter state buffers a subclass keeps
+
+    def __init__(self, params: dict, names, lr: float, weight_decay: float, decay_names=None):
+        self.params = params
+        self.names = list(names)
+        missing = [name for name in self.names if name not in params]
+        if missing:
+            raise KeyError(f"optimiser asked to train unknown parameters {missing}")
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.decay_names = default_decay_names(params, self.names) if decay_names is None else set(decay_names)
+        self.step_count = 0
+        self.state = {kind: {} for kind in self.state_names}  # kind -> name -> array, created on first step
+
+    def _check_grads(self, grads: dict) -> None:
+        if set(grads) != set(self.names):
+            missing = sorted(set(self.names) - set(grads))
+            unexpected = sorted(set(grads) - set(self.names))
+            raise KeyError(f"gradients do not match the trainable parameters: missing {missing}, unexpected {unexpected}")
+
+    def _buffer(self, kind: str, name: str):
+        """The state buffer ``kind`` (e.g. 'exp_avg') of a parameter, zeros when first asked for."""
+        buffers = self.state[kind]
+        if name not in buffers:
+            p = self.params[name]
+            buffers[name] = get_xp(p).zeros(p.shape, dtype=p.dtype)
+        return buffers[name]
+
+    def state_dict(self) -> dict:
+        """A flat dict of arrays ('exp_avg.<param>', ...) plus the step count, for checkpoints."""
+        flat = {f"{kind}.{name}": array for kind, buffers in self.state.items() for name, array in buffers.items()}
+        return {"step_count": self.step_count, "buffers": flat}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, array in state["buffers"].items():
+            kind, name = key.split(".", 1)
+            if kind not in self.state or name not in self.names:
+                raise KeyError(f"optimiser state has unexpected key {key!r}")
+            if tuple(array.shape) != tuple(self.params[name].shape):
+                raise ValueError(f"optimiser state {key!r} has shape {tuple(array.shape)}, "
+                                 f"parameter has {tuple(self.params[name].shape)}")
+            # a copy, so that the saved state and the running optimiser never share a buffer
+            self.state[kind][name] = get_xp(self.params[name]).array(array, dtype=self.params[name].dtype, copy=True)
+        self.step_count = int(state["step_count"])
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW.
+
+    For each trainable p with gradient g, at step t:
+        p  <- p * (1 - lr * wd)                    (decoupled decay, only for decay_names)
+        m  <- b1 m + (1 - b1) g                    (first moment)
+        v  <- b2 v + (1 - b2) g^2                  (second moment)
+        p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: dict, names, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decay_names=None):
+        super().__init__(params, names, lr, weight_decay, decay_names)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+
+    def step(self, grads: dict, lr: float | None = None) -> None:
+        self._check_grads(grads)
+        lr = self.lr if lr is None else lr
+        self.step_count += 1
+        t = self.step_count
+        step_size = lr / (1.0 - self.beta1**t)
+        sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
+        for name in self.names:
+            p, g = self.params[name], grads[name]
+            m, v = self._buffer("exp_avg", name), self._buffer("exp_avg_sq", name)
+            if self.weight_decay and name in self.decay_names:
+                p *= 1.0 - lr * self.weight_decay
+            m *= self.beta1
+            m += (1.0 - self.beta1) * g
+            v *= self.beta2
+            v += (1.0 - self.beta2) * (g * g)
+            denom = get_xp(v).sqrt(v) / sqrt_bias_correction2 + self.eps
+            p -= step_size * (m / denom)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, as torch.optim.SGD (dampening 0).
+
+        g   <- g + wd * p                (L2 weight decay, only for decay_names)
+        buf <- momentum * buf + g        (buf starts at 0, so the first step uses g)
+        p   <- p - lr * buf              (or lr * (g + momentum * buf) with Nesterov)
+    """
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, params: dict, names, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, decay_names=None):
+        super().__init__(params, names, lr, weight_decay, decay_names)
+        self.momentum = momentum
+        self.nesterov = nesterov
+
+    def step(self, grads: dict, lr: float | None = None) -> None:
+        self._check_grads(grads)
+        lr = self.lr if lr is None else lr
+        self.step_count += 1
+        for name in self.names:
+            p, g = self.params[name], grads[name]
+            if self.weight_decay and name in self.decay_names:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                buf = self._buffer("momentum_buffer", name)
+                buf *= self.momentum
+                buf += g
+                g = g + self.momentum * buf if self.nesterov else buf
+            p -= lr * g
+
+
+def clip_grad_norm(grads: dict, max_norm: float):
+    """Scale all gradients together so that their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping as a device scalar (reading it as a float syncs a GPU, so
+    callers do that only when they log). Like torch.nn.utils.clip_grad_norm_, the factor is
+    max_norm / (norm + 1e-6), applied only when it is below 1.
+    """
+    arrays = list(grads.values())
+    xp = get_xp(arrays[0])
+    total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))
+    clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    for g in arrays:
+        g *= clip_coef.astype(g.dtype)
+    return total_norm
+
+
+def cosine_lr(step: int, max_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``.
+
+    Warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps, reaching max_lr at its last
+    step. Then, with progress going from 0 to 1 over the remaining steps,
+    lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2, and min_lr from total_steps on.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,42 @@
+"""Where a result came from: package version, git commit, device, library versions, command line.
+
+Stored in every checkpoint and results file, so that a number can be traced back to the code and
+the machine that produced it.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+
+def git_commit() -> str | None:
+    """The commit of the source checkout minilora runs from, with '-dirty' for local edits; None outside git."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(device: str, seed: int | None = None) -> dict:
+    return {
+        "minilora_version": __version__,
+        "git_commit": git_commit(),
+        "device": device,
+        "seed": seed,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "command": " ".join(sys.argv),
+    }
