@@ -1,6 +1,8 @@
 """The NumPy/CuPy shim: device choice, clear errors, host/device moves, scatter-add."""
 
 import importlib.util
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -76,3 +78,16 @@ def test_seeded_generators_depend_on_every_key_component():
     assert not np.array_equal(draw(1, 0, 5), draw(1, 0, 6))
     assert not np.array_equal(draw(1, 0, 5), draw(1, 1, 5))
     np.testing.assert_array_equal(device_rng(np, 1, 0, 5).random(3), draw(1, 0, 5))
+
+
+def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
+    class FakeRuntime:
+        @staticmethod
+        def getDeviceCount():
+            raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake_cupy = types.ModuleType("cupy")
+    fake_cupy.cuda = types.SimpleNamespace(runtime=FakeRuntime)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    with pytest.raises(BackendError, match=r"cannot reach a GPU.*nvidia-smi.*--device cpu"):
+        get_backend("cuda")
