@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
@@ -117,3 +118,28 @@ def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
 def all_finite(params: dict) -> bool:
     """True if no parameter holds a NaN or an infinity (checked before a checkpoint is written)."""
     return all(bool(get_xp(value).isfinite(value).all()) for value in params.values())
+
+
+def resolve_checkpoint_path(path) -> Path:
+    """A checkpoint file, or a run directory holding ``checkpoint.safetensors``."""
+    path = Path(path)
+    return path / "checkpoint.safetensors" if path.is_dir() else path
+
+
+def load_model(path, device: str | None = None, dtype=np.float32):
+    """A GPT holding a checkpoint's weights on ``device``, every parameter checked by name and shape.
+
+    Weights stored in another precision (a float16 base model, say) are cast to ``dtype`` to compute.
+    """
+    from .backend import to_device
+    from .config import GPTConfig
+    from .model import GPT, parameter_shapes
+
+    path = resolve_checkpoint_path(path)
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint.metadata:
+        raise CheckpointError(f"{path} has no model config in its metadata")
+    config = GPTConfig.from_dict(checkpoint.metadata["config"])
+    shapes = parameter_shapes(config)
+    check_params_fit(checkpoint.params, shapes, path)
+    return GPT(config, {name: to_device(checkpoint.params[name].astype(dtype), device) for name in shapes})

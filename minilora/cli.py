@@ -50,10 +50,12 @@ def run_pretrain(args) -> None:
     from .pretrain import pretrain
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
-    config = get_preset(args.preset, **{k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None})
+    shape_changes = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    config = get_preset(args.preset, **shape_changes)
     settings = TrainSettings(**given)
     if not args.resume:
-        print(f"pretraining {args.preset} {config.to_dict()} on {args.corpus} for {settings.steps} steps")
+        label = " ".join([args.preset, *(f"{k}={v}" for k, v in shape_changes.items())])
+        print(f"pretraining {label} {config.to_dict()} on {args.corpus} for {settings.steps} steps")
     model, result = pretrain(args.corpus, config, settings, args.out, device=args.device, resume=args.resume,
                              settings_overrides=given if args.resume else None, progress=not args.quiet)
     final = result.evals[-1]["val_bits_per_byte"] if result.evals else float("nan")
@@ -61,11 +63,92 @@ def run_pretrain(args) -> None:
           f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s; checkpoint in {args.out}")
 
 
+def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="runs/pretrain",
+                        help="a checkpoint file, or a run directory holding checkpoint.safetensors")
+
+
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="bits per byte of a checkpoint on a corpus",
+        description="Evaluate a checkpoint: mean next-byte cross-entropy in bits over the whole split, cut "
+                    "into non-overlapping windows of the model's block size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_flag(parser)
+    parser.add_argument("--corpus", default="shakespeare_modern",
+                        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or a UTF-8 text file")
+    parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly")
+    add_device_flag(parser)
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> None:
+    from .checkpoint import load_model
+    from .data import load_corpus
+    from .evaluate import bits_per_byte
+
+    model = load_model(args.checkpoint, args.device)
+    data = getattr(load_corpus(args.corpus), args.split)
+    bpb = bits_per_byte(model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
+    print(f"{args.corpus} {args.split}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
+
+
+def add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample text from a checkpoint",
+        description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_flag(parser)
+    parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
+    parser.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely byte")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely bytes")
+    parser.add_argument("--seed", type=int, default=0)
+    add_device_flag(parser)
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> None:
+    from .checkpoint import load_model
+    from .generate import generate
+
+    model = load_model(args.checkpoint, args.device)
+    prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
+    print(generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def add_baseline_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "baseline", help="bits per byte of a smoothed byte n-gram model",
+        description="Count byte n-grams on a corpus's training split and score its validation split "
+                    "(interpolated Witten-Bell smoothing): the number a neural model must beat.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--corpus", default="shakespeare_modern")
+    parser.add_argument("--order", type=int, default=4, help="n of the n-gram (context of n - 1 bytes)")
+    parser.set_defaults(run=run_baseline)
+
+
+def run_baseline(args) -> None:
+    from .baseline import ngram_bits_per_byte
+    from .data import load_corpus
+
+    if not 1 <= args.order <= 7:
+        raise ValueError(f"--order must be between 1 and 7, got {args.order}")
+    corpus = load_corpus(args.corpus)
+    print(f"{args.corpus} val: {ngram_bits_per_byte(corpus.train, corpus.val, args.order):.4f} bits/byte "
+          f"(byte {args.order}-gram, Witten-Bell)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     add_pretrain_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_baseline_parser(subparsers)
     return parser
 
 

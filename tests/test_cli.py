@@ -19,7 +19,8 @@ def test_console_script_is_installed_and_lists_the_subcommands():
     executable = str(beside_python) if beside_python.exists() else shutil.which("minilora")
     assert executable, "the minilora console script is not installed (pip install -e .)"
     help_text = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True).stdout
-    assert "pretrain" in help_text
+    for command in ("pretrain", "eval", "generate", "baseline"):
+        assert command in help_text
 
 
 def test_pretrain_help_lists_its_flags(capsys):
@@ -66,3 +67,54 @@ def test_unknown_device_is_refused(capsys):
         main(["pretrain", "--device", "tpu"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    assert main(["pretrain", "--corpus", "devils_dictionary", "--out", str(out_dir), *MICRO_FLAGS]) == 0
+    return out_dir
+
+
+def test_eval_reports_bits_per_byte_matching_the_python_api(trained_run, capsys):
+    from minilora.checkpoint import load_model
+    from minilora.data import load_corpus
+    from minilora.evaluate import bits_per_byte
+
+    assert main(["eval", "--checkpoint", str(trained_run), "--corpus", "devils_dictionary"]) == 0
+    printed = capsys.readouterr().out
+    expected = bits_per_byte(load_model(trained_run), load_corpus("devils_dictionary").val)
+    assert f"devils_dictionary val: {expected:.4f} bits/byte" in printed
+
+
+def test_generate_continues_the_prompt_reproducibly(trained_run, capsys):
+    args = ["generate", "--checkpoint", str(trained_run), "--prompt", "WAR, n.", "--max-new-tokens", "40"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("WAR, n.") and len(first.encode()) >= len("WAR, n.") + 40
+
+
+def test_baseline_reports_the_ngram_bits_per_byte(capsys):
+    assert main(["baseline", "--corpus", "devils_dictionary", "--order", "3"]) == 0
+    assert "bits/byte (byte 3-gram, Witten-Bell)" in capsys.readouterr().out
+
+
+def test_checkpoint_with_a_misshaped_parameter_names_it(trained_run, tmp_path, capsys):
+    from minilora.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(trained_run / "checkpoint.safetensors")
+    checkpoint.params["transformer.h.0.mlp.c_fc.weight"] = checkpoint.params["transformer.h.0.mlp.c_fc.weight"].T
+    broken = tmp_path / "broken.safetensors"
+    save_checkpoint(broken, checkpoint.params, checkpoint.metadata)
+    assert main(["eval", "--checkpoint", str(broken), "--corpus", "devils_dictionary"]) == 1
+    err = capsys.readouterr().err
+    assert "'transformer.h.0.mlp.c_fc.weight' has shape (64, 16), the model expects (16, 64)" in err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    assert main(["generate", "--checkpoint", str(corrupt)]) == 1
+    assert "truncated or corrupt" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Sampling text from a model, with a key/value cache so that each new token costs one position.
+
+Without a cache, generating token t means running the model over all t previous positions again.
+But in a causal model the keys and values of old positions never change: only the newest position's
+query is new. So we keep every layer's keys and values, (B, H, T_max, hs) each, and per new token
+run the blocks on one position, attending over the cached keys and values.
+
+Positions are absolute (a learned table of block_size rows), so once the context is full the cache
+cannot simply slide. We then keep the last block_size // 2 tokens, rebuild the cache from them in one
+pass (a "prefill"), and go on; the rebuild happens once every block_size // 2 tokens.
+
+This is inference only: no dropout, no backward, and nothing is kept for a backward pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_xp, host_rng, to_numpy
+from .layers import gelu_forward, layernorm_forward
+from .layers.attention import merge_heads, split_heads
+from .model import WPE, WTE
+from .tokenizer import decode, encode
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far."""
+
+    def __init__(self, model, batch_size: int):
+        config = model.config
+        shape = (batch_size, config.n_head, config.block_size, config.head_size)  # (B, H, T_max, hs)
+        xp, dtype = model.xp, model.params[WTE].dtype
+        self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled
+
+
+def cached_attention(q, keys, values, start: int):
+    """Attention of t new queries at absolute positions start..start+t-1 over all cached positions.
+
+    q: (B, H, t, hs); keys, values: (B, H, start + t, hs), the new positions already written in.
+    New query j may attend to keys 0..start+j: the causal mask, offset by the cached length.
+    """
+    xp = get_xp(q)
+    t, total = q.shape[2], keys.shape[2]
+    att = xp.matmul(q * (1.0 / np.sqrt(q.shape[-1])), keys.swapaxes(-1, -2))  # (B, H, t, start + t)
+    att += xp.triu(xp.full((t, total), -xp.inf, dtype=att.dtype), k=start + 1)  # future keys masked
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return merge_heads(xp.matmul(att, values))  # (B, t, C)
+
+
+def forward_cached(model, idx, cache: KVCache):
+    """Logits of the new tokens idx (B, t), given the cache of the positions before; updates the cache."""
+    params, config = model.params, model.config
+    start, t = cache.length, idx.shape[1]
+    if start + t > config.block_size:
+        raise ValueError(f"{start} cached + {t} new positions exceed block_size={config.block_size}")
+    idx = model.check_token_ids(idx)
+    x = params[WTE][idx] + params[WPE][start:start + t]  # (B, t, C)
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}"
+        h, _ = layernorm_forward(x, params[f"{p}.ln_1.weight"], params.get(f"{p}.ln_1.bias"))
+        qkv, _ = model.linear_forward(f"{p}.attn.c_attn", h)  # (B, t, 3C); a LoRA model adds its delta here
+        q, k, v = split_heads(qkv, config.n_head)  # (B, H, t, hs) each
+        cache.keys[i][:, :, start:start + t] = k
+        cache.values[i][:, :, start:start + t] = v
+        y = cached_attention(q, cache.keys[i][:, :, :start + t], cache.values[i][:, :, :start + t], start)
+        x = x + model.linear_forward(f"{p}.attn.c_proj", y)[0]
+        h, _ = layernorm_forward(x, params[f"{p}.ln_2.weight"], params.get(f"{p}.ln_2.bias"))
+        f = gelu_forward(model.linear_forward(f"{p}.mlp.c_fc", h)[0])[0]
+        x = x + model.linear_forward(f"{p}.mlp.c_proj", f)[0]
+    cache.length = start + t
+    x, _ = layernorm_forward(x, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
+    return x @ params[WTE].T  # (B, t, V)
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:
+    """One token id per row of host logits (B, V): greedy for temperature 0, else softmax sampling.
+
+    top_k keeps only the k most likely tokens of each row before sampling.
+    """
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]  # (B, 1)
+        logits = np.where(logits < kth_largest, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    cumulative = probs.cumsum(axis=-1)  # inverse-CDF sampling, one uniform draw per row
+    draws = rng.random((logits.shape[0], 1))
+    return np.minimum((cumulative < draws * cumulative[:, -1:]).sum(axis=-1), logits.shape[-1] - 1)
+
+
+def generate_ids(model, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 0) -> np.ndarray:
+    """Extend each row of prompt_ids (B, T0) by max_new_tokens sampled tokens; returns (B, T0 + n)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must have shape (B, T0) with T0 >= 1, got {prompt_ids.shape}")
+    block_size = model.config.block_size
+    rng = host_rng(seed)
+    tokens = prompt_ids
+    cache = KVCache(model, prompt_ids.shape[0])
+    logits = forward_cached(model, tokens[:, -block_size:], cache)[:, -1]  # prefill; (B, V)
+    for step in range(max_new_tokens):
+        next_ids = sample_next(to_numpy(logits), rng, temperature, top_k)  # (B,)
+        tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
+        if step == max_new_tokens - 1:
+            break  # the last token needs no logits after it
+        if cache.length == block_size:  # context full: restart from the most recent half
+            cache = KVCache(model, tokens.shape[0])
+            logits = forward_cached(model, tokens[:, -(block_size // 2):], cache)[:, -1]
+        else:
+            logits = forward_cached(model, next_ids[:, None], cache)[:, -1]
+    return tokens
+
+
+def generate(model, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+             seed: int = 0) -> str:
+    """The prompt followed by max_new_tokens sampled bytes, decoded as UTF-8 text."""
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one character to start from")
+    ids = generate_ids(model, encode(prompt)[None, :].astype(np.int64), max_new_tokens, temperature, top_k, seed)
+    return decode(ids[0])
