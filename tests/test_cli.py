@@ -23,6 +23,14 @@ def test_console_script_is_installed_and_lists_the_subcommands():
         assert command in help_text
 
 
+@pytest.mark.parametrize("command", ["pretrain", "eval", "generate", "baseline"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: minilora {command}" in capsys.readouterr().out
+
+
 def test_pretrain_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--help"])
