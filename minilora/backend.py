@@ -17,7 +17,9 @@ the Python API, and the environment variable ``MINILORA_DEVICE`` as the default 
 
 from __future__ import annotations
 
+import math
 import os
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -93,6 +95,49 @@ def to_numpy(x) -> np.ndarray:
     if get_xp(x) is np:
         return np.asarray(x)
     return x.get()
+
+
+class MatmulLog:
+    """The matrix products made while a ``count_matmuls()`` block is active: operand and output shapes."""
+
+    def __init__(self):
+        self.products = []  # (shape of a, shape of b, shape of a @ b)
+
+    def record(self, a, b, out) -> None:
+        self.products.append((tuple(a.shape), tuple(b.shape), tuple(out.shape)))
+
+    @property
+    def flops(self) -> int:
+        """2 m n k per product (a multiply and an add per term), summed over every batch of a stacked matmul."""
+        return sum(2 * math.prod(out) * a[-1] for a, _, out in self.products)
+
+    def outputs_of_shape(self, shape) -> int:
+        return sum(1 for _, _, out in self.products if out == tuple(shape))
+
+
+_matmul_log: MatmulLog | None = None  # set only inside count_matmuls(), for tests and teaching
+
+
+@contextmanager
+def count_matmuls():
+    """Record every product made through ``matmul`` inside the block: ``with count_matmuls() as log:``.
+
+    This is how the tests prove that a frozen weight never gets a weight-gradient product.
+    """
+    global _matmul_log
+    outer, _matmul_log = _matmul_log, MatmulLog()
+    try:
+        yield _matmul_log
+    finally:
+        _matmul_log = outer
+
+
+def matmul(a, b):
+    """a @ b on the arrays' own backend; every layer multiplies matrices through this one function."""
+    out = get_xp(a).matmul(a, b)
+    if _matmul_log is not None:
+        _matmul_log.record(a, b, out)
+    return out
 
 
 def scatter_add(target, indices, values) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_xp, host_rng, to_numpy
+from .backend import get_xp, host_rng, matmul, to_numpy
 from .layers import gelu_forward, layernorm_forward
 from .layers.attention import merge_heads, split_heads
 from .model import WPE, WTE
@@ -43,12 +43,12 @@ def cached_attention(q, keys, values, start: int):
     """
     xp = get_xp(q)
     t, total = q.shape[2], keys.shape[2]
-    att = xp.matmul(q * (1.0 / np.sqrt(q.shape[-1])), keys.swapaxes(-1, -2))  # (B, H, t, start + t)
+    att = matmul(q * (1.0 / np.sqrt(q.shape[-1])), keys.swapaxes(-1, -2))  # (B, H, t, start + t)
     att += xp.triu(xp.full((t, total), -xp.inf, dtype=att.dtype), k=start + 1)  # future keys masked
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    return merge_heads(xp.matmul(att, values))  # (B, t, C)
+    return merge_heads(matmul(att, values))  # (B, t, C)
 
 
 def forward_cached(model, idx, cache: KVCache):
@@ -73,7 +73,7 @@ def forward_cached(model, idx, cache: KVCache):
         x = x + model.linear_forward(f"{p}.mlp.c_proj", f)[0]
     cache.length = start + t
     x, _ = layernorm_forward(x, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
-    return x @ params[WTE].T  # (B, t, V)
+    return matmul(x, params[WTE].T)  # (B, t, V)
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:

@@ -118,7 +118,8 @@ class GPT:
     """A GPT-2 model: its config, its flat parameter dict, and which parameters are frozen."""
 
     def __init__(self, config: GPTConfig, params: dict, frozen=()):
-        expected = parameter_shapes(config)
+        self.config = config
+        expected = self.expected_shapes()
         missing = [name for name in expected if name not in params]
         unexpected = [name for name in params if name not in expected]
         if missing or unexpected:
@@ -129,9 +130,12 @@ class GPT:
         unknown_frozen = sorted(set(frozen) - set(params))
         if unknown_frozen:
             raise KeyError(f"cannot freeze unknown parameters {unknown_frozen}")
-        self.config = config
         self.params = params
         self.frozen = frozenset(frozen)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model must hold, with its shape (subclasses add their own)."""
+        return parameter_shapes(self.config)
 
     @property
     def xp(self):
@@ -172,9 +176,9 @@ class GPT:
         return self.xp.asarray(ids)
 
     # Hooks for one linear layer, by module name (e.g. "transformer.h.0.attn.c_attn").
-    # LoRA overrides these two to add its adapter path.
+    # LoRA overrides these two to add its adapter path; dropout_rng serves its dropout.
 
-    def linear_forward(self, name: str, x):
+    def linear_forward(self, name: str, x, dropout_rng=None):
         return linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
@@ -207,18 +211,18 @@ class GPT:
         p = f"transformer.h.{i}"
         B, T, C = x.shape
         h, ln_1 = self._layernorm_forward(f"{p}.ln_1", x)
-        qkv, c_attn = self.linear_forward(f"{p}.attn.c_attn", h)  # (B, T, 3C)
+        qkv, c_attn = self.linear_forward(f"{p}.attn.c_attn", h, rng)  # (B, T, 3C)
         attn_mask = self._dropout_mask(rng, (B, self.config.n_head, T, T), x.dtype)
         a, attn = attention_forward(qkv, self.config.n_head, attn_mask)  # (B, T, C)
-        a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a)
+        a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a, rng)
         attn_dropout = self._dropout_mask(rng, a.shape, x.dtype)
         if attn_dropout is not None:
             a, _ = dropout_forward(a, attn_dropout)
         x = x + a  # residual
         h, ln_2 = self._layernorm_forward(f"{p}.ln_2", x)
-        f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h)  # (B, T, 4C)
+        f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h, rng)  # (B, T, 4C)
         g, gelu = gelu_forward(f)
-        m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g)  # (B, T, C)
+        m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g, rng)  # (B, T, C)
         mlp_dropout = self._dropout_mask(rng, m.shape, x.dtype)
         if mlp_dropout is not None:
             m, _ = dropout_forward(m, mlp_dropout)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import get_xp
+from ..backend import get_xp, matmul
 
 
 class AttentionCache(NamedTuple):
@@ -59,13 +59,13 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     q, k, v = split_heads(qkv, n_head)  # each (B, H, T, hs)
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # scaling q (T*hs values) is cheaper than scaling q k^T (T*T values)
-    att = xp.matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T)
+    att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T)
     att += causal_bias(xp, T, att.dtype)
     att -= att.max(axis=-1, keepdims=True)  # softmax is shift-invariant; this avoids overflow
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     att_used = att if dropout_mask is None else att * dropout_mask
-    y = xp.matmul(att_used, v)  # (B, H, T, hs)
+    y = matmul(att_used, v)  # (B, H, T, hs)
     cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
     return merge_heads(y), cache  # (B, T, C)
 
@@ -86,14 +86,14 @@ def attention_backward(dout, cache: AttentionCache):
     B, H, T, hs = q.shape
     dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
     att_used = att if mask is None else att * mask
-    datt = xp.matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
-    dv = xp.matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
+    datt = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
+    dv = matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
     if mask is not None:
         datt *= mask
     ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T)
-    dq = xp.matmul(ds, k)  # (B, H, T, hs), the gradient of the scaled q
+    dq = matmul(ds, k)  # (B, H, T, hs), the gradient of the scaled q
     dq *= scale
-    dk = xp.matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)
+    dk = matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dout.dtype)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, T, H, hs)
     dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import get_xp
+from ..backend import matmul
 
 
 class LinearCache(NamedTuple):
@@ -23,8 +23,7 @@ class LinearCache(NamedTuple):
 
 def linear_forward(x, W, b=None):
     """y = x @ W + b.   x: (..., C_in), W: (C_in, C_out), b: (C_out,) or None -> y: (..., C_out)."""
-    xp = get_xp(x)
-    out = xp.matmul(x, W)  # (..., C_out)
+    out = matmul(x, W)  # (..., C_out)
     if b is not None:
         out += b
     return out, LinearCache(x=x, W=W, has_bias=b is not None)
@@ -40,11 +39,10 @@ def linear_backward(dout, cache: LinearCache, compute_dW: bool = True):
     Returns (dx, dW, db); dW is None when ``compute_dW`` is False (a frozen weight) and db is None
     when the layer has no bias.
     """
-    xp = get_xp(dout)
     x, W = cache.x, cache.W
     C_in, C_out = W.shape
-    dx = xp.matmul(dout, W.T)  # (..., C_in)
+    dx = matmul(dout, W.T)  # (..., C_in)
     dout_rows = dout.reshape(-1, C_out)  # (N, C_out)
-    dW = xp.matmul(x.reshape(-1, C_in).T, dout_rows) if compute_dW else None  # (C_in, C_out)
+    dW = matmul(x.reshape(-1, C_in).T, dout_rows) if compute_dW else None  # (C_in, C_out)
     db = dout_rows.sum(axis=0) if cache.has_bias else None  # (C_out,)
     return dx, dW, db

@@ -1,0 +1,140 @@
+"""What to adapt and how: LoraConfig, PEFT's target-module rules, and the adapter's initial values.
+
+Names follow PEFT: r, lora_alpha, lora_dropout, target_modules, layers_to_transform, use_rslora,
+bias. A module is one of the model's four linear layers per block, named like
+``transformer.h.3.attn.c_attn``. target_modules picks them the way PEFT does:
+
+- a list of names matches every module whose name equals one of them or ends with "." + it, so
+  "c_attn" picks every block's attention projection and "c_proj" both attn.c_proj and mlp.c_proj;
+- the string "all-linear" picks every linear layer except the output head (tied to the embedding);
+- any other single string is a regular expression that must match the whole module name.
+
+layers_to_transform then keeps only the blocks it lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .backend import to_device
+from .config import GPTConfig
+from .lora import lora_scaling
+
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+INITS = ("default", "gaussian", "random")
+BIASES = ("none", "all", "lora_only")
+
+
+def linear_module_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """Every adaptable module name with its weight shape (C_in, C_out)."""
+    C = config.n_embd
+    shape = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    return {f"transformer.h.{i}.{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8  # rank of the update
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter's input during training
+    target_modules: tuple[str, ...] | str = ("c_attn",)  # see the module docstring
+    layers_to_transform: tuple[int, ...] | None = None  # only these block indices; None: all
+    use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
+    init: str = "default"  # "default" (B = 0), "gaussian" (B = 0), "random" (B != 0: for checks)
+    bias: str = "none"  # also train "all" biases, or those of adapted modules ("lora_only")
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple)):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+        elif self.layers_to_transform is not None:
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        if not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; choose one of {INITS}")
+        if self.bias not in BIASES:
+            raise ValueError(f"unknown bias setting {self.bias!r}; choose one of {BIASES}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one module, e.g. ('c_attn',)")
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        for key in ("target_modules", "layers_to_transform"):
+            if isinstance(values[key], tuple):
+                values[key] = list(values[key])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LoraConfig":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown LoraConfig fields {sorted(unknown)}")
+        return cls(**values)
+
+
+def _matches(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """The modules to adapt, with their weight shapes; a clear error when the choice is not possible."""
+    shapes = linear_module_shapes(model_config)
+    chosen = {name: shape for name, shape in shapes.items() if _matches(name, lora_config.target_modules)}
+    if lora_config.layers_to_transform is not None:
+        bad = [i for i in lora_config.layers_to_transform if not 0 <= i < model_config.n_layer]
+        if bad:
+            raise ValueError(f"layers_to_transform {bad} out of range: the model has blocks 0..{model_config.n_layer - 1}")
+        keep = {f"transformer.h.{i}." for i in lora_config.layers_to_transform}
+        chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
+    if not chosen:
+        raise ValueError(f"target_modules {lora_config.target_modules!r} match no module; the modules that can be "
+                         f"adapted are: {', '.join(shapes)}")
+    for name, (C_in, C_out) in chosen.items():
+        if lora_config.r > min(C_in, C_out):
+            raise ValueError(f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} of "
+                             f"{name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides")
+    return chosen
+
+
+def init_adapter(lora_config: LoraConfig, modules: dict, seed: int = 0, dtype=np.float32, device=None) -> dict:
+    """lora_A (r, C_in) and lora_B (C_out, r) for each module, drawn on the host from a seeded generator.
+
+    default:  A ~ U(-1/sqrt(C_in), 1/sqrt(C_in)) (what PEFT's Kaiming-uniform with a = sqrt(5) gives),
+              B = 0, so the adapted model starts exactly at the base;
+    gaussian: A ~ N(0, 1/r^2) (PEFT's "gaussian"), B = 0;
+    random:   A as default and B ~ U(-1/sqrt(r), 1/sqrt(r)): not a training init, but one where
+              every gradient path is non-zero, for gradient checks and teaching.
+    """
+    rng = np.random.default_rng(seed)
+    r = lora_config.r
+    tensors = {}
+    for name, (C_in, C_out) in modules.items():
+        if lora_config.init == "gaussian":
+            lora_A = rng.normal(0.0, 1.0 / r, (r, C_in))
+        else:
+            bound = 1.0 / np.sqrt(C_in)
+            lora_A = rng.uniform(-bound, bound, (r, C_in))
+        if lora_config.init == "random":
+            lora_B = rng.uniform(-1.0 / np.sqrt(r), 1.0 / np.sqrt(r), (C_out, r))
+        else:
+            lora_B = np.zeros((C_out, r))
+        tensors[f"{name}.lora_A"] = to_device(lora_A.astype(dtype), device)
+        tensors[f"{name}.lora_B"] = to_device(lora_B.astype(dtype), device)
+    return tensors
