@@ -12,6 +12,7 @@ either the old checkpoint or the new one, never a mixture or a truncated file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -118,6 +119,20 @@ def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
 def all_finite(params: dict) -> bool:
     """True if no parameter holds a NaN or an infinity (checked before a checkpoint is written)."""
     return all(bool(get_xp(value).isfinite(value).all()) for value in params.values())
+
+
+def weights_fingerprint(params: dict) -> str:
+    """SHA-256 over a model's weights: name, shape and float32 bytes of each, in sorted name order.
+
+    Two models share a fingerprint exactly when they hold the same numbers (as float32), whatever
+    the device, so an adapter can check that it meets the base it was trained on.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        value = np.ascontiguousarray(to_numpy(params[name]), dtype=np.float32)
+        digest.update(f"{name}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def resolve_checkpoint_path(path) -> Path:

@@ -20,6 +20,7 @@ copies of the weights and leaves this model untouched.
 from __future__ import annotations
 
 from .backend import device_of
+from .checkpoint import weights_fingerprint
 from .layers import make_dropout_mask
 from .lora import LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight
 from .lora_config import LoraConfig, init_adapter, select_target_modules
@@ -29,8 +30,9 @@ from .model import GPT
 class LoraGPT(GPT):
     """A GPT whose ``params`` hold the frozen base and the adapter tensors side by side."""
 
-    def __init__(self, config, params: dict, lora_config: LoraConfig):
+    def __init__(self, config, params: dict, lora_config: LoraConfig, base_fingerprint: str):
         self.lora_config = lora_config
+        self.base_fingerprint = base_fingerprint  # of the base weights before any training
         self.adapted_modules = select_target_modules(lora_config, config)  # name -> (C_in, C_out)
         self.merged = False
         adapter_keys = {f"{m}.{factor}" for m in self.adapted_modules for factor in ("lora_A", "lora_B")}
@@ -134,7 +136,7 @@ def add_lora(model: GPT, lora_config: LoraConfig, seed: int = 0) -> LoraGPT:
     device = device_of(model.params["transformer.wte.weight"])
     adapter = init_adapter(lora_config, modules, seed=seed, dtype=dtype, device=device)
     params = {**model.params, **adapter}
-    lora_model = LoraGPT(model.config, params, lora_config)
+    lora_model = LoraGPT(model.config, params, lora_config, weights_fingerprint(model.params))
     for name in lora_model.adapter_keys:
         if name.endswith(".bias"):
             params[name] = params[name].copy()

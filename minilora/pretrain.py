@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .backend import resolve_device, to_device
-from .checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import load_corpus
 from .model import GPT, init_params, parameter_shapes
@@ -59,7 +59,12 @@ def pretrain(corpus: str, config: GPTConfig, settings: TrainSettings, out_dir, d
         optimizer.load_state_dict(optimizer_state)
     metadata = {"kind": "pretrain", "corpus": corpus, "config": config.to_dict(), "settings": asdict(settings),
                 "provenance": provenance(device, settings.seed)}
-    result = train_loop(model, optimizer, data, settings, checkpoint_path, start_step, metadata, progress)
+
+    def save(step: int, val_bits_per_byte: float) -> None:
+        state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
+        save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
+
+    result = train_loop(model, optimizer, data, settings, save, start_step, progress)
     summary = {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
     atomic_write_bytes(out_dir / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     return model, result

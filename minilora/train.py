@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 
 from .backend import device_rng, host_rng, synchronize
-from .checkpoint import all_finite, save_checkpoint
+from .checkpoint import all_finite
 from .data import get_batch
 from .evaluate import bits_per_byte
 from .optim import clip_grad_norm, cosine_lr
@@ -65,11 +65,12 @@ class TrainResult:
         return asdict(self)
 
 
-def train_loop(model, optimizer, corpus, settings: TrainSettings, checkpoint_path=None, start_step: int = 0,
-               metadata: dict | None = None, progress: bool = True) -> TrainResult:
+def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, start_step: int = 0,
+               progress: bool = True) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
-    ``metadata`` (config, provenance, ...) is stored in each checkpoint together with the step.
+    ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
+    trainable parameters are checked to be finite first, so a diverged model is never saved.
     """
     B, T = settings.batch_size, model.config.block_size
     xp = model.xp
@@ -89,7 +90,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, checkpoint_pat
         if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
             loss_value = float(loss)  # syncs the device
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(_diverged_message(f"the loss became {loss_value}", step, checkpoint_path))
+                raise TrainingDiverged(_diverged_message(f"the loss became {loss_value}", step, save))
             result.losses.append({"step": done, "loss": loss_value, "lr": lr})
             tokens_per_second = (done - start_step) * B * T / (time.perf_counter() - started - eval_seconds)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
@@ -99,12 +100,10 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, checkpoint_pat
             val = bits_per_byte(model, corpus.val, batch_size=B, max_windows=settings.eval_windows)
             result.evals.append({"step": done, "val_bits_per_byte": val})
             bar.write(f"step {done}: val {val:.4f} bits/byte")
-            if checkpoint_path is not None:
-                if not all_finite(model.params):
-                    raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step,
-                                                             checkpoint_path))
-                state = {**(metadata or {}), "step": done, "val_bits_per_byte": val}
-                save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
+            if save is not None:
+                if not all_finite({name: model.params[name] for name in model.trainable_names}):
+                    raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step, save))
+                save(done, val)
             eval_seconds += time.perf_counter() - eval_started
     bar.close()
     synchronize(xp)
@@ -114,7 +113,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, checkpoint_pat
     return result
 
 
-def _diverged_message(what: str, step: int, checkpoint_path) -> str:
-    kept = f"the last good checkpoint, {checkpoint_path}, is intact" if checkpoint_path else "no checkpoint was written"
+def _diverged_message(what: str, step: int, save) -> str:
+    kept = "the last good checkpoint is intact" if save is not None else "no checkpoint was written"
     return (f"training stopped at step {step}: {what}; {kept}. Try a lower learning rate (--lr) "
             "or gradient clipping (--grad-clip).")

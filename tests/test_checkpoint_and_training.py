@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minilora.checkpoint
-import minilora.train
+import minilora.pretrain
 from minilora.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig
 from minilora.model import init_params, parameter_shapes
@@ -102,13 +102,13 @@ def test_loss_goes_down(tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     straight, _ = run(tmp_path / "straight")
-    original_save = minilora.train.save_checkpoint
+    original_save = minilora.pretrain.save_checkpoint
 
     def save_then_crash(path, params, metadata, optimizer_state):
         original_save(path, params, metadata, optimizer_state)
         raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
 
-    monkeypatch.setattr(minilora.train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(minilora.pretrain, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
     monkeypatch.undo()
@@ -130,7 +130,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
             self.params["transformer.ln_f.weight"][0] = np.nan
 
     monkeypatch.setattr(AdamW, "step", step_then_poison)
-    with pytest.raises(TrainingDiverged, match=r"step 6: the loss became nan.*checkpoint.*intact"):
+    with pytest.raises(TrainingDiverged, match=r"step 6: the loss became nan.*last good checkpoint is intact"):
         run(tmp_path)
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint.metadata["step"] == 4

@@ -1,16 +1,14 @@
-"""The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API."""
+"""Subcommands for base models: pretrain, eval, generate, baseline; and the flags they share."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
-from .backend import DEVICE_ENV_VAR, DEVICES, BackendError
-from .checkpoint import CheckpointError
-from .config import PRESETS, get_preset
-from .data import SHIPPED_CORPORA, CorpusError
-from .train import TrainingDiverged, TrainSettings
+from ..backend import DEVICE_ENV_VAR, DEVICES
+from ..config import PRESETS, get_preset
+from ..data import SHIPPED_CORPORA
+from ..train import TrainSettings
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
@@ -20,24 +18,37 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"cpu (NumPy) or cuda (CuPy); default: ${DEVICE_ENV_VAR}, else cpu")
 
 
+def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
+    """One flag per TrainSettings field (--steps, --lr, ...); unset flags stay None."""
+    training = parser.add_argument_group("training")
+    for f in fields(TrainSettings):
+        training.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None,
+                              help=f"(default {getattr(defaults, f.name)})")
+
+
+def given_training_flags(args) -> dict:
+    """The TrainSettings fields set on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
+
+
+def add_corpus_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--corpus", default=default,
+                        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or the path of a UTF-8 text file")
+
+
 def add_pretrain_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "pretrain", help="train a base model from scratch on a corpus",
         description="Pretrain a GPT-2-style base model on a corpus, with periodic validation in bits per "
                     "byte and an atomic checkpoint in --out after every evaluation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--corpus", default="shakespeare_modern",
-                        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or the path of a UTF-8 text file")
+    add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size")
     model = parser.add_argument_group("model shape (each replaces the preset's value)")
     for name in MODEL_FLAGS:
         kind = float if name == "dropout" else int
         model.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
-    training = parser.add_argument_group("training")
-    defaults = TrainSettings()
-    for f in fields(TrainSettings):
-        training.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None,
-                              help=f"(default {getattr(defaults, f.name)})")
+    add_training_flags(parser, TrainSettings())
     parser.add_argument("--out", default="runs/pretrain", help="directory for the checkpoint and results")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out; training flags given here override its settings")
@@ -47,9 +58,9 @@ def add_pretrain_parser(subparsers) -> None:
 
 
 def run_pretrain(args) -> None:
-    from .pretrain import pretrain
+    from ..pretrain import pretrain
 
-    given = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
+    given = given_training_flags(args)
     shape_changes = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     config = get_preset(args.preset, **shape_changes)
     settings = TrainSettings(**given)
@@ -63,9 +74,26 @@ def run_pretrain(args) -> None:
           f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s; checkpoint in {args.out}")
 
 
-def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="runs/pretrain",
+def add_checkpoint_flag(parser: argparse.ArgumentParser, name: str = "--checkpoint") -> None:
+    parser.add_argument(name, default="runs/pretrain",
                         help="a checkpoint file, or a run directory holding checkpoint.safetensors")
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply to the checkpoint")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="load the adapter even if it was trained on another base")
+
+
+def load_for_inference(args):
+    """The checkpoint's model, with the adapter applied if --adapter is given."""
+    from ..adapter_io import load_adapter
+    from ..checkpoint import load_model
+
+    model = load_model(args.checkpoint, args.device)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    return model
 
 
 def add_eval_parser(subparsers) -> None:
@@ -75,8 +103,8 @@ def add_eval_parser(subparsers) -> None:
                     "into non-overlapping windows of the model's block size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_flag(parser)
-    parser.add_argument("--corpus", default="shakespeare_modern",
-                        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or a UTF-8 text file")
+    add_adapter_flags(parser)
+    add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly")
@@ -85,11 +113,10 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args) -> None:
-    from .checkpoint import load_model
-    from .data import load_corpus
-    from .evaluate import bits_per_byte
+    from ..data import load_corpus
+    from ..evaluate import bits_per_byte
 
-    model = load_model(args.checkpoint, args.device)
+    model = load_for_inference(args)
     data = getattr(load_corpus(args.corpus), args.split)
     bpb = bits_per_byte(model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
     print(f"{args.corpus} {args.split}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
@@ -101,6 +128,7 @@ def add_generate_parser(subparsers) -> None:
         description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_flag(parser)
+    add_adapter_flags(parser)
     parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
     parser.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely byte")
@@ -111,10 +139,9 @@ def add_generate_parser(subparsers) -> None:
 
 
 def run_generate(args) -> None:
-    from .checkpoint import load_model
-    from .generate import generate
+    from ..generate import generate
 
-    model = load_model(args.checkpoint, args.device)
+    model = load_for_inference(args)
     prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
     print(generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
 
@@ -125,14 +152,14 @@ def add_baseline_parser(subparsers) -> None:
         description="Count byte n-grams on a corpus's training split and score its validation split "
                     "(interpolated Witten-Bell smoothing): the number a neural model must beat.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--corpus", default="shakespeare_modern")
+    add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--order", type=int, default=4, help="n of the n-gram (context of n - 1 bytes)")
     parser.set_defaults(run=run_baseline)
 
 
 def run_baseline(args) -> None:
-    from .baseline import ngram_bits_per_byte
-    from .data import load_corpus
+    from ..baseline import ngram_bits_per_byte
+    from ..data import load_corpus
 
     if not 1 <= args.order <= 7:
         raise ValueError(f"--order must be between 1 and 7, got {args.order}")
@@ -141,29 +168,8 @@ def run_baseline(args) -> None:
           f"(byte {args.order}-gram, Witten-Bell)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU).")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+def register(subparsers) -> None:
     add_pretrain_parser(subparsers)
     add_eval_parser(subparsers)
     add_generate_parser(subparsers)
     add_baseline_parser(subparsers)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError) as err:
-        print(f"minilora {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"minilora {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Adapter files: only the adapter, tied to the base it was trained on.
+
+An adapter directory holds ``adapter.safetensors`` (lora_A, lora_B and any trained biases, named as
+in the model) and ``adapter_config.json`` (format, variant, the LoraConfig, the adapted modules, the
+base model's config and a fingerprint of its weights). The same JSON sits in the safetensors
+file's metadata, which is the authority; the JSON file is for people. Both are written atomically.
+
+An adapter is a difference to one particular base: applied to another base it silently computes
+nonsense. So the base's fingerprint (checkpoint.weights_fingerprint, a SHA-256 of its weights,
+taken when the adapter was added) is stored, and loading onto a base with another fingerprint is
+refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from .backend import device_of, to_device, to_numpy
+from .checkpoint import atomic_write_bytes
+from .lora_config import LoraConfig
+from .lora_model import LoraGPT, add_lora
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "minilora-adapter"
+FORMAT_VERSION = 1
+METADATA_KEY = "minilora_adapter"
+
+
+class AdapterError(ValueError):
+    """An adapter file is missing, malformed, or does not fit the base; the message says how."""
+
+
+def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dict | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory``; returns the weights file's path.
+
+    ``extra`` adds entries to the JSON document (training metrics, provenance).
+    """
+    if model.merged:
+        raise AdapterError("the adapter is merged into the weights; unmerge() before saving it")
+    tensors = {name: to_numpy(model.params[name]) for name in model.adapter_keys}
+    if not tensors:
+        raise AdapterError("the adapter is empty: it has no tensors to save")
+    lora_B = [value for name, value in tensors.items() if name.endswith(".lora_B")]
+    if not allow_noop and all(not np.any(value) for value in lora_B) and len(lora_B) == len(tensors) // 2:
+        raise AdapterError("every lora_B is zero, so the adapter changes nothing (it was never trained); "
+                           "pass allow_noop=True to save it anyway")
+    document = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "lora",
+        "lora_config": model.lora_config.to_dict(), "scaling": model.lora_config.scaling,
+        "adapted_modules": {name: list(shape) for name, shape in model.adapted_modules.items()},
+        "base_config": model.config.to_dict(), "base_fingerprint": model.base_fingerprint, **(extra or {}),
+    }
+    text = json.dumps(document, indent=2, sort_keys=True)
+    directory = Path(directory)
+    weights = directory / ADAPTER_WEIGHTS
+    atomic_write_bytes(weights, safetensors_bytes(tensors, metadata={METADATA_KEY: text}))
+    atomic_write_bytes(directory / ADAPTER_CONFIG, (text + "\n").encode())
+    return weights
+
+
+def read_adapter(path) -> tuple[dict, dict]:
+    """The tensors (host arrays) and the JSON document of an adapter directory or weights file."""
+    path = Path(path)
+    weights = path / ADAPTER_WEIGHTS if path.is_dir() else path
+    if not weights.is_file():
+        raise AdapterError(f"adapter not found: {weights}")
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"adapter {weights} is truncated or corrupt: {err}") from err
+    if METADATA_KEY not in header:
+        raise AdapterError(f"{weights} is not a minilora adapter (no {METADATA_KEY!r} metadata)")
+    document = json.loads(header[METADATA_KEY])
+    if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{weights}: unsupported adapter format {document.get('format')!r} "
+                           f"version {document.get('format_version')!r}")
+    return tensors, document
+
+
+def load_adapter(base, path, allow_base_mismatch: bool = False) -> LoraGPT:
+    """A LoraGPT of ``base`` with the adapter at ``path``; every key, shape and the base are checked."""
+    tensors, document = read_adapter(path)
+    if document["variant"] != "lora":
+        raise AdapterError(f"{path}: adapter variant {document['variant']!r} is not supported here")
+    if document["base_config"] != base.config.to_dict():
+        raise AdapterError(f"{path}: the adapter was made for a model with config {document['base_config']}, "
+                           f"this base has {base.config.to_dict()}")
+    lora_config = LoraConfig.from_dict(document["lora_config"])
+    model = add_lora(base, lora_config)
+    fingerprint = model.base_fingerprint
+    if fingerprint != document["base_fingerprint"] and not allow_base_mismatch:
+        raise AdapterError(f"{path}: the adapter was trained on another base (fingerprint "
+                           f"{document['base_fingerprint'][:19]}..., this base is {fingerprint[:19]}...); "
+                           "pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway")
+    expected = model.expected_shapes()
+    missing = sorted(set(model.adapter_keys) - set(tensors))
+    unexpected = sorted(set(tensors) - set(model.adapter_keys))
+    if missing or unexpected:
+        raise AdapterError(f"{path}: adapter keys do not match its config: missing {missing}, unexpected {unexpected}")
+    device = device_of(model.params["transformer.wte.weight"])
+    dtype = model.params["transformer.wte.weight"].dtype
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            raise AdapterError(f"{path}: adapter tensor {name!r} has shape {tuple(value.shape)}, expected "
+                               f"{tuple(expected[name])} for r={lora_config.r}")
+        model.params[name] = to_device(value.astype(dtype), device)
+    return model

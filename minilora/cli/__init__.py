@@ -1,0 +1,45 @@
+"""The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API.
+
+base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..adapter_io import AdapterError
+from ..backend import BackendError
+from ..checkpoint import CheckpointError
+from ..data import CorpusError
+from ..train import TrainingDiverged
+from . import base_commands, lora_commands
+
+EXPECTED_ERRORS = (AdapterError, BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError,
+                   FloatingPointError, RuntimeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU).")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    base_commands.register(subparsers)
+    lora_commands.register(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except EXPECTED_ERRORS as err:
+        print(f"minilora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"minilora {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

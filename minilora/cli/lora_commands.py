@@ -1,0 +1,133 @@
+"""Subcommands for adapters: finetune (LoRA or full), merge, info."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from ..lora_config import BIASES, INITS, LoraConfig
+from ..train import TrainSettings
+from .base_commands import (
+    add_checkpoint_flag,
+    add_corpus_flag,
+    add_device_flag,
+    add_training_flags,
+    given_training_flags,
+)
+
+# Fine-tuning runs are short: fewer steps and warmup than pretraining, no weight decay, and a
+# learning rate that depends on what is trained (an adapter tolerates a far larger one).
+FINETUNE_DEFAULTS = TrainSettings(steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0,
+                                  eval_interval=100, eval_windows=64)
+FULL_FINETUNE_LR = 3e-4
+
+
+def add_finetune_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="LoRA-fine-tune a base checkpoint on a corpus (or --full)",
+        description="Fine-tune a base checkpoint on a corpus. With LoRA (the default) only the adapter is "
+                    "trained and saved; --full trains every weight, as the comparison. Writes "
+                    "finetune_metrics.json to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_flag(parser, "--base")
+    add_corpus_flag(parser, "shakespeare_folio")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--r", type=int, default=8, help="rank of the update")
+    lora.add_argument("--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r")
+    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument("--targets", default="c_attn",
+                      help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj), "
+                           "or all-linear")
+    lora.add_argument("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
+    lora.add_argument("--init", choices=INITS, default="default")
+    lora.add_argument("--bias", choices=BIASES, default="none", help="which biases to train as well")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA, "
+                                                            f"with --lr {FULL_FINETUNE_LR} unless given")
+    add_training_flags(parser, FINETUNE_DEFAULTS)
+    parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(parser)
+    parser.set_defaults(run=run_finetune)
+
+
+def lora_config_from_args(args) -> LoraConfig:
+    targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
+    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                      layers_to_transform=layers, use_rslora=args.rslora, init=args.init, bias=args.bias)
+
+
+def run_finetune(args) -> None:
+    from ..finetune import finetune
+
+    given = given_training_flags(args)
+    if args.full and "lr" not in given:
+        given = {"lr": FULL_FINETUNE_LR, "min_lr": FULL_FINETUNE_LR / 10, **given}
+    if "lr" in given and "min_lr" not in given:
+        given["min_lr"] = given["lr"] / 10
+    settings = replace(FINETUNE_DEFAULTS, **given)
+    lora_config = None if args.full else lora_config_from_args(args)
+    model, metrics = finetune(args.base, args.corpus, lora_config, settings, args.out, args.device,
+                              progress=not args.quiet)
+    print(metrics["summary"])
+    print(f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
+          f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s")
+    print(f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
+          f"{metrics['base_weights_bytes']:,} bytes in float32)")
+
+
+def add_merge_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "merge", help="fold an adapter into its base: a plain checkpoint with no added latency",
+        description="Merge a LoRA adapter into its base checkpoint (W + s A^T B^T) and save the result as an "
+                    "ordinary checkpoint of the base's size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_flag(parser, "--base")
+    parser.add_argument("--adapter", required=True, help="the adapter directory")
+    parser.add_argument("--out", required=True, help="the merged checkpoint file to write")
+    parser.add_argument("--allow-base-mismatch", action="store_true")
+    add_device_flag(parser)
+    parser.set_defaults(run=run_merge)
+
+
+def run_merge(args) -> None:
+    from ..adapter_io import load_adapter
+    from ..backend import resolve_device
+    from ..checkpoint import load_model, save_checkpoint
+    from ..provenance import provenance
+
+    lora_model = load_adapter(load_model(args.base, args.device), args.adapter, args.allow_base_mismatch)
+    merged = lora_model.merge_and_unload()
+    metadata = {"kind": "merged", "config": merged.config.to_dict(), "base": str(args.base),
+                "adapter": str(args.adapter), "lora_config": lora_model.lora_config.to_dict(),
+                "provenance": provenance(resolve_device(args.device))}
+    save_checkpoint(args.out, merged.params, metadata)
+    print(f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
+          f"({merged.num_parameters():,} parameters, as the base)")
+
+
+def add_info_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "info", help="describe a checkpoint or an adapter",
+        description="Print a checkpoint's config and parameter table, or an adapter's LoRA settings, "
+                    "per-module table and trainable-parameter summary.")
+    parser.add_argument("path", help="a checkpoint file or run directory, or an adapter directory")
+    parser.set_defaults(run=run_info)
+
+
+def run_info(args) -> None:
+    from pathlib import Path
+
+    from ..adapter_io import ADAPTER_WEIGHTS
+    from ..info import describe_adapter, describe_checkpoint
+
+    path = Path(args.path)
+    is_adapter = (path / ADAPTER_WEIGHTS).is_file() or path.name == ADAPTER_WEIGHTS
+    print(describe_adapter(path) if is_adapter else describe_checkpoint(path))
+
+
+def register(subparsers) -> None:
+    add_finetune_parser(subparsers)
+    add_merge_parser(subparsers)
+    add_info_parser(subparsers)
