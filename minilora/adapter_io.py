@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
@@ -30,6 +29,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "minilora-adapter"
 FORMAT_VERSION = 1
 METADATA_KEY = "minilora_adapter"
+REQUIRED_FIELDS = ("variant", "lora_config", "scaling", "base_config", "base_fingerprint")
 
 
 class AdapterError(ValueError):
@@ -46,10 +46,9 @@ def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dic
     tensors = {name: to_numpy(model.params[name]) for name in model.adapter_keys}
     if not tensors:
         raise AdapterError("the adapter is empty: it has no tensors to save")
-    lora_B = [value for name, value in tensors.items() if name.endswith(".lora_B")]
-    if not allow_noop and all(not np.any(value) for value in lora_B) and len(lora_B) == len(tensors) // 2:
-        raise AdapterError("every lora_B is zero, so the adapter changes nothing (it was never trained); "
-                           "pass allow_noop=True to save it anyway")
+    if not allow_noop and model.is_noop():
+        raise AdapterError("every lora_B is zero and every trained bias equals the base's, so the adapter "
+                           "changes nothing (it was never trained); pass allow_noop=True to save it anyway")
     document = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "lora",
         "lora_config": model.lora_config.to_dict(), "scaling": model.lora_config.scaling,
@@ -78,10 +77,16 @@ def read_adapter(path) -> tuple[dict, dict]:
         raise AdapterError(f"adapter {weights} is truncated or corrupt: {err}") from err
     if METADATA_KEY not in header:
         raise AdapterError(f"{weights} is not a minilora adapter (no {METADATA_KEY!r} metadata)")
-    document = json.loads(header[METADATA_KEY])
+    try:
+        document = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{weights}: the adapter's metadata is not valid JSON ({err})") from err
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{weights}: unsupported adapter format {document.get('format')!r} "
                            f"version {document.get('format_version')!r}")
+    missing = [key for key in REQUIRED_FIELDS if key not in document]
+    if missing:
+        raise AdapterError(f"{weights}: the adapter's metadata lacks {missing}")
     return tensors, document
 
 

@@ -94,7 +94,10 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
     if METADATA_KEY not in header:
         raise CheckpointError(f"{path} is a safetensors file but not a minilora checkpoint (no {METADATA_KEY!r} metadata)")
-    metadata = json.loads(header[METADATA_KEY])
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: its metadata is not valid JSON ({err})") from err
     params = {key[len("params."):]: value for key, value in tensors.items() if key.startswith("params.")}
     buffers = {key[len("optim."):]: value for key, value in tensors.items() if key.startswith("optim.")}
     optimizer = None

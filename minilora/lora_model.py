@@ -33,6 +33,7 @@ class LoraGPT(GPT):
     def __init__(self, config, params: dict, lora_config: LoraConfig, base_fingerprint: str):
         self.lora_config = lora_config
         self.base_fingerprint = base_fingerprint  # of the base weights before any training
+        self.original_biases = {}  # name -> the base's value of each bias the adapter trains (set by add_lora)
         self.adapted_modules = select_target_modules(lora_config, config)  # name -> (C_in, C_out)
         self.merged = False
         adapter_keys = {f"{m}.{factor}" for m in self.adapted_modules for factor in ("lora_A", "lora_B")}
@@ -119,6 +120,13 @@ class LoraGPT(GPT):
                 params[f"{name}.weight"] = merge_weight(self.params[f"{name}.weight"], *self._factors(name))
         return GPT(self.config, params)
 
+    def is_noop(self) -> bool:
+        """True while the adapter cannot change the output: every lora_B is 0, every trained bias unchanged."""
+        xp = self.xp
+        zero_B = all(not bool(xp.any(self.params[f"{m}.lora_B"])) for m in self.adapted_modules)
+        return zero_B and all(bool(xp.array_equal(self.params[name], original))
+                              for name, original in self.original_biases.items())
+
     def _factors(self, name: str):
         return self.params[f"{name}.lora_A"], self.params[f"{name}.lora_B"], self.lora_config.scaling
 
@@ -139,5 +147,6 @@ def add_lora(model: GPT, lora_config: LoraConfig, seed: int = 0) -> LoraGPT:
     lora_model = LoraGPT(model.config, params, lora_config, weights_fingerprint(model.params))
     for name in lora_model.adapter_keys:
         if name.endswith(".bias"):
+            lora_model.original_biases[name] = params[name]  # the base's own array, never trained
             params[name] = params[name].copy()
     return lora_model

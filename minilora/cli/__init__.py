@@ -1,6 +1,6 @@
 """The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API.
 
-base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info.
+demo_command: demo.   base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ..backend import BackendError
 from ..checkpoint import CheckpointError
 from ..data import CorpusError
 from ..train import TrainingDiverged
-from . import base_commands, lora_commands
+from . import base_commands, demo_command, lora_commands
 
 EXPECTED_ERRORS = (AdapterError, BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError,
                    FloatingPointError, RuntimeError)
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    demo_command.register(subparsers)
     base_commands.register(subparsers)
     lora_commands.register(subparsers)
     return parser

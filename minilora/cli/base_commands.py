@@ -7,7 +7,7 @@ from dataclasses import fields
 
 from ..backend import DEVICE_ENV_VAR, DEVICES
 from ..config import PRESETS, get_preset
-from ..data import SHIPPED_CORPORA
+from ..data import SHIPPED_BASE, SHIPPED_CORPORA
 from ..train import TrainSettings
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
@@ -75,8 +75,13 @@ def run_pretrain(args) -> None:
 
 
 def add_checkpoint_flag(parser: argparse.ArgumentParser, name: str = "--checkpoint") -> None:
-    parser.add_argument(name, default="runs/pretrain",
-                        help="a checkpoint file, or a run directory holding checkpoint.safetensors")
+    parser.add_argument(name, default=None,
+                        help="a checkpoint file, or a run directory holding checkpoint.safetensors "
+                             "(default: the shipped base model, data/shakespeare_base.safetensors)")
+
+
+def checkpoint_or_shipped_base(value):
+    return SHIPPED_BASE if value is None else value
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +95,7 @@ def load_for_inference(args):
     from ..adapter_io import load_adapter
     from ..checkpoint import load_model
 
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(checkpoint_or_shipped_base(args.checkpoint), args.device)
     if args.adapter is not None:
         model = load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
     return model

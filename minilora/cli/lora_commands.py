@@ -12,6 +12,7 @@ from .base_commands import (
     add_corpus_flag,
     add_device_flag,
     add_training_flags,
+    checkpoint_or_shipped_base,
     given_training_flags,
 )
 
@@ -68,7 +69,7 @@ def run_finetune(args) -> None:
         given["min_lr"] = given["lr"] / 10
     settings = replace(FINETUNE_DEFAULTS, **given)
     lora_config = None if args.full else lora_config_from_args(args)
-    model, metrics = finetune(args.base, args.corpus, lora_config, settings, args.out, args.device,
+    model, metrics = finetune(checkpoint_or_shipped_base(args.base), args.corpus, lora_config, settings, args.out, args.device,
                               progress=not args.quiet)
     print(metrics["summary"])
     print(f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
@@ -97,9 +98,10 @@ def run_merge(args) -> None:
     from ..checkpoint import load_model, save_checkpoint
     from ..provenance import provenance
 
-    lora_model = load_adapter(load_model(args.base, args.device), args.adapter, args.allow_base_mismatch)
+    base_path = checkpoint_or_shipped_base(args.base)
+    lora_model = load_adapter(load_model(base_path, args.device), args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
-    metadata = {"kind": "merged", "config": merged.config.to_dict(), "base": str(args.base),
+    metadata = {"kind": "merged", "config": merged.config.to_dict(), "base": str(base_path),
                 "adapter": str(args.adapter), "lora_config": lora_model.lora_config.to_dict(),
                 "provenance": provenance(resolve_device(args.device))}
     save_checkpoint(args.out, merged.params, metadata)

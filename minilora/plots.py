@@ -1,0 +1,35 @@
+"""Plots as PNG files, drawn with matplotlib's file-only backend (no screen needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float | None = None) -> Path:
+    """Training loss and validation bits/byte against step; ``baseline`` draws a reference line.
+
+    losses: [{"step", "loss"}] in nats per byte (converted to bits); evals: [{"step", "val_bits_per_byte"}].
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot([e["step"] for e in losses], [e["loss"] / math.log(2) for e in losses], label="training batch", lw=1)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_bits_per_byte"] for e in evals], "o-", label="validation")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="before training")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
