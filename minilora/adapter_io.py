@@ -22,7 +22,7 @@ from safetensors.numpy import save as safetensors_bytes
 from .backend import device_of, to_device, to_numpy
 from .checkpoint import atomic_write_bytes
 from .lora_config import LoraConfig
-from .lora_model import LoraGPT, add_lora
+from .lora_model import LoraGPT, as_plain_lora
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,28 +37,36 @@ class AdapterError(ValueError):
 
 
 def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dict | None = None) -> Path:
-    """Write the adapter of ``model`` to ``directory``; returns the weights file's path.
+    """Write the active adapter of ``model`` to ``directory``; returns the weights file's path.
 
+    A PiSSA adapter is written as the equivalent plain LoRA of rank 2r against the original base
+    (lora_model.as_plain_lora), so that it loads onto that base like any other adapter.
     ``extra`` adds entries to the JSON document (training metrics, provenance).
     """
     if model.merged:
         raise AdapterError("the adapter is merged into the weights; unmerge() before saving it")
-    tensors = {name: to_numpy(model.params[name]) for name in model.adapter_keys}
-    if not tensors:
-        raise AdapterError("the adapter is empty: it has no tensors to save")
+    if model.active_adapter is None:
+        raise AdapterError("no adapter is active: there is nothing to save")
+    adapter = model.adapter
     if not allow_noop and model.is_noop():
         raise AdapterError("every lora_B is zero and every trained bias equals the base's, so the adapter "
                            "changes nothing (it was never trained); pass allow_noop=True to save it anyway")
+    config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
+    converted = {}
+    if config.init == "pissa":
+        config, tensors = as_plain_lora(adapter)
+        converted = {"converted_from": "pissa"}
     document = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "lora",
-        "lora_config": model.lora_config.to_dict(), "scaling": model.lora_config.scaling,
-        "adapted_modules": {name: list(shape) for name, shape in model.adapted_modules.items()},
-        "base_config": model.config.to_dict(), "base_fingerprint": model.base_fingerprint, **(extra or {}),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "dora" if config.use_dora else "lora",
+        "lora_config": config.to_dict(), "scaling": config.scaling,
+        "adapted_modules": {name: list(shape) for name, shape in adapter.modules.items()},
+        "base_config": model.config.to_dict(), "base_fingerprint": model.base_fingerprint, **converted, **(extra or {}),
     }
     text = json.dumps(document, indent=2, sort_keys=True)
     directory = Path(directory)
     weights = directory / ADAPTER_WEIGHTS
-    atomic_write_bytes(weights, safetensors_bytes(tensors, metadata={METADATA_KEY: text}))
+    host_tensors = {name: to_numpy(value) for name, value in tensors.items()}
+    atomic_write_bytes(weights, safetensors_bytes(host_tensors, metadata={METADATA_KEY: text}))
     atomic_write_bytes(directory / ADAPTER_CONFIG, (text + "\n").encode())
     return weights
 
@@ -90,31 +98,39 @@ def read_adapter(path) -> tuple[dict, dict]:
     return tensors, document
 
 
-def load_adapter(base, path, allow_base_mismatch: bool = False) -> LoraGPT:
-    """A LoraGPT of ``base`` with the adapter at ``path``; every key, shape and the base are checked."""
+def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch: bool = False) -> LoraGPT:
+    """Load the adapter at ``path`` onto ``model`` and make it active; every key, shape and the base are checked.
+
+    ``model`` is a base GPT (a new LoraGPT over its weights is returned) or a LoraGPT, which gets the
+    adapter under ``adapter_name`` next to the ones it has.
+    """
     tensors, document = read_adapter(path)
-    if document["variant"] != "lora":
-        raise AdapterError(f"{path}: adapter variant {document['variant']!r} is not supported here")
-    if document["base_config"] != base.config.to_dict():
+    if document["variant"] not in ("lora", "dora"):
+        raise AdapterError(f"{path}: adapter variant {document['variant']!r} is not supported")
+    if document["base_config"] != model.config.to_dict():
         raise AdapterError(f"{path}: the adapter was made for a model with config {document['base_config']}, "
-                           f"this base has {base.config.to_dict()}")
-    lora_config = LoraConfig.from_dict(document["lora_config"])
-    model = add_lora(base, lora_config)
-    fingerprint = model.base_fingerprint
+                           f"this base has {model.config.to_dict()}")
+    lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
+    fingerprint = lora_model.base_fingerprint
     if fingerprint != document["base_fingerprint"] and not allow_base_mismatch:
         raise AdapterError(f"{path}: the adapter was trained on another base (fingerprint "
                            f"{document['base_fingerprint'][:19]}..., this base is {fingerprint[:19]}...); "
                            "pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway")
-    expected = model.expected_shapes()
-    missing = sorted(set(model.adapter_keys) - set(tensors))
-    unexpected = sorted(set(tensors) - set(model.adapter_keys))
+    lora_config = LoraConfig.from_dict(document["lora_config"])
+    lora_model.add_adapter(adapter_name, lora_config)
+    adapter = lora_model.adapters[adapter_name]
+    missing = sorted(set(adapter.trainable) - set(tensors))
+    unexpected = sorted(set(tensors) - set(adapter.trainable))
     if missing or unexpected:
+        lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{path}: adapter keys do not match its config: missing {missing}, unexpected {unexpected}")
-    device = device_of(model.params["transformer.wte.weight"])
-    dtype = model.params["transformer.wte.weight"].dtype
+    reference = lora_model.base_params["transformer.wte.weight"]
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[name]):
+        expected = tuple(adapter.tensors[name].shape)
+        if tuple(value.shape) != expected:
+            lora_model.delete_adapter(adapter_name)
             raise AdapterError(f"{path}: adapter tensor {name!r} has shape {tuple(value.shape)}, expected "
-                               f"{tuple(expected[name])} for r={lora_config.r}")
-        model.params[name] = to_device(value.astype(dtype), device)
-    return model
+                               f"{expected} for r={lora_config.r}")
+        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+    lora_model.set_adapter(adapter_name)
+    return lora_model

@@ -9,7 +9,8 @@ bias. A module is one of the model's four linear layers per block, named like
 - the string "all-linear" picks every linear layer except the output head (tied to the embedding);
 - any other single string is a regular expression that must match the whole module name.
 
-layers_to_transform then keeps only the blocks it lists.
+layers_to_transform then keeps only the blocks it lists. The variants: use_dora (DoRA, dora.py) and
+init="pissa" (PiSSA, lora_model.pissa_init).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .config import GPTConfig
 from .lora import lora_scaling
 
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-INITS = ("default", "gaussian", "random")
+INITS = ("default", "gaussian", "random", "pissa")
 BIASES = ("none", "all", "lora_only")
 
 
@@ -43,8 +44,10 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = ("c_attn",)  # see the module docstring
     layers_to_transform: tuple[int, ...] | None = None  # only these block indices; None: all
     use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
-    init: str = "default"  # "default" (B = 0), "gaussian" (B = 0), "random" (B != 0: for checks)
+    init: str = "default"  # "default", "gaussian" (both B = 0), "random" (B != 0: for checks), "pissa"
     bias: str = "none"  # also train "all" biases, or those of adapted modules ("lora_only")
+    use_dora: bool = False  # DoRA: a trainable magnitude per output unit (see dora.py)
+    dora_exact_gradient: bool = False  # DoRA: differentiate through the weight norm (the paper does not)
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple)):
@@ -63,6 +66,10 @@ class LoraConfig:
             raise ValueError(f"unknown LoRA init {self.init!r}; choose one of {INITS}")
         if self.bias not in BIASES:
             raise ValueError(f"unknown bias setting {self.bias!r}; choose one of {BIASES}")
+        if self.use_dora and self.init == "pissa":
+            raise ValueError("use_dora with init='pissa' is not supported: choose one variant")
+        if self.dora_exact_gradient and not self.use_dora:
+            raise ValueError("dora_exact_gradient needs use_dora=True")
         if not self.target_modules:
             raise ValueError("target_modules is empty: name at least one module, e.g. ('c_attn',)")
 
@@ -115,6 +122,8 @@ def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> d
 
 def init_adapter(lora_config: LoraConfig, modules: dict, seed: int = 0, dtype=np.float32, device=None) -> dict:
     """lora_A (r, C_in) and lora_B (C_out, r) for each module, drawn on the host from a seeded generator.
+
+    (PiSSA's init needs the weights themselves and lives in lora_model.pissa_init.)
 
     default:  A ~ U(-1/sqrt(C_in), 1/sqrt(C_in)) (what PEFT's Kaiming-uniform with a = sqrt(5) gives),
               B = 0, so the adapted model starts exactly at the base;
