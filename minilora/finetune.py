@@ -29,19 +29,26 @@ FULL_CHECKPOINT = "checkpoint.safetensors"
 ADAM_BETAS = (0.9, 0.999)  # PEFT / transformers' Trainer default for fine-tuning
 
 
-def make_optimizer(model, settings: TrainSettings) -> AdamW:
-    """AdamW over exactly the model's trainable parameters (with LoRA: the adapter alone)."""
+def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) -> AdamW:
+    """AdamW over exactly the model's trainable parameters (with LoRA: the adapter alone).
+
+    loraplus_ratio > 1 is LoRA+: every lora_B trains with that multiple of the learning rate.
+    """
+    if loraplus_ratio <= 0:
+        raise ValueError(f"loraplus_ratio must be > 0, got {loraplus_ratio}")
+    lr_scale = {name: loraplus_ratio for name in model.trainable_names if name.endswith(".lora_B")}
     return AdamW(model.params, model.trainable_names, lr=settings.lr, betas=ADAM_BETAS,
-                 weight_decay=settings.weight_decay)
+                 weight_decay=settings.weight_decay, lr_scale=lr_scale)
 
 
-def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True):
+def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True, loraplus_ratio: float = 1.0):
     """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult."""
-    return train_loop(model, make_optimizer(model, settings), corpus, settings, save, progress=progress)
+    optimizer = make_optimizer(model, settings, loraplus_ratio)
+    return train_loop(model, optimizer, corpus, settings, save, progress=progress)
 
 
 def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: TrainSettings, out_dir,
-             device: str | None = None, progress: bool = True):
+             device: str | None = None, progress: bool = True, loraplus_ratio: float = 1.0):
     """Fine-tune the checkpoint at ``base_path`` on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
@@ -58,7 +65,7 @@ def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: T
         "kind": "finetune", "mode": "full" if lora_config is None else "lora", "corpus": corpus,
         "base": str(resolve_checkpoint_path(base_path)), "base_fingerprint": base_fingerprint,
         "config": model.config.to_dict(), "settings": asdict(settings),
-        "lora_config": None if lora_config is None else lora_config.to_dict(),
+        "lora_config": None if lora_config is None else lora_config.to_dict(), "loraplus_ratio": loraplus_ratio,
         "provenance": provenance(device, settings.seed),
     }
 
@@ -69,7 +76,7 @@ def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: T
         else:
             save_adapter(model, out_dir, extra={"training": {**state, "corpus": corpus, "base": metadata["base"]}})
 
-    result = fit(model, data, settings, save, progress)
+    result = fit(model, data, settings, save, progress, loraplus_ratio)
     saved = out_dir / (FULL_CHECKPOINT if lora_config is None else ADAPTER_WEIGHTS)
     metrics = {
         **metadata,

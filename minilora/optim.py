@@ -1,7 +1,8 @@
 """Optimisers over a flat parameter dict: AdamW, SGD with momentum, gradient clipping, LR schedule.
 
 An optimiser is built for a list of trainable names and keeps state (moments, momentum buffers) for
-those names only. With LoRA that list is the adapter's few tensors, and the optimiser's memory
+those names only. ``lr_scale`` gives some parameters a multiple of the learning rate: LoRA+ (Hayou
+et al., 2024) trains lora_B with a rate ratio times larger than lora_A's. With LoRA that list is the adapter's few tensors, and the optimiser's memory
 shrinks with it: Adam keeps two extra numbers per trainable parameter.
 
 Updates are in place on the arrays of ``params``, with the same arithmetic as ``torch.optim``, so
@@ -30,7 +31,7 @@ class Optimizer:
 
     state_names: tuple[str, ...] = ()  # the per-parameter state buffers a subclass keeps
 
-    def __init__(self, params: dict, names, lr: float, weight_decay: float, decay_names=None):
+    def __init__(self, params: dict, names, lr: float, weight_decay: float, decay_names=None, lr_scale=None):
         self.params = params
         self.names = list(names)
         missing = [name for name in self.names if name not in params]
@@ -41,6 +42,10 @@ class Optimizer:
         self.lr = lr
         self.weight_decay = weight_decay
         self.decay_names = default_decay_names(params, self.names) if decay_names is None else set(decay_names)
+        self.lr_scale = dict(lr_scale or {})  # name -> factor on the learning rate (LoRA+ scales lora_B's)
+        unknown = sorted(set(self.lr_scale) - set(self.names))
+        if unknown:
+            raise KeyError(f"lr_scale names parameters the optimiser does not train: {unknown}")
         self.step_count = 0
         self.state = {kind: {} for kind in self.state_names}  # kind -> name -> array, created on first step
 
@@ -89,8 +94,8 @@ class AdamW(Optimizer):
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: dict, names, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, decay_names=None):
-        super().__init__(params, names, lr, weight_decay, decay_names)
+                 weight_decay: float = 0.01, decay_names=None, lr_scale=None):
+        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
         self.beta1, self.beta2 = betas
         self.eps = eps
 
@@ -99,13 +104,15 @@ class AdamW(Optimizer):
         lr = self.lr if lr is None else lr
         self.step_count += 1
         t = self.step_count
-        step_size = lr / (1.0 - self.beta1**t)
+        bias_correction1 = 1.0 - self.beta1**t
         sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
         for name in self.names:
             p, g = self.params[name], grads[name]
             m, v = self._buffer("exp_avg", name), self._buffer("exp_avg_sq", name)
+            lr_p = lr * self.lr_scale.get(name, 1.0)
+            step_size = lr_p / bias_correction1
             if self.weight_decay and name in self.decay_names:
-                p *= 1.0 - lr * self.weight_decay
+                p *= 1.0 - lr_p * self.weight_decay
             m *= self.beta1
             m += (1.0 - self.beta1) * g
             v *= self.beta2
@@ -125,8 +132,8 @@ class SGD(Optimizer):
     state_names = ("momentum_buffer",)
 
     def __init__(self, params: dict, names, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
-                 nesterov: bool = False, decay_names=None):
-        super().__init__(params, names, lr, weight_decay, decay_names)
+                 nesterov: bool = False, decay_names=None, lr_scale=None):
+        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
         self.momentum = momentum
         self.nesterov = nesterov
 
@@ -143,7 +150,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += g
                 g = g + self.momentum * buf if self.nesterov else buf
-            p -= lr * g
+            p -= (lr * self.lr_scale.get(name, 1.0)) * g
 
 
 def clip_grad_norm(grads: dict, max_norm: float):

@@ -277,3 +277,31 @@ def test_optimiser_rejects_unknown_names_and_bad_hyperparameters():
         SGD(params, [WTE], lr=0.0)
     with pytest.raises(ValueError, match="weight_decay >= 0"):
         AdamW(params, [WTE], weight_decay=-0.1)
+
+
+def test_loraplus_trains_lora_B_with_a_multiple_of_the_learning_rate():
+    from minilora.config import GPTConfig
+    from minilora.finetune import make_optimizer
+    from minilora.lora_config import LoraConfig
+    from minilora.lora_model import add_lora
+    from minilora.train import TrainSettings
+
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=5)
+    model = add_lora(GPT(config, init_params(config, dtype=np.float64)), LoraConfig(r=2, init="random"))
+    settings = TrainSettings(lr=1e-2, weight_decay=0.0)
+    plain, plus = (make_optimizer(model, settings, ratio) for ratio in (1.0, 16.0))
+    assert set(plus.lr_scale) == {name for name in model.trainable_names if name.endswith("lora_B")}
+    grads = {name: np.ones_like(model.params[name]) for name in model.trainable_names}
+    before = {name: model.params[name].copy() for name in model.trainable_names}
+    plus.step(grads)
+    for name in model.trainable_names:
+        # Adam's first step moves every entry by lr * scale (m_hat / sqrt(v_hat) = 1 for a constant gradient)
+        expected_step = 1e-2 * (16.0 if name.endswith("lora_B") else 1.0)
+        np.testing.assert_allclose(before[name] - model.params[name], expected_step, rtol=1e-6)
+    assert plain.lr_scale == {name: 1.0 for name in plus.lr_scale}
+
+
+def test_lr_scale_for_an_untrained_name_is_refused():
+    params = {"w": np.zeros(2)}
+    with pytest.raises(KeyError, match="lr_scale names parameters the optimiser does not train"):
+        AdamW(params, ["w"], lr_scale={"v": 2.0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 from ..backend import DEVICE_ENV_VAR, DEVICES
 from ..config import PRESETS, get_preset
@@ -85,20 +86,41 @@ def checkpoint_or_shipped_base(value):
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply to the checkpoint")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="an adapter directory to load onto the checkpoint, optionally named; repeat it to "
+                             "load several onto one base (names default to the directory names)")
+    parser.add_argument("--use", default=None, metavar="NAME", help="the adapter to use (default: the last given)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
-                        help="load the adapter even if it was trained on another base")
+                        help="load adapters even if they were trained on another base")
+
+
+def parse_adapter_flags(values) -> list[tuple[str, str]]:
+    """['name=dir', 'dir'] -> [('name', 'dir'), ('dir's last component', 'dir')], names unique."""
+    pairs = [value.split("=", 1) if "=" in value else (Path(value).name, value) for value in values]
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {names}; name them with --adapter NAME=DIR")
+    return [(name, path) for name, path in pairs]
 
 
 def load_for_inference(args):
-    """The checkpoint's model, with the adapter applied if --adapter is given."""
+    """The checkpoint's model with every --adapter loaded under its name, the --use one active.
+
+    Returns (model, names of the adapters loaded).
+    """
     from ..adapter_io import load_adapter
     from ..checkpoint import load_model
 
     model = load_model(checkpoint_or_shipped_base(args.checkpoint), args.device)
-    if args.adapter is not None:
-        model = load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
-    return model
+    adapters = parse_adapter_flags(args.adapter)
+    for name, path in adapters:
+        model = load_adapter(model, path, adapter_name=name, allow_base_mismatch=args.allow_base_mismatch)
+    names = [name for name, _ in adapters]
+    if args.use is not None:
+        if args.use not in names:
+            raise ValueError(f"--use {args.use!r} names no loaded adapter; loaded: {names}")
+        model.set_adapter(args.use)
+    return model, names
 
 
 def add_eval_parser(subparsers) -> None:
@@ -121,10 +143,15 @@ def run_eval(args) -> None:
     from ..data import load_corpus
     from ..evaluate import bits_per_byte
 
-    model = load_for_inference(args)
+    model, names = load_for_inference(args)
     data = getattr(load_corpus(args.corpus), args.split)
-    bpb = bits_per_byte(model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
-    print(f"{args.corpus} {args.split}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
+    chosen = [args.use] if args.use is not None else names
+    for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
+        if name is not None:
+            model.set_adapter(name)
+        bpb = bits_per_byte(model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
+        label = "" if name is None else f" with adapter {name!r}"
+        print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
 
 
 def add_generate_parser(subparsers) -> None:
@@ -146,7 +173,7 @@ def add_generate_parser(subparsers) -> None:
 def run_generate(args) -> None:
     from ..generate import generate
 
-    model = load_for_inference(args)
+    model, _ = load_for_inference(args)
     prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
     print(generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
 

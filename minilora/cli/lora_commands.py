@@ -41,7 +41,12 @@ def add_finetune_parser(subparsers) -> None:
                            "or all-linear")
     lora.add_argument("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
-    lora.add_argument("--init", choices=INITS, default="default")
+    lora.add_argument("--variant", choices=("lora", "dora", "pissa"), default="lora",
+                      help="plain LoRA, DoRA (a trained magnitude per output) or PiSSA (start from the top-r SVD)")
+    lora.add_argument("--init", choices=[i for i in INITS if i != "pissa"], default="default",
+                      help="initialisation of plain LoRA and DoRA factors")
+    lora.add_argument("--loraplus-ratio", type=float, default=1.0,
+                      help="LoRA+: train lora_B with this multiple of the learning rate (e.g. 16)")
     lora.add_argument("--bias", choices=BIASES, default="none", help="which biases to train as well")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA, "
                                                             f"with --lr {FULL_FINETUNE_LR} unless given")
@@ -55,8 +60,10 @@ def add_finetune_parser(subparsers) -> None:
 def lora_config_from_args(args) -> LoraConfig:
     targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
+    init = "pissa" if args.variant == "pissa" else args.init
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                      layers_to_transform=layers, use_rslora=args.rslora, init=args.init, bias=args.bias)
+                      layers_to_transform=layers, use_rslora=args.rslora, init=init, bias=args.bias,
+                      use_dora=args.variant == "dora")
 
 
 def run_finetune(args) -> None:
@@ -69,8 +76,8 @@ def run_finetune(args) -> None:
         given["min_lr"] = given["lr"] / 10
     settings = replace(FINETUNE_DEFAULTS, **given)
     lora_config = None if args.full else lora_config_from_args(args)
-    model, metrics = finetune(checkpoint_or_shipped_base(args.base), args.corpus, lora_config, settings, args.out, args.device,
-                              progress=not args.quiet)
+    model, metrics = finetune(checkpoint_or_shipped_base(args.base), args.corpus, lora_config, settings, args.out,
+                              args.device, progress=not args.quiet, loraplus_ratio=args.loraplus_ratio)
     print(metrics["summary"])
     print(f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
           f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s")
@@ -129,7 +136,52 @@ def run_info(args) -> None:
     print(describe_adapter(path) if is_adapter else describe_checkpoint(path))
 
 
+def add_peft_parsers(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export-peft", help="write an adapter in Hugging Face PEFT's format",
+        description="Convert a minilora adapter directory to PEFT's adapter_config.json and "
+                    "adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on a "
+                    "transformers GPT-2 holding the same base weights.")
+    add_checkpoint_flag(export, "--base")
+    export.add_argument("--adapter", required=True, help="the minilora adapter directory")
+    export.add_argument("--out", required=True, help="the PEFT adapter directory to write")
+    export.add_argument("--allow-base-mismatch", action="store_true")
+    add_device_flag(export)
+    export.set_defaults(run=run_export_peft)
+    imported = subparsers.add_parser(
+        "import-peft", help="read a Hugging Face PEFT LoRA/DoRA adapter as a minilora adapter",
+        description="Load a PEFT adapter directory onto a base checkpoint and save it as a minilora adapter "
+                    "(fingerprinted to that base).")
+    add_checkpoint_flag(imported, "--base")
+    imported.add_argument("--peft", required=True, help="the PEFT adapter directory")
+    imported.add_argument("--out", required=True, help="the minilora adapter directory to write")
+    add_device_flag(imported)
+    imported.set_defaults(run=run_import_peft)
+
+
+def run_export_peft(args) -> None:
+    from ..adapter_io import load_adapter
+    from ..checkpoint import load_model
+    from ..peft_io import export_peft
+
+    model = load_adapter(load_model(checkpoint_or_shipped_base(args.base), args.device), args.adapter,
+                         allow_base_mismatch=args.allow_base_mismatch)
+    path = export_peft(model, args.out)
+    print(f"wrote {path} and its adapter_config.json ({len(model.adapted_modules)} adapted modules)")
+
+
+def run_import_peft(args) -> None:
+    from ..adapter_io import save_adapter
+    from ..checkpoint import load_model
+    from ..peft_io import import_peft
+
+    model = import_peft(load_model(checkpoint_or_shipped_base(args.base), args.device), args.peft)
+    path = save_adapter(model, args.out, allow_noop=True, extra={"imported_from": str(args.peft)})
+    print(f"wrote {path} ({len(model.adapted_modules)} adapted modules, r={model.lora_config.r})")
+
+
 def register(subparsers) -> None:
     add_finetune_parser(subparsers)
     add_merge_parser(subparsers)
     add_info_parser(subparsers)
+    add_peft_parsers(subparsers)

@@ -1,0 +1,134 @@
+"""Adapters in Hugging Face PEFT's format, so that PEFT loads ours and we load PEFT's.
+
+PEFT saves a LoRA adapter as ``adapter_config.json`` and ``adapter_model.safetensors``. For a GPT-2
+(whose linear layers are ``Conv1D``, weight (C_in, C_out)) the tensors are
+
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight         (r, C_in)
+    base_model.model.transformer.h.0.attn.c_attn.lora_B.weight         (C_out, r)
+    base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector (C_out,)   DoRA only
+
+which is exactly minilora's layout and math, with ``fan_in_fan_out: true`` telling PEFT that the
+base weight is stored (C_in, C_out). Exporting is renaming plus a config; importing is the reverse,
+with a check of every key and shape. PEFT files carry no fingerprint of their base, so an imported
+adapter is trusted to belong to the base it is loaded onto. Only what both sides express is
+supported: no trained biases, no per-module rank or alpha patterns.
+
+No PyTorch here: the files are plain safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from .adapter_io import AdapterError
+from .backend import device_of, to_device, to_numpy
+from .checkpoint import atomic_write_bytes
+from .lora_config import LoraConfig, linear_module_shapes
+from .lora_model import LoraGPT, as_plain_lora
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def peft_key(name: str) -> str:
+    """minilora's tensor name -> PEFT's: the prefix, and ``.weight`` after lora_A / lora_B."""
+    return PREFIX + (name + ".weight" if name.endswith((".lora_A", ".lora_B")) else name)
+
+
+def minilora_key(key: str) -> str:
+    """PEFT's tensor name -> minilora's."""
+    if not key.startswith(PREFIX):
+        raise AdapterError(f"unexpected key {key!r} in a PEFT adapter (expected the prefix {PREFIX!r})")
+    name = key[len(PREFIX):]
+    return name[: -len(".weight")] if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
+
+
+def export_peft(model: LoraGPT, directory) -> Path:
+    """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA)."""
+    adapter = model.adapter
+    config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
+    if config.init == "pissa":
+        config, tensors = as_plain_lora(adapter)
+    if config.bias != "none":
+        raise AdapterError(f"bias={config.bias!r} has no agreed PEFT layout here; export adapters with bias='none'")
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora, "use_dora": config.use_dora, "fan_in_fan_out": True, "bias": "none",
+        "target_modules": sorted(adapter.modules),  # the exact modules: PEFT matches a full name to itself
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "init_lora_weights": True,
+    }
+    directory = Path(directory)
+    host = {peft_key(name): to_numpy(value) for name, value in tensors.items()}
+    atomic_write_bytes(directory / PEFT_WEIGHTS, safetensors_bytes(host, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    return directory / PEFT_WEIGHTS
+
+
+def read_peft(directory) -> tuple[dict, dict]:
+    """PEFT's config dict and its tensors under minilora's names (host arrays)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterError(f"not a PEFT adapter directory: {path} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+        with safe_open(str(weights_path), framework="numpy") as f:
+            tensors = {minilora_key(key): f.get_tensor(key) for key in f.keys()}
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise AdapterError(f"PEFT adapter {directory} is unreadable: {err}") from err
+    return config, tensors
+
+
+def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
+    """The LoraConfig of a PEFT LoRA config, refusing what minilora cannot represent."""
+    if peft_config.get("peft_type") != "LORA":
+        raise AdapterError(f"only PEFT LoRA adapters can be imported, this one is {peft_config.get('peft_type')!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if peft_config.get(field):
+            raise AdapterError(f"PEFT's {field} (a rank or alpha per module) is not supported")
+    if peft_config.get("bias", "none") != "none" or peft_config.get("modules_to_save"):
+        raise AdapterError("PEFT adapters with trained biases or modules_to_save are not supported")
+    if not peft_config.get("fan_in_fan_out", False):
+        raise AdapterError("the PEFT adapter has fan_in_fan_out false, but GPT-2's Conv1D weights are (C_in, C_out)")
+    return LoraConfig(r=int(peft_config["r"]), lora_alpha=float(peft_config["lora_alpha"]),
+                      lora_dropout=float(peft_config.get("lora_dropout", 0.0)), target_modules=tuple(modules),
+                      use_rslora=bool(peft_config.get("use_rslora", False)),
+                      use_dora=bool(peft_config.get("use_dora", False)))
+
+
+def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
+    """Load a PEFT LoRA (or DoRA) adapter onto a minilora base (a GPT or a LoraGPT) and activate it."""
+    peft_config, tensors = read_peft(directory)
+    adaptable = linear_module_shapes(model.config)
+    modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
+    unknown = [m for m in modules if m not in adaptable]
+    if unknown:
+        raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
+    lora_config = lora_config_from_peft(peft_config, modules)
+    lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
+    lora_model.add_adapter(adapter_name, lora_config)
+    adapter = lora_model.adapters[adapter_name]
+    missing = sorted(set(adapter.trainable) - set(tensors))
+    unexpected = sorted(set(tensors) - set(adapter.trainable))
+    if missing or unexpected:
+        lora_model.delete_adapter(adapter_name)
+        raise AdapterError(f"{directory}: PEFT tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    reference = lora_model.base_params["transformer.wte.weight"]
+    for name, value in tensors.items():
+        expected = tuple(adapter.tensors[name].shape)
+        if tuple(value.shape) != expected:
+            lora_model.delete_adapter(adapter_name)
+            raise AdapterError(f"{directory}: PEFT tensor {peft_key(name)!r} has shape {tuple(value.shape)}, "
+                               f"expected {expected} for r={lora_config.r}")
+        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+    lora_model.set_adapter(adapter_name)
+    return lora_model
+
