@@ -44,7 +44,7 @@ def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) 
 def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True, loraplus_ratio: float = 1.0):
     """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult."""
     optimizer = make_optimizer(model, settings, loraplus_ratio)
-    return train_loop(model, optimizer, corpus, settings, save, progress=progress)
+    return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress)
 
 
 def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: TrainSettings, out_dir,

@@ -66,11 +66,12 @@ class TrainResult:
 
 
 def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, start_step: int = 0,
-               progress: bool = True) -> TrainResult:
+               progress: bool = True, report: bool = True) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
     ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
     trainable parameters are checked to be finite first, so a diverged model is never saved.
+    ``progress`` shows a progress bar; ``report`` prints a line per evaluation.
     """
     B, T = settings.batch_size, model.config.block_size
     xp = model.xp
@@ -99,7 +100,8 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
             eval_started = time.perf_counter()
             val = bits_per_byte(model, corpus.val, batch_size=B, max_windows=settings.eval_windows)
             result.evals.append({"step": done, "val_bits_per_byte": val})
-            bar.write(f"step {done}: val {val:.4f} bits/byte")
+            if report:
+                bar.write(f"step {done}: val {val:.4f} bits/byte")
             if save is not None:
                 if not all_finite({name: model.params[name] for name in model.trainable_names}):
                     raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step, save))

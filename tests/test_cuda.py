@@ -106,3 +106,25 @@ def test_gpu_pretraining_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):
     assert checkpoint.metadata["provenance"]["device"] == "cuda"
     assert abs(on_cpu - checkpoint.metadata["val_bits_per_byte"]) < 1e-4
     assert abs(on_cpu - on_gpu) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa"])
+def test_gpu_lora_variants_match_cpu_float64(variant):
+    from minilora.lora_config import LoraConfig
+    from minilora.lora_model import add_lora
+
+    config = get_preset("tiny")
+    base = init_params(config, seed=0, dtype=np.float64)
+    lora_config = LoraConfig(r=4, target_modules="all-linear", init="pissa" if variant == "pissa" else "random",
+                             use_dora=variant == "dora")
+    cpu = add_lora(GPT(config, base), lora_config, seed=1)
+    gpu = add_lora(GPT(config, {k: to_device(v.astype(np.float32), "cuda") for k, v in base.items()}), lora_config,
+                   seed=1)
+    idx = np.random.default_rng(2).integers(0, 256, (2, 32))
+    logits64, _, cache64 = cpu.forward(idx, idx)
+    logits32, _, cache32 = gpu.forward(idx, idx)
+    assert relative_gap(logits32, logits64) < FLOAT32_TOL
+    grads64, grads32 = cpu.backward(cache64), gpu.backward(cache32)
+    assert set(grads32) == set(grads64) == set(cpu.trainable_names)
+    for name in grads64:
+        assert relative_gap(grads32[name], grads64[name]) < 1e-3, name

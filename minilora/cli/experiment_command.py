@@ -1,0 +1,42 @@
+"""``minilora experiment``: the measurements behind docs/experiments (see minilora/experiments.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .base_commands import add_device_flag
+
+
+def add_experiment_parser(subparsers) -> None:
+    from ..experiments import EXPERIMENTS
+
+    parser = subparsers.add_parser(
+        "experiment", help="run the LoRA experiments (rank, distance, placement, base) and plot them",
+        description="Fine-tune the shipped base many times (a learning-rate sweep per method, then 3 seeds at "
+                    "the best rate) and write <out>/<name>.json and <name>.png. Runs are appended to "
+                    "<out>/runs.jsonl and skipped when rerun. Meant for a GPU: --device cuda --workers 8.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, "all"], help="which experiments")
+    parser.add_argument("--out", default="docs/experiments", help="output directory")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--base", default=None, help="replace the shipped base (for quick checks)")
+    add_device_flag(parser)
+    parser.set_defaults(run=run_experiment_command)
+
+
+def run_experiment_command(args) -> None:
+    from ..backend import resolve_device
+    from ..experiments import EXPERIMENTS, run_experiment
+
+    names = EXPERIMENTS if "all" in args.names else args.names
+    for name in names:
+        print(f"experiment {name}")
+        run_experiment(name, args.out, resolve_device(args.device), args.workers, args.steps, args.batch_size,
+                       args.eval_windows, base=args.base)
+
+
+def register(subparsers) -> None:
+    add_experiment_parser(subparsers)
