@@ -45,17 +45,20 @@ def plot_rank(points, ax_learned, ax_forgot):
 
 def plot_distance(points, ax_learned, ax_forgot):
     corpora = sorted({p["corpus"] for p in points}, key=lambda c: next(p["target_before"] for p in points if p["corpus"] == c))
-    for method, marker in (("lora", "o"), ("full", "s")):
-        chosen = [next(p for p in points if p["corpus"] == c and p["method"] == method) for c in corpora]
-        xs = [p["target_before"] for p in chosen]
-        _errorbar(ax_learned, xs, chosen, marker=marker, label=chosen[0]["label"])
-        ax_forgot.bar([i + (0.2 if method == "full" else -0.2) for i in range(len(corpora))],
-                      [p["forgetting"] for p in chosen], width=0.4, label=chosen[0]["label"])
-    for c in corpora:
-        x = next(p["target_before"] for p in points if p["corpus"] == c)
-        ax_learned.annotate(c, (x, ax_learned.get_ylim()[1]), fontsize=7, ha="center", va="top")
+    pairs = [(next(p for p in points if p["corpus"] == c and p["method"] == "lora"),
+              next(p for p in points if p["corpus"] == c and p["method"] == "full")) for c in corpora]
+    xs = [lora["target_before"] for lora, _ in pairs]
+    gaps = [lora["target_after"]["mean"] - full["target_after"]["mean"] for lora, full in pairs]
+    spread = [[gap - (lora["target_after"]["min"] - full["target_after"]["max"]) for gap, (lora, full) in zip(gaps, pairs)],
+              [(lora["target_after"]["max"] - full["target_after"]["min"]) - gap for gap, (lora, full) in zip(gaps, pairs)]]
+    ax_learned.errorbar(xs, gaps, yerr=spread, marker="o", capsize=3, label="LoRA r=8 minus full fine-tuning")
+    for x, gap, corpus in zip(xs, gaps, corpora):
+        ax_learned.annotate(corpus, (x, gap), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
     ax_learned.set_xlabel("distance: the base's bits/byte on the target")
-    ax_learned.set_title("target after fine-tuning")
+    ax_learned.set_title("gap on the target after fine-tuning")
+    for offset, index, label in ((-0.2, 0, "LoRA r=8"), (0.2, 1, "full fine-tuning")):
+        ax_forgot.bar([i + offset for i in range(len(pairs))], [pair[index]["forgetting"] for pair in pairs],
+                      width=0.4, label=label)
     ax_forgot.set_xticks(range(len(corpora)), corpora, fontsize=8)
     ax_forgot.set_title("forgetting: modern plays, after - before")
 
@@ -73,7 +76,7 @@ def plot_placement(points, ax_learned, ax_forgot):
     for kind, marker in (("alpha/r", "o"), ("rslora", "s")):
         chosen = [p for p in points if p["label"].startswith(kind)]
         _errorbar(ax_forgot, [p["r"] for p in chosen], chosen, marker=marker,
-                  label="alpha/r (alpha = 2r)" if kind == "alpha/r" else "rsLoRA: 16/sqrt(r)")
+                  label="alpha/r: s = 16/r" if kind == "alpha/r" else "rsLoRA: s = 16/sqrt(r)")
     ax_forgot.set_xscale("log", base=2)
     ranks = sorted({p["r"] for p in points if p["label"].startswith("rslora")})
     ax_forgot.set_xticks(ranks, [str(r) for r in ranks])

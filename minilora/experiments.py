@@ -10,8 +10,9 @@ Protocol, the same for every experiment:
   target bits/byte) is then run with seeds 1 and 2 as well; points are the mean of the three seeds,
   with their min-max spread shown. The sweep selects on the validation split it reports, as such
   ablations usually do, so the numbers are slightly optimistic for every method alike;
-- alpha: lora_alpha = 2r, so the scale s = alpha / r = 2 at every rank (rsLoRA, where compared,
-  uses alpha / sqrt(r) with the same alpha = 16 at r = 64, i.e. s = 16 / sqrt(r));
+- alpha: lora_alpha = 2r, so the scale s = alpha / r = 2 at every rank; except where the scaling
+  rule itself is compared: there both use lora_alpha = 16, so s = 16 / r (LoRA) or 16 / sqrt(r)
+  (rsLoRA);
 - budget: ``steps`` optimiser steps of ``batch_size`` x 256 bytes, AdamW, warmup 20, cosine decay
   to a tenth, no weight decay, evaluation on 64 windows spread over each validation split.
 
@@ -84,7 +85,7 @@ def experiment_points(name: str, weak_base: str | None = None) -> list[RunSpec]:
         placed = [("c_attn r=16", 16, ("attn.c_attn",)), ("attn.c_proj r=32", 32, ("attn.c_proj",)),
                   ("mlp r=6", 6, ("mlp.c_fc", "mlp.c_proj")), ("all r=4", 4, ALL_LINEAR)]
         scaled = [lora_spec("placement", f"{kind} r={r}", "shakespeare_folio", r, ("attn.c_attn",),
-                            use_rslora=kind == "rslora", alpha=16.0 if kind == "rslora" else 2.0 * r)
+                            use_rslora=kind == "rslora", alpha=16.0)  # the same alpha, two scalings
                   for r in (8, 64, 256) for kind in ("alpha/r", "rslora")]
         return [lora_spec("placement", label, "shakespeare_folio", r, targets) for label, r, targets in placed] + scaled
     if name == "base":
@@ -113,7 +114,7 @@ def run_one(spec: RunSpec, device: str) -> dict:
     def bpb(model, corpus):
         return bits_per_byte(model, corpus.val, batch_size=spec.batch_size, max_windows=spec.eval_windows)
 
-    before = bpb(base, target)
+    before, modern_before = bpb(base, target), bpb(base, modern)  # before training: full fine-tuning changes base
     if spec.method == "lora":
         config = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets,
                             use_rslora=spec.use_rslora)
@@ -125,15 +126,9 @@ def run_one(spec: RunSpec, device: str) -> dict:
                              eval_windows=spec.eval_windows, seed=spec.seed, log_interval=spec.steps)
     result = fit(model, target, settings, progress=False)
     return {**asdict(spec), "target_before": before, "target_after": result.evals[-1]["val_bits_per_byte"],
-            "modern_after": bpb(model, modern), "modern_before": bpb(base, modern) if spec.method == "full"
-            else _with_adapter_disabled(model, lambda m: bpb(m, modern)),
+            "modern_before": modern_before, "modern_after": bpb(model, modern),
             "trainable_params": model.num_parameters(trainable_only=True),
             "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - started}
-
-
-def _with_adapter_disabled(model, measure):
-    with model.disable_adapter():
-        return measure(model)
 
 
 def _worker(args):
@@ -178,8 +173,11 @@ def best_lr(rows: list[dict], point: RunSpec) -> float:
 
 
 def _same_point(row: dict, point: RunSpec) -> bool:
-    return (row["experiment"], row["label"], row["corpus"], row["base"]) == \
-           (point.experiment, point.label, point.corpus, point.base)
+    """Whether a result row belongs to a point: every setting equal but the learning rate and seed."""
+    def plain(value):  # JSON turns tuples into lists
+        return list(value) if isinstance(value, tuple) else value
+
+    return all(plain(row[name]) == plain(value) for name, value in asdict(point).items() if name not in ("lr", "seed"))
 
 
 def summarize_point(rows: list[dict], point: RunSpec) -> dict:
@@ -226,8 +224,6 @@ def run_experiment(name: str, out_dir, device: str, workers: int, steps: int = 2
 
     ``base`` replaces the shipped base in every run (for quick checks on a small model).
     """
-    from .experiment_plots import plot_experiment
-
     out_dir = Path(out_dir)
     results_path = out_dir / "runs.jsonl"
     if name == "base" and weak_base is None:
@@ -239,9 +235,27 @@ def run_experiment(name: str, out_dir, device: str, workers: int, steps: int = 2
     rows = run_all(sweep(points), results_path, device, workers, say)
     seeds = [replace(p, lr=best_lr(rows, p), seed=seed) for p in points for seed in SEEDS[1:]]
     rows = run_all(seeds, results_path, device, workers, say)
+    return write_summary(name, points, rows, out_dir)
+
+
+def summarize_only(name: str, out_dir, steps: int = 200, batch_size: int = 16, eval_windows: int = 64) -> list[dict]:
+    """Rebuild <name>.json and <name>.png from runs.jsonl alone (no training, no weak-base pretraining)."""
+    out_dir = Path(out_dir)
+    rows = [row for row in load_results(out_dir / "runs.jsonl") if "error" not in row]
+    weak = next((row["base"] for row in rows if row["label"] == "weak base"), None)
+    points = [replace(p, steps=steps, batch_size=batch_size, eval_windows=eval_windows)
+              for p in experiment_points(name, weak)]
+    return write_summary(name, points, rows, out_dir)
+
+
+def write_summary(name: str, points: list[RunSpec], rows: list[dict], out_dir: Path) -> list[dict]:
+    """<out>/<name>.json and <name>.png from the result rows of an experiment's points."""
+    from .experiment_plots import plot_experiment
+
     summary = [summarize_point(rows, p) for p in points]
     document = {"experiment": name, "protocol": __doc__.split("Protocol, the same for every experiment:")[1].strip(),
-                "device": device, "steps": steps, "batch_size": batch_size, "points": summary}
+                "device": sorted({row.get("device", "cuda") for row in rows}), "steps": points[0].steps,
+                "batch_size": points[0].batch_size, "points": summary}
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     plot_experiment(name, summary, out_dir / f"{name}.png")
     return summary

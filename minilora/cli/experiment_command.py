@@ -23,17 +23,22 @@ def add_experiment_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--base", default=None, help="replace the shipped base (for quick checks)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="only rebuild the JSON summaries and figures from <out>/runs.jsonl")
     add_device_flag(parser)
     parser.set_defaults(run=run_experiment_command)
 
 
 def run_experiment_command(args) -> None:
     from ..backend import resolve_device
-    from ..experiments import EXPERIMENTS, run_experiment
+    from ..experiments import EXPERIMENTS, run_experiment, summarize_only
 
     names = EXPERIMENTS if "all" in args.names else args.names
     for name in names:
         print(f"experiment {name}")
+        if args.summarize_only:
+            summarize_only(name, args.out, args.steps, args.batch_size, args.eval_windows)
+            continue
         run_experiment(name, args.out, resolve_device(args.device), args.workers, args.steps, args.batch_size,
                        args.eval_windows, base=args.base)
 
