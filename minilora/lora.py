@@ -48,10 +48,12 @@ class LoraCache(NamedTuple):
 
 def lora_forward(x, lora_A, lora_B, scaling: float, dropout_mask=None):
     """The adapter's contribution delta = s * (drop(x) A^T) B^T.   x: (..., C_in) -> (..., C_out)."""
+    # BEGIN SOLUTION a5: delta = s * (drop(x) A^T) B^T; keep h = drop(x) A^T
     x_in = x if dropout_mask is None else x * dropout_mask
     h = matmul(x_in, lora_A.T)  # (..., r)
     delta = matmul(h, lora_B.T)  # (..., C_out)
     delta *= scaling
+    # END SOLUTION
     return delta, LoraCache(x_in, h, lora_A, lora_B, scaling, dropout_mask)
 
 
@@ -60,6 +62,7 @@ def lora_backward(ddelta, cache: LoraCache):
     x_in, h, lora_A, lora_B, scaling, mask = cache
     r, C_in = lora_A.shape
     C_out = lora_B.shape[0]
+    # BEGIN SOLUTION a5: dB = s ddelta^T h; dh = s ddelta B; dA = dh^T x_in; dx = dh A
     ddelta_rows = ddelta.reshape(-1, C_out)  # (N, C_out)
     dB = matmul(ddelta_rows.T, h.reshape(-1, r))  # (C_out, r)
     dB *= scaling
@@ -69,6 +72,7 @@ def lora_backward(ddelta, cache: LoraCache):
     dx = matmul(dh, lora_A)  # (..., C_in)
     if mask is not None:
         dx *= mask  # the forward was x_in = x * mask
+    # END SOLUTION
     return dx, dA, dB
 
 
@@ -98,7 +102,9 @@ def lora_linear_backward(dout, cache: LoraLinearCache, compute_dW: bool = False)
 
 def lora_delta_weight(lora_A, lora_B, scaling: float):
     """The update as a full matrix, s A^T B^T, shape (C_in, C_out) like W."""
+    # BEGIN SOLUTION a5: the update as a (C_in, C_out) matrix: s A^T B^T
     return scaling * matmul(lora_A.T, lora_B.T)
+    # END SOLUTION
 
 
 def merge_weight(W, lora_A, lora_B, scaling: float):

@@ -232,6 +232,7 @@ class GPT:
     def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
         p = f"transformer.h.{i}"
         # x_out = x + m: the residual hands dx unchanged to x and to the MLP branch m.
+        # BEGIN SOLUTION a4: walk the block backwards; the residuals fan dx out to two paths: sum them
         dm = dx if cache.mlp_dropout is None else dropout_backward(dx, cache.mlp_dropout)
         dg = self.linear_backward(f"{p}.mlp.c_proj", dm, cache.mlp_proj, grads)
         df = gelu_backward(dg, cache.gelu)
@@ -243,6 +244,7 @@ class GPT:
         dqkv = attention_backward(da, cache.attn)
         dh = self.linear_backward(f"{p}.attn.c_attn", dqkv, cache.c_attn, grads)
         return dx + self._layernorm_backward(f"{p}.ln_1", dh, cache.ln_1, grads)
+        # END SOLUTION
 
     def forward(self, idx, targets=None, dropout_rng=None):
         """Logits for every position, and the mean cross-entropy if targets are given.
@@ -280,6 +282,7 @@ class GPT:
         if cache.loss is None:
             raise ValueError("backward needs a forward pass that was given targets")
         grads = {}
+        # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)
         dlogits = cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_wte = self.is_trainable(WTE)
         dx, dW_head, _ = linear_backward(dlogits, cache.head, compute_dW=train_wte)  # dx (B, T, C)
@@ -295,4 +298,5 @@ class GPT:
         if train_wte:
             # wte is used twice, by the embedding lookup and by the tied head: its gradient is the sum.
             grads[WTE] = embedding_backward(dx, cache.token_embedding) + dW_head.T  # (V, C)
+        # END SOLUTION
         return {name: grads[name] for name in self.params if name in grads}  # in parameter order

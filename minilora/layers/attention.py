@@ -57,6 +57,7 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     if C3 % (3 * n_head) != 0:
         raise ValueError(f"qkv width {C3} is not 3 * n_head * head_size with n_head={n_head}")
     q, k, v = split_heads(qkv, n_head)  # each (B, H, T, hs)
+    # BEGIN SOLUTION a3: scaled q k^T, causal mask, row softmax, dropout, times v
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # scaling q (T*hs values) is cheaper than scaling q k^T (T*T values)
     att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T)
@@ -66,6 +67,7 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     att /= att.sum(axis=-1, keepdims=True)
     att_used = att if dropout_mask is None else att * dropout_mask
     y = matmul(att_used, v)  # (B, H, T, hs)
+    # END SOLUTION
     cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
     return merge_heads(y), cache  # (B, T, C)
 
@@ -85,6 +87,7 @@ def attention_backward(dout, cache: AttentionCache):
     q, k, v, att, mask, scale = cache
     B, H, T, hs = q.shape
     dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
+    # BEGIN SOLUTION a3: undo y = att v, the mask, the softmax and s = q k^T, in that order
     att_used = att if mask is None else att * mask
     datt = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
     dv = matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
@@ -94,6 +97,7 @@ def attention_backward(dout, cache: AttentionCache):
     dq = matmul(ds, k)  # (B, H, T, hs), the gradient of the scaled q
     dq *= scale
     dk = matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)
+    # END SOLUTION
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dout.dtype)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, T, H, hs)
     dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)

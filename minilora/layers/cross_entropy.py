@@ -28,11 +28,13 @@ def cross_entropy_forward(logits, targets):
     V = logits_shape[-1]
     logits = logits.reshape(-1, V)  # (N, V)
     targets = targets.reshape(-1)  # (N,)
+    # BEGIN SOLUTION a1: shift rows by their max; loss = mean(log sum exp - target logit)
     shifted = logits - logits.max(axis=-1, keepdims=True)  # (N, V), max 0 per row
     exp = xp.exp(shifted)
     sum_exp = exp.sum(axis=-1, keepdims=True)  # (N, 1)
     target_logit = xp.take_along_axis(shifted, targets[:, None], axis=-1)  # (N, 1)
     loss = (xp.log(sum_exp) - target_logit).mean()  # -log softmax[target], averaged
+    # END SOLUTION
     return loss, CrossEntropyCache(probs=exp / sum_exp, targets=targets, logits_shape=logits_shape)
 
 
@@ -40,7 +42,9 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     """dlogits = dloss * (probs - onehot(targets)) / N, in the logits' shape (..., V)."""
     xp = get_xp(cache.probs)
     N = cache.probs.shape[0]
+    # BEGIN SOLUTION a1: dlogits = (probs - onehot(targets)) * dloss / N
     dlogits = cache.probs.copy()  # (N, V)
     dlogits[xp.arange(N), cache.targets] -= 1.0
     dlogits *= dloss / N
+    # END SOLUTION
     return dlogits.reshape(cache.logits_shape)

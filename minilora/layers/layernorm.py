@@ -27,6 +27,7 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     by C), as in PyTorch and GPT-2.
     """
     xp = get_xp(x)
+    # BEGIN SOLUTION a2: xhat = (x - mean) * rstd; out = xhat * w (+ b)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean  # (..., C)
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
@@ -35,6 +36,7 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     out = xhat * w
     if b is not None:
         out += b
+    # END SOLUTION
     return out, LayerNormCache(xhat=xhat, rstd=rstd, w=w, has_bias=b is not None)
 
 
@@ -51,10 +53,12 @@ def layernorm_backward(dout, cache: LayerNormCache):
     """
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     C = xhat.shape[-1]
+    # BEGIN SOLUTION a2: dx has three terms: direct, via the mean, via the variance
     dxhat = dout * w  # (..., C)
     dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
     dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
     dx *= rstd  # (..., C)
     dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
     db = dout.reshape(-1, C).sum(axis=0) if cache.has_bias else None  # (C,)
+    # END SOLUTION
     return dx, dw, db

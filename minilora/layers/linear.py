@@ -23,9 +23,11 @@ class LinearCache(NamedTuple):
 
 def linear_forward(x, W, b=None):
     """y = x @ W + b.   x: (..., C_in), W: (C_in, C_out), b: (C_out,) or None -> y: (..., C_out)."""
+    # BEGIN SOLUTION a1: out = x @ W, plus b when b is given
     out = matmul(x, W)  # (..., C_out)
     if b is not None:
         out += b
+    # END SOLUTION
     return out, LinearCache(x=x, W=W, has_bias=b is not None)
 
 
@@ -41,8 +43,10 @@ def linear_backward(dout, cache: LinearCache, compute_dW: bool = True):
     """
     x, W = cache.x, cache.W
     C_in, C_out = W.shape
+    # BEGIN SOLUTION a1: dx, dW (rows: leading axes flattened), db
     dx = matmul(dout, W.T)  # (..., C_in)
     dout_rows = dout.reshape(-1, C_out)  # (N, C_out)
     dW = matmul(x.reshape(-1, C_in).T, dout_rows) if compute_dW else None  # (C_in, C_out)
     db = dout_rows.sum(axis=0) if cache.has_bias else None  # (C_out,)
+    # END SOLUTION
     return dx, dW, db

@@ -1,0 +1,52 @@
+"""Grader for a5: the LoRA layer and merging."""
+
+import numpy as np
+import pytest
+
+from minilora.gradcheck import check_layer
+from minilora.layers import linear_forward
+
+TOL = 1e-7
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(505)
+
+
+def inputs(rng, r=3):
+    return {"x": rng.standard_normal((2, 4, 6)), "lora_A": rng.standard_normal((r, 6)),
+            "lora_B": rng.standard_normal((5, r))}
+
+
+@pytest.mark.points(1)
+def test_lora_forward_on_a_fixed_input(student, rng):
+    x, A, B = inputs(rng).values()
+    delta, _ = student["lora"].lora_forward(x, A, B, 2.5)
+    np.testing.assert_allclose(delta, 2.5 * x @ A.T @ B.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.points(3)
+def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
+    m = student["lora"]
+    check_layer(lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5), m.lora_backward, inputs(rng),
+                ("x", "lora_A", "lora_B")).assert_ok(TOL)
+
+
+@pytest.mark.points(1)
+def test_at_zero_B_only_B_gets_a_gradient(student, rng):
+    x, A, B = inputs(rng).values()
+    _, cache = student["lora"].lora_forward(x, A, np.zeros_like(B), 2.0)
+    _, dA, dB = student["lora"].lora_backward(rng.standard_normal((2, 4, 5)), cache)
+    assert np.all(dA == 0) and np.count_nonzero(dB) == dB.size
+
+
+@pytest.mark.points(2)
+def test_merged_weight_gives_the_adapted_layer_output(student, rng):
+    m = student["lora"]
+    x, A, B = inputs(rng).values()
+    W, b = rng.standard_normal((6, 5)), rng.standard_normal(5)
+    adapted, _ = m.lora_linear_forward(x, W, b, A, B, 2.5)
+    merged, _ = linear_forward(x, m.merge_weight(W, A, B, 2.5), b)
+    np.testing.assert_allclose(merged, adapted, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged - linear_forward(x, W, b)[0], 2.5 * x @ A.T @ B.T, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,71 @@
+"""The check that keeps the assignments honest, for every assignment:
+
+1. the reference (a release with every hole filled) scores full marks;
+2. the untouched release scores zero, and the grader still runs to the end;
+3. each planted bug (bugs/<id>_*.patch, applied to the reference release with ``git apply``) loses
+   points, and loses them on a numeric check (an assertion or a gradient check), not by crashing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .catalog import ASSIGNMENTS
+from .grading import grade
+from .release import STUDENT_DIR, release
+
+BUGS_DIR = Path(__file__).resolve().parent / "bugs"
+NUMERIC_FAILURES = {"AssertionError", "GradCheckError"}
+
+
+def planted_bugs(assignment_id: str) -> list[Path]:
+    return sorted(BUGS_DIR.glob(f"{assignment_id}_*.patch"))
+
+
+def apply_patch(release_dir: Path, patch: Path) -> None:
+    """Apply a unified diff (paths a/<file>, b/<file>) to a release's student/ folder."""
+    completed = subprocess.run(["git", "apply", "-p1", str(patch)], cwd=Path(release_dir) / STUDENT_DIR,
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{patch.name} no longer applies to the reference: {completed.stderr.strip()}")
+
+
+def verify(assignment_id: str) -> dict:
+    """Grade the reference, the blank release and every planted bug; returns the scores by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        release(assignment_id, tmp / "reference", solved=True)
+        release(assignment_id, tmp / "blank")
+        scores = {"reference": grade(assignment_id, tmp / "reference"), "blank": grade(assignment_id, tmp / "blank")}
+        for patch in planted_bugs(assignment_id):
+            target = tmp / patch.stem
+            release(assignment_id, target, solved=True)
+            apply_patch(target, patch)
+            scores[patch.stem] = grade(assignment_id, target)
+    return scores
+
+
+def problems(assignment_id: str, scores: dict) -> list[str]:
+    """What is wrong with an assignment's scores (empty when the pipeline holds)."""
+    found = []
+    reference, blank = scores["reference"], scores["blank"]
+    if reference.earned != reference.total:
+        found.append(f"the reference scores {reference.earned}/{reference.total}")
+    if blank.earned != 0 or len(blank.parts) != len(reference.parts):
+        found.append(f"the blank release scores {blank.earned}/{blank.total} over {len(blank.parts)} parts")
+    bugs = [name for name in scores if name not in ("reference", "blank")]
+    if len(bugs) < 2:
+        found.append(f"only {len(bugs)} planted bugs")
+    for name in bugs:
+        lost = [part for part in scores[name].parts if part["earned"] < part["points"]]
+        if not lost:
+            found.append(f"{name} loses no points")
+        elif not any(part["error"] in NUMERIC_FAILURES for part in lost):
+            found.append(f"{name} loses points only through {[part['error'] for part in lost]}")
+    return found
+
+
+def verify_all() -> dict:
+    return {assignment_id: verify(assignment_id) for assignment_id in ASSIGNMENTS}

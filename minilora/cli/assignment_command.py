@@ -1,0 +1,53 @@
+"""``minilora assignment``: release an assignment, grade a submission, verify the pipeline."""
+
+from __future__ import annotations
+
+
+
+def add_assignment_parser(subparsers) -> None:
+    from ..assignments.catalog import ASSIGNMENTS
+
+    parser = subparsers.add_parser(
+        "assignment", help="course assignments: release, grade, verify (see docs/instructors.md)",
+        description="Assignments are holes in minilora's own source. 'release' writes a student copy and a "
+                    "notebook, 'grade' scores a submission with the assignment's pytest grader, 'verify' "
+                    "checks that the reference gets full marks, a blank release zero, and planted bugs lose points.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="action")
+    for action, help_text in (("release", "write a student release"), ("grade", "grade a submission"),
+                              ("verify", "check the whole pipeline")):
+        sub = actions.add_parser(action, help=help_text)
+        sub.add_argument("assignment", choices=[*sorted(ASSIGNMENTS), *(["all"] if action == "verify" else [])])
+        if action == "release":
+            sub.add_argument("--out", required=True, help="the folder to write")
+            sub.add_argument("--solved", action="store_true", help="keep the reference code in the holes")
+        if action == "grade":
+            sub.add_argument("--submission", required=True, help="a release folder (holding student/)")
+    parser.set_defaults(run=run_assignment_command)
+
+
+def run_assignment_command(args) -> None:
+    from ..assignments.catalog import ASSIGNMENTS
+    from ..assignments.grading import grade
+    from ..assignments.pipeline import problems, verify
+    from ..assignments.release import release
+
+    if args.action == "release":
+        out = release(args.assignment, args.out, solved=args.solved)
+        print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
+    elif args.action == "grade":
+        print(grade(args.assignment, args.submission).table())
+    else:
+        ids = sorted(ASSIGNMENTS) if args.assignment == "all" else [args.assignment]
+        failed = []
+        for assignment_id in ids:
+            scores = verify(assignment_id)
+            for name, score in scores.items():
+                print(f"{assignment_id} {name}: {score.earned}/{score.total}")
+            failed += problems(assignment_id, scores)
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        print("the pipeline holds")
+
+
+def register(subparsers) -> None:
+    add_assignment_parser(subparsers)
