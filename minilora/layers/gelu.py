@@ -22,11 +22,21 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x):
-    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), elementwise, any shape."""
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), elementwise, any shape.
+
+    Written as a few in-place passes over one buffer (u = k x + k c x^3 = x (k + k c x^2)) rather
+    than one expression, which would allocate a temporary per operator.
+    """
     xp = get_xp(x)
     # BEGIN SOLUTION a1: t = tanh(sqrt(2/pi) (x + 0.044715 x^3)); out = 0.5 x (1 + t)
-    t = xp.tanh(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))
-    out = 0.5 * x * (1.0 + t)
+    t = x * x
+    t *= GELU_SQRT_2_OVER_PI * GELU_CUBIC
+    t += GELU_SQRT_2_OVER_PI
+    t *= x  # u = sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(t, out=t)  # t = tanh(u)
+    out = t * 0.5
+    out += 0.5
+    out *= x  # 0.5 x (1 + t)
     # END SOLUTION
     return out, GeluCache(x=x, t=t)
 
@@ -38,6 +48,17 @@ def gelu_backward(dout, cache: GeluCache):
     """
     x, t = cache.x, cache.t
     # BEGIN SOLUTION a1: product rule on 0.5 x (1 + t); tanh' = 1 - tanh^2
-    du_dx = GELU_SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+    du_dx = x * x
+    du_dx *= 3.0 * GELU_CUBIC * GELU_SQRT_2_OVER_PI
+    du_dx += GELU_SQRT_2_OVER_PI  # du/dx
+    grad = t * t
+    grad -= 1.0
+    grad *= -0.5  # 0.5 (1 - t^2)
+    grad *= x
+    grad *= du_dx  # the tanh's term: 0.5 x (1 - t^2) du/dx
+    half_t = get_xp(t).multiply(t, 0.5, out=du_dx)  # reuse the buffer for the factor's term, 0.5 (1 + t)
+    grad += half_t
+    grad += 0.5
+    grad *= dout
     # END SOLUTION
+    return grad
