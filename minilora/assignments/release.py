@@ -70,7 +70,8 @@ def release(assignment_id: str, out_dir, solved: bool = False) -> Path:
         path = PACKAGE_DIR / relative
         package = ".".join(["minilora", *Path(relative).parent.parts])
         source = path.read_text()
-        holes += [(relative, m.group(3)) for m in map(BEGIN.match, source.split("\n")) if m and m.group(2) == assignment_id]
+        markers = [BEGIN.match(line) for line in source.split("\n")]
+        holes += [(relative, m.group(3)) for m in markers if m and m.group(2) == assignment_id]
         header = (f"# {assignment.title} ({assignment_id}): your copy of minilora/{relative}.\n"
                   f"# Fill in every hole that raises NotImplementedError; everything else is the reference.\n")
         (student / Path(relative).name).write_text(header + student_copy(source, assignment_id, package, solved))

@@ -1,0 +1,75 @@
+"""The planted bugs of the assignments, as the patch files in bugs/ (``python -m minilora.assignments.planted_bugs``).
+
+Each bug is one textual change to the reference release of an assignment: a classic mistake that a
+grader must catch by a wrong number, not by a crash. Running this module rewrites bugs/*.patch
+(unified diffs against the reference release's student/ files); ``pipeline.verify`` applies them.
+Rerun it after editing a hole's code, when a patch stops applying.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+from pathlib import Path
+
+from .pipeline import BUGS_DIR
+from .release import STUDENT_DIR, release
+
+# (assignment, file, name, reference text, buggy text)
+BUGS = [
+    ('a1', 'gelu.py', 'missing_half',
+     'multiply(t, 0.5, out=du_dx)',
+     'multiply(t, 1.0, out=du_dx)'),
+    ('a1', 'cross_entropy.py', 'forgot_mean',
+     'dlogits *= dloss / N',
+     'dlogits *= dloss'),
+    ('a1', 'linear.py', 'bias_gradient_of_one_row',
+     'db = dout_rows.sum(axis=0) if cache.has_bias else None',
+     'db = dout_rows[0] if cache.has_bias else None'),
+    ('a2', 'layernorm.py', 'dropped_variance_term',
+     '    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)\n',
+     ''),
+    ('a2', 'embedding.py', 'fancy_index_add',
+     'scatter_add(dtable, cache.ids.reshape(-1), dout.reshape(-1, C))',
+     'dtable[cache.ids.reshape(-1)] += dout.reshape(-1, C)'),
+    ('a3', 'attention.py', 'missing_scale',
+     '    dq *= scale\n',
+     ''),
+    ('a3', 'attention.py', 'no_causal_mask',
+     '    att += causal_bias(xp, T, att.dtype)\n',
+     ''),
+    ('a4', 'model.py', 'residual_not_summed',
+     'dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
+     'dx = self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)'),
+    ('a4', 'model.py', 'tied_head_gradient_dropped',
+     'grads[WTE] = embedding_backward(dx, cache.token_embedding) + dW_head.T',
+     'grads[WTE] = embedding_backward(dx, cache.token_embedding)'),
+    ('a5', 'lora.py', 'forgot_scale_in_dB',
+     '    dB *= scaling\n',
+     ''),
+    ('a5', 'lora.py', 'merge_without_scale',
+     'return scaling * matmul(lora_A.T, lora_B.T)',
+     'return matmul(lora_A.T, lora_B.T)'),
+]
+
+
+def write_patches() -> list[Path]:
+    written = []
+    for assignment_id, file_name, name, old, new in BUGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            release(assignment_id, tmp, solved=True)
+            text = (Path(tmp) / STUDENT_DIR / file_name).read_text()
+            if text.count(old) != 1:
+                raise ValueError(f"{assignment_id}_{name}: {old!r} occurs {text.count(old)} times in {file_name}")
+            buggy = text.replace(old, new)
+            diff = difflib.unified_diff(text.splitlines(keepends=True), buggy.splitlines(keepends=True),
+                                        f"a/{file_name}", f"b/{file_name}")
+            path = BUGS_DIR / f"{assignment_id}_{name}.patch"
+            path.write_text("".join(diff))
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write_patches():
+        print(path.name)
