@@ -114,3 +114,28 @@ def plot_experiment(name: str, points: list[dict], path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+LEDGER_LINES = ("weights", "gradients", "optimizer_state", "activations", "workspace")
+
+
+def plot_memory_ledger(rows: list[dict], path) -> Path:
+    """Stacked bars of the memory ledger (memory.ledger_table) per preset, full against LoRA."""
+    presets = list(dict.fromkeys(row["preset"] for row in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(3 * len(presets), 4), dpi=120)
+    for ax, preset in zip(axes, presets):
+        pair = [next(r for r in rows if r["preset"] == preset and r["mode"] == mode) for mode in ("full", "lora")]
+        bottom = [0.0, 0.0]
+        for line in LEDGER_LINES:
+            heights = [row[line] / 2**20 for row in pair]
+            ax.bar(["full", "LoRA"], heights, bottom=bottom, label=line.replace("_", " "))
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(f"{preset} (batch {pair[0]['batch_size']})")
+        ax.set_ylabel("MiB")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("memory of one training step (LoRA r=8 on c_attn and attn.c_proj)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -7,7 +7,7 @@ A training step holds five kinds of arrays at its peak:
     optimizer_state  AdamW's exp_avg and exp_avg_sq: 2 per trainable number (LoRA: the adapter's only)
     activations      what the forward pass keeps for the backward: every layer's cache, the logits
                      and the batch                                          (about the same in both modes)
-    workspace        the temporaries of the largest backward layer, alive on top of all the above
+    workspace        the temporaries alive at the backward's peak, on top of all the above
 
 LoRA shrinks the gradient and optimiser lines to almost nothing; it does not shrink the activations,
 which for B T tokens grow as B T C per block (and B H T^2 for the attention probabilities), so on the
@@ -16,7 +16,8 @@ larger presets activations are most of the memory of either mode. That is the le
 The activation line is exact: it counts, array by array, what the caches of ``minilora.model``,
 ``minilora.lora`` and ``minilora.layers`` hold (``cached_array_bytes`` measures a real cache, and the
 tests check that the two agree to the byte). The workspace is an estimate read off the backward code
-(see ``workspace_bytes``); ``tracemalloc`` puts it within a few percent. Everything is float32 by
+(see ``workspace_bytes``), to be kept in step with that code; ``tracemalloc`` puts the whole step within
+a few percent of the ledger, and a test checks it. Everything is float32 by
 default (4 bytes per number); token ids are int64.
 
 What the ledger leaves out: the interpreter, NumPy, the BLAS library and its thread buffers, and the
@@ -113,24 +114,23 @@ def activation_bytes(config: GPTConfig, batch_size: int, seq_len: int | None = N
 
 
 def workspace_bytes(config: GPTConfig, batch_size: int, seq_len: int | None = None, itemsize: int = 4) -> int:
-    """An estimate of the temporaries alive at the backward's peak, on top of caches and gradients.
+    """The temporaries alive at the backward's peak, on top of the caches and the gradients.
 
-    Two layers compete, and the larger wins. Both run while dlogits (N, V) and the residual
-    gradient dx (N, C) are alive.
+    The peak comes during a block's attention backward, read off ``GPT._block_backward`` and
+    ``attention_backward``:
 
-    - GELU backward: dg (N, 4C) comes in, and evaluating du/dx and the expression
-      dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx) keeps five more (N, 4C) temporaries at once:
-      24 N C, plus dx: 25 N C.
-    - Attention backward: datt, datt * att and datt - sum(...) are three (B, H, T, T) arrays at
-      once, next to dv and the incoming gradient (N, C) each: 3 B H T^2 + 3 N C.
+    - dlogits (N, V), alive for the whole backward;
+    - the block's gradients so far, still held by ``_block_backward``'s locals: dg and df (N, 4C)
+      each, and the incoming dx, dh, the new dx and da (N, C) each: 12 N C;
+    - inside the attention backward: datt and ds (B, H, T, T) each (NumPy reuses the temporary of
+      ``datt - sum(...)`` for ds), and dv, dq, dk (N, C) each and dqkv (N, 3C): 2 B H T^2 + 6 N C.
 
-    GELU wins on the small presets (T small against C); attention wins once T is large (gpt2s).
+    GELU's backward, the other candidate, holds dg, du/dx and its result, (N, 4C) each, next to dx:
+    13 N C, always less. Total: 2 B H T^2 + 18 N C + N V numbers.
     """
     B, T = batch_size, config.block_size if seq_len is None else seq_len
     N, C, H, V = B * T, config.n_embd, config.n_head, config.vocab_size
-    gelu = 25 * N * C
-    attention = 3 * B * H * T * T + 3 * N * C
-    return (max(gelu, attention) + N * V) * itemsize
+    return (2 * B * H * T * T + 18 * N * C + N * V) * itemsize
 
 
 def memory_ledger(config: GPTConfig, batch_size: int, seq_len: int | None = None,

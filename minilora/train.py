@@ -87,6 +87,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
         if settings.grad_clip > 0:
             clip_grad_norm(grads, settings.grad_clip)
         optimizer.step(grads, lr)
+        del cache, grads  # free this step's activations before the next forward allocates its own
         done = step + 1
         if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
             loss_value = float(loss)  # syncs the device

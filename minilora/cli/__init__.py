@@ -1,7 +1,7 @@
 """The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API.
 
 demo_command: demo.   base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info,
-export-peft, import-peft.   experiment_command: experiment.   assignment_command: assignment.
+export-peft, import-peft.   experiment_command: experiment.   assignment_command: assignment.   bench_command: bench.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ..backend import BackendError
 from ..checkpoint import CheckpointError
 from ..data import CorpusError
 from ..train import TrainingDiverged
-from . import assignment_command, base_commands, demo_command, experiment_command, lora_commands
+from . import assignment_command, base_commands, bench_command, demo_command, experiment_command, lora_commands
 
 EXPECTED_ERRORS = (AdapterError, BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError,
                    FloatingPointError, RuntimeError)
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_commands.register(subparsers)
     experiment_command.register(subparsers)
     assignment_command.register(subparsers)
+    bench_command.register(subparsers)
     return parser
 
 

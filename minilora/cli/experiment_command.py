@@ -16,7 +16,8 @@ def add_experiment_parser(subparsers) -> None:
                     "the best rate) and write <out>/<name>.json and <name>.png. Runs are appended to "
                     "<out>/runs.jsonl and skipped when rerun. Meant for a GPU: --device cuda --workers 8.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, "all"], help="which experiments")
+    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, "memory", "all"],
+                        help="which experiments ('memory' plots the memory ledger; it trains nothing)")
     parser.add_argument("--out", default="docs/experiments", help="output directory")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
@@ -33,14 +34,32 @@ def run_experiment_command(args) -> None:
     from ..backend import resolve_device
     from ..experiments import EXPERIMENTS, run_experiment, summarize_only
 
-    names = EXPERIMENTS if "all" in args.names else args.names
+    names = [*EXPERIMENTS, "memory"] if "all" in args.names else args.names
     for name in names:
         print(f"experiment {name}")
+        if name == "memory":
+            write_memory_ledger(args.out)
+            continue
         if args.summarize_only:
             summarize_only(name, args.out, args.steps, args.batch_size, args.eval_windows)
             continue
         run_experiment(name, args.out, resolve_device(args.device), args.workers, args.steps, args.batch_size,
                        args.eval_windows, base=args.base)
+
+
+def write_memory_ledger(out_dir) -> None:
+    """docs/experiments/memory.json and memory.png: the ledger of the bench presets, full against LoRA."""
+    import json
+    from pathlib import Path
+
+    from ..bench import BENCH_BATCH_SIZES
+    from ..experiment_plots import plot_memory_ledger
+    from ..lora_config import LoraConfig
+    from ..memory import ledger_table
+
+    rows = ledger_table(BENCH_BATCH_SIZES, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")))
+    (Path(out_dir) / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_memory_ledger(rows, Path(out_dir) / "memory.png")
 
 
 def register(subparsers) -> None:

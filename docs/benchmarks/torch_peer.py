@@ -1,0 +1,156 @@
+"""The PyTorch peer of ``minilora bench``: the same GPT-2, LoRA and AdamW step in PyTorch eager.
+
+This file is a benchmark peer and a test oracle, never part of minilora (which must not import
+torch). ``minilora bench --peer torch`` loads it by path, gives it minilora's initial weights and
+the same batches, and times the same step next to minilora's, in the same process.
+
+It is what a PyTorch user would write for the same model, with nothing compiled:
+
+- the parameters are minilora's flat dict, in GPT-2's layout (W of shape (C_in, C_out), so a
+  linear layer is ``torch.addmm(b, x, W)`` like Hugging Face's Conv1D), copied into torch tensors;
+- frozen weights have ``requires_grad=False``, so autograd forms no gradient for them;
+- a LoRA module adds ``F.linear(F.linear(x, lora_A), lora_B) * scaling``, PEFT's formula;
+- attention is the explicit ``softmax(q k^T / sqrt(hs) + causal) v`` over the full T x T, as in
+  minilora and nanoGPT's non-flash path (``attention="sdpa"`` switches to
+  ``F.scaled_dot_product_attention``, which on the CPU skips the masked half);
+- the step is forward, ``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.AdamW`` with the
+  same lr, betas, eps and weight decay on the same parameters (matrices decayed, embeddings, biases
+  and LayerNorm gains not), all with torch's defaults otherwise.
+
+The interface takes and returns NumPy arrays and plain values, so it needs nothing from minilora.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+WTE = "transformer.wte.weight"
+WPE = "transformer.wpe.weight"
+LAYERNORM_EPS = 1e-5
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def configure(threads: int) -> dict:
+    """Set torch's intra-op threads (the issue's torch.set_num_threads(2)); returns what torch reports."""
+    torch.set_num_threads(threads)
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch dispatches to
+
+
+def matmul_peak_gflops(n: int, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best GFLOP/s of an (n, n) @ (n, n) product through torch.matmul, after a warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype])
+    b = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype])
+    out = torch.empty(n, n, dtype=TORCH_DTYPES[dtype])
+    torch.matmul(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+class TorchGPT:
+    """GPT-2 with optional LoRA, trained by AdamW, in PyTorch eager.
+
+    spec: {"n_layer", "n_head", "n_embd", "vocab_size"}; params: name -> NumPy array (copied);
+    trainable: the names that get gradients; adapted: module names with lora_A/lora_B in params;
+    scaling: LoRA's s; decay_names: the trainable names that get weight decay.
+    """
+
+    def __init__(self, spec: dict, params: dict, trainable, adapted=(), scaling: float = 1.0, lr: float = 1e-3,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decay_names=(),
+                 grad_clip: float = 0.0, dtype: str = "float32", attention: str = "math"):
+        if attention not in ("math", "sdpa"):
+            raise ValueError(f"attention must be 'math' or 'sdpa', got {attention!r}")
+        self.n_layer, self.n_head = spec["n_layer"], spec["n_head"]
+        self.n_embd, self.vocab_size = spec["n_embd"], spec["vocab_size"]
+        self.adapted = frozenset(adapted)
+        self.scaling = scaling
+        self.grad_clip = grad_clip
+        self.attention = attention
+        trainable = set(trainable)
+        unknown = trainable - set(params)
+        if unknown:
+            raise KeyError(f"trainable names not in params: {sorted(unknown)}")
+        # torch.tensor copies: minilora and the peer update their own weights in place.
+        self.p = {name: torch.tensor(np.asarray(value), dtype=TORCH_DTYPES[dtype], requires_grad=name in trainable)
+                  for name, value in params.items()}
+        self.trainable = [self.p[name] for name in params if name in trainable]
+        decay = [self.p[name] for name in params if name in trainable and name in set(decay_names)]
+        no_decay = [self.p[name] for name in params if name in trainable and name not in set(decay_names)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self._causal = {}
+
+    def linear(self, name: str, x):
+        """y = x W + b (+ s * (x A^T) B^T for an adapted module).   x: (B, T, C_in)."""
+        W, b = self.p[f"{name}.weight"], self.p[f"{name}.bias"]
+        y = torch.addmm(b, x.reshape(-1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[1])
+        if name in self.adapted:
+            y = y + F.linear(F.linear(x, self.p[f"{name}.lora_A"]), self.p[f"{name}.lora_B"]) * self.scaling
+        return y
+
+    def layernorm(self, name: str, x):
+        return F.layer_norm(x, (self.n_embd,), self.p[f"{name}.weight"], self.p[f"{name}.bias"], LAYERNORM_EPS)
+
+    def causal_mask(self, T: int):
+        if T not in self._causal:
+            self._causal[T] = torch.ones(T, T, dtype=torch.bool).triu(1)  # True above the diagonal: masked
+        return self._causal[T]
+
+    def attend(self, qkv):
+        """Causal self-attention.   qkv: (B, T, 3C) -> (B, T, C)."""
+        B, T, _ = qkv.shape
+        H, hs = self.n_head, self.n_embd // self.n_head
+        q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))  # (B, H, T, hs)
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, H, T, T)
+            att = att.masked_fill(self.causal_mask(T), float("-inf")).softmax(dim=-1)
+            y = att @ v  # (B, H, T, hs)
+        return y.transpose(1, 2).reshape(B, T, self.n_embd)
+
+    def forward(self, idx, targets):
+        """Mean cross-entropy of (B, T) int64 token ids against targets."""
+        p = self.p
+        T = idx.shape[1]
+        x = F.embedding(idx, p[WTE]) + p[WPE][:T]
+        for i in range(self.n_layer):
+            pre = f"transformer.h.{i}"
+            x = x + self.linear(f"{pre}.attn.c_proj", self.attend(self.linear(f"{pre}.attn.c_attn",
+                                                                             self.layernorm(f"{pre}.ln_1", x))))
+            h = F.gelu(self.linear(f"{pre}.mlp.c_fc", self.layernorm(f"{pre}.ln_2", x)), approximate="tanh")
+            x = x + self.linear(f"{pre}.mlp.c_proj", h)
+        x = self.layernorm("transformer.ln_f", x)
+        logits = x @ p[WTE].T  # tied head, (B, T, V)
+        return F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1))
+
+    def step(self, idx: np.ndarray, targets: np.ndarray):
+        """One training step on NumPy (B, T) batches: forward, backward, clipping, AdamW. Returns the loss."""
+        loss = self.forward(torch.from_numpy(idx), torch.from_numpy(targets))
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def loss_and_grads(self, idx: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
+        """The loss and every trainable gradient as NumPy arrays, without a step (for the oracle test)."""
+        loss = self.forward(torch.from_numpy(idx), torch.from_numpy(targets))
+        loss.backward()
+        grads = {name: t.grad.detach().numpy().copy() for name, t in self.p.items() if t.requires_grad}
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    def params_numpy(self) -> dict:
+        return {name: t.detach().numpy().copy() for name, t in self.p.items()}

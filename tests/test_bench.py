@@ -1,0 +1,280 @@
+"""The benchmark harness: FLOP formulas against counted matmuls, the memory ledger, the JSON fields, and
+the PyTorch peer's loss, gradients and AdamW step against minilora's in float64.
+
+No test here reads a clock: benchmarks are never timed tests.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from minilora.backend import count_matmuls
+from minilora.bench import (
+    BENCH_BATCH_SIZES,
+    OPENBLAS_ENV_VARS,
+    BenchError,
+    BenchSettings,
+    load_torch_peer,
+    run_bench,
+    step_flops,
+)
+from minilora.cli import bench_command
+from minilora.config import GPTConfig, get_preset
+from minilora.finetune import ADAM_BETAS, make_optimizer
+from minilora.lora_accounting import lora_trainable_count
+from minilora.lora_config import LoraConfig
+from minilora.lora_model import add_lora
+from minilora.memory import (
+    activation_bytes,
+    cached_array_bytes,
+    ledger_table,
+    memory_ledger,
+)
+from minilora.model import GPT, init_params
+from minilora.optim import clip_grad_norm
+from minilora.train import TrainSettings
+
+TINY = get_preset("tiny")
+ATTN_LORA = LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj"))
+
+
+def batch(config, B, T, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T))
+
+
+def build(config, lora_config=None, dtype=np.float32, seed=0):
+    model = GPT(config, init_params(config, seed=seed, dtype=dtype))
+    return model if lora_config is None else add_lora(model, lora_config, seed=seed)
+
+
+@pytest.mark.parametrize("config, lora_config, T", [
+    (TINY, None, 64),
+    (TINY, ATTN_LORA, 64),
+    (TINY, LoraConfig(r=4, target_modules="all-linear"), 64),
+    (GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=32), LoraConfig(r=2, target_modules=("mlp.c_fc",)), 20),
+])
+def test_step_flops_equal_the_counted_matmuls_of_a_training_step(config, lora_config, T):
+    """The formula counts what the code multiplies, attention over the full T x T and the tied head included."""
+    model = build(config, lora_config)
+    idx, targets = batch(config, 3, T)
+    with count_matmuls() as forward:
+        _, _, cache = model.forward(idx, targets)
+    with count_matmuls() as backward:
+        model.backward(cache)
+    flops = step_flops(config, 3, T, lora_config)
+    assert forward.flops == flops["forward"]
+    assert backward.flops == flops["backward"]
+    assert flops["total"] == forward.flops + backward.flops
+
+
+def test_full_backward_is_twice_the_forward_and_lora_skips_every_frozen_dW():
+    config, B = get_preset("medium"), BENCH_BATCH_SIZES["medium"]
+    full, lora = step_flops(config, B), step_flops(config, B, lora_config=ATTN_LORA)
+    assert full["backward"] == 2 * full["forward"]
+    # LoRA's backward: the dense products once (dx only), attention and the adapter twice
+    assert lora["backward"] == lora["dense_forward"] + 2 * lora["attention_forward"] + 2 * lora["lora_forward"]
+    N = B * config.block_size
+    assert lora["lora_forward"] == 2 * N * 110_592  # r (C_in + C_out) summed: README's table, r = 8
+    assert round(full["total"] / 1e9) == 292 and round(lora["total"] / 1e9) == 207  # the README's figures
+
+
+def test_ledger_arithmetic_for_full_and_lora():
+    config, B = get_preset("small"), BENCH_BATCH_SIZES["small"]
+    full = memory_ledger(config, B)
+    lora = memory_ledger(config, B, lora_config=ATTN_LORA)
+    base_params = build(config).num_parameters()
+    trainable = lora_trainable_count(ATTN_LORA, config)
+    assert full.weights == 4 * base_params
+    assert full.gradients == 4 * base_params and full.optimizer_state == 2 * 4 * base_params
+    assert lora.weights == 4 * (base_params + trainable)
+    assert lora.gradients == 4 * trainable and lora.optimizer_state == 2 * trainable * 4  # Adam: 2 x trainable x 4 bytes
+    N = B * config.block_size
+    n_adapted = 2 * config.n_layer
+    assert lora.activations - full.activations == 4 * N * ATTN_LORA.r * n_adapted  # only h = x A^T is new
+    assert lora.workspace == full.workspace
+    assert full.total == full.weights + full.gradients + full.optimizer_state + full.activations + full.workspace
+    assert memory_ledger(config, B, dtype=np.float64).activations == 2 * full.activations - 2 * N * 8  # ids stay int64
+    rows = ledger_table({"tiny": 16, "small": 16}, ATTN_LORA)
+    assert [(row["preset"], row["mode"]) for row in rows] == [("tiny", "full"), ("tiny", "lora"), ("small", "full"),
+                                                             ("small", "lora")]
+
+
+@pytest.mark.parametrize("config, lora_config, T", [
+    (TINY, None, 64),
+    (TINY, LoraConfig(r=4, target_modules="all-linear"), 61),
+    (get_preset("tiny", dropout=0.1), LoraConfig(r=4, target_modules=("c_attn",), lora_dropout=0.1), 64),
+    (GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=32), None, 32),
+])
+def test_ledger_activations_equal_the_bytes_the_caches_hold(config, lora_config, T):
+    from minilora.backend import device_rng
+
+    model = build(config, lora_config)
+    idx, targets = batch(config, 3, T)
+    logits, _, cache = model.forward(idx, targets, dropout_rng=device_rng(np, 0, 1))
+    measured = cached_array_bytes((cache, logits, idx, targets), exclude=model.params.values())
+    assert measured == activation_bytes(config, 3, T, lora_config)
+
+
+@pytest.mark.parametrize("config, B", [
+    (TINY, 16),  # GELU's backward is the largest temporary set
+    (GPTConfig(n_layer=2, n_head=8, n_embd=32, block_size=128), 4),  # the attention backward's is
+])
+def test_ledger_per_step_is_close_to_the_traced_peak_of_a_step(config, B):
+    model = build(config, ATTN_LORA)
+    idx, targets = batch(config, B, config.block_size)
+    ledger = memory_ledger(config, B, lora_config=ATTN_LORA)
+    tracemalloc.start()
+    try:
+        model.backward(model.forward(idx, targets)[2])
+        traced = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.8 < traced / ledger.per_step < 1.1, (traced, ledger.per_step)
+
+
+def check_fields(result, settings):
+    config = get_preset(settings.preset)
+    B, T = settings.batch_shape()
+    assert result["tokens_per_step"] == B * T == settings.batch_size * config.block_size
+    assert result["flops_per_step"] == step_flops(config, B, T, settings.lora_config())["total"]
+    model = build(config, settings.lora_config())
+    assert result["params_total"] == model.num_parameters()
+    assert result["params_trainable"] == model.num_parameters(trainable_only=True)
+    times = result["step_time_s"]
+    assert 0 < times["min"] <= times["median"] <= times["max"]
+    assert result["tokens_per_s"] == pytest.approx(B * T / times["median"])
+    assert result["achieved_gflops"] == pytest.approx(result["flops_per_step"] / times["median"] / 1e9)
+    assert result["mfu"] == pytest.approx(result["achieved_gflops"] / result["matmul_peak_gflops"])
+    assert len(result["runs_tokens_per_s"]) == settings.repeats
+    assert result["peak_rss_bytes"] > 0 and result["peak_device_bytes"] is None  # CPU
+    ledger = memory_ledger(config, B, T, settings.lora_config())
+    assert result["memory"]["ledger"] == ledger.to_dict()
+    assert result["memory"]["traced_step_peak_bytes"] > 0
+    assert set(result["openblas_env"]) == set(OPENBLAS_ENV_VARS)
+    assert any(lib.get("user_api") == "blas" for lib in result["blas"])
+    assert np.isfinite(result["loss_first"]) and np.isfinite(result["loss_last"])
+    json.dumps(result)  # one JSON line
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_tiny_bench_run_completes_with_every_field(full):
+    settings = BenchSettings(preset="tiny", full=full, batch_size=2, warmup=1, steps=2, repeats=2, peak_size=64,
+                             corpus=None)
+    result = run_bench(settings)
+    check_fields(result, settings)
+    assert result["mode"] == ("full" if full else "lora")
+    assert result["peer"] is None and result["ratio"] is None
+
+
+def test_bench_command_prints_one_json_line_and_appends_it_to_out(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="minilora")
+    bench_command.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "bench.jsonl"
+    args = parser.parse_args(["bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "1", "--steps", "1",
+                              "--repeats", "1", "--peak-size", "64", "--corpus", "random", "--quiet", "--out", str(out)])
+    args.run(args)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["preset"] == "tiny" and result["targets"] == ["c_attn", "attn.c_proj"] and result["r"] == 8
+    assert out.read_text() == lines[0] + "\n"
+
+
+def test_bench_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        BenchSettings(preset="huge")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        BenchSettings(steps=0)
+    with pytest.raises(BenchError, match="CPU only"):
+        run_bench(BenchSettings(preset="tiny", device="cuda", peer="torch"))
+    with pytest.raises(BenchError, match="is missing"):
+        load_torch_peer(tmp_path / "torch_peer.py")
+
+
+def test_minilora_never_imports_torch():
+    code = ("import sys, minilora, minilora.bench, minilora.memory, minilora.cli.bench_command; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The PyTorch peer: the same model, batches and optimiser, or the comparison is not apples to apples.
+
+def peer_pair(lora_config, grad_clip=1.0, weight_decay=0.1, lr=1e-2):
+    torch_peer = load_torch_peer()  # skips below if torch is missing
+    config = TINY
+    model = build(config, lora_config, dtype=np.float64, seed=3)
+    optimizer = make_optimizer(model, TrainSettings(lr=lr, weight_decay=weight_decay))
+    peer = torch_peer.TorchGPT(
+        {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "vocab_size": config.vocab_size},
+        {name: value.copy() for name, value in model.params.items()}, model.trainable_names,
+        adapted=() if lora_config is None else tuple(model.adapted_modules),
+        scaling=1.0 if lora_config is None else lora_config.scaling, lr=lr, betas=ADAM_BETAS, eps=optimizer.eps,
+        weight_decay=weight_decay, decay_names=optimizer.decay_names, grad_clip=grad_clip, dtype="float64")
+    return model, optimizer, peer
+
+
+@pytest.mark.parametrize("lora_config", [None, LoraConfig(r=4, target_modules="all-linear", init="random")],
+                         ids=["full", "lora"])
+def test_peer_loss_gradients_and_adamw_steps_equal_minilora_in_float64(lora_config):
+    pytest.importorskip("torch")
+    model, optimizer, peer = peer_pair(lora_config)
+    idx, targets = batch(TINY, 4, 64, seed=1)
+    _, loss, cache = model.forward(idx, targets)
+    grads = model.backward(cache)
+    peer_loss, peer_grads = peer.loss_and_grads(idx, targets)
+    assert abs(peer_loss - float(loss)) <= 1e-12 * abs(float(loss))
+    assert set(peer_grads) == set(grads)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(peer_grads[name], grad, rtol=0, atol=1e-10 * np.abs(grad).max() + 1e-300, err_msg=name)
+    for step in range(3):  # the same batches through both: clipping, weight decay and AdamW alike
+        idx, targets = batch(TINY, 4, 64, seed=10 + step)
+        _, loss, cache = model.forward(idx, targets)
+        grads = model.backward(cache)
+        clip_grad_norm(grads, 1.0)
+        optimizer.step(grads)
+        peer_loss = peer.step(idx, targets)
+        assert abs(float(peer_loss) - float(loss)) <= 1e-12 * abs(float(loss))
+    for name, value in peer.params_numpy().items():
+        np.testing.assert_allclose(value, model.params[name], rtol=1e-9, atol=1e-10, err_msg=name)  # lr = 1e-2
+
+
+def test_a_tiny_bench_run_with_the_peer_reports_both_and_the_ratio():
+    pytest.importorskip("torch")
+    settings = BenchSettings(preset="tiny", batch_size=2, warmup=1, steps=1, repeats=2, peak_size=64, peer="torch",
+                             corpus=None)
+    result = run_bench(settings)
+    check_fields(result, settings)
+    peer = result["peer"]
+    assert peer["name"] == "torch" and peer["threads"] == 2 and peer["attention"] == "math"
+    assert peer["first_loss_rel_diff"] < 1e-5  # the same weights and batch give the same loss (float32)
+    assert len(peer["runs_tokens_per_s"]) == 2
+    ratios = [mine / theirs for mine, theirs in zip(result["runs_tokens_per_s"], peer["runs_tokens_per_s"])]
+    assert result["ratio"]["runs"] == pytest.approx(ratios)
+    assert result["ratio"]["min"] <= result["ratio"]["median"] <= result["ratio"]["max"]
+
+
+def gpu_visible() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001  (no CuPy, or CuPy without a driver or device)
+        return False
+
+
+@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
+    settings = BenchSettings(preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256,
+                             corpus=None)
+    result = run_bench(settings)
+    assert result["device"] == "cuda" and result["memory"]["traced_step_peak_bytes"] is None
+    ledger = memory_ledger(TINY, 2, lora_config=settings.lora_config())
+    assert result["peak_device_bytes"] >= ledger.weights + ledger.activations  # the pool's high-water mark
+    assert np.isfinite(result["loss_first"]) and result["mfu"] > 0
+    json.dumps(result)
