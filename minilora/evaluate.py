@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None) -> np.ndarray:

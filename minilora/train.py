@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .backend import device_rng, host_rng, synchronize
 from .checkpoint import all_finite
