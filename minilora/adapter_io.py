@@ -98,6 +98,33 @@ def read_adapter(path) -> tuple[dict, dict]:
     return tensors, document
 
 
+def install_adapter(lora_model: LoraGPT, adapter_name: str, lora_config: LoraConfig, tensors: dict, source,
+                    describe_key=repr) -> None:
+    """Add ``adapter_name`` with ``lora_config`` to ``lora_model`` and fill it with ``tensors`` (host arrays).
+
+    Every key and shape is checked first; on a mismatch the adapter is removed again and the error
+    names the key (as ``describe_key`` writes it), both shapes and r.
+    """
+    lora_model.add_adapter(adapter_name, lora_config)
+    adapter = lora_model.adapters[adapter_name]
+    missing = sorted(set(adapter.trainable) - set(tensors))
+    unexpected = sorted(set(tensors) - set(adapter.trainable))
+    problem = None
+    if missing or unexpected:
+        problem = f"adapter keys do not match its config: missing {missing}, unexpected {unexpected}"
+    for name, value in tensors.items():
+        expected = tuple(adapter.tensors[name].shape) if name in adapter.tensors else None
+        if problem is None and tuple(value.shape) != expected:
+            problem = (f"adapter tensor {describe_key(name)} has shape {tuple(value.shape)}, expected {expected} "
+                       f"for r={lora_config.r}")
+    if problem is not None:
+        lora_model.delete_adapter(adapter_name)
+        raise AdapterError(f"{source}: {problem}")
+    reference = lora_model.base_params["transformer.wte.weight"]
+    for name, value in tensors.items():
+        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+
+
 def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch: bool = False) -> LoraGPT:
     """Load the adapter at ``path`` onto ``model`` and make it active; every key, shape and the base are checked.
 
@@ -116,21 +143,6 @@ def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch
         raise AdapterError(f"{path}: the adapter was trained on another base (fingerprint "
                            f"{document['base_fingerprint'][:19]}..., this base is {fingerprint[:19]}...); "
                            "pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway")
-    lora_config = LoraConfig.from_dict(document["lora_config"])
-    lora_model.add_adapter(adapter_name, lora_config)
-    adapter = lora_model.adapters[adapter_name]
-    missing = sorted(set(adapter.trainable) - set(tensors))
-    unexpected = sorted(set(tensors) - set(adapter.trainable))
-    if missing or unexpected:
-        lora_model.delete_adapter(adapter_name)
-        raise AdapterError(f"{path}: adapter keys do not match its config: missing {missing}, unexpected {unexpected}")
-    reference = lora_model.base_params["transformer.wte.weight"]
-    for name, value in tensors.items():
-        expected = tuple(adapter.tensors[name].shape)
-        if tuple(value.shape) != expected:
-            lora_model.delete_adapter(adapter_name)
-            raise AdapterError(f"{path}: adapter tensor {name!r} has shape {tuple(value.shape)}, expected "
-                               f"{expected} for r={lora_config.r}")
-        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+    install_adapter(lora_model, adapter_name, LoraConfig.from_dict(document["lora_config"]), tensors, path)
     lora_model.set_adapter(adapter_name)
     return lora_model

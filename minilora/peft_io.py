@@ -24,8 +24,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .adapter_io import AdapterError
-from .backend import device_of, to_device, to_numpy
+from .adapter_io import AdapterError, install_adapter
+from .backend import to_numpy
 from .checkpoint import atomic_write_bytes
 from .lora_config import LoraConfig, linear_module_shapes
 from .lora_model import LoraGPT, as_plain_lora
@@ -114,21 +114,7 @@ def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
     lora_config = lora_config_from_peft(peft_config, modules)
     lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
-    lora_model.add_adapter(adapter_name, lora_config)
-    adapter = lora_model.adapters[adapter_name]
-    missing = sorted(set(adapter.trainable) - set(tensors))
-    unexpected = sorted(set(tensors) - set(adapter.trainable))
-    if missing or unexpected:
-        lora_model.delete_adapter(adapter_name)
-        raise AdapterError(f"{directory}: PEFT tensors do not match the config: missing {missing}, unexpected {unexpected}")
-    reference = lora_model.base_params["transformer.wte.weight"]
-    for name, value in tensors.items():
-        expected = tuple(adapter.tensors[name].shape)
-        if tuple(value.shape) != expected:
-            lora_model.delete_adapter(adapter_name)
-            raise AdapterError(f"{directory}: PEFT tensor {peft_key(name)!r} has shape {tuple(value.shape)}, "
-                               f"expected {expected} for r={lora_config.r}")
-        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+    install_adapter(lora_model, adapter_name, lora_config, tensors, directory, describe_key=lambda n: repr(peft_key(n)))
     lora_model.set_adapter(adapter_name)
     return lora_model
 
