@@ -20,9 +20,6 @@
 
 # %%
 # %matplotlib inline
-import warnings
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note on Jupyter widgets: not needed here
 
 # %%
 import math
