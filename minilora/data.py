@@ -10,6 +10,7 @@ streaming corpora larger than memory, epochs and sampling without replacement, p
 Shape letters: B batch size, T block size (context length).
 """
 
+import functools
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ def load_corpus(name_or_path: str) -> Corpus:
     return Corpus(path.stem, train, val)
 
 
+@functools.lru_cache(maxsize=None)  # read-only arrays, safe to share: each file is decompressed once per process
 def read_shipped(name: str, split: str) -> np.ndarray:
     """Decompress one split of a shipped corpus into a read-only uint8 array."""
     path = DATA_DIR / f"{name}.{split}.txt.xz"

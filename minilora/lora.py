@@ -107,9 +107,13 @@ def lora_delta_weight(lora_A, lora_B, scaling: float):
     # END SOLUTION
 
 
-def merge_weight(W, lora_A, lora_B, scaling: float):
-    """W + s A^T B^T as a new array (W is not modified); raises if the result is not finite."""
-    merged = W + lora_delta_weight(lora_A, lora_B, scaling).astype(W.dtype)
+def require_finite(merged):
+    """``merged`` itself if every value is finite; otherwise raise, before any weight is written."""
     if not bool(get_xp(merged).isfinite(merged).all()):
         raise FloatingPointError("merging would write NaN or infinite values into the weight; nothing was changed")
     return merged
+
+
+def merge_weight(W, lora_A, lora_B, scaling: float):
+    """W + s A^T B^T as a new array (W is not modified); raises if the result is not finite."""
+    return require_finite(W + lora_delta_weight(lora_A, lora_B, scaling).astype(W.dtype))

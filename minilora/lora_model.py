@@ -36,7 +36,8 @@ from .backend import device_of, get_xp, to_device, to_numpy
 from .checkpoint import weights_fingerprint
 from .dora import DoraCache, column_norms, dora_linear_backward, dora_linear_forward, dora_merged_weight
 from .layers import make_dropout_mask
-from .lora import LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight
+from .lora import (LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight,
+                   require_finite)
 from .lora_config import LoraConfig, init_adapter, select_target_modules
 from .model import GPT
 
@@ -149,18 +150,15 @@ class LoraGPT(GPT):
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: the base alone)."""
         self._refuse_while_merged("switch adapters")
-        if name is not None and name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
+        tensors = {} if name is None else self._named(name).tensors
         self.active_adapter = name
         self.params.clear()  # refilled in place: optimisers and callers keep a valid reference
         self.params.update(self.base_params)
-        if name is not None:
-            self.params.update(self.adapters[name].tensors)
+        self.params.update(tensors)
 
     def delete_adapter(self, name: str) -> None:
         self._refuse_while_merged("delete an adapter")
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
+        self._named(name)
         del self.adapters[name]
         if self.active_adapter == name:
             self.set_adapter(None)
@@ -183,7 +181,7 @@ class LoraGPT(GPT):
         """
         if len(names) != len(weights) or not names:
             raise ValueError(f"need one weight per adapter, got {len(names)} names and {len(weights)} weights")
-        parts = [self.adapters[name] if name in self.adapters else self._unknown(name) for name in names]
+        parts = [self._named(name) for name in names]
         for name, part in zip(names, parts):
             if part.config.use_dora or part.config.init == "pissa" or len(part.trainable) != 2 * len(part.modules):
                 raise ValueError(f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
@@ -191,13 +189,13 @@ class LoraGPT(GPT):
         modules = {m: shape for part in parts for m, shape in part.modules.items()}
         r = sum(part.config.r for part in parts)
         config = LoraConfig(r=r, lora_alpha=float(r), target_modules=tuple(modules), init="default")
+        reference = self.base_params["transformer.wte.weight"]
+        xp, dtype = get_xp(reference), reference.dtype
         tensors = {}
         for m, (C_in, C_out) in modules.items():
             blocks_A, blocks_B = [], []
             for part, w in zip(parts, weights):
                 A, B = part.tensors.get(f"{m}.lora_A"), part.tensors.get(f"{m}.lora_B")
-                xp = get_xp(self.base_params[f"{m}.weight"])
-                dtype = self.base_params[f"{m}.weight"].dtype
                 if A is None:  # this adapter leaves the module alone: a zero block of its rank
                     A, B = xp.zeros((part.config.r, C_in), dtype=dtype), xp.zeros((C_out, part.config.r), dtype=dtype)
                 blocks_A.append(A)
@@ -206,8 +204,10 @@ class LoraGPT(GPT):
             tensors[f"{m}.lora_B"] = xp.concatenate(blocks_B, axis=1).astype(dtype)  # (C_out, r)
         self.adapters[new_name] = Adapter(config, modules, tensors, trainable=list(tensors))
 
-    def _unknown(self, name):
-        raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
+    def _named(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
+        return self.adapters[name]
 
     def _refuse_while_merged(self, what: str) -> None:
         if self.merged:
@@ -264,9 +264,7 @@ class LoraGPT(GPT):
         if not config.use_dora:
             return merge_weight(W, A, B, config.scaling), None
         merged, norms = dora_merged_weight(W, A, B, params[f"{name}.{MAGNITUDE}"], config.scaling)
-        if not bool(get_xp(merged).isfinite(merged).all()):
-            raise FloatingPointError("merging would write NaN or infinite values into the weight; nothing was changed")
-        return merged, norms
+        return require_finite(merged), norms
 
     def merge(self) -> None:
         """Fold the active adapter into its weights in place; the forward then skips the adapter.
