@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from .backend import (
-    device_rng,
     get_backend,
     host_rng,
     resolve_device,
@@ -54,7 +53,9 @@ from .backend import (
 )
 from .config import GPTConfig, get_preset
 from .data import get_batch, load_corpus
+from .data_parallel import forward_backward
 from .finetune import ADAM_BETAS, make_optimizer
+from .host_memory import retain_freed_memory
 from .lora_config import LoraConfig, select_target_modules
 from .lora_model import add_lora
 from .memory import memory_ledger
@@ -130,7 +131,7 @@ class BenchSettings:
     peer: str | None = None  # "torch": time docs/benchmarks/torch_peer.py side by side
     peer_threads: int = 2  # torch.set_num_threads
     peer_attention: str = "math"  # the peer's attention: "math" (full T x T, as minilora) or "sdpa"
-    threads: int | None = None  # NumPy's BLAS threads through threadpoolctl; None: the library's default
+    threads: int | None = None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
     trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
 
@@ -267,13 +268,12 @@ class _Timed:
         return [t for run in self.runs for t in run]
 
 
-def train_step(model, optimizer, x, y, grad_clip: float, dropout_rng=None):
+def train_step(model, optimizer, x, y, grad_clip: float, dropout_key=None, shards=None):
     """The training loop's work for one batch: forward, backward, clipping, AdamW. Returns the loss (device scalar).
 
     Locals die at return, so a step holds one forward cache at a time.
     """
-    _, loss, cache = model.forward(x, y, dropout_rng=dropout_rng)
-    grads = model.backward(cache)
+    loss, grads = forward_backward(model, x, y, dropout_key, shards)
     if grad_clip > 0:
         clip_grad_norm(grads, grad_clip)
     optimizer.step(grads)
@@ -281,12 +281,11 @@ def train_step(model, optimizer, x, y, grad_clip: float, dropout_rng=None):
 
 
 def _threads_context(threads: int | None):
+    """BLAS threads outside the sharded forward/backward (the peak matmul, clipping, AdamW)."""
     if threads is None:
         return nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError as err:
-        raise BenchError("--threads needs threadpoolctl: pip install threadpoolctl") from err
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=threads, user_api="blas")
 
 
@@ -305,6 +304,8 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
+    if xp is np:
+        retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
     config, lora_config = settings.config(), settings.lora_config()
     B, T = settings.batch_shape()
     peak_n = settings.peak_size or PEAK_SIZES[device]
@@ -333,10 +334,10 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
 
     def minilora_step(step: int):
         x, y = batch(step)  # host arrays: the forward range-checks and moves them, as in the training loop
-        rng = device_rng(xp, settings.seed, DROPOUT_STREAM, step)
         synchronize(xp)
         started = time.perf_counter()
-        loss = train_step(model, optimizer, x, y, settings.grad_clip, rng)
+        loss = train_step(model, optimizer, x, y, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step),
+                          settings.threads)
         synchronize(xp)
         return time.perf_counter() - started, loss
 

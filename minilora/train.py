@@ -2,8 +2,9 @@
 
 Every step's randomness is a pure function of (seed, step): the batch comes from a host generator
 seeded with (seed, DATA_STREAM, step) and the dropout masks from a device generator seeded with
-(seed, DROPOUT_STREAM, step). Resuming at step k therefore needs only the parameters, the optimiser
-state and k, and k steps + save + resume + (N - k) steps reproduce N steps exactly.
+(seed, DROPOUT_STREAM, step) (and the shard, when a CPU step is split across cores: see
+data_parallel). Resuming at step k therefore needs only the parameters, the optimiser state and k,
+and k steps + save + resume + (N - k) steps reproduce N steps exactly.
 
 A loss value is read (forcing a GPU sync) only every ``log_interval`` steps and at evaluations. A
 non-finite loss, or non-finite parameters found before a save, stop training with TrainingDiverged;
@@ -18,10 +19,14 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from .backend import device_rng, host_rng, synchronize
+import numpy as np
+
+from .backend import host_rng, synchronize
 from .checkpoint import all_finite
 from .data import get_batch
+from .data_parallel import forward_backward
 from .evaluate import bits_per_byte
+from .host_memory import retain_freed_memory
 from .optim import clip_grad_norm, cosine_lr
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
@@ -75,6 +80,8 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
     """
     B, T = settings.batch_size, model.config.block_size
     xp = model.xp
+    if xp is np:
+        retain_freed_memory()  # reuse last step's freed activations instead of fresh, zero-filled pages
     result = TrainResult()
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc="train",
@@ -82,12 +89,11 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
     for step in bar:
         lr = cosine_lr(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
         x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step))  # (B, T) each
-        _, loss, cache = model.forward(x, y, dropout_rng=device_rng(xp, settings.seed, DROPOUT_STREAM, step))
-        grads = model.backward(cache)
+        loss, grads = forward_backward(model, x, y, dropout_key=(settings.seed, DROPOUT_STREAM, step))
         if settings.grad_clip > 0:
             clip_grad_norm(grads, settings.grad_clip)
         optimizer.step(grads, lr)
-        del cache, grads  # free this step's activations before the next forward allocates its own
+        del grads
         done = step + 1
         if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
             loss_value = float(loss)  # syncs the device

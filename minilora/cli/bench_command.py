@@ -39,7 +39,8 @@ def add_bench_parser(subparsers) -> None:
     run.add_argument("--corpus", default="shakespeare_modern",
                      help="batches from this corpus; 'random' for uniform random tokens")
     run.add_argument("--threads", type=int, default=None,
-                     help="NumPy's BLAS threads (threadpoolctl); default: the library's own")
+                     help="CPU threads: the batch is split into this many shards, one per thread; "
+                          "default: $MINILORA_CPU_THREADS or the cores this process may use")
     run.add_argument("--peak-size", type=int, default=None, help="n of the n x n matmul that measures the peak "
                                                                   "(default 2048 on cpu, 8192 on cuda)")
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")

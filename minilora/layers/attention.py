@@ -93,7 +93,8 @@ def attention_backward(dout, cache: AttentionCache):
     dv = matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
     if mask is not None:
         datt *= mask
-    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T)
+    datt -= xp.einsum("...j,...j->...", datt, att)[..., None]  # in place: ds = att * (datt - sum_j datt * att)
+    ds = xp.multiply(datt, att, out=datt)  # (B, H, T, T)
     dq = matmul(ds, k)  # (B, H, T, hs), the gradient of the scaled q
     dq *= scale
     dk = matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)

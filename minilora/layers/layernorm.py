@@ -28,11 +28,12 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     """
     xp = get_xp(x)
     # BEGIN SOLUTION a2: xhat = (x - mean) * rstd; out = xhat * w (+ b)
+    C = x.shape[-1]
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean  # (..., C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
+    xhat = x - mean  # (..., C), centred here and scaled in place below
+    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # (..., 1), sum of squares without a temporary
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-    xhat = xc * rstd  # (..., C)
+    xhat *= rstd  # (..., C)
     out = xhat * w
     if b is not None:
         out += b
@@ -52,13 +53,18 @@ def layernorm_backward(dout, cache: LayerNormCache):
     The middle term comes through the mean, the last through the variance.
     """
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
+    xp = get_xp(xhat)
     C = xhat.shape[-1]
     # BEGIN SOLUTION a2: dx has three terms: direct, via the mean, via the variance
     dxhat = dout * w  # (..., C)
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-    dx *= rstd  # (..., C)
-    dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
-    db = dout.reshape(-1, C).sum(axis=0) if cache.has_bias else None  # (C,)
+    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_dxhat_xhat = xp.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1)
+    dx = dxhat  # (..., C), built in place: rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    dx -= mean_dxhat
+    dx -= xhat * mean_dxhat_xhat
+    dx *= rstd
+    rows = (-1, C)
+    dw = xp.einsum("nc,nc->c", dout.reshape(rows), xhat.reshape(rows))  # (C,) sum over rows of dout * xhat
+    db = dout.reshape(rows).sum(axis=0) if cache.has_bias else None  # (C,)
     # END SOLUTION
     return dx, dw, db
