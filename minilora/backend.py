@@ -173,4 +173,4 @@ def device_rng(xp: ModuleType, *key: int):
 def synchronize(xp: ModuleType) -> None:
     """Wait for queued GPU work to finish (GPU calls return early); a no-op on the CPU."""
     if xp is not np:
-        xp.cuda.get_current_stream().synchronize()
+        xp.cuda.Device().synchronize()  # every stream: the captured training step runs on its own

@@ -134,6 +134,7 @@ class BenchSettings:
     threads: int | None = None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
     trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
+    cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (cuda_graph.GraphedStep)
 
     def __post_init__(self):
         if isinstance(self.targets, list):
@@ -209,6 +210,16 @@ def blas_info() -> list[dict]:
         return [{"error": "threadpoolctl is not installed (pip install threadpoolctl) to report BLAS kernels"}]
     keys = ("user_api", "internal_api", "num_threads", "version", "architecture", "threading_layer", "prefix")
     return [{key: info[key] for key in keys if key in info} for info in threadpool_info()]
+
+
+def gpu_info(xp) -> dict | None:
+    """The GPU, driver, CUDA runtime and CuPy versions, and whether CuPy's matmuls may use TF32 (None on the CPU)."""
+    if xp is np:
+        return None
+    runtime = xp.cuda.runtime
+    properties = runtime.getDeviceProperties(xp.cuda.Device().id)
+    return {"name": properties["name"].decode(), "cupy": xp.__version__, "driver": runtime.driverGetVersion(),
+            "runtime": runtime.runtimeGetVersion(), "tf32": os.environ.get("CUPY_TF32", "0") == "1"}
 
 
 def openblas_env() -> dict:
@@ -296,8 +307,6 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
     """
     log = log or (lambda message: None)
     device = resolve_device(settings.device)
-    if settings.peer is not None and device != "cpu":
-        raise BenchError("the PyTorch peer runs on the CPU only (torch==2.13.0 CPU); use --device cpu or no --peer")
     with _threads_context(settings.threads):
         return _run(settings, device, log)
 
@@ -332,12 +341,21 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
     initial = {name: to_numpy(value).copy() for name, value in model.params.items()} if settings.peer else None
 
+    graphed = None
+    if xp is not np and settings.cuda_graph:
+        from .cuda_graph import GraphedStep
+
+        graphed = GraphedStep(model, optimizer, settings.grad_clip, warmup=1)
+
     def minilora_step(step: int):
         x, y = batch(step)  # host arrays: the forward range-checks and moves them, as in the training loop
         synchronize(xp)
         started = time.perf_counter()
-        loss = train_step(model, optimizer, x, y, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step),
-                          settings.threads)
+        if graphed is not None:
+            loss = graphed(x, y)
+        else:
+            loss = train_step(model, optimizer, x, y, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step),
+                              settings.threads)
         synchronize(xp)
         return time.perf_counter() - started, loss
 
@@ -345,16 +363,17 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     losses = [minilora_step(step)[1] for step in range(settings.warmup)]
     loss_first = float(losses[0])
     peak_rss = peak_rss_bytes()
-    peak_device = None if pool is None else int(pool.total_bytes())
+    peak_device = None if pool is None else int(pool.total_bytes() + (graphed.pool.total_bytes() if graphed else 0))
 
     peer = peer_record = None
     if settings.peer:
-        peer, peer_record = _build_peer(settings, model, optimizer, initial, config, lora_config, log)
+        peer, peer_record = _build_peer(settings, device, model, optimizer, initial, config, lora_config, log)
         for step in range(settings.warmup):
             loss = peer.step(*batch(step))
             if step == 0:
                 peer_record["loss_first"] = float(loss)
         peer_record["peak_rss_increase_bytes"] = _increase(peak_rss_bytes(), peer_record.pop("_rss_before"))
+        peer_record["peak_device_bytes"] = peer.peak_device_bytes()
 
     timed, peer_timed = _Timed(), _Timed()
     step = settings.warmup
@@ -369,8 +388,10 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
             peer_times = []
             for i in range(settings.steps):
                 x, y = batch(step + i)
+                peer.synchronize()
                 started = time.perf_counter()
                 peer_loss = peer.step(x, y)
+                peer.synchronize()
                 peer_times.append(time.perf_counter() - started)
             peer_timed.runs.append(peer_times)
         step += settings.steps
@@ -412,6 +433,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         },
         "loss_first": loss_first, "loss_last": loss_last,
         "threads": settings.threads, "blas": blas_info(), "openblas_env": openblas_env(),
+        "cuda_graph": graphed is not None, "gpu": gpu_info(xp),
         "peer": None, "ratio": None,
         "settings": {key: value for key, value in asdict(settings).items()
                      if key in ("lr", "weight_decay", "grad_clip", "seed", "corpus", "peak_size")},
@@ -428,25 +450,27 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     return result
 
 
-def _build_peer(settings, model, optimizer, initial, config, lora_config, log):
+def _build_peer(settings, device, model, optimizer, initial, config, lora_config, log):
     log(f"loading the PyTorch peer from {PEER_PATH}")
     module = load_torch_peer()
-    info = module.configure(settings.peer_threads)
-    peak = module.matmul_peak_gflops(settings.peak_size or PEAK_SIZES["cpu"], dtype=settings.dtype)
+    info = module.configure(settings.peer_threads, device)
+    peak = module.matmul_peak_gflops(settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device)
     reset_peak_rss()
     rss_before = current_rss_bytes()
-    spec = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "vocab_size": config.vocab_size}
+    module.peak_device_bytes(device, reset=True)
+    spec = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "vocab_size": config.vocab_size}
     peer = module.TorchGPT(
         spec, initial, model.trainable_names,
         adapted=() if lora_config is None else tuple(model.adapted_modules),
         scaling=1.0 if lora_config is None else lora_config.scaling,
         lr=settings.lr, betas=ADAM_BETAS, eps=optimizer.eps, weight_decay=settings.weight_decay,
         decay_names=sorted(optimizer.decay_names), grad_clip=settings.grad_clip, dtype=settings.dtype,
-        attention=settings.peer_attention)
-    log(f"PyTorch peer: torch {info['torch']}, {info['threads']} threads, attention {settings.peer_attention}: "
-        f"{settings.warmup} warm-up steps")
-    record = {"name": "torch", "torch": info["torch"], "threads": info["threads"], "cpu_capability": info.get("cpu_capability"),
-              "attention": settings.peer_attention, "matmul_peak_gflops": peak, "_rss_before": rss_before}
+        attention=settings.peer_attention, device=device)
+    log(f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
+        f"attention {settings.peer_attention}: {settings.warmup} warm-up steps")
+    record = {"name": "torch", **info, "attention": settings.peer_attention, "matmul_peak_gflops": peak,
+              "_rss_before": rss_before}
     return peer, record
 
 

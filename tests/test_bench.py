@@ -191,8 +191,6 @@ def test_bench_refuses_what_it_cannot_do(tmp_path):
         BenchSettings(preset="huge")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         BenchSettings(steps=0)
-    with pytest.raises(BenchError, match="CPU only"):
-        run_bench(BenchSettings(preset="tiny", device="cuda", peer="torch"))
     with pytest.raises(BenchError, match="is missing"):
         load_torch_peer(tmp_path / "torch_peer.py")
 
@@ -278,3 +276,15 @@ def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
     assert result["peak_device_bytes"] >= ledger.weights + ledger.activations  # the pool's high-water mark
     assert np.isfinite(result["loss_first"]) and result["mfu"] > 0
     json.dumps(result)
+
+
+@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+def test_the_torch_peer_runs_on_the_gpu_with_the_same_first_loss():
+    pytest.importorskip("torch")
+    settings = BenchSettings(preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256,
+                             corpus=None, peer="torch")
+    result = run_bench(settings)
+    peer = result["peer"]
+    assert peer["tf32"] is False and peer["gpu"]
+    assert peer["first_loss_rel_diff"] < 1e-5  # same weights and batch, float32 on both sides
+    assert peer["peak_device_bytes"] > 0 and result["ratio"]["median"] > 0

@@ -15,7 +15,9 @@ It is what a PyTorch user would write for the same model, with nothing compiled:
   ``F.scaled_dot_product_attention``, which on the CPU skips the masked half);
 - the step is forward, ``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.AdamW`` with the
   same lr, betas, eps and weight decay on the same parameters (matrices decayed, embeddings, biases
-  and LayerNorm gains not), all with torch's defaults otherwise.
+  and LayerNorm gains not), all with torch's defaults otherwise;
+- on a GPU (``device="cuda"``) the same code runs on CUDA tensors with TF32 turned off, so both
+  sides multiply in full float32; the loss is returned without a host sync, as in a training loop.
 
 The interface takes and returns NumPy arrays and plain values, so it needs nothing from minilora.
 """
@@ -35,24 +37,49 @@ LAYERNORM_EPS = 1e-5
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def configure(threads: int) -> dict:
-    """Set torch's intra-op threads (the issue's torch.set_num_threads(2)); returns what torch reports."""
+def configure(threads: int, device: str = "cpu") -> dict:
+    """Set torch's intra-op threads (the issue's torch.set_num_threads(2)) and, on a GPU, turn TF32 off.
+
+    Returns what torch reports about itself and the device.
+    """
     torch.set_num_threads(threads)
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch dispatches to
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products, as minilora's default
+        torch.backends.cudnn.allow_tf32 = False
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, tf32=False)
+    return info
 
 
-def matmul_peak_gflops(n: int, repeats: int = 5, dtype: str = "float32") -> float:
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so that a clock around a step measures the step."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_device_bytes(device: str, reset: bool = False):
+    """The CUDA caching allocator's high-water mark of allocated bytes (None on the CPU)."""
+    if device != "cuda":
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated()
+
+
+def matmul_peak_gflops(n: int, repeats: int = 5, dtype: str = "float32", device: str = "cpu") -> float:
     """Best GFLOP/s of an (n, n) @ (n, n) product through torch.matmul, after a warm-up."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype])
-    b = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype])
-    out = torch.empty(n, n, dtype=TORCH_DTYPES[dtype])
+    a = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype]).to(device)
+    b = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype]).to(device)
+    out = torch.empty(n, n, dtype=TORCH_DTYPES[dtype], device=device)
     torch.matmul(a, b, out=out)
     best = math.inf
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         torch.matmul(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best / 1e9
 
@@ -67,7 +94,7 @@ class TorchGPT:
 
     def __init__(self, spec: dict, params: dict, trainable, adapted=(), scaling: float = 1.0, lr: float = 1e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decay_names=(),
-                 grad_clip: float = 0.0, dtype: str = "float32", attention: str = "math"):
+                 grad_clip: float = 0.0, dtype: str = "float32", attention: str = "math", device: str = "cpu"):
         if attention not in ("math", "sdpa"):
             raise ValueError(f"attention must be 'math' or 'sdpa', got {attention!r}")
         self.n_layer, self.n_head = spec["n_layer"], spec["n_head"]
@@ -76,12 +103,14 @@ class TorchGPT:
         self.scaling = scaling
         self.grad_clip = grad_clip
         self.attention = attention
+        self.device = device
         trainable = set(trainable)
         unknown = trainable - set(params)
         if unknown:
             raise KeyError(f"trainable names not in params: {sorted(unknown)}")
         # torch.tensor copies: minilora and the peer update their own weights in place.
-        self.p = {name: torch.tensor(np.asarray(value), dtype=TORCH_DTYPES[dtype], requires_grad=name in trainable)
+        self.p = {name: torch.tensor(np.asarray(value), dtype=TORCH_DTYPES[dtype], device=device,
+                                     requires_grad=name in trainable)
                   for name, value in params.items()}
         self.trainable = [self.p[name] for name in params if name in trainable]
         decay = [self.p[name] for name in params if name in trainable and name in set(decay_names)]
@@ -103,7 +132,7 @@ class TorchGPT:
 
     def causal_mask(self, T: int):
         if T not in self._causal:
-            self._causal[T] = torch.ones(T, T, dtype=torch.bool).triu(1)  # True above the diagonal: masked
+            self._causal[T] = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(1)  # True above the diagonal
         return self._causal[T]
 
     def attend(self, qkv):
@@ -136,7 +165,7 @@ class TorchGPT:
 
     def step(self, idx: np.ndarray, targets: np.ndarray):
         """One training step on NumPy (B, T) batches: forward, backward, clipping, AdamW. Returns the loss."""
-        loss = self.forward(torch.from_numpy(idx), torch.from_numpy(targets))
+        loss = self.forward(*self._to_device(idx, targets))
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
@@ -146,11 +175,20 @@ class TorchGPT:
 
     def loss_and_grads(self, idx: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
         """The loss and every trainable gradient as NumPy arrays, without a step (for the oracle test)."""
-        loss = self.forward(torch.from_numpy(idx), torch.from_numpy(targets))
+        loss = self.forward(*self._to_device(idx, targets))
         loss.backward()
-        grads = {name: t.grad.detach().numpy().copy() for name, t in self.p.items() if t.requires_grad}
+        grads = {name: t.grad.detach().cpu().numpy().copy() for name, t in self.p.items() if t.requires_grad}
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), grads
 
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def peak_device_bytes(self):
+        return peak_device_bytes(self.device)
+
+    def _to_device(self, *arrays: np.ndarray):
+        return tuple(torch.from_numpy(a).to(self.device) for a in arrays)
+
     def params_numpy(self) -> dict:
-        return {name: t.detach().numpy().copy() for name, t in self.p.items()}
+        return {name: t.detach().cpu().numpy().copy() for name, t in self.p.items()}
