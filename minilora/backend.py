@@ -133,8 +133,18 @@ def count_matmuls():
 
 
 def matmul(a, b):
-    """a @ b on the arrays' own backend; every layer multiplies matrices through this one function."""
-    out = get_xp(a).matmul(a, b)
+    """a @ b on the arrays' own backend; every layer multiplies matrices through this one function.
+
+    On a GPU the product goes to cuBLAS through ``cuda_blas`` (which a CUDA graph can record) when
+    it handles the shapes, else to ``cupy.matmul``.
+    """
+    xp = get_xp(a)
+    if xp is not np:
+        from . import cuda_blas
+
+        out = cuda_blas.matmul(a, b) if cuda_blas.supports(a, b) else xp.matmul(a, b)
+    else:
+        out = np.matmul(a, b)
     if _matmul_log is not None:
         _matmul_log.record(a, b, out)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
+from .cuda_kernels import use_fused
 from .model import WPE, WTE
 
 
@@ -104,6 +105,9 @@ class AdamW(Optimizer):
         lr = self.lr if lr is None else lr
         self.step_count += 1
         t = self.step_count
+        if self.names and use_fused(self.params[self.names[0]]):  # on a GPU: one launch for every tensor
+            self._fused_step(grads, lr, t)
+            return
         bias_correction1 = 1.0 - self.beta1**t
         sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
         for name in self.names:
@@ -119,6 +123,18 @@ class AdamW(Optimizer):
             v += (1.0 - self.beta2) * (g * g)
             denom = get_xp(v).sqrt(v) / sqrt_bias_correction2 + self.eps
             p -= step_size * (m / denom)
+
+
+    def _fused_step(self, grads: dict, lr: float, t: int) -> None:
+        from .cuda_kernels.adamw import adamw_step_fused
+
+        adamw_step_fused(
+            [self.params[name] for name in self.names], [grads[name] for name in self.names],
+            [self._buffer("exp_avg", name) for name in self.names],
+            [self._buffer("exp_avg_sq", name) for name in self.names],
+            [lr * self.lr_scale.get(name, 1.0) for name in self.names],
+            [name in self.decay_names for name in self.names],
+            self.beta1, self.beta2, self.eps, self.weight_decay, t)
 
 
 class SGD(Optimizer):
@@ -162,7 +178,14 @@ def clip_grad_norm(grads: dict, max_norm: float):
     """
     arrays = list(grads.values())
     xp = get_xp(arrays[0])
-    total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))
+    if use_fused(arrays[0]) and not xp.cuda.get_current_stream().is_capturing():
+        # on a GPU: one pass over all gradients, two launches. Its table of pointers is uploaded from the
+        # host, which a CUDA graph capture forbids; a captured step (cuda_graph) takes the sums below.
+        from .cuda_kernels.grad_norm import global_grad_norm
+
+        total_norm = global_grad_norm(arrays)
+    else:
+        total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))
     clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
     for g in arrays:
         g *= clip_coef.astype(g.dtype)

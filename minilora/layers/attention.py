@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_xp, matmul
+from ..cuda_kernels import use_fused
 
 
 class AttentionCache(NamedTuple):
@@ -52,6 +53,10 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     ``dropout_mask`` (B, H, T, T), if given, multiplies the attention probabilities (GPT-2's
     attn_pdrop); it already holds the 1 / (1 - p) scaling.
     """
+    if use_fused(qkv):  # on a GPU: fused causal-softmax kernels around the same matmuls
+        from ..cuda_kernels.attention import attention_forward as fused_attention_forward
+
+        return fused_attention_forward(qkv, n_head, dropout_mask)
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
     if C3 % (3 * n_head) != 0:
@@ -83,6 +88,10 @@ def attention_backward(dout, cache: AttentionCache):
       q_scaled = q * scale    ->  dq = dq_scaled * scale
     Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
     """
+    if use_fused(dout) or not isinstance(cache, AttentionCache):  # the fused long-block cache has no att
+        from ..cuda_kernels.attention import attention_backward as fused_attention_backward
+
+        return fused_attention_backward(dout, cache)
     xp = get_xp(dout)
     q, k, v, att, mask, scale = cache
     B, H, T, hs = q.shape

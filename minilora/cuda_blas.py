@@ -1,0 +1,126 @@
+"""Matrix products on the GPU through cuBLAS, called with our own handle so that CUDA graphs can record them.
+
+CuPy's ``matmul`` calls cuBLAS too, but CuPy refuses any cuBLAS call while a stream is being captured
+into a CUDA graph (its ``setStream`` raises NotImplementedError), and a training step is mostly matrix
+products. cuBLAS itself supports capture when its handle has a workspace of its own (so it never
+allocates during the capture). So this module loads the cuBLAS library CuPy already loaded, makes one
+handle with a 32 MiB workspace, and calls ``cublas<S|D>gemmStridedBatched`` through ctypes.
+
+Row-major products with a column-major library. NumPy and CuPy store matrices row by row; cuBLAS
+reads them column by column. A row-major (r, c) matrix with row stride ld *is* a column-major (c, r)
+matrix, its transpose, with leading dimension ld. So C = A B (row-major) is computed as
+C^T = B^T A^T (column-major): swap the operands, and each row-major operand is passed as-is
+("N": cuBLAS sees its transpose, which is what the swapped formula wants) or, when its columns are the
+contiguous ones (a transposed view such as W.T), flagged "T". The output is written row-major, (m, n)
+per batch. TF32 is never enabled: the handle keeps cuBLAS's default math, full float32 products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+OP_N, OP_T = 0, 1  # cublasOperation_t
+WORKSPACE_BYTES = 32 * 1024 * 1024  # NVIDIA's recommended cuBLAS workspace on Hopper
+GEMM_SYMBOLS = {"float32": ("cublasSgemmStridedBatched", ctypes.c_float),
+                "float64": ("cublasDgemmStridedBatched", ctypes.c_double)}
+
+
+class CublasError(RuntimeError):
+    """A cuBLAS call returned an error status."""
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise CublasError(f"{what} failed with cublasStatus_t {status}")
+
+
+def _loaded_library_path() -> str:
+    """The path of the libcublas CuPy has loaded in this process (so both use one and the same library)."""
+    import cupy
+
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS if it has not yet
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "/libcublas.so" in path:
+                return path
+    raise CublasError("cannot find the cuBLAS library CuPy loaded (looked in /proc/self/maps)")
+
+
+@cache
+def _blas():
+    """(library, handle, workspace), made once, on the device current at the first call (one GPU)."""
+    import cupy
+
+    lib = ctypes.CDLL(_loaded_library_path())
+    handle = ctypes.c_void_p()
+    _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+    workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)  # kept alive with the handle
+    _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr), ctypes.c_size_t(WORKSPACE_BYTES)),
+           "cublasSetWorkspace")
+    for name, scalar in GEMM_SYMBOLS.values():
+        getattr(lib, name).argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.POINTER(scalar), ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
+            ctypes.POINTER(scalar), ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
+    return lib, handle, workspace
+
+
+def _as_operand(x):
+    """(array, op, ld) for a stack of row-major matrices (..., r, c): its layout as cuBLAS should read it.
+
+    Rows contiguous (the usual case, also a view of some columns): "N" with ld = the row stride.
+    Columns contiguous (a transposed view): "T" with ld = the column stride. Anything else is copied.
+    """
+    rows, cols = x.shape[-2:]
+    s0, s1 = (s // x.itemsize for s in x.strides[-2:])
+    if rows > 1 and cols > 1:
+        if s1 == 1 and s0 >= cols:
+            return x, OP_N, s0
+        if s0 == 1 and s1 >= rows:
+            return x, OP_T, s1
+    import cupy
+
+    return cupy.ascontiguousarray(x), OP_N, max(cols, 1)
+
+
+def _batch_stride(x) -> int:
+    """Elements between consecutive matrices of a (batch, r, c) stack (0 for a single matrix)."""
+    return x.strides[0] // x.itemsize if x.ndim == 3 and x.shape[0] > 1 else 0
+
+
+def supports(a, b) -> bool:
+    """Whether ``matmul`` handles these operands (else the caller uses cupy.matmul)."""
+    return (a.dtype == b.dtype and a.dtype.name in GEMM_SYMBOLS and a.ndim >= 2 and b.ndim >= 2
+            and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2]) and a.shape[-1] == b.shape[-2] and a.size and b.size)
+
+
+def matmul(a, b):
+    """a @ b for CuPy arrays: (..., m, k) @ (k, n) or (..., m, k) @ (..., k, n) with equal batch shapes."""
+    import cupy
+
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    batch_shape = a.shape[:-2]
+    if b.ndim == 2:  # one weight for every row of every batch: a single (M, k) @ (k, n) product
+        a3, b3 = a.reshape(1, -1, k), b.reshape(1, k, n)
+        rows = a3.shape[1]
+    else:
+        a3, b3 = a.reshape(-1, m, k), b.reshape(-1, k, n)
+        rows = m
+    batch = a3.shape[0]
+    out = cupy.empty((batch, rows, n), dtype=a.dtype)
+    a3, op_a, ld_a = _as_operand(a3)
+    b3, op_b, ld_b = _as_operand(b3)
+    lib, handle, _ = _blas()
+    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)), "cublasSetStream")
+    name, scalar = GEMM_SYMBOLS[a.dtype.name]
+    one, zero = scalar(1.0), scalar(0.0)
+    # column-major: out^T (n, rows) = op(b)^T-view (n, k) times op(a)^T-view (k, rows), batch by batch
+    _check(getattr(lib, name)(
+        handle, op_b, op_a, n, rows, k, ctypes.byref(one),
+        ctypes.c_void_p(b3.data.ptr), ld_b, _batch_stride(b3),
+        ctypes.c_void_p(a3.data.ptr), ld_a, _batch_stride(a3),
+        ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), n, rows * n, batch), name)
+    return out.reshape(*batch_shape, m, n)

@@ -1,0 +1,93 @@
+"""Causal self-attention on the GPU: cuBLAS batched matmuls around the fused softmax row kernels.
+
+The math is minilora.layers.attention's, line for line; the differences are where the work goes.
+
+- The causal mask and the row softmax are one kernel in place on the (B, H, T, T) scores, and the
+  softmax backward (with the dropout mask) another (see attention_softmax). The scale goes on q
+  before the product, as in the reference: T * hs multiplications per head rather than T * T.
+- Operand layouts. CuPy's batched matmul gives cuBLAS C-contiguous operands and copies any other
+  view first. So only the small (T, hs) operands are ever transposed: the backward forms
+  dv^T = dy^T att and dk^T = q^T ds, not att^T dy and ds^T q, which would copy two (B, H, T, T)
+  arrays. q is scaled into a new array (B, T, C values, the copy cuBLAS needed anyway); k and v
+  stay views of qkv.
+- Two variants. Below LSE_MIN_T the forward keeps the probabilities, in the reference's own
+  AttentionCache (so either backward accepts either forward's cache). From LSE_MIN_T on it keeps
+  only each row's log-sum-exp, (B, H, T) numbers instead of (B, H, T, T): for T = 1024 and 12 heads
+  that is 48 MiB less per sequence and layer. The backward then recomputes the scores q k^T (one
+  extra matmul) and the probabilities exp(s - lse) (one elementwise pass).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import matmul
+from ..layers.attention import AttentionCache, merge_heads, split_heads
+from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
+
+LSE_MIN_T = 512  # from this block length on, the forward keeps the log-sum-exp, not the probabilities
+
+
+class LseAttentionCache(NamedTuple):
+    q: object  # (B, H, T, hs) queries, already scaled by 1/sqrt(hs)
+    k: object  # (B, H, T, hs) keys
+    v: object  # (B, H, T, hs) values
+    lse: object  # (B, H, T) log sum_j exp(q_i . k_j) over the visible keys j <= i
+    dropout_mask: object  # (B, H, T, T) or None
+    scale: float  # 1/sqrt(hs)
+
+
+def attention_forward(qkv, n_head: int, dropout_mask=None):
+    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), AttentionCache or LseAttentionCache)."""
+    import cupy
+
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_head) != 0:
+        raise ValueError(f"qkv width {C3} is not 3 * n_head * head_size with n_head={n_head}")
+    q, k, v = split_heads(qkv, n_head)  # views, each (B, H, T, hs)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q = q * scale  # (B, H, T, hs), contiguous
+    att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T) scores
+    lse = cupy.empty(att.shape[:-1], dtype=att.dtype) if T >= LSE_MIN_T else None  # (B, H, T)
+    causal_softmax(att, lse)  # scores -> probabilities, in place
+    if dropout_mask is not None:
+        dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
+    y = matmul(att if dropout_mask is None else att * dropout_mask, v)  # (B, H, T, hs)
+    if lse is None:
+        cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
+    else:
+        cache = LseAttentionCache(q=q, k=k, v=v, lse=lse, dropout_mask=dropout_mask, scale=scale)
+    return merge_heads(y), cache  # (B, T, C)
+
+
+def attention_backward(dout, cache):
+    """dout: (B, T, C) -> dqkv: (B, T, 3C), from either variant's cache (or the reference's)."""
+    if isinstance(cache, LseAttentionCache):
+        att = matmul(cache.q, cache.k.swapaxes(-1, -2))  # the forward's scores again: the extra matmul
+        causal_probs_from_lse(att, cache.lse)
+    else:
+        att = cache.att
+    return _backward_from_probs(dout, cache.q, cache.k, cache.v, att, cache.dropout_mask, cache.scale)
+
+
+def _backward_from_probs(dout, q, k, v, att, mask, scale: float):
+    """The reference backward's steps (see minilora.layers.attention), with (T, T) operands kept contiguous."""
+    import cupy
+
+    B, H, T, hs = q.shape
+    att = cupy.ascontiguousarray(att)
+    mask = None if mask is None else cupy.ascontiguousarray(mask, dtype=att.dtype)
+    dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs), a view
+    att_used = att if mask is None else att * mask
+    dv_t = matmul(dy.swapaxes(-1, -2), att_used)  # (B, H, hs, T) = (att_used^T dy)^T
+    del att_used
+    grad = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T): d loss / d att_used
+    causal_softmax_backward(att, grad, mask)  # -> ds, d loss / d scores, in place
+    dq = matmul(grad, k)  # (B, H, T, hs), the gradient of the scaled q
+    dk_t = matmul(q.swapaxes(-1, -2), grad)  # (B, H, hs, T) = (ds^T q)^T
+    dqkv = cupy.empty((B, T, 3, H, hs), dtype=dout.dtype)
+    cupy.multiply(dq.transpose(0, 2, 1, 3), scale, out=dqkv[:, :, 0])  # through q_scaled = q * scale
+    dqkv[:, :, 1] = dk_t.transpose(0, 3, 1, 2)  # (B, H, hs, T) -> (B, T, H, hs)
+    dqkv[:, :, 2] = dv_t.transpose(0, 3, 1, 2)
+    return dqkv.reshape(B, T, 3 * H * hs)

@@ -1,0 +1,112 @@
+"""What the row kernels share: block-wide reductions in CUDA, compilation on first use, the launch rule.
+
+A *row kernel* gives each row of a 2-D problem one thread block: a row of LayerNorm's input, a row
+of logits, a row of attention scores. Thread t of the block takes the columns t, t + blockDim.x,
+t + 2 blockDim.x, ...; consecutive threads read consecutive addresses, so the loads of each warp
+(32 threads that execute together) coalesce into a few wide memory transactions. Per-row statistics
+(a maximum, a sum) start as one partial result per thread and are combined by ``block_sum`` and
+``block_max`` below, in a fixed order: the same input always gives the same bits.
+
+Every kernel is written once as a C++ template over ``Real`` and instantiated for float and double,
+so float32 accumulates in float32 and float64 in float64, like the readable layers they replace.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+KERNEL_TYPES = {"float32": "float", "float64": "double"}  # array dtype -> the C++ type of Real
+MAX_THREADS = 512  # threads per row block (16 warps); longer rows loop
+NULL = 0  # a Python int reaches a kernel as a 64-bit integer: in a pointer parameter, the null pointer
+
+REDUCTIONS = r"""
+// Every row kernel runs with blockDim.x a whole number of warps (a multiple of 32, at most 1024).
+
+// Sum over the 32 lanes of a warp by butterfly exchanges: lane L adds the value of lane L ^ 16, then
+// of L ^ 8, 4, 2, 1. Addition is commutative, so after the five steps every lane holds the very
+// same total. Registers only: no shared memory, no barrier.
+template <typename Real>
+__device__ __forceinline__ Real warp_sum(Real v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+template <typename Real>
+__device__ __forceinline__ Real warp_max(Real v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const Real other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+
+// Sum over the whole block, returned to every thread. 1: each warp reduces its 32 values.
+// 2: lane 0 of each warp parks the warp's total in scratch (32 slots: at most 32 warps).
+// 3: every warp reads the parked totals and reduces them again, so every thread gets the total.
+// The last barrier lets the caller reuse scratch for its next reduction at once.
+template <typename Real>
+__device__ Real block_sum(Real v, Real* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : Real(0);
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}
+
+// Maximum over the whole block, the same way; lanes past the last warp repeat warp 0's maximum.
+template <typename Real>
+__device__ Real block_max(Real v, Real* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = warp_max(scratch[lane < n_warps ? lane : 0]);
+    __syncthreads();
+    return v;
+}
+"""
+
+
+def c_type(dtype) -> str:
+    """The C++ type that a kernel uses for arrays of ``dtype``: float or double."""
+    name = getattr(dtype, "name", str(dtype))
+    if name not in KERNEL_TYPES:
+        raise TypeError(f"the fused kernels take float32 or float64 arrays, got {name}")
+    return KERNEL_TYPES[name]
+
+
+class KernelModule:
+    """CUDA source (after REDUCTIONS) whose templated kernels are compiled on first use, per type.
+
+    Creating one imports nothing; ``get`` compiles the module once (CuPy also caches the binary on
+    disk) and returns the kernel instantiated for the dtype, e.g. ``get("layernorm_forward", x.dtype)``.
+    """
+
+    def __init__(self, source: str, kernels: tuple[str, ...]):
+        self.source = REDUCTIONS + source
+        self.kernels = kernels
+
+    @functools.cached_property
+    def _module(self):
+        import cupy
+
+        names = [f"{kernel}<{ctype}>" for kernel in self.kernels for ctype in KERNEL_TYPES.values()]
+        return cupy.RawModule(code=self.source, name_expressions=names)
+
+    def get(self, kernel: str, dtype):
+        return self._module.get_function(f"{kernel}<{c_type(dtype)}>")
+
+
+def row_threads(n_cols: int) -> int:
+    """Threads for a row block: whole warps, one column per thread, up to MAX_THREADS."""
+    return min(MAX_THREADS, 32 * max(1, math.ceil(n_cols / 32)))
+
+
+def launch_rows(kernel, n_rows: int, n_cols: int, args: tuple) -> None:
+    """Launch ``kernel`` with one block per row. Zero rows launch nothing (CuPy would run one block)."""
+    if n_rows > 0:
+        kernel((n_rows,), (row_threads(n_cols),), args)

@@ -1,0 +1,66 @@
+"""GELU (tanh approximation) as one elementwise kernel each way.
+
+The reference forward makes seven passes over memory and keeps t = tanh(u) for the backward. Here
+the forward is one kernel, and its cache keeps only x (``GeluCache.t`` is None): the backward
+recomputes the tanh, which costs a few arithmetic instructions per element, cheaper on a GPU than
+storing and re-reading an activation as large as the MLP's hidden layer. A cache from the reference
+forward (t given) is differentiated with its t.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from ..layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI, GeluCache
+
+# The two formulas of minilora.layers.gelu, as device functions the kernels below share.
+_PREAMBLE = f"""
+#define GELU_K {GELU_SQRT_2_OVER_PI!r}
+#define GELU_C {GELU_CUBIC!r}
+""" + r"""
+// u = sqrt(2/pi) (x + 0.044715 x^3), the argument of the tanh
+template <typename Real>
+__device__ __forceinline__ Real gelu_inner(Real x) {
+    return Real(GELU_K) * (x + Real(GELU_C) * x * x * x);
+}
+
+// d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, with t = tanh(u), du/dx = sqrt(2/pi) (1 + 3c x^2)
+template <typename Real>
+__device__ __forceinline__ Real gelu_slope(Real x, Real t) {
+    const Real du_dx = Real(GELU_K) * (Real(1) + Real(3) * Real(GELU_C) * x * x);
+    return Real(0.5) * (Real(1) + t) + Real(0.5) * x * (Real(1) - t * t) * du_dx;
+}
+"""
+
+
+class _Kernels(NamedTuple):
+    forward: object  # x -> 0.5 x (1 + tanh(u))
+    backward: object  # (dout, x) -> dx, recomputing tanh(u)
+    backward_from_t: object  # (dout, x, t) -> dx, with the cached tanh(u)
+
+
+@functools.cache
+def _kernels() -> _Kernels:
+    import cupy
+
+    def kernel(in_params, body, name):
+        return cupy.ElementwiseKernel(in_params, "T out", body, f"minilora_{name}", preamble=_PREAMBLE)
+
+    return _Kernels(
+        forward=kernel("T x", "out = T(0.5) * x * (T(1) + tanh(gelu_inner(x)));", "gelu_forward"),
+        backward=kernel("T dout, T x", "out = dout * gelu_slope(x, tanh(gelu_inner(x)));", "gelu_backward"),
+        backward_from_t=kernel("T dout, T x, T t", "out = dout * gelu_slope(x, t);", "gelu_backward_from_t"),
+    )
+
+
+def gelu_forward(x):
+    """gelu(x), elementwise, any shape -> (out, GeluCache(x=x, t=None))."""
+    return _kernels().forward(x), GeluCache(x=x, t=None)
+
+
+def gelu_backward(dout, cache: GeluCache):
+    """dx = dout * gelu'(x), from either cache: t recomputed when the cache has none."""
+    if cache.t is None:
+        return _kernels().backward(dout, cache.x)
+    return _kernels().backward_from_t(dout, cache.x, cache.t)

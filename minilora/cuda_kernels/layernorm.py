@@ -1,0 +1,149 @@
+"""LayerNorm over the last axis: one thread block per row, and column sums for dw and db.
+
+Forward, per row of C values (three passes over the row; the first reads device memory, the other
+two mostly hit the cache, since a row is a few kilobytes):
+    1. mean = sum(x) / C                              block-wide sum
+    2. var = sum((x - mean)^2) / C                    block-wide sum around the mean (two-pass:
+                                                      no cancellation, unlike E[x^2] - mean^2)
+    3. xhat = (x - mean) * rstd, out = xhat * w + b   one write each
+Backward, per row: the two row means that dx needs, then dx, as in minilora.layers.layernorm.
+dw and db sum over all rows instead: a second kernel adds up slabs of rows per column (partial
+sums), and one small reduction adds the slabs. No atomics, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..layers.layernorm import LAYERNORM_EPS, LayerNormCache
+from .blocks import NULL, KernelModule, launch_rows
+
+TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8 rows at a time
+ROWS_PER_SLAB = 128  # rows summed by one column-sum block
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: more rows make the slabs taller
+
+_SOURCE = f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n" + r"""
+// One block per row; passes 1, 2 and 3 of the module docstring, the first two ending in block sums.
+template <typename Real>
+__global__ void layernorm_forward(const Real* x, const Real* w, const Real* b, Real* out, Real* xhat,
+                                  Real* rstd, long long C, Real eps) {
+    __shared__ Real scratch[32];
+    const long long row = blockIdx.x, offset = row * C;
+    x += offset; out += offset; xhat += offset;
+    Real sum = 0;
+    for (long long c = threadIdx.x; c < C; c += blockDim.x) sum += x[c];
+    const Real mean = block_sum(sum, scratch) / Real(C);
+    Real squares = 0;
+    for (long long c = threadIdx.x; c < C; c += blockDim.x) {
+        const Real centred = x[c] - mean;
+        squares += centred * centred;
+    }
+    const Real r = Real(1) / sqrt(block_sum(squares, scratch) / Real(C) + eps);
+    for (long long c = threadIdx.x; c < C; c += blockDim.x) {
+        const Real h = (x[c] - mean) * r;
+        xhat[c] = h;
+        out[c] = b != nullptr ? h * w[c] + b[c] : h * w[c];
+    }
+    if (threadIdx.x == 0) rstd[row] = r;
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dxhat = dout * w: one block per row.
+template <typename Real>
+__global__ void layernorm_backward_dx(const Real* dout, const Real* xhat, const Real* rstd, const Real* w,
+                                      Real* dx, long long C) {
+    __shared__ Real scratch[32];
+    const long long row = blockIdx.x, offset = row * C;
+    dout += offset; xhat += offset; dx += offset;
+    Real sum_g = 0, sum_g_xhat = 0;
+    for (long long c = threadIdx.x; c < C; c += blockDim.x) {
+        const Real g = dout[c] * w[c];
+        sum_g += g;
+        sum_g_xhat += g * xhat[c];
+    }
+    const Real mean_g = block_sum(sum_g, scratch) / Real(C);
+    const Real mean_g_xhat = block_sum(sum_g_xhat, scratch) / Real(C);
+    const Real r = rstd[row];
+    for (long long c = threadIdx.x; c < C; c += blockDim.x)
+        dx[c] = r * (dout[c] * w[c] - mean_g - xhat[c] * mean_g_xhat);
+}
+
+// Column sums over a slab of rows: dw_part[slab, c] = sum of dout * xhat, db_part[slab, c] = sum of dout.
+// Block (TILE_COLUMNS = 32, ROW_LANES = 8): threadIdx.x picks one of 32 adjacent columns (a warp reads
+// 32 consecutive values of a row: coalesced), threadIdx.y one of 8 row lanes that stride down the slab.
+// The lanes' sums then meet in shared memory and lane 0 adds them in a fixed order.
+// db_part is null without a bias.
+template <typename Real>
+__global__ void layernorm_backward_params(const Real* dout, const Real* xhat, Real* dw_part, Real* db_part,
+                                          long long n_rows, long long C, long long rows_per_slab) {
+    __shared__ Real dw_lanes[ROW_LANES][TILE_COLUMNS], db_lanes[ROW_LANES][TILE_COLUMNS];
+    const long long c = (long long)blockIdx.x * TILE_COLUMNS + threadIdx.x;
+    const long long first = (long long)blockIdx.y * rows_per_slab;
+    const long long end = first + rows_per_slab < n_rows ? first + rows_per_slab : n_rows;
+    Real dw = 0, db = 0;
+    if (c < C) {
+        for (long long r = first + threadIdx.y; r < end; r += ROW_LANES) {
+            const Real d = dout[r * C + c];
+            dw += d * xhat[r * C + c];
+            db += d;
+        }
+    }
+    dw_lanes[threadIdx.y][threadIdx.x] = dw;
+    db_lanes[threadIdx.y][threadIdx.x] = db;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int lane = 1; lane < ROW_LANES; ++lane) {
+            dw += dw_lanes[lane][threadIdx.x];
+            db += db_lanes[lane][threadIdx.x];
+        }
+        dw_part[blockIdx.y * C + c] = dw;
+        if (db_part != nullptr) db_part[blockIdx.y * C + c] = db;
+    }
+}
+"""
+_KERNELS = KernelModule(_SOURCE, ("layernorm_forward", "layernorm_backward_dx", "layernorm_backward_params"))
+
+
+def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis.   x: (..., C) -> (y, LayerNormCache)."""
+    import cupy
+
+    C = x.shape[-1]
+    rows = cupy.ascontiguousarray(x).reshape(-1, C)  # (N, C)
+    out, xhat = cupy.empty_like(rows), cupy.empty_like(rows)
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
+    w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
+    b_c = NULL if b is None else cupy.ascontiguousarray(b, dtype=x.dtype)
+    launch_rows(_KERNELS.get("layernorm_forward", x.dtype), rows.shape[0], C,
+                (rows, w_c, b_c, out, xhat, rstd, C, x.dtype.type(eps)))
+    return out.reshape(x.shape), LayerNormCache(xhat=xhat.reshape(x.shape), rstd=rstd, w=w, has_bias=b is not None)
+
+
+def layernorm_backward(dout, cache: LayerNormCache):
+    """(dx, dw, db) of y = xhat * w + b; db is None without a bias. Takes the reference's cache too."""
+    import cupy
+
+    C = dout.shape[-1]
+    g = cupy.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
+    xhat = cupy.ascontiguousarray(cache.xhat, dtype=dout.dtype).reshape(-1, C)
+    rstd = cupy.ascontiguousarray(cache.rstd, dtype=dout.dtype)  # N values, one per row
+    w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
+    dx = cupy.empty_like(g)
+    launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), g.shape[0], C, (g, xhat, rstd, w, dx, C))
+    dw, db = _column_sums(g, xhat, cache.has_bias)
+    return dx.reshape(dout.shape), dw, db
+
+
+def _column_sums(g, xhat, has_bias: bool):
+    """dw = sum over rows of g * xhat, db = sum over rows of g (None without a bias), each (C,)."""
+    import cupy
+
+    N, C = g.shape
+    rows_per_slab = max(ROWS_PER_SLAB, math.ceil(N / MAX_GRID_Y))
+    n_slabs = math.ceil(N / rows_per_slab)
+    dw_part = cupy.empty((n_slabs, C), dtype=g.dtype)  # (slabs, C) partial sums
+    db_part = cupy.empty((n_slabs, C), dtype=g.dtype) if has_bias else None
+    if n_slabs > 0 and C > 0:
+        kernel = _KERNELS.get("layernorm_backward_params", g.dtype)
+        kernel((math.ceil(C / TILE_COLUMNS), n_slabs), (TILE_COLUMNS, ROW_LANES),
+               (g, xhat, dw_part, NULL if db_part is None else db_part, N, C, rows_per_slab))
+    return dw_part.sum(axis=0), None if db_part is None else db_part.sum(axis=0)

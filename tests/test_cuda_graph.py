@@ -1,0 +1,64 @@
+"""The captured training step (minilora.cuda_graph.GraphedStep) against ordinary eager steps on the GPU.
+
+Skipped without CuPy and a GPU. Two copies of one LoRA model take the same five batches, one through
+the graph (one eager warm-up step, then a capture and replays), one through the eager step of the
+benchmark; their losses and adapter weights must agree to float32 rounding.
+"""
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        pytest.skip("no GPU visible", allow_module_level=True)
+except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
+    pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
+
+from minilora.backend import to_numpy  # noqa: E402
+from minilora.bench import train_step  # noqa: E402
+from minilora.config import GPTConfig  # noqa: E402
+from minilora.cuda_graph import GraphedStep  # noqa: E402
+from minilora.finetune import make_optimizer  # noqa: E402
+from minilora.lora_config import LoraConfig  # noqa: E402
+from minilora.lora_model import add_lora  # noqa: E402
+from minilora.model import GPT, init_params  # noqa: E402
+from minilora.train import TrainSettings  # noqa: E402
+
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def lora_model_and_optimizer():
+    model = add_lora(GPT(CONFIG, init_params(CONFIG, seed=1, device="cuda")),
+                     LoraConfig(r=4, target_modules=("c_attn", "attn.c_proj"), init="random"), seed=2)
+    return model, make_optimizer(model, TrainSettings(lr=1e-2, weight_decay=0.1))
+
+
+def test_graph_replays_match_eager_steps():
+    graphed_model, graphed_optimizer = lora_model_and_optimizer()
+    eager_model, eager_optimizer = lora_model_and_optimizer()
+    step = GraphedStep(graphed_model, graphed_optimizer, grad_clip=1.0, warmup=1)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x, y = rng.integers(0, 256, (4, 16)), rng.integers(0, 256, (4, 16))
+        loss_graph = float(step(x, y))
+        loss_eager = float(train_step(eager_model, eager_optimizer, x, y, grad_clip=1.0))
+        assert loss_graph == pytest.approx(loss_eager, rel=1e-5)
+    assert step.graph is not None  # the last four steps were replays
+    for name in graphed_model.trainable_names:
+        np.testing.assert_allclose(to_numpy(graphed_model.params[name]), to_numpy(eager_model.params[name]),
+                                   rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_graph_refuses_dropout_and_bad_batches():
+    model, optimizer = lora_model_and_optimizer()
+    dropout_model = GPT(GPTConfig.from_dict({**CONFIG.to_dict(), "dropout": 0.1}),
+                        init_params(CONFIG, device="cuda"))
+    with pytest.raises(ValueError, match="dropout"):
+        GraphedStep(dropout_model, optimizer, grad_clip=1.0)
+    step = GraphedStep(model, optimizer, grad_clip=1.0)
+    step(np.zeros((4, 16), dtype=np.int64), np.zeros((4, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match="shape"):
+        step(np.zeros((2, 16), dtype=np.int64), np.zeros((2, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        step(np.full((4, 16), 999), np.zeros((4, 16), dtype=np.int64))
