@@ -135,6 +135,7 @@ class BenchSettings:
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
     trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
     cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (cuda_graph.GraphedStep)
+    tf32: bool = False  # on a GPU, float32 products on TF32 tensor cores (both minilora and the peer)
 
     def __post_init__(self):
         if isinstance(self.targets, list):
@@ -216,10 +217,12 @@ def gpu_info(xp) -> dict | None:
     """The GPU, driver, CUDA runtime and CuPy versions, and whether CuPy's matmuls may use TF32 (None on the CPU)."""
     if xp is np:
         return None
+    from . import cuda_blas
+
     runtime = xp.cuda.runtime
     properties = runtime.getDeviceProperties(xp.cuda.Device().id)
     return {"name": properties["name"].decode(), "cupy": xp.__version__, "driver": runtime.driverGetVersion(),
-            "runtime": runtime.runtimeGetVersion(), "tf32": os.environ.get("CUPY_TF32", "0") == "1"}
+            "runtime": runtime.runtimeGetVersion(), "tf32": cuda_blas.tf32_enabled()}
 
 
 def openblas_env() -> dict:
@@ -313,6 +316,10 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
+    if xp is not np:
+        from . import cuda_blas
+
+        cuda_blas.use_tf32(settings.tf32)
     if xp is np:
         retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
     config, lora_config = settings.config(), settings.lora_config()
@@ -453,7 +460,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
 def _build_peer(settings, device, model, optimizer, initial, config, lora_config, log):
     log(f"loading the PyTorch peer from {PEER_PATH}")
     module = load_torch_peer()
-    info = module.configure(settings.peer_threads, device)
+    info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
     peak = module.matmul_peak_gflops(settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device)
     reset_peak_rss()
     rss_before = current_rss_bytes()

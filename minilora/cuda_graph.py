@@ -34,6 +34,13 @@ from .data_parallel import forward_backward
 from .optim import clip_grad_norm
 
 
+def can_capture(model) -> bool:
+    """Whether a model's training step can be captured: it lives on a GPU and uses no dropout."""
+    lora_config = getattr(model, "lora_config", None)  # LoraGPT's active adapter (None when it has none)
+    lora_dropout = lora_config.lora_dropout if lora_config is not None else 0.0
+    return model.xp.__name__ == "cupy" and model.config.dropout == 0 and lora_dropout == 0
+
+
 class GraphedStep:
     """``step(x, y, lr) -> loss`` for a model on a GPU: ``warmup`` eager steps, then graph replays.
 
@@ -46,7 +53,7 @@ class GraphedStep:
 
         if model.xp is not cupy:
             raise ValueError("GraphedStep needs a model on the GPU (device='cuda')")
-        if model.config.dropout > 0 or getattr(getattr(model, "lora_config", None), "lora_dropout", 0.0) > 0:
+        if not can_capture(model):
             raise ValueError("GraphedStep cannot capture dropout (a graph would replay one mask forever); "
                              "train with dropout 0 or without the graph")
         if warmup < 1:
@@ -64,10 +71,13 @@ class GraphedStep:
         self.outputs = None  # (loss, grads) written by every replay
 
     def __call__(self, x, y, lr: float | None = None):
+        caller = self.cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())  # the step starts after the caller's earlier work
         with self.stream:  # the upload, the step and the optimiser, in this stream's order
             ids = self.model.check_token_ids(x, "idx"), self.model.check_token_ids(y, "targets")  # host range check
             loss, grads = self._forward_backward(*ids)
             self.optimizer.step(grads, lr)  # after the graph, in stream order; default memory pool
+        caller.wait_event(self.stream.record())  # the caller's later work (reading the loss) waits for the step
         return loss
 
     def _forward_backward(self, x, y):

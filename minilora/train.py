@@ -6,7 +6,9 @@ seeded with (seed, DATA_STREAM, step) and the dropout masks from a device genera
 data_parallel). Resuming at step k therefore needs only the parameters, the optimiser state and k,
 and k steps + save + resume + (N - k) steps reproduce N steps exactly.
 
-A loss value is read (forcing a GPU sync) only every ``log_interval`` steps and at evaluations. A
+On a GPU, a model without dropout trains through ``cuda_graph.GraphedStep``: the same step, captured
+once as a CUDA graph and replayed. A loss value is read (forcing a GPU sync) only every
+``log_interval`` steps and at evaluations. A
 non-finite loss, or non-finite parameters found before a save, stop training with TrainingDiverged;
 the last checkpoint on disk, written before things went wrong, is left as it was.
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 from .backend import host_rng, synchronize
 from .checkpoint import all_finite
+from .cuda_graph import GraphedStep, can_capture
 from .data import get_batch
 from .data_parallel import forward_backward
 from .evaluate import bits_per_byte
@@ -82,6 +85,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
     xp = model.xp
     if xp is np:
         retain_freed_memory()  # reuse last step's freed activations instead of fresh, zero-filled pages
+    graphed = GraphedStep(model, optimizer, settings.grad_clip) if can_capture(model) else None  # GPU, no dropout
     result = TrainResult()
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc="train",
@@ -89,11 +93,14 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
     for step in bar:
         lr = cosine_lr(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
         x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step))  # (B, T) each
-        loss, grads = forward_backward(model, x, y, dropout_key=(settings.seed, DROPOUT_STREAM, step))
-        if settings.grad_clip > 0:
-            clip_grad_norm(grads, settings.grad_clip)
-        optimizer.step(grads, lr)
-        del grads
+        if graphed is not None:
+            loss = graphed(x, y, lr)  # the same work, replayed as one CUDA graph
+        else:
+            loss, grads = forward_backward(model, x, y, dropout_key=(settings.seed, DROPOUT_STREAM, step))
+            if settings.grad_clip > 0:
+                clip_grad_norm(grads, settings.grad_clip)
+            optimizer.step(grads, lr)
+            del grads
         done = step + 1
         if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
             loss_value = float(loss)  # syncs the device

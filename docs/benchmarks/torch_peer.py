@@ -37,8 +37,8 @@ LAYERNORM_EPS = 1e-5
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def configure(threads: int, device: str = "cpu") -> dict:
-    """Set torch's intra-op threads (the issue's torch.set_num_threads(2)) and, on a GPU, turn TF32 off.
+def configure(threads: int, device: str = "cpu", tf32: bool = False) -> dict:
+    """Set torch's intra-op threads (the issue's torch.set_num_threads(2)) and, on a GPU, TF32 (off by default).
 
     Returns what torch reports about itself and the device.
     """
@@ -46,9 +46,9 @@ def configure(threads: int, device: str = "cpu") -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch dispatches to
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products, as minilora's default
-        torch.backends.cudnn.allow_tf32 = False
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, tf32=False)
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # False: full float32 products, as minilora's default
+        torch.backends.cudnn.allow_tf32 = tf32
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, tf32=tf32)
     return info
 
 

@@ -44,6 +44,8 @@ def add_bench_parser(subparsers) -> None:
     run.add_argument("--peak-size", type=int, default=None, help="n of the n x n matmul that measures the peak "
                                                                   "(default 2048 on cpu, 8192 on cuda)")
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")
+    run.add_argument("--tf32", action="store_true",
+                     help="on a GPU, float32 products on TF32 tensor cores, for minilora and the peer (not the default)")
     run.add_argument("--no-cuda-graph", action="store_true",
                      help="on a GPU, launch every kernel from Python instead of replaying a captured CUDA graph")
     peer = parser.add_argument_group("peer")
@@ -70,7 +72,7 @@ def settings_from_args(args):
         seed=args.seed, dtype=args.dtype, corpus=None if args.corpus == "random" else args.corpus,
         peer=None if args.peer == "none" else args.peer, peer_threads=args.peer_threads,
         peer_attention=args.peer_attention, threads=args.threads, peak_size=args.peak_size,
-        trace_memory=not args.no_trace_memory, cuda_graph=not args.no_cuda_graph)
+        trace_memory=not args.no_trace_memory, cuda_graph=not args.no_cuda_graph, tf32=args.tf32)
 
 
 def run_bench_command(args) -> None:
