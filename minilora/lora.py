@@ -89,12 +89,12 @@ def lora_linear_forward(x, W, b, lora_A, lora_B, scaling: float, dropout_mask=No
     return y, LoraLinearCache(base, lora)
 
 
-def lora_linear_backward(dout, cache: LoraLinearCache, compute_dW: bool = False):
+def lora_linear_backward(dout, cache: LoraLinearCache, compute_dW: bool = False, compute_db: bool = True):
     """Returns (dx, dW, db, dA, dB). dW is None unless asked for: W is frozen, its product is skipped.
 
     x feeds both the base path and the adapter path, so dx is the sum of the two.
     """
-    dx, dW, db = linear_backward(dout, cache.base, compute_dW=compute_dW)
+    dx, dW, db = linear_backward(dout, cache.base, compute_dW=compute_dW, compute_db=compute_db)
     dx_lora, dA, dB = lora_backward(dout, cache.lora)
     dx += dx_lora
     return dx, dW, db, dA, dB

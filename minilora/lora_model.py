@@ -241,7 +241,8 @@ class LoraGPT(GPT):
             dx, db, dA, dB, dm = dora_linear_backward(dout, cache)
             grads[f"{name}.{MAGNITUDE}"] = dm
         elif isinstance(cache, LoraLinearCache):
-            dx, _, db, dA, dB = lora_linear_backward(dout, cache, compute_dW=False)  # W is always frozen here
+            dx, _, db, dA, dB = lora_linear_backward(dout, cache, compute_dW=False,  # W is always frozen here
+                                                     compute_db=self.is_trainable(bias))
         else:
             return super().linear_backward(name, dout, cache, grads)
         grads[f"{name}.lora_A"], grads[f"{name}.lora_B"] = dA, dB

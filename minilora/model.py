@@ -184,7 +184,8 @@ class GPT:
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
         weight, bias = f"{name}.weight", f"{name}.bias"
-        dx, dW, db = linear_backward(dout, cache, compute_dW=self.is_trainable(weight))
+        dx, dW, db = linear_backward(dout, cache, compute_dW=self.is_trainable(weight),
+                                     compute_db=self.is_trainable(bias))
         if dW is not None:
             grads[weight] = dW
         if db is not None and self.is_trainable(bias):
@@ -285,7 +286,7 @@ class GPT:
         # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)
         dlogits = cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_wte = self.is_trainable(WTE)
-        dx, dW_head, _ = linear_backward(dlogits, cache.head, compute_dW=train_wte)  # dx (B, T, C)
+        dx, dW_head, _ = linear_backward(dlogits, cache.head, compute_dW=train_wte, compute_db=False)  # dx (B, T, C)
         dx = self._layernorm_backward("transformer.ln_f", dx, cache.ln_f, grads)
         for i in reversed(range(self.config.n_layer)):
             dx = self._block_backward(i, dx, cache.blocks[i], grads)

@@ -104,8 +104,8 @@ def test_frozen_parameters_get_no_gradients_and_frozen_weights_no_weight_product
     weight_products = []  # (C_in, C_out) of every weight gradient actually computed
     original = minilora.model.linear_backward
 
-    def spy(dout, cache, compute_dW=True):
-        dx, dW, db = original(dout, cache, compute_dW)
+    def spy(dout, cache, compute_dW=True, compute_db=True):
+        dx, dW, db = original(dout, cache, compute_dW, compute_db)
         if dW is not None:
             weight_products.append(dW.shape)
         return dx, dW, db

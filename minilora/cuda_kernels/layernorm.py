@@ -47,6 +47,10 @@ __global__ void layernorm_forward(const Real* x, const Real* w, const Real* b, R
     if (threadIdx.x == 0) rstd[row] = r;
 }
 
+// A product rounded to the type, never contracted into a multiply-add with what follows it.
+__device__ __forceinline__ float rounded_product(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double rounded_product(double a, double b) { return __dmul_rn(a, b); }
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dxhat = dout * w: one block per row.
 template <typename Real>
 __global__ void layernorm_backward_dx(const Real* dout, const Real* xhat, const Real* rstd, const Real* w,
@@ -56,15 +60,17 @@ __global__ void layernorm_backward_dx(const Real* dout, const Real* xhat, const 
     dout += offset; xhat += offset; dx += offset;
     Real sum_g = 0, sum_g_xhat = 0;
     for (long long c = threadIdx.x; c < C; c += blockDim.x) {
-        const Real g = dout[c] * w[c];
+        const Real g = rounded_product(dout[c], w[c]);
         sum_g += g;
         sum_g_xhat += g * xhat[c];
     }
     const Real mean_g = block_sum(sum_g, scratch) / Real(C);
     const Real mean_g_xhat = block_sum(sum_g_xhat, scratch) / Real(C);
     const Real r = rstd[row];
+    // g is rounded the same way in both loops: were the compiler to fuse g - mean_g into one
+    // multiply-add, g's rounding error would survive the subtraction and be amplified by rstd.
     for (long long c = threadIdx.x; c < C; c += blockDim.x)
-        dx[c] = r * (dout[c] * w[c] - mean_g - xhat[c] * mean_g_xhat);
+        dx[c] = r * (rounded_product(dout[c], w[c]) - mean_g - xhat[c] * mean_g_xhat);
 }
 
 // Column sums over a slab of rows: dw_part[slab, c] = sum of dout * xhat, db_part[slab, c] = sum of dout.

@@ -31,7 +31,7 @@ def linear_forward(x, W, b=None):
     return out, LinearCache(x=x, W=W, has_bias=b is not None)
 
 
-def linear_backward(dout, cache: LinearCache, compute_dW: bool = True):
+def linear_backward(dout, cache: LinearCache, compute_dW: bool = True, compute_db: bool = True):
     """Gradients of y = x @ W + b.
 
     dx = dout @ W^T                      (..., C_out) @ (C_out, C_in) -> (..., C_in)
@@ -39,7 +39,7 @@ def linear_backward(dout, cache: LinearCache, compute_dW: bool = True):
     db = dout summed over rows           (C_out,)
 
     Returns (dx, dW, db); dW is None when ``compute_dW`` is False (a frozen weight) and db is None
-    when the layer has no bias.
+    when the layer has no bias or ``compute_db`` is False (a frozen bias: its column sum is skipped too).
     """
     x, W = cache.x, cache.W
     C_in, C_out = W.shape
@@ -47,6 +47,6 @@ def linear_backward(dout, cache: LinearCache, compute_dW: bool = True):
     dx = matmul(dout, W.T)  # (..., C_in)
     dout_rows = dout.reshape(-1, C_out)  # (N, C_out)
     dW = matmul(x.reshape(-1, C_in).T, dout_rows) if compute_dW else None  # (C_in, C_out)
-    db = dout_rows.sum(axis=0) if cache.has_bias else None  # (C_out,)
+    db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None  # (C_out,)
     # END SOLUTION
     return dx, dW, db
