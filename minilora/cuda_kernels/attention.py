@@ -8,8 +8,10 @@ The math is minilora.layers.attention's, line for line; the differences are wher
 - Operand layouts. CuPy's batched matmul gives cuBLAS C-contiguous operands and copies any other
   view first. So only the small (T, hs) operands are ever transposed: the backward forms
   dv^T = dy^T att and dk^T = q^T ds, not att^T dy and ds^T q, which would copy two (B, H, T, T)
-  arrays. q is scaled into a new array (B, T, C values, the copy cuBLAS needed anyway); k and v
-  stay views of qkv.
+  arrays. q is scaled into a new array (B, T, C values, the copy cuBLAS needed anyway); k and v are
+  made contiguous once in the forward, and dy once in the backward, since minilora's cuBLAS calls
+  (cuda_blas) read a transposed stack of matrices in place but copy any view whose batch axes cannot
+  be merged into one stride, as the per-head views of qkv and dout are.
 - Two variants. Below LSE_MIN_T the forward keeps the probabilities, in the reference's own
   AttentionCache (so either backward accepts either forward's cache). From LSE_MIN_T on it keeps
   only each row's log-sum-exp, (B, H, T) numbers instead of (B, H, T, T): for T = 1024 and 12 heads
@@ -48,6 +50,9 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     q, k, v = split_heads(qkv, n_head)  # views, each (B, H, T, hs)
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # (B, H, T, hs), contiguous
+    # k and v contiguous once, here: every later product (two now, up to four in the backward) then
+    # hands cuBLAS a plain or transposed stack of matrices instead of copying a strided view again.
+    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T) scores
     lse = cupy.empty(att.shape[:-1], dtype=att.dtype) if T >= LSE_MIN_T else None  # (B, H, T)
     causal_softmax(att, lse)  # scores -> probabilities, in place
@@ -78,7 +83,7 @@ def _backward_from_probs(dout, q, k, v, att, mask, scale: float):
     B, H, T, hs = q.shape
     att = cupy.ascontiguousarray(att)
     mask = None if mask is None else cupy.ascontiguousarray(mask, dtype=att.dtype)
-    dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs), a view
+    dy = cupy.ascontiguousarray(dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs), used twice
     att_used = att if mask is None else att * mask
     dv_t = matmul(dy.swapaxes(-1, -2), att_used)  # (B, H, hs, T) = (att_used^T dy)^T
     del att_used
