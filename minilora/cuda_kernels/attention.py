@@ -28,7 +28,10 @@ from ..backend import matmul
 from ..layers.attention import AttentionCache, merge_heads, split_heads
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
 
-LSE_MIN_T = 512  # from this block length on, the forward keeps the log-sum-exp, not the probabilities
+# From this block length on, the forward keeps the log-sum-exp, not the probabilities. Measured on an
+# H200 at gpt2s (B 8, T 1024, 12 layers): keeping the probabilities, 116.5 ms a step and 11.0 GB;
+# recomputing them, 125.1 ms and 6.6 GB. Below 2048 the memory is affordable and the time is not.
+LSE_MIN_T = 2048
 
 
 class LseAttentionCache(NamedTuple):
