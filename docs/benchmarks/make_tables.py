@@ -134,7 +134,7 @@ def plot_throughput(results, path: Path, note: str = "") -> Path:
     """minilora's tokens/s over torch's, median with min-max bars, per configuration and BLAS setting."""
     with_peer = [r for r in sorted(results, key=sort_key) if r.get("ratio")]
     fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    labels = [f"{r['preset']} {r['mode']}\n{blas_setting(r)}" for r in with_peer]
+    labels = [f"{r['preset']} {r['mode']}\n{blas_setting(r)}: {kernel(r)}" for r in with_peer]
     medians = [r["ratio"]["median"] for r in with_peer]
     lows = [r["ratio"]["median"] - r["ratio"]["min"] for r in with_peer]
     highs = [r["ratio"]["max"] - r["ratio"]["median"] for r in with_peer]
@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--plots", default=str(HERE), help="directory for the PNG files")
     parser.add_argument("--note", default="", help="appended to the plot titles, e.g. ' (preliminary)'")
     args = parser.parse_args()
-    results = latest([json.loads(line) for path in args.results for line in Path(path).read_text().splitlines()
-                      if line.strip()])
+    results = latest([result for path in args.results for line in Path(path).read_text().splitlines()
+                      if line.strip() and (result := json.loads(line))["device"] == "cpu"])  # GPU: gpu_tables.py
     print(throughput_table(results))
     print()
     print(memory_table(results))
