@@ -71,18 +71,19 @@ def _blas():
     return lib, handle, workspace
 
 
+_tf32_enabled = False  # the math mode last set on the handle
+
+
 def use_tf32(enabled: bool) -> None:
     """Let float32 products use TF32 tensor cores (True) or keep full float32 (False, the default)."""
+    global _tf32_enabled
     lib, handle, _ = _blas()
     _check(lib.cublasSetMathMode(handle, TF32_TENSOR_OP_MATH if enabled else DEFAULT_MATH), "cublasSetMathMode")
-    _tf32[0] = enabled
+    _tf32_enabled = enabled
 
 
 def tf32_enabled() -> bool:
-    return _tf32[0]
-
-
-_tf32 = [False]
+    return _tf32_enabled
 
 
 def _as_operand(x):
