@@ -53,16 +53,14 @@ from .backend import (
 )
 from .config import GPTConfig, get_preset
 from .data import get_batch, load_corpus
-from .data_parallel import forward_backward
 from .finetune import ADAM_BETAS, make_optimizer
 from .host_memory import retain_freed_memory
 from .lora_config import LoraConfig, select_target_modules
 from .lora_model import add_lora
 from .memory import memory_ledger
 from .model import GPT, init_params
-from .optim import clip_grad_norm
 from .provenance import provenance
-from .train import DATA_STREAM, DROPOUT_STREAM, TrainSettings
+from .train import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
 
 BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
 DEFAULT_TARGETS = ("c_attn", "attn.c_proj")
@@ -282,18 +280,6 @@ class _Timed:
         return [t for run in self.runs for t in run]
 
 
-def train_step(model, optimizer, x, y, grad_clip: float, dropout_key=None, shards=None):
-    """The training loop's work for one batch: forward, backward, clipping, AdamW. Returns the loss (device scalar).
-
-    Locals die at return, so a step holds one forward cache at a time.
-    """
-    loss, grads = forward_backward(model, x, y, dropout_key, shards)
-    if grad_clip > 0:
-        clip_grad_norm(grads, grad_clip)
-    optimizer.step(grads)
-    return loss
-
-
 def _threads_context(threads: int | None):
     """BLAS threads outside the sharded forward/backward (the peak matmul, clipping, AdamW)."""
     if threads is None:
@@ -316,12 +302,12 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
-    if xp is not np:
+    if xp is np:
+        retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
+    else:
         from . import cuda_blas
 
         cuda_blas.use_tf32(settings.tf32)
-    if xp is np:
-        retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
     config, lora_config = settings.config(), settings.lora_config()
     B, T = settings.batch_shape()
     peak_n = settings.peak_size or PEAK_SIZES[device]
@@ -361,8 +347,8 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         if graphed is not None:
             loss = graphed(x, y)
         else:
-            loss = train_step(model, optimizer, x, y, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step),
-                              settings.threads)
+            loss = train_step(model, optimizer, x, y, settings.grad_clip,
+                              dropout_key=(settings.seed, DROPOUT_STREAM, step), shards=settings.threads)
         synchronize(xp)
         return time.perf_counter() - started, loss
 

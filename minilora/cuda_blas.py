@@ -1,7 +1,7 @@
 """Matrix products on the GPU through cuBLAS, called with our own handle so that CUDA graphs can record them.
 
 CuPy's ``matmul`` calls cuBLAS too, but CuPy refuses any cuBLAS call while a stream is being captured
-into a CUDA graph (its ``setStream`` raises NotImplementedError), and a training step is mostly matrix
+into a CUDA graph (its ``setStream`` raises "currently unsupported"), and a training step is mostly matrix
 products. cuBLAS itself supports capture when its handle has a workspace of its own (so it never
 allocates during the capture). So this module loads the cuBLAS library CuPy already loaded, makes one
 handle with a 32 MiB workspace, and calls ``cublas<S|D>gemmStridedBatched`` through ctypes.

@@ -73,6 +73,20 @@ class TrainResult:
         return asdict(self)
 
 
+def train_step(model, optimizer, x, y, grad_clip: float, lr: float | None = None, dropout_key=None, shards=None):
+    """One batch's work: forward, backward, clipping (grad_clip 0: off), the optimiser's step. Returns the loss.
+
+    x, y: (B, T) token ids; dropout_key seeds the dropout masks (None: no dropout); shards: see
+    data_parallel.forward_backward. The loss stays a device scalar. Locals die at return, so the
+    step's activations are freed before the next step allocates its own.
+    """
+    loss, grads = forward_backward(model, x, y, dropout_key, shards)
+    if grad_clip > 0:
+        clip_grad_norm(grads, grad_clip)
+    optimizer.step(grads, lr)
+    return loss
+
+
 def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, start_step: int = 0,
                progress: bool = True, report: bool = True) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
@@ -96,11 +110,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
         if graphed is not None:
             loss = graphed(x, y, lr)  # the same work, replayed as one CUDA graph
         else:
-            loss, grads = forward_backward(model, x, y, dropout_key=(settings.seed, DROPOUT_STREAM, step))
-            if settings.grad_clip > 0:
-                clip_grad_norm(grads, settings.grad_clip)
-            optimizer.step(grads, lr)
-            del grads
+            loss = train_step(model, optimizer, x, y, settings.grad_clip, lr, (settings.seed, DROPOUT_STREAM, step))
         done = step + 1
         if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
             loss_value = float(loss)  # syncs the device

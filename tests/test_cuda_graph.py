@@ -16,14 +16,13 @@ except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
     pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
 
 from minilora.backend import to_numpy  # noqa: E402
-from minilora.bench import train_step  # noqa: E402
 from minilora.config import GPTConfig  # noqa: E402
 from minilora.cuda_graph import GraphedStep  # noqa: E402
 from minilora.finetune import make_optimizer  # noqa: E402
 from minilora.lora_config import LoraConfig  # noqa: E402
 from minilora.lora_model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.train import TrainSettings  # noqa: E402
+from minilora.train import TrainSettings, train_step  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 

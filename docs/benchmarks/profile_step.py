@@ -18,11 +18,11 @@ import pstats
 import time
 
 from minilora.backend import host_rng
-from minilora.bench import BenchSettings, train_step
+from minilora.bench import BenchSettings
 from minilora.finetune import make_optimizer
 from minilora.lora_model import add_lora
 from minilora.model import GPT, init_params
-from minilora.train import DATA_STREAM, TrainSettings
+from minilora.train import DATA_STREAM, TrainSettings, train_step
 
 
 def main() -> None:
