@@ -140,7 +140,7 @@ def matmul(a, b):
     """
     xp = get_xp(a)
     if xp is not np:
-        from . import cuda_blas
+        from .fast.cuda import blas as cuda_blas
 
         out = cuda_blas.matmul(a, b) if cuda_blas.supports(a, b) else xp.matmul(a, b)
     else:

@@ -20,7 +20,7 @@ from .backend import get_xp, host_rng, matmul, to_numpy
 from .layers import gelu_forward, layernorm_forward
 from .layers.attention import merge_heads, split_heads
 from .model import WPE, WTE
-from .tokenizer import decode, encode
+from .io.tokenizer import decode, encode
 
 
 class KVCache:

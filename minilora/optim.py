@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
-from .cuda_kernels import use_fused
+from .fast.cuda.kernels import use_fused
 from .model import WPE, WTE
 
 
@@ -126,7 +126,7 @@ class AdamW(Optimizer):
 
 
     def _fused_step(self, grads: dict, lr: float, t: int) -> None:
-        from .cuda_kernels.adamw import adamw_step_fused
+        from .fast.cuda.kernels.adamw import adamw_step_fused
 
         adamw_step_fused(
             [self.params[name] for name in self.names], [grads[name] for name in self.names],
@@ -181,7 +181,7 @@ def clip_grad_norm(grads: dict, max_norm: float):
     if use_fused(arrays[0]) and not xp.cuda.get_current_stream().is_capturing():
         # on a GPU: one pass over all gradients, two launches. Its table of pointers is uploaded from the
         # host, which a CUDA graph capture forbids; a captured step (cuda_graph) takes the sums below.
-        from .cuda_kernels.grad_norm import global_grad_norm
+        from .fast.cuda.kernels.grad_norm import global_grad_norm
 
         total_norm = global_grad_norm(arrays)
     else:

@@ -32,8 +32,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minilora.gradcheck import check_layer
-from minilora.lora import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
-from minilora.lora_config import LoraConfig, init_adapter
+from minilora.lora.layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
+from minilora.lora.config import LoraConfig, init_adapter
 from minilora.optim import AdamW
 
 # %% [markdown]
@@ -68,7 +68,7 @@ print("h", h.shape, " y", y.shape)
 
 y_lib, cache = lora_linear_forward(x, W, b, lora_A, lora_B, s)
 assert np.allclose(y, y_lib, rtol=1e-13, atol=1e-13)
-print("hand-written forward == minilora.lora.lora_linear_forward")
+print("hand-written forward == minilora.lora.layer.lora_linear_forward")
 
 # %% [markdown]
 # The two paths add up to one linear layer with the weight `W + s A^T B^T`. That matrix, the update
@@ -305,7 +305,7 @@ assert rslora[:, 0].max() / rslora[:, 0].min() < 1.5
 #   r (C_in + C_out) trainable numbers.
 # - Its backward is three small products, `dB = s dout^T h`, `dh = s dout B`, `dA = dh^T x`, plus
 #   `dh A` added to dx; the frozen weight's gradient is never formed. The derivation matches
-#   `minilora.lora` and finite differences to better than 1e-7.
+#   `minilora.lora.layer` and finite differences to better than 1e-7.
 # - At the standard initialisation `lora_B = 0`, so the model starts exactly at the base and dA is
 #   exactly zero on the first step; B moves first.
 # - The scaling sets how strongly each step changes the output: `alpha / r` keeps the first step's

@@ -38,7 +38,7 @@ from minilora.layers import (
     embedding_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
     linear_forward,
 )
-from minilora.lora_accounting import format_table, lora_parameter_table
+from minilora.lora.accounting import format_table, lora_parameter_table
 
 # %% [markdown]
 # ## A one-block model

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora as ml
-from minilora.lora_accounting import format_table, lora_parameter_table, lora_trainable_count
+from minilora.lora.accounting import format_table, lora_parameter_table, lora_trainable_count
 from minilora.model import parameter_shapes
 from minilora.optim import AdamW
 

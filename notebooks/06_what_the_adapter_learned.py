@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora as ml
-from minilora.lora import lora_delta_weight
+from minilora.lora.layer import lora_delta_weight
 
 # %% [markdown]
 # ## Two adapters

@@ -8,12 +8,12 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
-import minilora.checkpoint
-from minilora.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, load_adapter, read_adapter, save_adapter
-from minilora.checkpoint import save_checkpoint, weights_fingerprint
+import minilora.io.checkpoint
+from minilora.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, load_adapter, read_adapter, save_adapter
+from minilora.io.checkpoint import save_checkpoint, weights_fingerprint
 from minilora.config import GPTConfig
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
 
@@ -242,7 +242,7 @@ def test_a_crash_half_way_through_a_save_leaves_the_previous_adapter_intact(tmp_
     optimizer.step(model.backward(model.forward(idx, targets)[2]))
     assert not same_bits(model.params["transformer.h.0.attn.c_attn.lora_B"], first["transformer.h.0.attn.c_attn.lora_B"])
 
-    real_write_all = minilora.checkpoint.write_all
+    real_write_all = minilora.io.checkpoint.write_all
     calls = []
 
     def crash_half_way(fd, payload):
@@ -250,7 +250,7 @@ def test_a_crash_half_way_through_a_save_leaves_the_previous_adapter_intact(tmp_
         real_write_all(fd, payload[: len(payload) // 2])
         raise OSError("simulated crash half-way through the write")
 
-    monkeypatch.setattr(minilora.checkpoint, "write_all", crash_half_way)
+    monkeypatch.setattr(minilora.io.checkpoint, "write_all", crash_half_way)
     with pytest.raises(OSError, match="simulated crash"):
         save_adapter(model, tmp_path, extra={"training": {"step": 3}})
     monkeypatch.undo()

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from minilora.baseline import ByteNgramCounts, ngram_bits_per_byte
+from minilora.lab.baseline import ByteNgramCounts, ngram_bits_per_byte
 
 TRAIN = np.frombuffer(b"the cat sat on the mat; the hat is flat. that cat ate the rat.", dtype=np.uint8)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minilora.backend import count_matmuls
-from minilora.bench import (
+from minilora.lab.bench import (
     BENCH_BATCH_SIZES,
     OPENBLAS_ENV_VARS,
     BenchError,
@@ -25,11 +25,11 @@ from minilora.bench import (
 )
 from minilora.cli import bench_command
 from minilora.config import GPTConfig, get_preset
-from minilora.finetune import ADAM_BETAS, make_optimizer
-from minilora.lora_accounting import lora_trainable_count
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
-from minilora.memory import (
+from minilora.training.finetune import ADAM_BETAS, make_optimizer
+from minilora.lora.accounting import lora_trainable_count
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.lab.memory import (
     activation_bytes,
     cached_array_bytes,
     ledger_table,
@@ -37,7 +37,7 @@ from minilora.memory import (
 )
 from minilora.model import GPT, init_params
 from minilora.optim import clip_grad_norm
-from minilora.train import TrainSettings
+from minilora.training.loop import TrainSettings
 
 TINY = get_preset("tiny")
 ATTN_LORA = LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj"))
@@ -186,17 +186,22 @@ def test_bench_command_prints_one_json_line_and_appends_it_to_out(tmp_path, caps
     assert out.read_text() == lines[0] + "\n"
 
 
-def test_bench_refuses_what_it_cannot_do(tmp_path):
+def test_bench_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="unknown preset"):
         BenchSettings(preset="huge")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         BenchSettings(steps=0)
-    with pytest.raises(BenchError, match="is missing"):
-        load_torch_peer(tmp_path / "torch_peer.py")
+
+
+def test_the_peer_without_torch_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail as if it were not installed
+    monkeypatch.delitem(sys.modules, "minilora.lab.torch_peer", raising=False)
+    with pytest.raises(BenchError, match="pip install 'torch==2.13.0'"):
+        load_torch_peer()
 
 
 def test_minilora_never_imports_torch():
-    code = ("import sys, minilora, minilora.bench, minilora.memory, minilora.cli.bench_command; "
+    code = ("import sys, minilora, minilora.lab.bench, minilora.lab.memory, minilora.cli.bench_command; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

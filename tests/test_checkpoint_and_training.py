@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 
-import minilora.checkpoint
-import minilora.pretrain
-from minilora.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
+import minilora.io.checkpoint
+import minilora.training.pretrain
+from minilora.io.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig
 from minilora.model import init_params, parameter_shapes
 from minilora.optim import AdamW
-from minilora.pretrain import CHECKPOINT_NAME, pretrain
-from minilora.train import TrainingDiverged, TrainSettings
+from minilora.training.pretrain import CHECKPOINT_NAME, pretrain
+from minilora.training.loop import TrainingDiverged, TrainSettings
 
 MICRO = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
 
@@ -50,7 +50,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         os.write(fd, payload[: len(payload) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(minilora.checkpoint, "write_all", crash_after_half)
+    monkeypatch.setattr(minilora.io.checkpoint, "write_all", crash_after_half)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, init_params(MICRO, seed=2), {"step": 2})
     loaded = load_checkpoint(path)
@@ -102,13 +102,13 @@ def test_loss_goes_down(tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     straight, _ = run(tmp_path / "straight")
-    original_save = minilora.pretrain.save_checkpoint
+    original_save = minilora.training.pretrain.save_checkpoint
 
     def save_then_crash(path, params, metadata, optimizer_state):
         original_save(path, params, metadata, optimizer_state)
         raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
 
-    monkeypatch.setattr(minilora.pretrain, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(minilora.training.pretrain, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
     monkeypatch.undo()

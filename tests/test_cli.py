@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.checkpoint import load_checkpoint
+from minilora.io.checkpoint import load_checkpoint
 from minilora.cli import main
 
 MICRO_FLAGS = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -85,9 +85,9 @@ def trained_run(tmp_path_factory):
 
 
 def test_eval_reports_bits_per_byte_matching_the_python_api(trained_run, capsys):
-    from minilora.checkpoint import load_model
-    from minilora.data import load_corpus
-    from minilora.evaluate import bits_per_byte
+    from minilora.io.checkpoint import load_model
+    from minilora.io.data import load_corpus
+    from minilora.training.evaluate import bits_per_byte
 
     assert main(["eval", "--checkpoint", str(trained_run), "--corpus", "devils_dictionary"]) == 0
     printed = capsys.readouterr().out
@@ -110,7 +110,7 @@ def test_baseline_reports_the_ngram_bits_per_byte(capsys):
 
 
 def test_checkpoint_with_a_misshaped_parameter_names_it(trained_run, tmp_path, capsys):
-    from minilora.checkpoint import load_checkpoint, save_checkpoint
+    from minilora.io.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(trained_run / "checkpoint.safetensors")
     checkpoint.params["transformer.h.0.mlp.c_fc.weight"] = checkpoint.params["transformer.h.0.mlp.c_fc.weight"].T

@@ -16,11 +16,11 @@ except Exception:  # CuPy installed, but no driver or device
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 
 from minilora.backend import device_rng, get_xp, scatter_add, to_device, to_numpy  # noqa: E402
-from minilora.checkpoint import load_checkpoint  # noqa: E402
+from minilora.io.checkpoint import load_checkpoint  # noqa: E402
 from minilora.cli import main  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
-from minilora.data import load_corpus  # noqa: E402
-from minilora.evaluate import bits_per_byte  # noqa: E402
+from minilora.io.data import load_corpus  # noqa: E402
+from minilora.training.evaluate import bits_per_byte  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
 
@@ -110,8 +110,8 @@ def test_gpu_pretraining_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "pissa"])
 def test_gpu_lora_variants_match_cpu_float64(variant):
-    from minilora.lora_config import LoraConfig
-    from minilora.lora_model import add_lora
+    from minilora.lora.config import LoraConfig
+    from minilora.lora.model import add_lora
 
     config = get_preset("tiny")
     base = init_params(config, seed=0, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""minilora's own cuBLAS calls (minilora.cuda_blas) against NumPy in float64, and under CUDA graph capture.
+"""minilora's own cuBLAS calls (minilora.fast.cuda.blas) against NumPy in float64, and under CUDA graph capture.
 
 Skipped without CuPy and a GPU. Every layout the layers make is covered: plain row-major operands,
 transposed views (W.T, x.T), column slices of a wider array (q, k, v out of qkv), stacks of matrices

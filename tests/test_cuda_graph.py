@@ -1,4 +1,4 @@
-"""The captured training step (minilora.cuda_graph.GraphedStep) against ordinary eager steps on the GPU.
+"""The captured training step (minilora.fast.cuda.graph.GraphedStep) against ordinary eager steps on the GPU.
 
 Skipped without CuPy and a GPU. Two copies of one LoRA model take the same five batches, one through
 the graph (one eager warm-up step, then a capture and replays), one through the eager step of the
@@ -17,12 +17,12 @@ except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
 
 from minilora.backend import to_numpy  # noqa: E402
 from minilora.config import GPTConfig  # noqa: E402
-from minilora.cuda_graph import GraphedStep  # noqa: E402
-from minilora.finetune import make_optimizer  # noqa: E402
-from minilora.lora_config import LoraConfig  # noqa: E402
-from minilora.lora_model import add_lora  # noqa: E402
+from minilora.fast.cuda.graph import GraphedStep  # noqa: E402
+from minilora.training.finetune import make_optimizer  # noqa: E402
+from minilora.lora.config import LoraConfig  # noqa: E402
+from minilora.lora.model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.train import TrainSettings, train_step  # noqa: E402
+from minilora.training.loop import TrainSettings, train_step  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 

@@ -1,4 +1,4 @@
-"""The fused CuPy kernels (minilora.cuda_kernels) against two independent references.
+"""The fused CuPy kernels (minilora.fast.cuda.kernels) against two independent references.
 
 Every kernel is compared with
   1. the readable layer (minilora.layers, minilora.optim) run by CuPy on the GPU inside
@@ -31,13 +31,13 @@ pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 from minilora import layers as ref  # noqa: E402
 from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
-from minilora.cuda_kernels import reference_kernels, use_fused  # noqa: E402
-from minilora.cuda_kernels.adamw import adamw_step_fused  # noqa: E402
-from minilora.cuda_kernels import attention as fused_attention  # noqa: E402
-from minilora.cuda_kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from minilora.cuda_kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
-from minilora.cuda_kernels.grad_norm import global_grad_norm  # noqa: E402
-from minilora.cuda_kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
+from minilora.fast.cuda.kernels import reference_kernels, use_fused  # noqa: E402
+from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
+from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
+from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
+from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
+from minilora.fast.cuda.kernels.grad_norm import global_grad_norm  # noqa: E402
+from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from minilora.data import SHIPPED_CORPORA, CorpusError, get_batch, load_corpus
+from minilora.io.data import SHIPPED_CORPORA, CorpusError, get_batch, load_corpus
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from minilora.config import GPTConfig
-from minilora.data_parallel import THREADS_ENV_VAR, cpu_threads, forward_backward, shard_bounds
-from minilora.host_memory import retain_freed_memory
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
+from minilora.fast.cpu.sharded_step import THREADS_ENV_VAR, cpu_threads, forward_backward, shard_bounds
+from minilora.fast.cpu.host_memory import retain_freed_memory
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)

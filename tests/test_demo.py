@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora.checkpoint import load_checkpoint
-from minilora.data import SHIPPED_BASE as BASE_CHECKPOINT
-from minilora.demo import DemoSettings, folio_spellings_per_1000, run_demo
+from minilora.io.checkpoint import load_checkpoint
+from minilora.io.data import SHIPPED_BASE as BASE_CHECKPOINT
+from minilora.lab.demo import DemoSettings, folio_spellings_per_1000, run_demo
 
 
 def test_shipped_base_reproduces_its_recorded_validation_bits_per_byte():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from minilora.experiment_plots import plot_experiment
-from minilora.experiments import (
+from minilora.lab.experiment_plots import plot_experiment
+from minilora.lab.experiments import (
     EXPERIMENTS,
     RunSpec,
     best_lr,
@@ -49,7 +49,7 @@ def test_best_rate_comes_from_seed_zero_and_the_summary_spans_the_seeds():
 
 
 def test_one_run_trains_and_measures_both_held_out_sets(tmp_path):
-    from minilora.checkpoint import save_checkpoint
+    from minilora.io.checkpoint import save_checkpoint
     from minilora.config import GPTConfig
     from minilora.model import init_params
 

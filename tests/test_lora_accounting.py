@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from minilora.config import GPTConfig, get_preset
-from minilora.lora_accounting import (
+from minilora.lora.accounting import (
     format_table,
     lora_parameter_table,
     lora_trainable_count,
     model_summary_line,
     summary_line,
 )
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params, parameter_shapes
 
 GPT2_SMALL = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from minilora.checkpoint import load_model
+from minilora.io.checkpoint import load_model
 from minilora.cli import main
 
 PRETRAIN_FLAGS = ["--corpus", "devils_dictionary", "--preset", "tiny", "--n-layer", "1", "--n-embd", "16",

@@ -6,9 +6,9 @@ import pytest
 from minilora.config import GPTConfig
 from minilora.gradcheck import GradCheckError, check_layer, check_model
 from minilora.layers import make_dropout_mask
-from minilora.lora import lora_backward, lora_forward, lora_linear_backward, lora_linear_forward, lora_scaling
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
+from minilora.lora.layer import lora_backward, lora_forward, lora_linear_backward, lora_linear_forward, lora_scaling
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 
 LAYER_TOL, MODEL_TOL = 1e-7, 1e-5

@@ -5,8 +5,8 @@ import pytest
 
 from minilora.backend import count_matmuls
 from minilora.config import GPTConfig, get_preset
-from minilora.lora_config import LoraConfig, init_adapter, select_target_modules
-from minilora.lora_model import add_lora
+from minilora.lora.config import LoraConfig, init_adapter, select_target_modules
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
 

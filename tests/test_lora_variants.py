@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from minilora.adapter_io import load_adapter, save_adapter
+from minilora.io.adapters import load_adapter, save_adapter
 from minilora.config import GPTConfig
-from minilora.dora import dora_linear_backward, dora_linear_forward, dora_weight_norm
+from minilora.lora.dora import dora_linear_backward, dora_linear_forward, dora_weight_norm
 from minilora.gradcheck import check_layer, check_model
-from minilora.lora import lora_forward
-from minilora.lora_config import LoraConfig
-from minilora.lora_model import add_lora
+from minilora.lora.layer import lora_forward
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 
 LAYER_TOL, MODEL_TOL = 1e-7, 1e-5

@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from minilora.config import GPTConfig  # noqa: E402
-from minilora.lora_config import LoraConfig  # noqa: E402
-from minilora.lora_model import add_lora  # noqa: E402
+from minilora.lora.config import LoraConfig  # noqa: E402
+from minilora.lora.model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.peft_io import export_peft, import_peft  # noqa: E402
+from minilora.io.peft import export_peft, import_peft  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 TOL = 1e-5

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minilora.tokenizer import VOCAB_SIZE, decode, encode
+from minilora.io.tokenizer import VOCAB_SIZE, decode, encode
 
 
 @pytest.mark.parametrize(

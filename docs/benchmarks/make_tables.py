@@ -17,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minilora.bench import BENCH_BATCH_SIZES, DEFAULT_TARGETS
-from minilora.lora_config import LoraConfig
-from minilora.memory import ledger_table
+from minilora.lab.bench import BENCH_BATCH_SIZES, DEFAULT_TARGETS
+from minilora.lora.config import LoraConfig
+from minilora.lab.memory import ledger_table
 
 HERE = Path(__file__).parent
 PRESET_ORDER = ("tiny", "small", "medium", "gpt2s")

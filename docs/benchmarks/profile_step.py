@@ -18,11 +18,11 @@ import pstats
 import time
 
 from minilora.backend import host_rng
-from minilora.bench import BenchSettings
-from minilora.finetune import make_optimizer
-from minilora.lora_model import add_lora
+from minilora.lab.bench import BenchSettings
+from minilora.training.finetune import make_optimizer
+from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
-from minilora.train import DATA_STREAM, TrainSettings, train_step
+from minilora.training.loop import DATA_STREAM, TrainSettings, train_step
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ ASSIGNMENTS = {
                      ("model.py",)),
     "a5": Assignment("a5", "The LoRA layer and merging",
                      "LoRA's forward and its derived backward (dx, dA, dB), the scale, and merging into W",
-                     ("lora.py",)),
+                     ("lora/layer.py",)),
 }
 
 

@@ -44,10 +44,10 @@ BUGS = [
     ('a4', 'model.py', 'tied_head_gradient_dropped',
      'grads[WTE] = embedding_backward(dx, cache.token_embedding) + dW_head.T',
      'grads[WTE] = embedding_backward(dx, cache.token_embedding)'),
-    ('a5', 'lora.py', 'forgot_scale_in_dB',
+    ('a5', 'layer.py', 'forgot_scale_in_dB',
      '    dB *= scaling\n',
      ''),
-    ('a5', 'lora.py', 'merge_without_scale',
+    ('a5', 'layer.py', 'merge_without_scale',
      'return scaling * matmul(lora_A.T, lora_B.T)',
      'return matmul(lora_A.T, lora_B.T)'),
 ]

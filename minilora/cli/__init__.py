@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..adapter_io import AdapterError
+from ..io.adapters import AdapterError
 from ..backend import BackendError
-from ..checkpoint import CheckpointError
-from ..data import CorpusError
-from ..train import TrainingDiverged
+from ..io.checkpoint import CheckpointError
+from ..io.data import CorpusError
+from ..training.loop import TrainingDiverged
 from . import assignment_command, base_commands, bench_command, demo_command, experiment_command, lora_commands
 
 EXPECTED_ERRORS = (AdapterError, BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError,

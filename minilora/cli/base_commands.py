@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..backend import DEVICE_ENV_VAR, DEVICES
 from ..config import PRESETS, get_preset
-from ..data import SHIPPED_BASE, SHIPPED_CORPORA
-from ..train import TrainSettings
+from ..io.data import SHIPPED_BASE, SHIPPED_CORPORA
+from ..training.loop import TrainSettings
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
@@ -59,7 +59,7 @@ def add_pretrain_parser(subparsers) -> None:
 
 
 def run_pretrain(args) -> None:
-    from ..pretrain import pretrain
+    from ..training.pretrain import pretrain
 
     given = given_training_flags(args)
     shape_changes = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
@@ -108,8 +108,8 @@ def load_for_inference(args):
 
     Returns (model, names of the adapters loaded).
     """
-    from ..adapter_io import load_adapter
-    from ..checkpoint import load_model
+    from ..io.adapters import load_adapter
+    from ..io.checkpoint import load_model
 
     model = load_model(checkpoint_or_shipped_base(args.checkpoint), args.device)
     adapters = parse_adapter_flags(args.adapter)
@@ -140,8 +140,8 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args) -> None:
-    from ..data import load_corpus
-    from ..evaluate import bits_per_byte
+    from ..io.data import load_corpus
+    from ..training.evaluate import bits_per_byte
 
     model, names = load_for_inference(args)
     data = getattr(load_corpus(args.corpus), args.split)
@@ -190,8 +190,8 @@ def add_baseline_parser(subparsers) -> None:
 
 
 def run_baseline(args) -> None:
-    from ..baseline import ngram_bits_per_byte
-    from ..data import load_corpus
+    from ..lab.baseline import ngram_bits_per_byte
+    from ..io.data import load_corpus
 
     if not 1 <= args.order <= 7:
         raise ValueError(f"--order must be between 1 and 7, got {args.order}")

@@ -1,4 +1,4 @@
-"""Subcommand bench: time training steps and print one JSON line (see minilora.bench)."""
+"""Subcommand bench: time training steps and print one JSON line (see minilora.lab.bench)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def add_bench_parser(subparsers) -> None:
                      help="on a GPU, launch every kernel from Python instead of replaying a captured CUDA graph")
     peer = parser.add_argument_group("peer")
     peer.add_argument("--peer", choices=("none", "torch"), default="none",
-                      help="torch: time docs/benchmarks/torch_peer.py in the same run")
+                      help="torch: time the PyTorch peer (minilora.lab.torch_peer) in the same run")
     peer.add_argument("--peer-threads", type=int, default=2, help="torch.set_num_threads")
     peer.add_argument("--peer-attention", choices=("math", "sdpa"), default="math",
                       help="math: explicit full T x T softmax attention, as minilora; sdpa: "
@@ -63,7 +63,7 @@ def add_bench_parser(subparsers) -> None:
 
 
 def settings_from_args(args):
-    from ..bench import BenchSettings
+    from ..lab.bench import BenchSettings
 
     targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
     return BenchSettings(
@@ -76,7 +76,7 @@ def settings_from_args(args):
 
 
 def run_bench_command(args) -> None:
-    from ..bench import run_bench
+    from ..lab.bench import run_bench
 
     log = None if args.quiet else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result = run_bench(settings_from_args(args), log=log)

@@ -26,7 +26,7 @@ def add_demo_parser(subparsers) -> None:
 def run_demo_command(args) -> None:
     from dataclasses import replace
 
-    from ..demo import DemoSettings, run_demo
+    from ..lab.demo import DemoSettings, run_demo
 
     settings = DemoSettings(seed=args.seed)
     if args.steps is not None:

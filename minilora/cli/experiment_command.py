@@ -8,7 +8,7 @@ from .base_commands import add_device_flag
 
 
 def add_experiment_parser(subparsers) -> None:
-    from ..experiments import EXPERIMENTS
+    from ..lab.experiments import EXPERIMENTS
 
     parser = subparsers.add_parser(
         "experiment", help="run the LoRA experiments (rank, distance, placement, base) and plot them",
@@ -32,7 +32,7 @@ def add_experiment_parser(subparsers) -> None:
 
 def run_experiment_command(args) -> None:
     from ..backend import resolve_device
-    from ..experiments import EXPERIMENTS, run_experiment, summarize_only
+    from ..lab.experiments import EXPERIMENTS, run_experiment, summarize_only
 
     names = [*EXPERIMENTS, "memory"] if "all" in args.names else args.names
     for name in names:
@@ -52,10 +52,10 @@ def write_memory_ledger(out_dir) -> None:
     import json
     from pathlib import Path
 
-    from ..bench import BENCH_BATCH_SIZES
-    from ..experiment_plots import plot_memory_ledger
-    from ..lora_config import LoraConfig
-    from ..memory import ledger_table
+    from ..lab.bench import BENCH_BATCH_SIZES
+    from ..lab.experiment_plots import plot_memory_ledger
+    from ..lora.config import LoraConfig
+    from ..lab.memory import ledger_table
 
     rows = ledger_table(BENCH_BATCH_SIZES, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")))
     (Path(out_dir) / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")

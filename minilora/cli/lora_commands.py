@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..lora_config import BIASES, INITS, LoraConfig
-from ..train import TrainSettings
+from ..lora.config import BIASES, INITS, LoraConfig
+from ..training.loop import TrainSettings
 from .base_commands import (
     add_checkpoint_flag,
     add_corpus_flag,
@@ -67,7 +67,7 @@ def lora_config_from_args(args) -> LoraConfig:
 
 
 def run_finetune(args) -> None:
-    from ..finetune import finetune
+    from ..training.finetune import finetune
 
     given = given_training_flags(args)
     if args.full and "lr" not in given:
@@ -100,10 +100,10 @@ def add_merge_parser(subparsers) -> None:
 
 
 def run_merge(args) -> None:
-    from ..adapter_io import load_adapter
+    from ..io.adapters import load_adapter
     from ..backend import resolve_device
-    from ..checkpoint import load_model, save_checkpoint
-    from ..provenance import provenance
+    from ..io.checkpoint import load_model, save_checkpoint
+    from ..io.provenance import provenance
 
     base_path = checkpoint_or_shipped_base(args.base)
     lora_model = load_adapter(load_model(base_path, args.device), args.adapter, args.allow_base_mismatch)
@@ -128,8 +128,8 @@ def add_info_parser(subparsers) -> None:
 def run_info(args) -> None:
     from pathlib import Path
 
-    from ..adapter_io import ADAPTER_WEIGHTS
-    from ..info import describe_adapter, describe_checkpoint
+    from ..io.adapters import ADAPTER_WEIGHTS
+    from ..io.info import describe_adapter, describe_checkpoint
 
     path = Path(args.path)
     is_adapter = (path / ADAPTER_WEIGHTS).is_file() or path.name == ADAPTER_WEIGHTS
@@ -160,9 +160,9 @@ def add_peft_parsers(subparsers) -> None:
 
 
 def run_export_peft(args) -> None:
-    from ..adapter_io import load_adapter
-    from ..checkpoint import load_model
-    from ..peft_io import export_peft
+    from ..io.adapters import load_adapter
+    from ..io.checkpoint import load_model
+    from ..io.peft import export_peft
 
     model = load_adapter(load_model(checkpoint_or_shipped_base(args.base), args.device), args.adapter,
                          allow_base_mismatch=args.allow_base_mismatch)
@@ -171,9 +171,9 @@ def run_export_peft(args) -> None:
 
 
 def run_import_peft(args) -> None:
-    from ..adapter_io import save_adapter
-    from ..checkpoint import load_model
-    from ..peft_io import import_peft
+    from ..io.adapters import save_adapter
+    from ..io.checkpoint import load_model
+    from ..io.peft import import_peft
 
     model = import_peft(load_model(checkpoint_or_shipped_base(args.base), args.device), args.peft)
     path = save_adapter(model, args.out, allow_noop=True, extra={"imported_from": str(args.peft)})

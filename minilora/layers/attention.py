@@ -16,7 +16,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_xp, matmul
-from ..cuda_kernels import use_fused
+from ..fast.cuda.kernels import use_fused
 
 
 class AttentionCache(NamedTuple):
@@ -54,7 +54,7 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     attn_pdrop); it already holds the 1 / (1 - p) scaling.
     """
     if use_fused(qkv):  # on a GPU: fused causal-softmax kernels around the same matmuls
-        from ..cuda_kernels.attention import attention_forward as fused_attention_forward
+        from ..fast.cuda.kernels.attention import attention_forward as fused_attention_forward
 
         return fused_attention_forward(qkv, n_head, dropout_mask)
     xp = get_xp(qkv)
@@ -89,7 +89,7 @@ def attention_backward(dout, cache: AttentionCache):
     Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
     """
     if use_fused(dout) or not isinstance(cache, AttentionCache):  # the fused long-block cache has no att
-        from ..cuda_kernels.attention import attention_backward as fused_attention_backward
+        from ..fast.cuda.kernels.attention import attention_backward as fused_attention_backward
 
         return fused_attention_backward(dout, cache)
     xp = get_xp(dout)

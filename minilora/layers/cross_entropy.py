@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_xp
-from ..cuda_kernels import use_fused
+from ..fast.cuda.kernels import use_fused
 
 
 class CrossEntropyCache(NamedTuple):
@@ -25,7 +25,7 @@ def cross_entropy_forward(logits, targets):
     so callers do that only when they log.
     """
     if use_fused(logits):  # on a GPU: softmax, probabilities and loss in one block per row
-        from ..cuda_kernels.cross_entropy import cross_entropy_forward as fused_cross_entropy_forward
+        from ..fast.cuda.kernels.cross_entropy import cross_entropy_forward as fused_cross_entropy_forward
 
         return fused_cross_entropy_forward(logits, targets)
     xp = get_xp(logits)
@@ -47,7 +47,7 @@ def cross_entropy_forward(logits, targets):
 def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     """dlogits = dloss * (probs - onehot(targets)) / N, in the logits' shape (..., V)."""
     if use_fused(cache.probs):
-        from ..cuda_kernels.cross_entropy import cross_entropy_backward as fused_cross_entropy_backward
+        from ..fast.cuda.kernels.cross_entropy import cross_entropy_backward as fused_cross_entropy_backward
 
         return fused_cross_entropy_backward(dloss, cache)
     xp = get_xp(cache.probs)

@@ -11,7 +11,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_xp
-from ..cuda_kernels import use_fused
+from ..fast.cuda.kernels import use_fused
 
 GELU_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -28,8 +28,8 @@ def gelu_forward(x):
     Written as a few in-place passes over one buffer (u = k x + k c x^3 = x (k + k c x^2)) rather
     than one expression, which would allocate a temporary per operator.
     """
-    if use_fused(x):  # on a GPU: one fused kernel (minilora.cuda_kernels), same arithmetic
-        from ..cuda_kernels.gelu import gelu_forward as fused_gelu_forward
+    if use_fused(x):  # on a GPU: one fused kernel (minilora.fast.cuda.kernels), same arithmetic
+        from ..fast.cuda.kernels.gelu import gelu_forward as fused_gelu_forward
 
         return fused_gelu_forward(x)
     xp = get_xp(x)
@@ -52,7 +52,7 @@ def gelu_backward(dout, cache: GeluCache):
     The first term differentiates the factor x, the second the tanh (tanh' = 1 - tanh^2).
     """
     if use_fused(dout) or cache.t is None:  # the fused forward's cache keeps no t: its kernel recomputes it
-        from ..cuda_kernels.gelu import gelu_backward as fused_gelu_backward
+        from ..fast.cuda.kernels.gelu import gelu_backward as fused_gelu_backward
 
         return fused_gelu_backward(dout, cache)
     x, t = cache.x, cache.t

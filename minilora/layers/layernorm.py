@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_xp
-from ..cuda_kernels import use_fused
+from ..fast.cuda.kernels import use_fused
 
 LAYERNORM_EPS = 1e-5
 
@@ -27,8 +27,8 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     x: (..., C), w: (C,), b: (C,) or None -> y: (..., C). The variance is the biased one (divide
     by C), as in PyTorch and GPT-2.
     """
-    if use_fused(x):  # on a GPU: one block per row (minilora.cuda_kernels), same arithmetic
-        from ..cuda_kernels.layernorm import layernorm_forward as fused_layernorm_forward
+    if use_fused(x):  # on a GPU: one block per row (minilora.fast.cuda.kernels), same arithmetic
+        from ..fast.cuda.kernels.layernorm import layernorm_forward as fused_layernorm_forward
 
         return fused_layernorm_forward(x, w, b, eps)
     xp = get_xp(x)
@@ -58,7 +58,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
     The middle term comes through the mean, the last through the variance.
     """
     if use_fused(dout):
-        from ..cuda_kernels.layernorm import layernorm_backward as fused_layernorm_backward
+        from ..fast.cuda.kernels.layernorm import layernorm_backward as fused_layernorm_backward
 
         return fused_layernorm_backward(dout, cache)
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w

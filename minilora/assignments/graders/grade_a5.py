@@ -22,13 +22,13 @@ def inputs(rng, r=3):
 @pytest.mark.points(1)
 def test_lora_forward_on_a_fixed_input(student, rng):
     x, A, B = inputs(rng).values()
-    delta, _ = student["lora"].lora_forward(x, A, B, 2.5)
+    delta, _ = student["layer"].lora_forward(x, A, B, 2.5)
     np.testing.assert_allclose(delta, 2.5 * x @ A.T @ B.T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.points(3)
 def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
-    m = student["lora"]
+    m = student["layer"]
     check_layer(lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5), m.lora_backward, inputs(rng),
                 ("x", "lora_A", "lora_B")).assert_ok(TOL)
 
@@ -36,14 +36,14 @@ def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
 @pytest.mark.points(1)
 def test_at_zero_B_only_B_gets_a_gradient(student, rng):
     x, A, B = inputs(rng).values()
-    _, cache = student["lora"].lora_forward(x, A, np.zeros_like(B), 2.0)
-    _, dA, dB = student["lora"].lora_backward(rng.standard_normal((2, 4, 5)), cache)
+    _, cache = student["layer"].lora_forward(x, A, np.zeros_like(B), 2.0)
+    _, dA, dB = student["layer"].lora_backward(rng.standard_normal((2, 4, 5)), cache)
     assert np.all(dA == 0) and np.count_nonzero(dB) == dB.size
 
 
 @pytest.mark.points(2)
 def test_merged_weight_gives_the_adapted_layer_output(student, rng):
-    m = student["lora"]
+    m = student["layer"]
     x, A, B = inputs(rng).values()
     W, b = rng.standard_normal((6, 5)), rng.standard_normal(5)
     adapted, _ = m.lora_linear_forward(x, W, b, A, B, 2.5)

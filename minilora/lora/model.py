@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import device_of, get_xp, to_device, to_numpy
-from .checkpoint import weights_fingerprint
+from ..backend import device_of, get_xp, to_device, to_numpy
+from ..io.checkpoint import weights_fingerprint
 from .dora import DoraCache, column_norms, dora_linear_backward, dora_linear_forward, dora_merged_weight
-from .layers import make_dropout_mask
-from .lora import (LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight,
+from ..layers import make_dropout_mask
+from .layer import (LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight,
                    require_finite)
-from .lora_config import LoraConfig, init_adapter, select_target_modules
-from .model import GPT
+from .config import LoraConfig, init_adapter, select_target_modules
+from ..model import GPT
 
 MAGNITUDE = "lora_magnitude_vector"
 

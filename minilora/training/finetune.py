@@ -12,17 +12,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .adapter_io import ADAPTER_WEIGHTS, save_adapter
-from .backend import resolve_device
-from .checkpoint import atomic_write_bytes, load_model, resolve_checkpoint_path, save_checkpoint, weights_fingerprint
-from .data import load_corpus
+from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
+from ..backend import resolve_device
+from ..io.checkpoint import atomic_write_bytes, load_model, resolve_checkpoint_path, save_checkpoint, weights_fingerprint
+from ..io.data import load_corpus
 from .evaluate import bits_per_byte
-from .lora_accounting import model_summary_line
-from .lora_config import LoraConfig
-from .lora_model import add_lora
-from .optim import AdamW
-from .provenance import provenance
-from .train import TrainSettings, train_loop
+from ..lora.accounting import model_summary_line
+from ..lora.config import LoraConfig
+from ..lora.model import add_lora
+from ..optim import AdamW
+from ..io.provenance import provenance
+from .loop import TrainSettings, train_loop
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..backend import device_of
+from ....backend import device_of
 from .blocks import KERNEL_TYPES
 
 _fused_enabled = True  # module-level switch; reference_kernels() turns it off for a block

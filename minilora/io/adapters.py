@@ -19,10 +19,10 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .backend import device_of, to_device, to_numpy
+from ..backend import device_of, to_device, to_numpy
 from .checkpoint import atomic_write_bytes
-from .lora_config import LoraConfig
-from .lora_model import LoraGPT, as_plain_lora
+from ..lora.config import LoraConfig
+from ..lora.model import LoraGPT, as_plain_lora
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .data import SHIPPED_BASE
+from ..io.data import SHIPPED_BASE
 
 LORA_LRS = (1e-3, 3e-3, 1e-2)
 FULL_LRS = (1e-4, 3e-4, 1e-3)
@@ -99,13 +99,13 @@ EXPERIMENTS = ("rank", "distance", "placement", "base")
 
 def run_one(spec: RunSpec, device: str) -> dict:
     """Train one run and measure it; returns the spec's fields and the measurements."""
-    from .checkpoint import load_model
-    from .data import load_corpus
-    from .evaluate import bits_per_byte
-    from .finetune import fit
-    from .lora_config import LoraConfig
-    from .lora_model import add_lora
-    from .train import TrainSettings
+    from ..io.checkpoint import load_model
+    from ..io.data import load_corpus
+    from ..training.evaluate import bits_per_byte
+    from ..training.finetune import fit
+    from ..lora.config import LoraConfig
+    from ..lora.model import add_lora
+    from ..training.loop import TrainSettings
 
     started = time.perf_counter()
     base = load_model(spec.base, device)
@@ -201,10 +201,10 @@ WEAK_BASE_STEPS = 300
 
 def make_weak_base(out_dir: Path, device: str, say=print) -> Path:
     """The shipped base's shape pretrained for only WEAK_BASE_STEPS steps (once; reused after)."""
-    from .checkpoint import load_checkpoint
-    from .config import GPTConfig
-    from .pretrain import CHECKPOINT_NAME, pretrain
-    from .train import TrainSettings
+    from ..io.checkpoint import load_checkpoint
+    from ..config import GPTConfig
+    from ..training.pretrain import CHECKPOINT_NAME, pretrain
+    from ..training.loop import TrainSettings
 
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():

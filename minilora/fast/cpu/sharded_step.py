@@ -27,7 +27,7 @@ from functools import cache
 
 import numpy as np
 
-from .backend import device_rng
+from ...backend import device_rng
 
 THREADS_ENV_VAR = "MINILORA_CPU_THREADS"
 

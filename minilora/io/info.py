@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-from .adapter_io import read_adapter
+from .adapters import read_adapter
 from .checkpoint import load_checkpoint, resolve_checkpoint_path
-from .config import GPTConfig
-from .lora_accounting import format_table, lora_parameter_table, summary_line
-from .lora_config import LoraConfig
-from .model import parameter_shapes
+from ..config import GPTConfig
+from ..lora.accounting import format_table, lora_parameter_table, summary_line
+from ..lora.config import LoraConfig
+from ..model import parameter_shapes
 
 
 def module_rows(shapes: dict) -> list[tuple[str, str, int]]:

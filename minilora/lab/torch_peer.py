@@ -1,8 +1,9 @@
 """The PyTorch peer of ``minilora bench``: the same GPT-2, LoRA and AdamW step in PyTorch eager.
 
-This file is a benchmark peer and a test oracle, never part of minilora (which must not import
-torch). ``minilora bench --peer torch`` loads it by path, gives it minilora's initial weights and
-the same batches, and times the same step next to minilora's, in the same process.
+This module is a benchmark peer and a test oracle. It is the one module of the package that
+imports torch, and nothing in the library imports it: ``minilora bench --peer torch`` imports it
+only when asked, gives it minilora's initial weights and the same batches, and times the same step
+next to minilora's, in the same process.
 
 It is what a PyTorch user would write for the same model, with nothing compiled:
 
@@ -19,7 +20,8 @@ It is what a PyTorch user would write for the same model, with nothing compiled:
 - on a GPU (``device="cuda"``) the same code runs on CUDA tensors with TF32 turned off, so both
   sides multiply in full float32; the loss is returned without a host sync, as in a training loop.
 
-The interface takes and returns NumPy arrays and plain values, so it needs nothing from minilora.
+The interface takes and returns NumPy arrays and plain values: it imports nothing from minilora, so
+the peer stays an independent implementation.
 """
 
 from __future__ import annotations

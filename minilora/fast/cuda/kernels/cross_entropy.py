@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from ..layers.cross_entropy import CrossEntropyCache
+from ....layers.cross_entropy import CrossEntropyCache
 from .blocks import KernelModule, launch_rows
 
 _SOURCE = r"""

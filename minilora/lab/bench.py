@@ -14,10 +14,10 @@ clipping + AdamW, for a preset in LoRA or full mode, after a warm-up, and return
   ``minilora.backend.count_matmuls`` checks this formula in the tests.
 - MFU = achieved FLOP/s over a float32 matmul peak measured in the same process, with the same BLAS
   and thread settings, before and after the timed runs (the larger counts).
-- Memory: the ledger of ``minilora.memory`` against the peak resident set (VmHWM, reset before the
+- Memory: the ledger of ``minilora.lab.memory`` against the peak resident set (VmHWM, reset before the
   model is built), and, on the CPU, the peak of one traced step (``tracemalloc`` sees NumPy's
   arrays); on a GPU the CuPy memory pool's high-water mark.
-- The peer (``peer="torch"``): ``docs/benchmarks/torch_peer.py``, the same model and step in
+- The peer (``peer="torch"``): ``minilora.lab.torch_peer``, the same model and step in
   PyTorch eager, is loaded by path from the source checkout (minilora never imports torch), given
   minilora's initial weights and the same batches, and timed in the same process, run for run
   alternating with minilora, so both see the same machine state; ``ratio`` is minilora's tokens/s
@@ -29,7 +29,7 @@ never a wall time.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 import resource
@@ -39,11 +39,10 @@ import time
 import tracemalloc
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .backend import (
+from ..backend import (
     get_backend,
     host_rng,
     resolve_device,
@@ -51,21 +50,20 @@ from .backend import (
     to_device,
     to_numpy,
 )
-from .config import GPTConfig, get_preset
-from .data import get_batch, load_corpus
-from .finetune import ADAM_BETAS, make_optimizer
-from .host_memory import retain_freed_memory
-from .lora_config import LoraConfig, select_target_modules
-from .lora_model import add_lora
+from ..config import GPTConfig, get_preset
+from ..io.data import get_batch, load_corpus
+from ..training.finetune import ADAM_BETAS, make_optimizer
+from ..fast.cpu.host_memory import retain_freed_memory
+from ..lora.config import LoraConfig, select_target_modules
+from ..lora.model import add_lora
 from .memory import memory_ledger
-from .model import GPT, init_params
-from .provenance import provenance
-from .train import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
+from ..model import GPT, init_params
+from ..io.provenance import provenance
+from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
 
 BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
 DEFAULT_TARGETS = ("c_attn", "attn.c_proj")
 OPENBLAS_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # read by OpenBLAS once, when NumPy loads it
-PEER_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "torch_peer.py"
 PEAK_SIZES = {"cpu": 2048, "cuda": 8192}  # n of the (n, n) @ (n, n) product that measures the peak
 PEAK_REPEATS = 5
 
@@ -126,7 +124,7 @@ class BenchSettings:
     seed: int = 0
     dtype: str = "float32"
     corpus: str | None = "shakespeare_modern"  # batches from this corpus; None: uniform random tokens
-    peer: str | None = None  # "torch": time docs/benchmarks/torch_peer.py side by side
+    peer: str | None = None  # "torch": time minilora.lab.torch_peer side by side
     peer_threads: int = 2  # torch.set_num_threads
     peer_attention: str = "math"  # the peer's attention: "math" (full T x T, as minilora) or "sdpa"
     threads: int | None = None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
@@ -215,7 +213,7 @@ def gpu_info(xp) -> dict | None:
     """The GPU, driver, CUDA runtime and CuPy versions, and whether CuPy's matmuls may use TF32 (None on the CPU)."""
     if xp is np:
         return None
-    from . import cuda_blas
+    from ..fast.cuda import blas as cuda_blas
 
     runtime = xp.cuda.runtime
     properties = runtime.getDeviceProperties(xp.cuda.Device().id)
@@ -245,25 +243,15 @@ def matmul_peak_gflops(xp, n: int, dtype: str = "float32", repeats: int = PEAK_R
     return 2 * n**3 / best / 1e9
 
 
-def load_torch_peer(path: Path = PEER_PATH):
-    """Import docs/benchmarks/torch_peer.py by path (it is not part of the minilora package)."""
-    name = "minilora_torch_peer"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not Path(path).is_file():
-        raise BenchError(f"--peer torch: the PyTorch peer {path} is missing. It lives in docs/benchmarks/ of a minilora "
-                         "source checkout: run from a clone installed with pip install -e .")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+def load_torch_peer():
+    """The PyTorch peer, ``minilora.lab.torch_peer``, imported only now: minilora itself never imports torch."""
     try:
-        spec.loader.exec_module(module)
+        return importlib.import_module("minilora.lab.torch_peer")
     except ModuleNotFoundError as err:
         if err.name == "torch":
             raise BenchError("--peer torch needs PyTorch, which minilora never installs: pip install 'torch==2.13.0' "
                              "--index-url https://download.pytorch.org/whl/cpu") from err
         raise
-    sys.modules[name] = module
-    return module
 
 
 def _stats(values) -> dict:
@@ -305,7 +293,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     if xp is np:
         retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
     else:
-        from . import cuda_blas
+        from ..fast.cuda import blas as cuda_blas
 
         cuda_blas.use_tf32(settings.tf32)
     config, lora_config = settings.config(), settings.lora_config()
@@ -336,7 +324,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
 
     graphed = None
     if xp is not np and settings.cuda_graph:
-        from .cuda_graph import GraphedStep
+        from ..fast.cuda.graph import GraphedStep
 
         graphed = GraphedStep(model, optimizer, settings.grad_clip, warmup=1)
 
@@ -444,7 +432,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
 
 
 def _build_peer(settings, device, model, optimizer, initial, config, lora_config, log):
-    log(f"loading the PyTorch peer from {PEER_PATH}")
+    log("loading the PyTorch peer, minilora.lab.torch_peer")
     module = load_torch_peer()
     info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
     peak = module.matmul_peak_gflops(settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device)

@@ -8,9 +8,9 @@ for shapes too large to build here.
 
 from __future__ import annotations
 
-from .config import GPTConfig
-from .lora_config import LoraConfig, select_target_modules
-from .model import parameter_shapes
+from ..config import GPTConfig
+from .config import LoraConfig, select_target_modules
+from ..model import parameter_shapes
 
 
 def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> list[dict]:

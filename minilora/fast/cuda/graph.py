@@ -30,8 +30,8 @@ The loss is an array the graph overwrites on every replay: read it before the ne
 
 from __future__ import annotations
 
-from .data_parallel import forward_backward
-from .optim import clip_grad_norm
+from ..cpu.sharded_step import forward_backward
+from ...optim import clip_grad_norm
 
 
 def can_capture(model) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 SHIPPED_CORPORA = ("shakespeare_modern", "shakespeare_folio", "kjv", "devils_dictionary")
-DATA_DIR = Path(__file__).parent.parent / "data"  # the repository's data/ (editable install)
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ (editable install)
 SHIPPED_BASE = DATA_DIR / "shakespeare_base.safetensors"  # the pretrained base model, see data/README.md
 VAL_PERCENT = 10  # share of a user's text file that becomes validation, see split_text
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 
 
 def git_commit() -> str | None:
     """The commit of the source checkout minilora runs from, with '-dirty' for local edits; None outside git."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()

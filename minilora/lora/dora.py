@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import get_xp, matmul
-from .lora import LoraCache, lora_backward, lora_delta_weight, lora_forward
+from ..backend import get_xp, matmul
+from .layer import LoraCache, lora_backward, lora_delta_weight, lora_forward
 
 
 def column_norms(V):

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import matmul
-from ..layers.attention import AttentionCache, merge_heads, split_heads
+from ....backend import matmul
+from ....layers.attention import AttentionCache, merge_heads, split_heads
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
 
 # From this block length on, the forward keeps the log-sum-exp, not the probabilities. Measured on an

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from ..layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI, GeluCache
+from ....layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI, GeluCache
 
 # The two formulas of minilora.layers.gelu, as device functions the kernels below share.
 _PREAMBLE = f"""

@@ -11,14 +11,14 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .backend import resolve_device, to_device
-from .checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
-from .config import GPTConfig
-from .data import load_corpus
-from .model import GPT, init_params, parameter_shapes
-from .optim import AdamW
-from .provenance import provenance
-from .train import TrainSettings, train_loop
+from ..backend import resolve_device, to_device
+from ..io.checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
+from ..config import GPTConfig
+from ..io.data import load_corpus
+from ..model import GPT, init_params, parameter_shapes
+from ..optim import AdamW
+from ..io.provenance import provenance
+from .loop import TrainSettings, train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESULTS_NAME = "pretrain_results.json"

@@ -24,11 +24,11 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .adapter_io import AdapterError, install_adapter
-from .backend import to_numpy
+from .adapters import AdapterError, install_adapter
+from ..backend import to_numpy
 from .checkpoint import atomic_write_bytes
-from .lora_config import LoraConfig, linear_module_shapes
-from .lora_model import LoraGPT, as_plain_lora
+from ..lora.config import LoraConfig, linear_module_shapes
+from ..lora.model import LoraGPT, as_plain_lora
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

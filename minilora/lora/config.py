@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backend import to_device
-from .config import GPTConfig
-from .lora import lora_scaling
+from ..backend import to_device
+from ..config import GPTConfig
+from .layer import lora_scaling
 
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 INITS = ("default", "gaussian", "random", "pissa")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from ..layers.layernorm import LAYERNORM_EPS, LayerNormCache
+from ....layers.layernorm import LAYERNORM_EPS, LayerNormCache
 from .blocks import NULL, KernelModule, launch_rows
 
 TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8 rows at a time

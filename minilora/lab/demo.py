@@ -21,19 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter_io import ADAPTER_WEIGHTS, save_adapter
-from .backend import resolve_device, synchronize, to_numpy
-from .checkpoint import atomic_write_bytes, load_model
-from .data import SHIPPED_BASE, load_corpus
-from .evaluate import bits_per_byte
-from .finetune import fit
-from .generate import generate
-from .lora_accounting import format_table, lora_parameter_table, model_summary_line
-from .lora_config import LoraConfig
-from .lora_model import add_lora
+from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
+from ..backend import resolve_device, synchronize, to_numpy
+from ..io.checkpoint import atomic_write_bytes, load_model
+from ..io.data import SHIPPED_BASE, load_corpus
+from ..training.evaluate import bits_per_byte
+from ..training.finetune import fit
+from ..generate import generate
+from ..lora.accounting import format_table, lora_parameter_table, model_summary_line
+from ..lora.config import LoraConfig
+from ..lora.model import add_lora
 from .plots import plot_loss_curve
-from .provenance import provenance
-from .train import TrainSettings
+from ..io.provenance import provenance
+from ..training.loop import TrainSettings
 
 # Spellings frequent in the Folio and absent from the modern-spelling texts (checked on the corpora).
 FOLIO_SPELLINGS = ("vnto", "selfe", "haue", "doe", "onely", "euery", "loue", "giue", "vpon", "heere", "beene",

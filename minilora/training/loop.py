@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 import numpy as np
 
-from .backend import host_rng, synchronize
-from .checkpoint import all_finite
-from .cuda_graph import GraphedStep, can_capture
-from .data import get_batch
-from .data_parallel import forward_backward
+from ..backend import host_rng, synchronize
+from ..io.checkpoint import all_finite
+from ..fast.cuda.graph import GraphedStep, can_capture
+from ..io.data import get_batch
+from ..fast.cpu.sharded_step import forward_backward
 from .evaluate import bits_per_byte
-from .host_memory import retain_freed_memory
-from .optim import clip_grad_norm, cosine_lr
+from ..fast.cpu.host_memory import retain_freed_memory
+from ..optim import clip_grad_norm, cosine_lr
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
 

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .backend import get_xp, to_numpy
+from ..backend import get_xp, to_numpy
 
 METADATA_KEY = "minilora"
 FORMAT_VERSION = 1
@@ -149,9 +149,9 @@ def load_model(path, device: str | None = None, dtype=np.float32):
 
     Weights stored in another precision (a float16 base model, say) are cast to ``dtype`` to compute.
     """
-    from .backend import to_device
-    from .config import GPTConfig
-    from .model import GPT, parameter_shapes
+    from ..backend import to_device
+    from ..config import GPTConfig
+    from ..model import GPT, parameter_shapes
 
     path = resolve_checkpoint_path(path)
     checkpoint = load_checkpoint(path)

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import get_xp, matmul
-from .layers import LinearCache, linear_backward, linear_forward
+from ..backend import get_xp, matmul
+from ..layers import LinearCache, linear_backward, linear_forward
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

@@ -14,7 +14,7 @@ which for B T tokens grow as B T C per block (and B H T^2 for the attention prob
 larger presets activations are most of the memory of either mode. That is the lesson of this ledger.
 
 The activation line is exact: it counts, array by array, what the caches of ``minilora.model``,
-``minilora.lora`` and ``minilora.layers`` hold (``cached_array_bytes`` measures a real cache, and the
+``minilora.lora.layer`` and ``minilora.layers`` hold (``cached_array_bytes`` measures a real cache, and the
 tests check that the two agree to the byte). The workspace is an estimate read off the backward code
 (see ``workspace_bytes``), to be kept in step with that code; ``tracemalloc`` puts the whole step within
 a few percent of the ledger, and a test checks it. Everything is float32 by
@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import GPTConfig, get_preset
-from .lora_config import LoraConfig, select_target_modules
-from .model import parameter_shapes
+from ..config import GPTConfig, get_preset
+from ..lora.config import LoraConfig, select_target_modules
+from ..model import parameter_shapes
 
 INDEX_BYTES = 8  # token ids are int64
 ADAM_BUFFERS = 2  # exp_avg and exp_avg_sq
