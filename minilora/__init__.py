@@ -4,8 +4,7 @@ The same layer code runs on NumPy (CPU) or CuPy (GPU); see minilora.backend. The
 the Python API a notebook needs; every module can also be imported on its own.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .io.adapters import load_adapter, save_adapter  # noqa: E402
 from .io.checkpoint import load_model  # noqa: E402
 from .config import GPTConfig, get_preset  # noqa: E402

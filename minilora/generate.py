@@ -3,7 +3,8 @@
 Without a cache, generating token t means running the model over all t previous positions again.
 But in a causal model the keys and values of old positions never change: only the newest position's
 query is new. So we keep every layer's keys and values, (B, H, T_max, hs) each, and per new token
-run the blocks on one position, attending over the cached keys and values.
+run the model's own blocks on one position (``model.forward(idx, kv_cache=cache)``), attending over
+the cached keys and values.
 
 Positions are absolute (a learned table of block_size rows), so once the context is full the cache
 cannot simply slide. We then keep the last block_size // 2 tokens, rebuild the cache from them in one
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_xp, host_rng, matmul, to_numpy
-from .layers import gelu_forward, layernorm_forward
-from .layers.attention import merge_heads, split_heads
-from .model import WPE, WTE
+from .backend import host_rng, to_numpy
 from .io.tokenizer import decode, encode
+from .model import WTE
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far."""
+    """Keys and values of every layer for the positions seen so far (``length`` of them)."""
 
     def __init__(self, model, batch_size: int):
         config = model.config
@@ -35,45 +34,10 @@ class KVCache:
         self.length = 0  # positions filled
 
 
-def cached_attention(q, keys, values, start: int):
-    """Attention of t new queries at absolute positions start..start+t-1 over all cached positions.
-
-    q: (B, H, t, hs); keys, values: (B, H, start + t, hs), the new positions already written in.
-    New query j may attend to keys 0..start+j: the causal mask, offset by the cached length.
-    """
-    xp = get_xp(q)
-    t, total = q.shape[2], keys.shape[2]
-    att = matmul(q * (1.0 / np.sqrt(q.shape[-1])), keys.swapaxes(-1, -2))  # (B, H, t, start + t)
-    att += xp.triu(xp.full((t, total), -xp.inf, dtype=att.dtype), k=start + 1)  # future keys masked
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    return merge_heads(matmul(att, values))  # (B, t, C)
-
-
-def forward_cached(model, idx, cache: KVCache):
-    """Logits of the new tokens idx (B, t), given the cache of the positions before; updates the cache."""
-    params, config = model.params, model.config
-    start, t = cache.length, idx.shape[1]
-    if start + t > config.block_size:
-        raise ValueError(f"{start} cached + {t} new positions exceed block_size={config.block_size}")
-    idx = model.check_token_ids(idx)
-    x = params[WTE][idx] + params[WPE][start:start + t]  # (B, t, C)
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}"
-        h, _ = layernorm_forward(x, params[f"{p}.ln_1.weight"], params.get(f"{p}.ln_1.bias"))
-        qkv, _ = model.linear_forward(f"{p}.attn.c_attn", h)  # (B, t, 3C); a LoRA model adds its delta here
-        q, k, v = split_heads(qkv, config.n_head)  # (B, H, t, hs) each
-        cache.keys[i][:, :, start:start + t] = k
-        cache.values[i][:, :, start:start + t] = v
-        y = cached_attention(q, cache.keys[i][:, :, :start + t], cache.values[i][:, :, :start + t], start)
-        x = x + model.linear_forward(f"{p}.attn.c_proj", y)[0]
-        h, _ = layernorm_forward(x, params[f"{p}.ln_2.weight"], params.get(f"{p}.ln_2.bias"))
-        f = gelu_forward(model.linear_forward(f"{p}.mlp.c_fc", h)[0])[0]
-        x = x + model.linear_forward(f"{p}.mlp.c_proj", f)[0]
-    cache.length = start + t
-    x, _ = layernorm_forward(x, params["transformer.ln_f.weight"], params.get("transformer.ln_f.bias"))
-    return matmul(x, params[WTE].T)  # (B, t, V)
+def next_logits(model, idx, cache: KVCache):
+    """Logits after the last of the new tokens idx (B, t), given the cache; updates the cache.   -> (B, V)"""
+    logits, _, _ = model.forward(idx, kv_cache=cache)  # (B, t, V)
+    return logits[:, -1]
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:
@@ -108,7 +72,7 @@ def generate_ids(model, prompt_ids: np.ndarray, max_new_tokens: int, temperature
     rng = host_rng(seed)
     tokens = prompt_ids
     cache = KVCache(model, prompt_ids.shape[0])
-    logits = forward_cached(model, tokens[:, -block_size:], cache)[:, -1]  # prefill; (B, V)
+    logits = next_logits(model, tokens[:, -block_size:], cache)  # prefill; (B, V)
     for step in range(max_new_tokens):
         next_ids = sample_next(to_numpy(logits), rng, temperature, top_k)  # (B,)
         tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
@@ -116,9 +80,9 @@ def generate_ids(model, prompt_ids: np.ndarray, max_new_tokens: int, temperature
             break  # the last token needs no logits after it
         if cache.length == block_size:  # context full: restart from the most recent half
             cache = KVCache(model, tokens.shape[0])
-            logits = forward_cached(model, tokens[:, -(block_size // 2):], cache)[:, -1]
+            logits = next_logits(model, tokens[:, -(block_size // 2):], cache)
         else:
-            logits = forward_cached(model, next_ids[:, None], cache)[:, -1]
+            logits = next_logits(model, next_ids[:, None], cache)
     return tokens
 
 

@@ -15,6 +15,10 @@ The forward pass returns a cache of everything the backward needs; the backward 
 reverse and returns gradients for exactly the trainable parameters. A frozen linear weight still
 passes gradient to its input, but its own weight gradient is never computed. Subclasses (LoRA) change
 how a linear layer is applied by overriding ``linear_forward`` / ``linear_backward``.
+
+The layer functions come from ``self.ops``, the reference layers (``layers.REFERENCE_OPS``) unless a
+faster namespace is handed in from above (see layers/ops.py). Generation runs the same blocks: with
+``kv_cache`` the forward takes only the new positions and attends over the cached keys and values.
 """
 
 from __future__ import annotations
@@ -26,23 +30,7 @@ import numpy as np
 
 from .backend import get_xp, to_device
 from .config import GPTConfig
-from .layers import (
-    attention_backward,
-    attention_forward,
-    cross_entropy_backward,
-    cross_entropy_forward,
-    dropout_backward,
-    dropout_forward,
-    embedding_backward,
-    embedding_forward,
-    gelu_backward,
-    gelu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    linear_backward,
-    linear_forward,
-    make_dropout_mask,
-)
+from .layers import REFERENCE_OPS, LayerOps
 
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
@@ -105,6 +93,7 @@ class BlockCache(NamedTuple):
 
 
 class ModelCache(NamedTuple):
+    ops: LayerOps  # the layer functions that made this cache: the backward uses the same ones
     token_embedding: object
     seq_len: int
     embedding_dropout: object  # mask or None
@@ -132,6 +121,7 @@ class GPT:
             raise KeyError(f"cannot freeze unknown parameters {unknown_frozen}")
         self.params = params
         self.frozen = frozenset(frozen)
+        self.ops = REFERENCE_OPS  # the layer functions the forward and backward call (layers/ops.py)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter the model must hold, with its shape (subclasses add their own)."""
@@ -179,125 +169,141 @@ class GPT:
     # LoRA overrides these two to add its adapter path; dropout_rng serves its dropout.
 
     def linear_forward(self, name: str, x, dropout_rng=None):
-        return linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+        return self.ops.linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
         weight, bias = f"{name}.weight", f"{name}.bias"
-        dx, dW, db = linear_backward(dout, cache, compute_dW=self.is_trainable(weight),
-                                     compute_db=self.is_trainable(bias))
+        dx, dW, db = self.ops.linear_backward(dout, cache, compute_dW=self.is_trainable(weight),
+                                              compute_db=self.is_trainable(bias))
         if dW is not None:
             grads[weight] = dW
-        if db is not None and self.is_trainable(bias):
+        if db is not None:
             grads[bias] = db
         return dx
 
     def _layernorm_forward(self, name: str, x):
-        return layernorm_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+        return self.ops.layernorm_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
 
     def _layernorm_backward(self, name: str, dout, cache, grads: dict):
-        dx, dw, db = layernorm_backward(dout, cache)
+        dx, dw, db = self.ops.layernorm_backward(dout, cache)
         for key, grad in ((f"{name}.weight", dw), (f"{name}.bias", db)):
             if grad is not None and self.is_trainable(key):
                 grads[key] = grad
         return dx
 
-    def _dropout_mask(self, rng, shape, dtype):
-        """A fresh dropout mask when training with dropout (rng given, p > 0); None otherwise."""
+    def _dropout(self, x, rng):
+        """x through a fresh dropout mask when training with dropout (rng given, p > 0): (out, mask or None)."""
         if rng is None or self.config.dropout == 0.0:
-            return None
-        return make_dropout_mask(rng, shape, self.config.dropout, dtype)
+            return x, None
+        mask = self.ops.make_dropout_mask(rng, x.shape, self.config.dropout, x.dtype)
+        return self.ops.dropout_forward(x, mask)
 
-    def _block_forward(self, i: int, x, rng):
-        p = f"transformer.h.{i}"
+    def _block_forward(self, i: int, x, rng, kv_cache=None):
+        """One block: x + attention branch, then + MLP branch.   x: (B, T, C) -> (B, T, C)."""
+        ops, p, H = self.ops, f"transformer.h.{i}", self.config.n_head
         B, T, C = x.shape
         h, ln_1 = self._layernorm_forward(f"{p}.ln_1", x)
         qkv, c_attn = self.linear_forward(f"{p}.attn.c_attn", h, rng)  # (B, T, 3C)
-        attn_mask = self._dropout_mask(rng, (B, self.config.n_head, T, T), x.dtype)
-        a, attn = attention_forward(qkv, self.config.n_head, attn_mask)  # (B, T, C)
+        if kv_cache is None:
+            attn_mask = None
+            if rng is not None and self.config.dropout > 0:
+                attn_mask = ops.make_dropout_mask(rng, (B, H, T, T), self.config.dropout, x.dtype)
+            a, attn = ops.attention_forward(qkv, H, attn_mask)  # (B, T, C)
+        else:  # generation: the new positions attend over the cached ones too
+            a, attn = ops.cached_attention_forward(qkv, H, kv_cache.keys[i], kv_cache.values[i], kv_cache.length), None
         a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a, rng)
-        attn_dropout = self._dropout_mask(rng, a.shape, x.dtype)
-        if attn_dropout is not None:
-            a, _ = dropout_forward(a, attn_dropout)
+        a, attn_dropout = self._dropout(a, rng)
         x = x + a  # residual
         h, ln_2 = self._layernorm_forward(f"{p}.ln_2", x)
         f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h, rng)  # (B, T, 4C)
-        g, gelu = gelu_forward(f)
+        g, gelu = ops.gelu_forward(f)
         m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g, rng)  # (B, T, C)
-        mlp_dropout = self._dropout_mask(rng, m.shape, x.dtype)
-        if mlp_dropout is not None:
-            m, _ = dropout_forward(m, mlp_dropout)
+        m, mlp_dropout = self._dropout(m, rng)
         x = x + m  # residual
-        return x, BlockCache(ln_1, c_attn, attn, attn_proj, attn_dropout, ln_2, c_fc, gelu, mlp_proj, mlp_dropout)
+        cache = BlockCache(ln_1=ln_1, c_attn=c_attn, attn=attn, attn_proj=attn_proj, attn_dropout=attn_dropout,
+                           ln_2=ln_2, c_fc=c_fc, gelu=gelu, mlp_proj=mlp_proj, mlp_dropout=mlp_dropout)
+        return x, cache
 
     def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
-        p = f"transformer.h.{i}"
+        ops, p = self.ops, f"transformer.h.{i}"
         # x_out = x + m: the residual hands dx unchanged to x and to the MLP branch m.
         # BEGIN SOLUTION a4: walk the block backwards; the residuals fan dx out to two paths: sum them
-        dm = dx if cache.mlp_dropout is None else dropout_backward(dx, cache.mlp_dropout)
+        dm = dx if cache.mlp_dropout is None else ops.dropout_backward(dx, cache.mlp_dropout)
         dg = self.linear_backward(f"{p}.mlp.c_proj", dm, cache.mlp_proj, grads)
-        df = gelu_backward(dg, cache.gelu)
+        df = ops.gelu_backward(dg, cache.gelu)
         dh = self.linear_backward(f"{p}.mlp.c_fc", df, cache.c_fc, grads)
         dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)  # fan-out: sum both paths
         # x_mid = x + a: the same split for the attention branch.
-        da = dx if cache.attn_dropout is None else dropout_backward(dx, cache.attn_dropout)
+        da = dx if cache.attn_dropout is None else ops.dropout_backward(dx, cache.attn_dropout)
         da = self.linear_backward(f"{p}.attn.c_proj", da, cache.attn_proj, grads)
-        dqkv = attention_backward(da, cache.attn)
+        dqkv = ops.attention_backward(da, cache.attn)
         dh = self.linear_backward(f"{p}.attn.c_attn", dqkv, cache.c_attn, grads)
         return dx + self._layernorm_backward(f"{p}.ln_1", dh, cache.ln_1, grads)
         # END SOLUTION
 
-    def forward(self, idx, targets=None, dropout_rng=None):
+    def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None):
         """Logits for every position, and the mean cross-entropy if targets are given.
 
         idx, targets: (B, T) integer token ids (host arrays are range-checked, then moved).
         dropout_rng: a generator on the model's device (backend.device_rng); dropout is applied
         only when it is given and config.dropout > 0, so evaluation simply leaves it out.
-        Returns (logits (B, T, V), loss (0-d array) or None, cache for ``backward``).
+        kv_cache: for generation (generate.KVCache): idx holds only the new positions, which come
+        after the kv_cache.length cached ones; their keys and values are added to the cache.
+        Returns (logits (B, T, V), loss (0-d array) or None, cache for ``backward``; None with kv_cache).
         """
+        ops = self.ops
         idx = self.check_token_ids(idx, "idx")
         B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
         wte, wpe = self.params[WTE], self.params[WPE]
-        tok, token_embedding = embedding_forward(idx, wte)  # (B, T, C)
-        x = tok + wpe[:T]  # position embeddings broadcast over the batch
-        embedding_dropout = self._dropout_mask(dropout_rng, x.shape, x.dtype)
-        if embedding_dropout is not None:
-            x, _ = dropout_forward(x, embedding_dropout)
+        tok, token_embedding = ops.embedding_forward(idx, wte)  # (B, T, C)
+        x = tok + wpe[start:start + T]  # position embeddings broadcast over the batch
+        x, embedding_dropout = self._dropout(x, dropout_rng)
         blocks = []
         for i in range(self.config.n_layer):
-            x, block = self._block_forward(i, x, dropout_rng)
+            x, block = self._block_forward(i, x, dropout_rng, kv_cache)
             blocks.append(block)
         x, ln_f = self._layernorm_forward("transformer.ln_f", x)
-        logits, head = linear_forward(x, wte.T)  # tied head: W = wte^T, (C, V); logits (B, T, V)
+        logits, head = ops.linear_forward(x, wte.T)  # tied head: W = wte^T, (C, V); logits (B, T, V)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+            return logits, None, None
         loss, loss_cache = None, None
         if targets is not None:
             targets = self.check_token_ids(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
-            loss, loss_cache = cross_entropy_forward(logits, targets)
-        cache = ModelCache(token_embedding, T, embedding_dropout, blocks, ln_f, head, loss_cache)
+            loss, loss_cache = ops.cross_entropy_forward(logits, targets)
+        cache = ModelCache(ops=ops, token_embedding=token_embedding, seq_len=T, embedding_dropout=embedding_dropout,
+                           blocks=blocks, ln_f=ln_f, head=head, loss=loss_cache)
         return logits, loss, cache
 
     def backward(self, cache: ModelCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
-        if cache.loss is None:
+        if cache is None or cache.loss is None:
             raise ValueError("backward needs a forward pass that was given targets")
-        grads = {}
+        if cache.ops is not self.ops:  # a cache goes back to the backward of the code that made it
+            raise ValueError(f"this cache was made by the {cache.ops.name!r} layer functions, but the model now "
+                             f"uses {self.ops.name!r}: run the forward again after changing model.ops")
+        ops, grads = self.ops, {}
         # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)
-        dlogits = cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
+        dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_wte = self.is_trainable(WTE)
-        dx, dW_head, _ = linear_backward(dlogits, cache.head, compute_dW=train_wte, compute_db=False)  # dx (B, T, C)
+        dx, dW_head, _ = ops.linear_backward(dlogits, cache.head, compute_dW=train_wte, compute_db=False)  # (B, T, C)
         dx = self._layernorm_backward("transformer.ln_f", dx, cache.ln_f, grads)
         for i in reversed(range(self.config.n_layer)):
             dx = self._block_backward(i, dx, cache.blocks[i], grads)
         if cache.embedding_dropout is not None:
-            dx = dropout_backward(dx, cache.embedding_dropout)
+            dx = ops.dropout_backward(dx, cache.embedding_dropout)
         if self.is_trainable(WPE):
             dwpe = self.xp.zeros(self.params[WPE].shape, dtype=dx.dtype)  # rows >= T get no gradient
             dwpe[: cache.seq_len] = dx.sum(axis=0)  # (T, C): summed over the batch it was broadcast over
             grads[WPE] = dwpe
         if train_wte:
             # wte is used twice, by the embedding lookup and by the tied head: its gradient is the sum.
-            grads[WTE] = embedding_backward(dx, cache.token_embedding) + dW_head.T  # (V, C)
+            grads[WTE] = ops.embedding_backward(dx, cache.token_embedding) + dW_head.T  # (V, C)
         # END SOLUTION
         return {name: grads[name] for name in self.params if name in grads}  # in parameter order

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
-from .fast.cuda.kernels import use_fused
 from .model import WPE, WTE
 
 
@@ -50,13 +49,22 @@ class Optimizer:
         self.step_count = 0
         self.state = {kind: {} for kind in self.state_names}  # kind -> name -> array, created on first step
 
+    def begin_step(self, grads: dict, lr: float | None = None) -> tuple[float, int]:
+        """Check the gradients' names and count the step: (this step's lr, its number t from 1).
+
+        Every update calls this first, the readable ones below and any fused one from the fast path.
+        """
+        self._check_grads(grads)
+        self.step_count += 1
+        return (self.lr if lr is None else lr), self.step_count
+
     def _check_grads(self, grads: dict) -> None:
         if set(grads) != set(self.names):
             missing = sorted(set(self.names) - set(grads))
             unexpected = sorted(set(grads) - set(self.names))
             raise KeyError(f"gradients do not match the trainable parameters: missing {missing}, unexpected {unexpected}")
 
-    def _buffer(self, kind: str, name: str):
+    def buffer(self, kind: str, name: str):
         """The state buffer ``kind`` (e.g. 'exp_avg') of a parameter, zeros when first asked for."""
         buffers = self.state[kind]
         if name not in buffers:
@@ -101,18 +109,12 @@ class AdamW(Optimizer):
         self.eps = eps
 
     def step(self, grads: dict, lr: float | None = None) -> None:
-        self._check_grads(grads)
-        lr = self.lr if lr is None else lr
-        self.step_count += 1
-        t = self.step_count
-        if self.names and use_fused(self.params[self.names[0]]):  # on a GPU: one launch for every tensor
-            self._fused_step(grads, lr, t)
-            return
+        lr, t = self.begin_step(grads, lr)
         bias_correction1 = 1.0 - self.beta1**t
         sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
         for name in self.names:
             p, g = self.params[name], grads[name]
-            m, v = self._buffer("exp_avg", name), self._buffer("exp_avg_sq", name)
+            m, v = self.buffer("exp_avg", name), self.buffer("exp_avg_sq", name)
             lr_p = lr * self.lr_scale.get(name, 1.0)
             step_size = lr_p / bias_correction1
             if self.weight_decay and name in self.decay_names:
@@ -123,18 +125,6 @@ class AdamW(Optimizer):
             v += (1.0 - self.beta2) * (g * g)
             denom = get_xp(v).sqrt(v) / sqrt_bias_correction2 + self.eps
             p -= step_size * (m / denom)
-
-
-    def _fused_step(self, grads: dict, lr: float, t: int) -> None:
-        from .fast.cuda.kernels.adamw import adamw_step_fused
-
-        adamw_step_fused(
-            [self.params[name] for name in self.names], [grads[name] for name in self.names],
-            [self._buffer("exp_avg", name) for name in self.names],
-            [self._buffer("exp_avg_sq", name) for name in self.names],
-            [lr * self.lr_scale.get(name, 1.0) for name in self.names],
-            [name in self.decay_names for name in self.names],
-            self.beta1, self.beta2, self.eps, self.weight_decay, t)
 
 
 class SGD(Optimizer):
@@ -154,15 +144,13 @@ class SGD(Optimizer):
         self.nesterov = nesterov
 
     def step(self, grads: dict, lr: float | None = None) -> None:
-        self._check_grads(grads)
-        lr = self.lr if lr is None else lr
-        self.step_count += 1
+        lr, _ = self.begin_step(grads, lr)
         for name in self.names:
             p, g = self.params[name], grads[name]
             if self.weight_decay and name in self.decay_names:
                 g = g + self.weight_decay * p
             if self.momentum:
-                buf = self._buffer("momentum_buffer", name)
+                buf = self.buffer("momentum_buffer", name)
                 buf *= self.momentum
                 buf += g
                 g = g + self.momentum * buf if self.nesterov else buf
@@ -178,14 +166,7 @@ def clip_grad_norm(grads: dict, max_norm: float):
     """
     arrays = list(grads.values())
     xp = get_xp(arrays[0])
-    if use_fused(arrays[0]) and not xp.cuda.get_current_stream().is_capturing():
-        # on a GPU: one pass over all gradients, two launches. Its table of pointers is uploaded from the
-        # host, which a CUDA graph capture forbids; a captured step (cuda_graph) takes the sums below.
-        from .fast.cuda.kernels.grad_norm import global_grad_norm
-
-        total_norm = global_grad_norm(arrays)
-    else:
-        total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))
+    total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))  # sqrt of the sum of every squared element
     clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
     for g in arrays:
         g *= clip_coef.astype(g.dtype)

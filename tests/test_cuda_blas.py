@@ -15,7 +15,8 @@ try:
 except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
     pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
 
-from minilora import cuda_blas  # noqa: E402
+from minilora.fast.cuda import blas as cuda_blas  # noqa: E402
+from minilora.fast.cuda import use_cublas  # noqa: E402
 from minilora.backend import matmul  # noqa: E402
 
 RNG = np.random.default_rng(0)
@@ -75,7 +76,16 @@ def test_unsupported_operands_fall_back_to_cupy():
     a, v = cupy.ones((4, 3), dtype=np.float32), cupy.ones(3, dtype=np.float32)
     assert not cuda_blas.supports(a, v)  # a matrix times a vector
     assert not cuda_blas.supports(a, cupy.ones((3, 2), dtype=np.float64))  # mixed dtypes
-    np.testing.assert_allclose(cupy.asnumpy(matmul(a, v)), np.full(4, 3.0))
+    np.testing.assert_allclose(cupy.asnumpy(cuda_blas.product(a, v)), np.full(4, 3.0))
+
+
+def test_use_cublas_routes_the_backend_matmul_through_our_handle(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cuda_blas, "matmul", lambda a, b: calls.append(a.shape) or cupy.matmul(a, b))
+    use_cublas()
+    a, b = cupy.ones((4, 3), dtype=np.float32), cupy.ones((3, 2), dtype=np.float32)
+    np.testing.assert_allclose(cupy.asnumpy(matmul(a, b)), np.full((4, 2), 3.0))
+    assert calls == [(4, 3)]
 
 
 def test_products_are_recorded_by_a_cuda_graph_and_replayed_on_new_inputs():

@@ -17,7 +17,10 @@ except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
 
 from minilora.backend import to_numpy  # noqa: E402
 from minilora.config import GPTConfig  # noqa: E402
-from minilora.fast.cuda.graph import GraphedStep  # noqa: E402
+from minilora.fast import accelerate  # noqa: E402
+from minilora.fast.cuda import use_cublas  # noqa: E402
+from minilora.fast.cuda.graph import GraphedStep, cuda_train_step  # noqa: E402
+from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
 from minilora.training.finetune import make_optimizer  # noqa: E402
 from minilora.lora.config import LoraConfig  # noqa: E402
 from minilora.lora.model import add_lora  # noqa: E402
@@ -33,15 +36,20 @@ def lora_model_and_optimizer():
     return model, make_optimizer(model, TrainSettings(lr=1e-2, weight_decay=0.1))
 
 
-def test_graph_replays_match_eager_steps():
+@pytest.mark.parametrize("fast", [False, True])
+def test_graph_replays_match_eager_reference_steps(fast):
+    """The reference train_step (reference layers, eager) against the graph, with the reference or the CUDA ops."""
     graphed_model, graphed_optimizer = lora_model_and_optimizer()
     eager_model, eager_optimizer = lora_model_and_optimizer()
+    if fast:
+        use_cublas()
+        graphed_model.ops = CUDA_OPS
     step = GraphedStep(graphed_model, graphed_optimizer, grad_clip=1.0, warmup=1)
     rng = np.random.default_rng(3)
     for _ in range(5):
         x, y = rng.integers(0, 256, (4, 16)), rng.integers(0, 256, (4, 16))
-        loss_graph = float(step(x, y))
-        loss_eager = float(train_step(eager_model, eager_optimizer, x, y, grad_clip=1.0))
+        loss_graph = float(step(graphed_model, graphed_optimizer, x, y, None, 1.0))
+        loss_eager = float(train_step(eager_model, eager_optimizer, x, y, None, 1.0))
         assert loss_graph == pytest.approx(loss_eager, rel=1e-5)
     assert step.graph is not None  # the last four steps were replays
     for name in graphed_model.trainable_names:
@@ -56,8 +64,26 @@ def test_graph_refuses_dropout_and_bad_batches():
     with pytest.raises(ValueError, match="dropout"):
         GraphedStep(dropout_model, optimizer, grad_clip=1.0)
     step = GraphedStep(model, optimizer, grad_clip=1.0)
-    step(np.zeros((4, 16), dtype=np.int64), np.zeros((4, 16), dtype=np.int64))
+    step.replay(np.zeros((4, 16), dtype=np.int64), np.zeros((4, 16), dtype=np.int64))
     with pytest.raises(ValueError, match="shape"):
-        step(np.zeros((2, 16), dtype=np.int64), np.zeros((2, 16), dtype=np.int64))
+        step.replay(np.zeros((2, 16), dtype=np.int64), np.zeros((2, 16), dtype=np.int64))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        step(np.full((4, 16), 999), np.zeros((4, 16), dtype=np.int64))
+        step.replay(np.full((4, 16), 999), np.zeros((4, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match="another model"):
+        step(dropout_model, optimizer, np.zeros((4, 16), dtype=np.int64), np.zeros((4, 16), dtype=np.int64), None, 1.0)
+
+
+def test_the_eager_cuda_step_with_dropout_trains_like_the_reference_step():
+    config = GPTConfig.from_dict({**CONFIG.to_dict(), "dropout": 0.1})
+    models = [GPT(config, init_params(config, seed=4, device="cuda")) for _ in range(2)]
+    optimizers = [make_optimizer(m, TrainSettings(lr=1e-2, weight_decay=0.1)) for m in models]
+    step = accelerate(models[1], optimizers[1], grad_clip=1.0)
+    assert step is cuda_train_step and models[1].ops is CUDA_OPS
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        x, y = rng.integers(0, 256, (4, 16)), rng.integers(0, 256, (4, 16))
+        want = float(train_step(models[0], optimizers[0], x, y, None, 1.0, (0, 1, i)))
+        assert float(step(models[1], optimizers[1], x, y, None, 1.0, (0, 1, i))) == pytest.approx(want, rel=1e-5)
+    for name in models[0].params:
+        np.testing.assert_allclose(to_numpy(models[1].params[name]), to_numpy(models[0].params[name]),
+                                   rtol=1e-4, atol=1e-6, err_msg=name)

@@ -1,8 +1,8 @@
 """The fused CuPy kernels (minilora.fast.cuda.kernels) against two independent references.
 
 Every kernel is compared with
-  1. the readable layer (minilora.layers, minilora.optim) run by CuPy on the GPU inside
-     ``reference_kernels()``, on the very same inputs, and
+  1. the readable layer (minilora.layers, minilora.optim) run by CuPy on the GPU, on the very same
+     inputs (the reference never dispatches to a kernel: only minilora.fast.cuda.ops.CUDA_OPS does), and
   2. the readable layer run by NumPy in float64 on the host, on the same numbers (the GPU inputs,
      converted), which is the exact answer up to float64 rounding.
 The kernels run in float32 and in float64; both are compared with both references.
@@ -31,15 +31,16 @@ pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 from minilora import layers as ref  # noqa: E402
 from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
-from minilora.fast.cuda.kernels import reference_kernels, use_fused  # noqa: E402
 from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
 from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
 from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
 from minilora.fast.cuda.kernels.grad_norm import global_grad_norm  # noqa: E402
 from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
+from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
+from minilora.fast.cuda.optim import fused_adamw_step, fused_clip_grad_norm  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.optim import AdamW  # noqa: E402
+from minilora.optim import AdamW, clip_grad_norm  # noqa: E402
 
 TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # (RTOL, ATOL), see the docstring
 DTYPES = list(TOLERANCES)
@@ -60,20 +61,17 @@ def inputs(values, dtype):
 
 
 def reference_on_gpu(function, *args):
-    with reference_kernels():
-        return function(*args)
+    """The readable layer on CuPy arrays: the reference itself, which no kernel replaces."""
+    return function(*args)
 
 
-def test_use_fused_takes_cupy_float_arrays_outside_reference_kernels():
-    x = cupy.zeros(3, dtype=cupy.float32)
-    assert use_fused(x) and use_fused(x.astype(cupy.float64))
-    assert not use_fused(np.zeros(3, dtype=np.float32)) and not use_fused(x.astype(cupy.float16))
-    with reference_kernels():
-        assert not use_fused(x)
-        with reference_kernels():
-            assert not use_fused(x)
-        assert not use_fused(x)
-    assert use_fused(x)
+def test_cuda_ops_swap_whole_pairs_for_the_kernels():
+    from dataclasses import fields
+
+    swapped = {f.name for f in fields(CUDA_OPS) if getattr(CUDA_OPS, f.name) is not getattr(ref.REFERENCE_OPS, f.name)}
+    assert swapped == {"name"} | {f"{layer}_{way}" for layer in ("gelu", "layernorm", "attention", "cross_entropy")
+                                  for way in ("forward", "backward")}
+    assert CUDA_OPS.gelu_forward is gelu_forward and CUDA_OPS.attention_backward is fused_attention.attention_backward
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,14 +81,13 @@ def test_gelu(shape, dtype):
     x, x64 = inputs(2.0 * rng.standard_normal(shape), dtype)
     dout, dout64 = inputs(rng.standard_normal(shape), dtype)
     out, cache = gelu_forward(x)
-    assert out.dtype == dtype and cache.t is None  # the fused cache keeps x only
+    assert out.dtype == dtype and not hasattr(cache, "t")  # the fused cache keeps x only
     dx = gelu_backward(dout, cache)
     want_out, want_cache = ref.gelu_forward(x64)
     want_dx = ref.gelu_backward(dout64, want_cache)
     gpu_out, gpu_cache = reference_on_gpu(ref.gelu_forward, x)
     for got, want in ((out, want_out), (out, gpu_out), (dx, want_dx),
-                      (dx, reference_on_gpu(ref.gelu_backward, dout, gpu_cache)),
-                      (gelu_backward(dout, gpu_cache), want_dx)):  # the reference's cache, with its tanh
+                      (dx, reference_on_gpu(ref.gelu_backward, dout, gpu_cache))):
         assert_close(got, want, dtype)
 
 
@@ -124,7 +121,7 @@ def test_layernorm(shape, bias, dtype):
         assert_close(out, want, dtype, n_terms=C)
         assert_close(cache.xhat, want_c.xhat, dtype, n_terms=C)
         assert_close(cache.rstd, want_c.rstd, dtype, n_terms=C)
-    # the fused backward on its own cache and on the reference's, against both references
+    # the fused backward on its own cache (the reference's type: same contents), against both references
     for got in (grads, layernorm_backward(dout, gpu_cache)):
         for want in (want_grads, reference_on_gpu(ref.layernorm_backward, dout, gpu_cache)):
             assert_close(got[0], want[0], dtype, n_terms=C)  # dx
@@ -202,14 +199,12 @@ def check_attention(B, T, n_head, hs, p, dtype):
     gpu_dqkv = reference_on_gpu(ref.attention_backward, dout, gpu_cache)
     for got, want in ((y, want_y), (y, gpu_y), (dqkv, want_dqkv), (dqkv, gpu_dqkv)):
         assert_close(got, want, dtype, n_terms=T)
-    if T >= fused_attention.LSE_MIN_T:
-        assert isinstance(cache, fused_attention.LseAttentionCache)
+    if T >= fused_attention.LSE_MIN_T:  # the log-sum-exp instead of the probabilities
+        assert cache.att is None
         assert_close(cache.lse, causal_log_sum_exp(qkv64, n_head), dtype, n_terms=T)
-    else:  # the reference's cache type, usable by either backward
-        assert isinstance(cache, ref.AttentionCache)
+    else:
+        assert cache.lse is None
         assert_close(cache.att, want_cache.att, dtype, n_terms=T)
-        assert_close(reference_on_gpu(ref.attention_backward, dout, cache), want_dqkv, dtype, n_terms=T)
-        assert_close(fused_attention.attention_backward(dout, gpu_cache), want_dqkv, dtype, n_terms=T)
 
 
 ADAM_SHAPES = {"w": (8, 8), "bias": (37,), "big": (3, 3000), "lora_A": (4, 100), "lora_B": (100, 4), "gain": (1,)}
@@ -278,14 +273,33 @@ def test_global_grad_norm(dtype):
     assert_close(global_grad_norm(grads[:1] + [g.T for g in grads[1:]]), want, dtype)  # views are fine
 
 
-def test_layer_functions_dispatch_to_the_fused_kernels():
-    """minilora.layers hands CuPy arrays to the fused kernels, and reference_kernels() turns that off."""
+def test_the_reference_layers_never_dispatch_to_the_kernels():
+    """A CuPy array given to minilora.layers runs the readable code (a student's hole stays a hole)."""
     x = to_device(np.ones((2, 3, 8), dtype=np.float32), "cuda")
-    assert ref.gelu_forward(x)[1].t is None  # only the fused forward drops tanh(u)
-    assert reference_on_gpu(ref.gelu_forward, x)[1].t is not None
+    assert ref.gelu_forward(x)[1].t is not None  # the reference keeps tanh(u); the kernel's cache does not
+    assert not hasattr(CUDA_OPS.gelu_forward(x)[1], "t")
     qkv = to_device(np.ones((1, fused_attention.LSE_MIN_T, 48), dtype=np.float32), "cuda")
-    assert isinstance(ref.attention_forward(qkv, 2)[1], fused_attention.LseAttentionCache)
-    assert isinstance(reference_on_gpu(ref.attention_forward, qkv, 2)[1], ref.AttentionCache)
+    assert isinstance(ref.attention_forward(qkv, 2)[1], ref.AttentionCache)
+    assert CUDA_OPS.attention_forward(qkv, 2)[1].lse is not None
+
+
+def test_fused_adamw_step_and_clip_match_the_reference_optimizer():
+    rng = np.random.default_rng(10)
+    names = list(ADAM_SHAPES)
+    start = {name: inputs(rng.standard_normal(shape), "float32")[0] for name, shape in ADAM_SHAPES.items()}
+    fused_params, ref_params = ({name: a.copy() for name, a in start.items()} for _ in range(2))
+    optimizers = [AdamW(params, names, lr=1e-2, betas=(BETA1, BETA2), eps=EPS, weight_decay=WEIGHT_DECAY,
+                        decay_names=ADAM_DECAY, lr_scale=ADAM_LR_SCALE) for params in (fused_params, ref_params)]
+    for step in range(3):
+        grads = {name: inputs(rng.standard_normal(ADAM_SHAPES[name]), "float32")[0] for name in names}
+        ref_grads = {name: g.copy() for name, g in grads.items()}
+        assert_close(fused_clip_grad_norm(grads, 1.0), clip_grad_norm(ref_grads, 1.0), "float32", n_terms=10**4)
+        fused_adamw_step(optimizers[0], grads, lr=1e-2 * (1 - 0.2 * step))
+        optimizers[1].step(ref_grads, lr=1e-2 * (1 - 0.2 * step))
+    assert optimizers[0].step_count == optimizers[1].step_count == 3
+    for name in names:
+        assert_close(fused_params[name], ref_params[name], "float32")
+        assert_close(optimizers[0].state["exp_avg_sq"][name], optimizers[1].state["exp_avg_sq"][name], "float32")
 
 
 def relative_gap(got, want):
@@ -303,13 +317,14 @@ def test_gpt_step_with_fused_kernels_matches_the_reference_path(block_size, T, d
     model = GPT(config, init_params(config, seed=0, device="cuda"))
     idx, targets = np.random.default_rng(9).integers(0, 256, (2, 2, T))
 
-    def step():
+    def step(ops):
+        model.ops = ops
         rng = device_rng(cupy, 0, 1) if dropout else None  # the same masks on both paths
         logits, loss, cache = model.forward(idx, targets, dropout_rng=rng)
         return logits, loss, model.backward(cache)
 
-    logits, loss, grads = step()
-    want_logits, want_loss, want_grads = reference_on_gpu(step)
+    logits, loss, grads = step(CUDA_OPS)
+    want_logits, want_loss, want_grads = step(ref.REFERENCE_OPS)
     assert relative_gap(logits, want_logits) < 2e-4
     assert abs(float(loss) - float(want_loss)) < 1e-4
     assert set(grads) == set(want_grads)

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from minilora.config import GPTConfig
-from minilora.fast.cpu.sharded_step import THREADS_ENV_VAR, cpu_threads, forward_backward, shard_bounds
+from minilora.fast.cpu.sharded_step import (THREADS_ENV_VAR, cpu_threads, shard_bounds, sharded_forward_backward,
+                                            sharded_train_step)
 from minilora.fast.cpu.host_memory import retain_freed_memory
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
+from minilora.optim import AdamW
+from minilora.training.loop import train_step
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
 
@@ -22,6 +25,10 @@ CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
 def batch(B, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, CONFIG.vocab_size, (B, 8)), rng.integers(0, CONFIG.vocab_size, (B, 8))
+
+
+def forward_backward(model, x, y, dropout_key=None, shards=2):
+    return sharded_forward_backward(model, x, y, dropout_key, shard_bounds(x.shape[0], shards))
 
 
 def whole_batch(model, x, y):
@@ -66,6 +73,18 @@ def test_dropout_masks_are_seeded_per_shard_and_reproducible():
         np.testing.assert_array_equal(grads_a[name], grads_b[name])
     assert float(loss_a) != float(loss_c)  # another step, other masks
     assert float(loss_a) != float(loss_none)  # dropout was applied
+
+
+def test_sharded_train_step_takes_the_same_step_as_the_reference_train_step():
+    models = [GPT(CONFIG, init_params(CONFIG, seed=5, dtype=np.float64)) for _ in range(2)]
+    optimizers = [AdamW(model.params, model.trainable_names, lr=1e-2, weight_decay=0.1) for model in models]
+    x, y = batch(5, seed=6)
+    for _ in range(2):
+        loss_ref = train_step(models[0], optimizers[0], x, y, 1e-2, grad_clip=0.5)
+        loss = sharded_train_step(models[1], optimizers[1], x, y, 1e-2, grad_clip=0.5, shards=2)
+        assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    for name, ref in models[0].params.items():
+        np.testing.assert_allclose(models[1].params[name], ref, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_shard_bounds_cover_the_batch_without_empty_shards():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minilora.config import GPTConfig
-from minilora.generate import KVCache, forward_cached, generate, generate_ids, sample_next
+from minilora.generate import KVCache, generate, generate_ids, sample_next
 from minilora.model import GPT, init_params
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=256)
@@ -23,17 +23,17 @@ def test_cached_logits_one_token_at_a_time_equal_the_full_forward(model):
     ids = np.random.default_rng(2).integers(0, 256, (3, CONFIG.block_size))
     full, _, _ = model.forward(ids)
     cache = KVCache(model, 3)
-    prefill = forward_cached(model, ids[:, :5], cache)  # a prompt of 5, then one token at a time
-    steps = [forward_cached(model, ids[:, t:t + 1], cache) for t in range(5, CONFIG.block_size)]
+    prefill = model.forward(ids[:, :5], kv_cache=cache)[0]  # a prompt of 5, then one token at a time
+    steps = [model.forward(ids[:, t:t + 1], kv_cache=cache)[0] for t in range(5, CONFIG.block_size)]
     incremental = np.concatenate([prefill, *steps], axis=1)
     np.testing.assert_allclose(incremental, full, rtol=0, atol=1e-12)
 
 
 def test_cache_refuses_to_overflow_block_size(model):
     cache = KVCache(model, 1)
-    forward_cached(model, np.zeros((1, CONFIG.block_size), dtype=np.int64), cache)
+    model.forward(np.zeros((1, CONFIG.block_size), dtype=np.int64), kv_cache=cache)
     with pytest.raises(ValueError, match="exceed block_size=12"):
-        forward_cached(model, np.zeros((1, 1), dtype=np.int64), cache)
+        model.forward(np.zeros((1, 1), dtype=np.int64), kv_cache=cache)
 
 
 def test_greedy_generation_equals_a_naive_generator_without_cache(model):

@@ -1,11 +1,13 @@
 """The GPT-2 model: names and shapes, initialisation, whole-model gradients, freezing, bad input."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-import minilora.model
 from minilora.config import PRESETS, GPTConfig, get_preset
 from minilora.gradcheck import check_model
+from minilora.layers import REFERENCE_OPS, linear_backward
 from minilora.model import GPT, init_params, parameter_shapes
 
 MODEL_TOL = 1e-5
@@ -97,20 +99,19 @@ def test_dropout_changes_training_loss_but_not_evaluation():
     assert eval_a == eval_b and train != eval_a
 
 
-def test_frozen_parameters_get_no_gradients_and_frozen_weights_no_weight_product(monkeypatch):
+def test_frozen_parameters_get_no_gradients_and_frozen_weights_no_weight_product():
     config = get_preset("tiny")
     frozen = [name for name in parameter_shapes(config) if not name.startswith("transformer.h.1.")]
     model = perturbed_model(config, frozen=frozen)
     weight_products = []  # (C_in, C_out) of every weight gradient actually computed
-    original = minilora.model.linear_backward
 
     def spy(dout, cache, compute_dW=True, compute_db=True):
-        dx, dW, db = original(dout, cache, compute_dW, compute_db)
+        dx, dW, db = linear_backward(dout, cache, compute_dW, compute_db)
         if dW is not None:
             weight_products.append(dW.shape)
         return dx, dW, db
 
-    monkeypatch.setattr(minilora.model, "linear_backward", spy)
+    model.ops = replace(REFERENCE_OPS, name="spy", linear_backward=spy)  # the model's layer-function seam
     idx, targets = random_batch(config, T=8)
     grads = model.backward(model.forward(idx, targets)[2])
     assert set(grads) == set(model.trainable_names)
@@ -175,3 +176,13 @@ def test_config_rejects_invalid_values(field, value, message):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match="gpt2s.*medium.*small.*tiny"):
         get_preset("huge")
+
+
+def test_backward_refuses_a_cache_made_by_other_layer_functions():
+    config = get_preset("tiny")
+    model = perturbed_model(config)
+    idx, targets = random_batch(config, T=8)
+    _, _, cache = model.forward(idx, targets)
+    model.ops = replace(REFERENCE_OPS, name="other")
+    with pytest.raises(ValueError, match="made by the 'reference' layer functions"):
+        model.backward(cache)

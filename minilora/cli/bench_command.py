@@ -48,6 +48,8 @@ def add_bench_parser(subparsers) -> None:
                      help="on a GPU, float32 products on TF32 tensor cores, for minilora and the peer (not the default)")
     run.add_argument("--no-cuda-graph", action="store_true",
                      help="on a GPU, launch every kernel from Python instead of replaying a captured CUDA graph")
+    run.add_argument("--reference", action="store_true",
+                     help="time the reference layers and train_step (what a student reads) instead of the fast path")
     peer = parser.add_argument_group("peer")
     peer.add_argument("--peer", choices=("none", "torch"), default="none",
                       help="torch: time the PyTorch peer (minilora.lab.torch_peer) in the same run")
@@ -72,7 +74,8 @@ def settings_from_args(args):
         seed=args.seed, dtype=args.dtype, corpus=None if args.corpus == "random" else args.corpus,
         peer=None if args.peer == "none" else args.peer, peer_threads=args.peer_threads,
         peer_attention=args.peer_attention, threads=args.threads, peak_size=args.peak_size,
-        trace_memory=not args.no_trace_memory, cuda_graph=not args.no_cuda_graph, tf32=args.tf32)
+        trace_memory=not args.no_trace_memory, cuda_graph=not args.no_cuda_graph, tf32=args.tf32,
+        reference=args.reference)
 
 
 def run_bench_command(args) -> None:

@@ -60,6 +60,8 @@ from .memory import memory_ledger
 from ..model import GPT, init_params
 from ..io.provenance import provenance
 from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
+from ..fast import accelerate
+from ..fast.cuda.graph import GraphedStep
 
 BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
 DEFAULT_TARGETS = ("c_attn", "attn.c_proj")
@@ -130,7 +132,8 @@ class BenchSettings:
     threads: int | None = None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
     trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
-    cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (cuda_graph.GraphedStep)
+    cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (fast.cuda.graph.GraphedStep)
+    reference: bool = False  # time the reference layers and train_step instead of the fast path
     tf32: bool = False  # on a GPU, float32 products on TF32 tensor cores (both minilora and the peer)
 
     def __post_init__(self):
@@ -291,7 +294,7 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
     if xp is np:
-        retain_freed_memory()  # as the training loop does; the peer, in the same process, gets it too
+        retain_freed_memory()  # as the training jobs do; the peer, in the same process, gets it too
     else:
         from ..fast.cuda import blas as cuda_blas
 
@@ -322,21 +325,18 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
     initial = {name: to_numpy(value).copy() for name, value in model.params.items()} if settings.peer else None
 
-    graphed = None
-    if xp is not np and settings.cuda_graph:
-        from ..fast.cuda.graph import GraphedStep
-
-        graphed = GraphedStep(model, optimizer, settings.grad_clip, warmup=1)
+    if settings.reference:  # the readable layers and train_step, as a student reads them
+        train = train_step
+    else:  # the fast layer functions and step the training jobs use (minilora.fast)
+        train = accelerate(model, optimizer, settings.grad_clip, shards=settings.threads,
+                           cuda_graph=settings.cuda_graph, graph_warmup=1)
+    graphed = isinstance(train, GraphedStep)
 
     def minilora_step(step: int):
         x, y = batch(step)  # host arrays: the forward range-checks and moves them, as in the training loop
         synchronize(xp)
         started = time.perf_counter()
-        if graphed is not None:
-            loss = graphed(x, y)
-        else:
-            loss = train_step(model, optimizer, x, y, settings.grad_clip,
-                              dropout_key=(settings.seed, DROPOUT_STREAM, step), shards=settings.threads)
+        loss = train(model, optimizer, x, y, settings.lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step))
         synchronize(xp)
         return time.perf_counter() - started, loss
 
@@ -344,7 +344,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     losses = [minilora_step(step)[1] for step in range(settings.warmup)]
     loss_first = float(losses[0])
     peak_rss = peak_rss_bytes()
-    peak_device = None if pool is None else int(pool.total_bytes() + (graphed.pool.total_bytes() if graphed else 0))
+    peak_device = None if pool is None else int(pool.total_bytes() + (train.pool.total_bytes() if graphed else 0))
 
     peer = peer_record = None
     if settings.peer:
@@ -414,7 +414,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         },
         "loss_first": loss_first, "loss_last": loss_last,
         "threads": settings.threads, "blas": blas_info(), "openblas_env": openblas_env(),
-        "cuda_graph": graphed is not None, "gpu": gpu_info(xp),
+        "cuda_graph": graphed, "layer_ops": model.ops.name, "gpu": gpu_info(xp),
         "peer": None, "ratio": None,
         "settings": {key: value for key, value in asdict(settings).items()
                      if key in ("lr", "weight_decay", "grad_clip", "seed", "corpus", "peak_size")},

@@ -8,6 +8,8 @@ sequence goes through the same two batched matmuls: no Python loop over batch, h
     y   = dropout(att) v                          (B, H, T, hs), then heads are concatenated
 
 The output projection (``c_proj``) is an ordinary linear layer and lives outside this function.
+For generation, ``cached_attention_forward`` runs the same attention for a few new positions
+against the keys and values of every earlier one, kept in a key/value cache (see generate.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_xp, matmul
-from ..fast.cuda.kernels import use_fused
 
 
 class AttentionCache(NamedTuple):
@@ -28,14 +29,20 @@ class AttentionCache(NamedTuple):
     scale: float  # 1/sqrt(hs)
 
 
-def causal_bias(xp, T: int, dtype):
-    """(T, T) additive mask: 0 where key position <= query position, -inf above the diagonal."""
-    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+def causal_bias(xp, T_q: int, T_k: int, dtype):
+    """(T_q, T_k) additive mask for queries at the last T_q of T_k positions: -inf on every later key.
+
+    Query i sits at position T_k - T_q + i and may attend to keys 0..T_k - T_q + i. In training
+    T_q = T_k and this is the upper triangle above the diagonal.
+    """
+    return xp.triu(xp.full((T_q, T_k), -xp.inf, dtype=dtype), k=T_k - T_q + 1)
 
 
 def split_heads(qkv, n_head: int):
     """(B, T, 3C) -> q, k, v, each (B, H, T, hs) (views, no copy)."""
     B, T, C3 = qkv.shape
+    if C3 % (3 * n_head) != 0:
+        raise ValueError(f"qkv width {C3} is not 3 * n_head * head_size with n_head={n_head}")
     hs = C3 // (3 * n_head)
     qkv = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
     return qkv[0], qkv[1], qkv[2]
@@ -47,40 +54,42 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
 
 
+def scaled_dot_product_attention(q, k, v, dropout_mask=None):
+    """softmax(q k^T / sqrt(hs) + causal) v, batched over (B, H).
+
+    q: (B, H, T_q, hs), the last T_q positions; k, v: (B, H, T_k, hs), every position so far.
+    Returns (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
+    """
+    xp = get_xp(q)
+    # BEGIN SOLUTION a3: scaled q k^T, causal mask, row softmax, dropout, times v
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q = q * scale  # scaling q (T hs values) is cheaper than scaling q k^T (T^2 values)
+    scores = matmul(q, k.swapaxes(-1, -2))  # (B, H, T_q, T_k)
+    scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys
+    att = xp.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax is shift-invariant: no overflow
+    att = att / att.sum(axis=-1, keepdims=True)  # (B, H, T_q, T_k), rows sum to 1
+    att_used = att if dropout_mask is None else att * dropout_mask
+    y = matmul(att_used, v)  # (B, H, T_q, hs)
+    # END SOLUTION
+    return y, q, att, scale
+
+
 def attention_forward(qkv, n_head: int, dropout_mask=None):
     """Causal self-attention.   qkv: (B, T, 3C) -> y: (B, T, C).
 
     ``dropout_mask`` (B, H, T, T), if given, multiplies the attention probabilities (GPT-2's
     attn_pdrop); it already holds the 1 / (1 - p) scaling.
     """
-    if use_fused(qkv):  # on a GPU: fused causal-softmax kernels around the same matmuls
-        from ..fast.cuda.kernels.attention import attention_forward as fused_attention_forward
-
-        return fused_attention_forward(qkv, n_head, dropout_mask)
-    xp = get_xp(qkv)
-    B, T, C3 = qkv.shape
-    if C3 % (3 * n_head) != 0:
-        raise ValueError(f"qkv width {C3} is not 3 * n_head * head_size with n_head={n_head}")
     q, k, v = split_heads(qkv, n_head)  # each (B, H, T, hs)
-    # BEGIN SOLUTION a3: scaled q k^T, causal mask, row softmax, dropout, times v
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q = q * scale  # scaling q (T*hs values) is cheaper than scaling q k^T (T*T values)
-    att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T)
-    att += causal_bias(xp, T, att.dtype)
-    att -= att.max(axis=-1, keepdims=True)  # softmax is shift-invariant; this avoids overflow
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    att_used = att if dropout_mask is None else att * dropout_mask
-    y = matmul(att_used, v)  # (B, H, T, hs)
-    # END SOLUTION
-    cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
+    y, q_scaled, att, scale = scaled_dot_product_attention(q, k, v, dropout_mask)
+    cache = AttentionCache(q=q_scaled, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
     return merge_heads(y), cache  # (B, T, C)
 
 
 def attention_backward(dout, cache: AttentionCache):
     """Gradient of causal self-attention.   dout: (B, T, C) -> dqkv: (B, T, 3C).
 
-    Going back through the forward, line by line:
+    The forward, line by line:
       y = att_used v          ->  datt_used = dy v^T,  dv = att_used^T dy
       att_used = att * mask   ->  datt = datt_used * mask
       att = softmax(s)        ->  ds = att * (datt - sum_j(datt * att))   (row-wise)
@@ -88,28 +97,34 @@ def attention_backward(dout, cache: AttentionCache):
       q_scaled = q * scale    ->  dq = dq_scaled * scale
     Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
     """
-    if use_fused(dout) or not isinstance(cache, AttentionCache):  # the fused long-block cache has no att
-        from ..fast.cuda.kernels.attention import attention_backward as fused_attention_backward
-
-        return fused_attention_backward(dout, cache)
     xp = get_xp(dout)
-    q, k, v, att, mask, scale = cache
+    q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask
     B, H, T, hs = q.shape
     dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
     # BEGIN SOLUTION a3: undo y = att v, the mask, the softmax and s = q k^T, in that order
     att_used = att if mask is None else att * mask
-    datt = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
+    datt_used = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
     dv = matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
-    if mask is not None:
-        datt *= mask
-    datt -= xp.einsum("...j,...j->...", datt, att)[..., None]  # in place: ds = att * (datt - sum_j datt * att)
-    ds = xp.multiply(datt, att, out=datt)  # (B, H, T, T)
-    dq = matmul(ds, k)  # (B, H, T, hs), the gradient of the scaled q
-    dq *= scale
+    datt = datt_used if mask is None else datt_used * mask
+    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T), the softmax's backward
+    dq = matmul(ds, k) * cache.scale  # (B, H, T, hs), through q_scaled = q * scale
     dk = matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)
     # END SOLUTION
-    dqkv = xp.empty((B, T, 3, H, hs), dtype=dout.dtype)
-    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, T, H, hs)
-    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
-    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
-    return dqkv.reshape(B, T, 3 * H * hs)
+    dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, hs), the layout split_heads took apart
+    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
+
+
+def cached_attention_forward(qkv, n_head: int, keys, values, start: int):
+    """Attention of t new positions over themselves and the ``start`` positions before them (generation).
+
+    qkv: (B, t, 3C) of the new positions; keys, values: (B, H, T_max, hs) buffers whose first
+    ``start`` positions hold the earlier keys and values. The new keys and values are written in at
+    start..start+t-1, then the new queries attend over all start + t. Inference only: no cache is
+    kept for a backward. Returns y: (B, t, C).
+    """
+    q, k, v = split_heads(qkv, n_head)  # (B, H, t, hs) each
+    end = start + q.shape[2]
+    keys[:, :, start:end] = k
+    values[:, :, start:end] = v
+    y, _, _, _ = scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end])
+    return merge_heads(y)  # (B, t, C)

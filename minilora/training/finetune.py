@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..backend import resolve_device
+from ..fast import accelerate
 from ..io.checkpoint import atomic_write_bytes, load_model, resolve_checkpoint_path, save_checkpoint, weights_fingerprint
 from ..io.data import load_corpus
 from .evaluate import bits_per_byte
@@ -22,7 +23,7 @@ from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
 from ..io.provenance import provenance
-from .loop import TrainSettings, train_loop
+from .loop import TrainSettings, train_loop, train_step
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"
@@ -41,10 +42,16 @@ def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) 
                  weight_decay=settings.weight_decay, lr_scale=lr_scale)
 
 
-def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True, loraplus_ratio: float = 1.0):
-    """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult."""
+def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True, loraplus_ratio: float = 1.0,
+        fast: bool = True):
+    """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult.
+
+    ``fast`` hands the model its device's fast path first (``minilora.fast.accelerate``: the fast
+    layer functions and step); ``fast=False`` trains with the reference ``train_step`` as it is.
+    """
     optimizer = make_optimizer(model, settings, loraplus_ratio)
-    return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress)
+    step = accelerate(model, optimizer, settings.grad_clip) if fast else train_step
+    return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress, step=step)
 
 
 def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: TrainSettings, out_dir,

@@ -1,14 +1,17 @@
 """The training loop: batches, forward, backward, clipping, an optimiser step, evaluation, checkpoints.
 
+One step is ``train_step``: forward, backward, gradient clipping and the optimiser's update, in that
+order, in plain code. ``train_loop`` calls it once per batch. It also takes any other callable with
+the same signature as ``step=``: that is the seam through which a faster step plugs in from above
+(``minilora.fast``: the batch split across CPU cores, or the step replayed as a CUDA graph). The
+loop itself knows nothing about those.
+
 Every step's randomness is a pure function of (seed, step): the batch comes from a host generator
 seeded with (seed, DATA_STREAM, step) and the dropout masks from a device generator seeded with
-(seed, DROPOUT_STREAM, step) (and the shard, when a CPU step is split across cores: see
-data_parallel). Resuming at step k therefore needs only the parameters, the optimiser state and k,
-and k steps + save + resume + (N - k) steps reproduce N steps exactly.
+(seed, DROPOUT_STREAM, step). Resuming at step k therefore needs only the parameters, the optimiser
+state and k, and k steps + save + resume + (N - k) steps reproduce N steps exactly.
 
-On a GPU, a model without dropout trains through ``cuda_graph.GraphedStep``: the same step, captured
-once as a CUDA graph and replayed. A loss value is read (forcing a GPU sync) only every
-``log_interval`` steps and at evaluations. A
+A loss value is read (forcing a GPU sync) only every ``log_interval`` steps and at evaluations. A
 non-finite loss, or non-finite parameters found before a save, stop training with TrainingDiverged;
 the last checkpoint on disk, written before things went wrong, is left as it was.
 """
@@ -23,14 +26,11 @@ from tqdm import tqdm
 
 import numpy as np
 
-from ..backend import host_rng, synchronize
+from ..backend import device_rng, host_rng, synchronize
 from ..io.checkpoint import all_finite
-from ..fast.cuda.graph import GraphedStep, can_capture
 from ..io.data import get_batch
-from ..fast.cpu.sharded_step import forward_backward
-from .evaluate import bits_per_byte
-from ..fast.cpu.host_memory import retain_freed_memory
 from ..optim import clip_grad_norm, cosine_lr
+from .evaluate import bits_per_byte
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
 
@@ -73,14 +73,17 @@ class TrainResult:
         return asdict(self)
 
 
-def train_step(model, optimizer, x, y, grad_clip: float, lr: float | None = None, dropout_key=None, shards=None):
-    """One batch's work: forward, backward, clipping (grad_clip 0: off), the optimiser's step. Returns the loss.
+def train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
+    """One batch's work: forward, backward, clipping, the optimiser's update. Returns the loss.
 
-    x, y: (B, T) token ids; dropout_key seeds the dropout masks (None: no dropout); shards: see
-    data_parallel.forward_backward. The loss stays a device scalar. Locals die at return, so the
-    step's activations are freed before the next step allocates its own.
+    x, y: (B, T) token ids; lr: this step's learning rate (None: the optimiser's own); grad_clip:
+    the global gradient-norm limit (0: off); dropout_key, e.g. (seed, DROPOUT_STREAM, step), seeds
+    this step's dropout masks (None: no dropout). The loss stays a device scalar. The locals die at
+    return, so the step's activations are freed before the next step allocates its own.
     """
-    loss, grads = forward_backward(model, x, y, dropout_key, shards)
+    dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
+    _, loss, cache = model.forward(x, y, dropout_rng=dropout_rng)
+    grads = model.backward(cache)
     if grad_clip > 0:
         clip_grad_norm(grads, grad_clip)
     optimizer.step(grads, lr)
@@ -88,34 +91,29 @@ def train_step(model, optimizer, x, y, grad_clip: float, lr: float | None = None
 
 
 def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, start_step: int = 0,
-               progress: bool = True, report: bool = True) -> TrainResult:
+               progress: bool = True, report: bool = True, step=train_step) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
     ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
     trainable parameters are checked to be finite first, so a diverged model is never saved.
-    ``progress`` shows a progress bar; ``report`` prints a line per evaluation.
+    ``progress`` shows a progress bar; ``report`` prints a line per evaluation. ``step`` does one
+    batch's work, called as ``train_step`` is (the default).
     """
     B, T = settings.batch_size, model.config.block_size
     xp = model.xp
-    if xp is np:
-        retain_freed_memory()  # reuse last step's freed activations instead of fresh, zero-filled pages
-    graphed = GraphedStep(model, optimizer, settings.grad_clip) if can_capture(model) else None  # GPU, no dropout
     result = TrainResult()
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc="train",
                unit="step", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        lr = cosine_lr(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
-        x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step))  # (B, T) each
-        if graphed is not None:
-            loss = graphed(x, y, lr)  # the same work, replayed as one CUDA graph
-        else:
-            loss = train_step(model, optimizer, x, y, settings.grad_clip, lr, (settings.seed, DROPOUT_STREAM, step))
-        done = step + 1
-        if done % settings.log_interval == 0 or done == settings.steps or step == start_step:
+    for step_index in bar:
+        lr = cosine_lr(step_index, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
+        x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step_index))  # (B, T) each
+        loss = step(model, optimizer, x, y, lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step_index))
+        done = step_index + 1
+        if done % settings.log_interval == 0 or done == settings.steps or step_index == start_step:
             loss_value = float(loss)  # syncs the device
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(_diverged_message(f"the loss became {loss_value}", step, save))
+                raise TrainingDiverged(_diverged_message(f"the loss became {loss_value}", step_index, save))
             result.losses.append({"step": done, "loss": loss_value, "lr": lr})
             tokens_per_second = (done - start_step) * B * T / (time.perf_counter() - started - eval_seconds)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
@@ -128,7 +126,7 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
                 bar.write(f"step {done}: val {val:.4f} bits/byte")
             if save is not None:
                 if not all_finite({name: model.params[name] for name in model.trainable_names}):
-                    raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step, save))
+                    raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step_index, save))
                 save(done, val)
             eval_seconds += time.perf_counter() - eval_started
     bar.close()

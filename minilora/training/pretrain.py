@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..backend import resolve_device, to_device
+from ..fast import accelerate
 from ..io.checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
 from ..config import GPTConfig
 from ..io.data import load_corpus
@@ -64,7 +65,8 @@ def pretrain(corpus: str, config: GPTConfig, settings: TrainSettings, out_dir, d
         state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
         save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
 
-    result = train_loop(model, optimizer, data, settings, save, start_step, progress)
+    step = accelerate(model, optimizer, settings.grad_clip)  # the device's fast layer functions and step
+    result = train_loop(model, optimizer, data, settings, save, start_step, progress, step=step)
     summary = {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
     atomic_write_bytes(out_dir / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     return model, result

@@ -1,4 +1,4 @@
-"""One training step's forward and backward, with the batch split across the CPU's cores.
+"""A CPU training step with the batch split across the cores: the fast path's ``step`` for the CPU.
 
 NumPy runs element-wise work (GELU, softmax, layernorm, the residual adds) on one core, and OpenBLAS
 spreads a single matrix product over all cores only at a cost in synchronisation that small and
@@ -14,9 +14,10 @@ The arithmetic is unchanged. The loss is a mean over all B T positions, so a sha
 contributes B_i / B of it: its backward is seeded with dloss = B_i / B, and the summed gradients
 equal the one-piece backward's up to float rounding (a test checks this in float64).
 
-On a GPU, and with one shard, the step runs in one piece. Dropout masks are drawn per shard from
+With one shard the step is the reference ``train_step``. Dropout masks are drawn per shard from
 (seed, stream, step, shard) when there are several shards, so results with dropout depend on the
-shard count, as they would on the number of GPUs.
+shard count, as they would on the number of GPUs. ``sharded_train_step`` has ``train_step``'s
+signature, so ``training.loop.train_loop(..., step=sharded_train_step)`` runs it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from functools import cache
 import numpy as np
 
 from ...backend import device_rng
+from ...optim import clip_grad_norm
+from ...training.loop import train_step
 
 THREADS_ENV_VAR = "MINILORA_CPU_THREADS"
 
@@ -61,22 +64,12 @@ def shard_bounds(batch_size: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def forward_backward(model, x, y, dropout_key: tuple[int, ...] | None = None, shards: int | None = None):
-    """Loss and gradients of one batch.   x, y: (B, T) token ids -> (loss 0-d array, grads dict).
+def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, bounds):
+    """Loss and summed gradients of the shards ``bounds`` of one batch, one thread each.
 
-    ``dropout_key`` (e.g. (seed, DROPOUT_STREAM, step)) seeds the dropout masks; None means no
-    dropout. ``shards`` defaults to ``cpu_threads()`` for a model on the CPU and to 1 on a GPU.
+    x, y: (B, T) token ids -> (loss 0-d array, grads dict), the same as one piece up to rounding.
     """
-    xp = model.xp
-    if shards is None:
-        shards = cpu_threads() if xp is np else 1
-    bounds = shard_bounds(x.shape[0], shards)
-    if len(bounds) == 1:
-        rng = None if dropout_key is None else device_rng(xp, *dropout_key)
-        _, loss, cache = model.forward(x, y, dropout_rng=rng)
-        return loss, model.backward(cache)
-
-    B = x.shape[0]
+    xp, B = model.xp, x.shape[0]
 
     def run_shard(shard: int):
         start, stop = bounds[shard]
@@ -93,3 +86,19 @@ def forward_backward(model, x, y, dropout_key: tuple[int, ...] | None = None, sh
         for name, grad in shard_grads.items():
             grads[name] += grad
     return loss, grads
+
+
+def sharded_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None,
+                       shards: int | None = None):
+    """``training.loop.train_step`` with the forward and backward split into ``shards`` threads.
+
+    ``shards`` defaults to ``cpu_threads()``; a batch too small to split runs the reference step.
+    """
+    bounds = shard_bounds(x.shape[0], cpu_threads() if shards is None else shards)
+    if len(bounds) == 1:
+        return train_step(model, optimizer, x, y, lr, grad_clip, dropout_key)
+    loss, grads = sharded_forward_backward(model, x, y, dropout_key, bounds)
+    if grad_clip > 0:
+        clip_grad_norm(grads, grad_clip)
+    optimizer.step(grads, lr)
+    return loss

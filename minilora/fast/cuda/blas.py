@@ -110,7 +110,7 @@ def _batch_stride(x) -> int:
 
 
 def supports(a, b) -> bool:
-    """Whether ``matmul`` handles these operands (else the caller uses cupy.matmul)."""
+    """Whether ``matmul`` handles these operands (else ``product`` uses cupy.matmul)."""
     return (a.dtype == b.dtype and a.dtype.name in GEMM_SYMBOLS and a.ndim >= 2 and b.ndim >= 2
             and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2]) and a.shape[-1] == b.shape[-2] and a.size and b.size)
 
@@ -142,3 +142,15 @@ def matmul(a, b):
         ctypes.c_void_p(a3.data.ptr), ld_a, _batch_stride(a3),
         ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), n, rows * n, batch), name)
     return out.reshape(*batch_shape, m, n)
+
+
+def product(a, b):
+    """a @ b for CuPy arrays: through our cuBLAS handle where ``matmul`` takes the operands, else cupy.matmul.
+
+    This is the product ``minilora.fast.cuda.use_cublas`` registers with ``backend.register_matmul``.
+    """
+    if supports(a, b):
+        return matmul(a, b)
+    import cupy
+
+    return cupy.matmul(a, b)

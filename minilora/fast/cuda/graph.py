@@ -5,8 +5,8 @@ costs CuPy some microseconds of host time, and the GPU, which finishes most of t
 waits for the host. A CUDA graph records the kernels of one step once; replaying it launches all of
 them with one call, so the step runs at the speed of the GPU instead of the speed of Python.
 
-What is captured: the forward, the backward and the gradient clipping of ``forward_backward`` and
-``clip_grad_norm``, everything between "the batch is on the device" and "the gradients are ready".
+What is captured: the model's forward and backward and the gradient clipping (the reference
+``clip_grad_norm``), everything between "the batch is on the device" and "the gradients are ready".
 The optimiser runs after the graph on the same stream, as ordinary launches (one, with the fused
 AdamW): its learning rate and bias corrections change every step, and a graph would freeze them at
 their values during the capture.
@@ -26,12 +26,16 @@ What makes replaying safe:
   are replaced (a new adapter, a reload) needs a new ``GraphedStep``.
 
 The loss is an array the graph overwrites on every replay: read it before the next call.
+
+``GraphedStep`` and ``cuda_train_step`` are called as ``training.loop.train_step`` is, so either is a
+``step=`` for ``train_loop``.
 """
 
 from __future__ import annotations
 
-from ..cpu.sharded_step import forward_backward
+from ...backend import device_rng
 from ...optim import clip_grad_norm
+from .optim import fused_clip_grad_norm, optimizer_step
 
 
 def can_capture(model) -> bool:
@@ -41,8 +45,19 @@ def can_capture(model) -> bool:
     return model.xp.__name__ == "cupy" and model.config.dropout == 0 and lora_dropout == 0
 
 
+def cuda_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
+    """``train_step`` on the GPU, launched eagerly, with the fused clipping and AdamW update."""
+    dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
+    _, loss, cache = model.forward(x, y, dropout_rng=dropout_rng)
+    grads = model.backward(cache)
+    if grad_clip > 0:
+        fused_clip_grad_norm(grads, grad_clip)
+    optimizer_step(optimizer, grads, lr)
+    return loss
+
+
 class GraphedStep:
-    """``step(x, y, lr) -> loss`` for a model on a GPU: ``warmup`` eager steps, then graph replays.
+    """A training step for one model and optimiser on a GPU: ``warmup`` eager steps, then graph replays.
 
     One call is the training loop's work for a batch: forward, backward, clipping and the optimiser's
     step. x, y: (B, T) host arrays of token ids of a fixed shape (range-checked on the host).
@@ -70,13 +85,20 @@ class GraphedStep:
         self.x = self.y = None  # the static input buffers, made on the first call
         self.outputs = None  # (loss, grads) written by every replay
 
-    def __call__(self, x, y, lr: float | None = None):
+    def __call__(self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
+        """The ``train_step`` signature; the model, optimiser and clip must be the ones captured."""
+        if model is not self.model or optimizer is not self.optimizer or grad_clip != self.grad_clip:
+            raise ValueError("this GraphedStep was built for another model, optimiser or grad_clip; make a new one")
+        return self.replay(x, y, lr)
+
+    def replay(self, x, y, lr: float | None = None):
+        """One step on the batch (x, y); returns the loss (overwritten by the next replay)."""
         caller = self.cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # the step starts after the caller's earlier work
         with self.stream:  # the upload, the step and the optimiser, in this stream's order
             ids = self.model.check_token_ids(x, "idx"), self.model.check_token_ids(y, "targets")  # host range check
             loss, grads = self._forward_backward(*ids)
-            self.optimizer.step(grads, lr)  # after the graph, in stream order; default memory pool
+            optimizer_step(self.optimizer, grads, lr)  # after the graph, in stream order; default memory pool
         caller.wait_event(self.stream.record())  # the caller's later work (reading the loss) waits for the step
         return loss
 
@@ -103,7 +125,8 @@ class GraphedStep:
             return self.outputs
 
     def _step(self):
-        loss, grads = forward_backward(self.model, self.x, self.y, shards=1)
+        _, loss, cache = self.model.forward(self.x, self.y)
+        grads = self.model.backward(cache)
         if self.grad_clip > 0:
-            clip_grad_norm(grads, self.grad_clip)
+            clip_grad_norm(grads, self.grad_clip)  # the reference sums: the fused norm cannot be captured
         return loss, grads

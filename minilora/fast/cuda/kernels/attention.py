@@ -12,11 +12,11 @@ The math is minilora.layers.attention's, line for line; the differences are wher
   made contiguous once in the forward, and dy once in the backward, since minilora's cuBLAS calls
   (cuda_blas) read a transposed stack of matrices in place but copy any view whose batch axes cannot
   be merged into one stride, as the per-head views of qkv and dout are.
-- Two variants. Below LSE_MIN_T the forward keeps the probabilities, in the reference's own
-  AttentionCache (so either backward accepts either forward's cache). From LSE_MIN_T on it keeps
+- Two variants. Below LSE_MIN_T the forward keeps the probabilities. From LSE_MIN_T on it keeps
   only each row's log-sum-exp, (B, H, T) numbers instead of (B, H, T, T): for T = 1024 and 12 heads
   that is 48 MiB less per sequence and layer. The backward then recomputes the scores q k^T (one
-  extra matmul) and the probabilities exp(s - lse) (one elementwise pass).
+  extra matmul) and the probabilities exp(s - lse) (one elementwise pass). Both keep one cache type,
+  ``CudaAttentionCache``, with either ``att`` or ``lse`` set.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from typing import NamedTuple
 
 from ....backend import matmul
-from ....layers.attention import AttentionCache, merge_heads, split_heads
+from ....layers.attention import merge_heads, split_heads
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
 
 # From this block length on, the forward keeps the log-sum-exp, not the probabilities. Measured on an
@@ -34,22 +34,21 @@ from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_sof
 LSE_MIN_T = 2048
 
 
-class LseAttentionCache(NamedTuple):
+class CudaAttentionCache(NamedTuple):
     q: object  # (B, H, T, hs) queries, already scaled by 1/sqrt(hs)
-    k: object  # (B, H, T, hs) keys
-    v: object  # (B, H, T, hs) values
-    lse: object  # (B, H, T) log sum_j exp(q_i . k_j) over the visible keys j <= i
+    k: object  # (B, H, T, hs) keys, contiguous
+    v: object  # (B, H, T, hs) values, contiguous
+    att: object  # (B, H, T, T) probabilities, below LSE_MIN_T; else None
+    lse: object  # (B, H, T) log sum_j exp(q_i . k_j) over the visible keys j <= i, from LSE_MIN_T on; else None
     dropout_mask: object  # (B, H, T, T) or None
     scale: float  # 1/sqrt(hs)
 
 
 def attention_forward(qkv, n_head: int, dropout_mask=None):
-    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), AttentionCache or LseAttentionCache)."""
+    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), CudaAttentionCache)."""
     import cupy
 
-    B, T, C3 = qkv.shape
-    if C3 % (3 * n_head) != 0:
-        raise ValueError(f"qkv width {C3} is not 3 * n_head * head_size with n_head={n_head}")
+    T = qkv.shape[1]
     q, k, v = split_heads(qkv, n_head)  # views, each (B, H, T, hs)
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # (B, H, T, hs), contiguous
@@ -62,20 +61,17 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     if dropout_mask is not None:
         dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
     y = matmul(att if dropout_mask is None else att * dropout_mask, v)  # (B, H, T, hs)
-    if lse is None:
-        cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
-    else:
-        cache = LseAttentionCache(q=q, k=k, v=v, lse=lse, dropout_mask=dropout_mask, scale=scale)
+    cache = CudaAttentionCache(q=q, k=k, v=v, att=att if lse is None else None, lse=lse, dropout_mask=dropout_mask,
+                               scale=scale)
     return merge_heads(y), cache  # (B, T, C)
 
 
-def attention_backward(dout, cache):
-    """dout: (B, T, C) -> dqkv: (B, T, 3C), from either variant's cache (or the reference's)."""
-    if isinstance(cache, LseAttentionCache):
+def attention_backward(dout, cache: CudaAttentionCache):
+    """dout: (B, T, C) -> dqkv: (B, T, 3C), with the probabilities kept or recomputed from the log-sum-exp."""
+    att = cache.att
+    if att is None:
         att = matmul(cache.q, cache.k.swapaxes(-1, -2))  # the forward's scores again: the extra matmul
         causal_probs_from_lse(att, cache.lse)
-    else:
-        att = cache.att
     return _backward_from_probs(dout, cache.q, cache.k, cache.v, att, cache.dropout_mask, cache.scale)
 
 

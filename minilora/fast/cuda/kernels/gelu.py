@@ -1,10 +1,9 @@
 """GELU (tanh approximation) as one elementwise kernel each way.
 
-The reference forward makes seven passes over memory and keeps t = tanh(u) for the backward. Here
-the forward is one kernel, and its cache keeps only x (``GeluCache.t`` is None): the backward
+The reference forward makes several passes over memory and keeps t = tanh(u) for the backward.
+Here the forward is one kernel, and its cache keeps only x (``FusedGeluCache``): the backward
 recomputes the tanh, which costs a few arithmetic instructions per element, cheaper on a GPU than
-storing and re-reading an activation as large as the MLP's hidden layer. A cache from the reference
-forward (t given) is differentiated with its t.
+storing and re-reading an activation as large as the MLP's hidden layer.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from ....layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI, GeluCache
+from ....layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 
 # The two formulas of minilora.layers.gelu, as device functions the kernels below share.
 _PREAMBLE = f"""
@@ -34,10 +33,13 @@ __device__ __forceinline__ Real gelu_slope(Real x, Real t) {
 """
 
 
+class FusedGeluCache(NamedTuple):
+    x: object  # (...) the input; the backward recomputes tanh(u) from it
+
+
 class _Kernels(NamedTuple):
     forward: object  # x -> 0.5 x (1 + tanh(u))
     backward: object  # (dout, x) -> dx, recomputing tanh(u)
-    backward_from_t: object  # (dout, x, t) -> dx, with the cached tanh(u)
 
 
 @functools.cache
@@ -50,17 +52,14 @@ def _kernels() -> _Kernels:
     return _Kernels(
         forward=kernel("T x", "out = T(0.5) * x * (T(1) + tanh(gelu_inner(x)));", "gelu_forward"),
         backward=kernel("T dout, T x", "out = dout * gelu_slope(x, tanh(gelu_inner(x)));", "gelu_backward"),
-        backward_from_t=kernel("T dout, T x, T t", "out = dout * gelu_slope(x, t);", "gelu_backward_from_t"),
     )
 
 
 def gelu_forward(x):
-    """gelu(x), elementwise, any shape -> (out, GeluCache(x=x, t=None))."""
-    return _kernels().forward(x), GeluCache(x=x, t=None)
+    """gelu(x), elementwise, any shape -> (out, FusedGeluCache(x=x))."""
+    return _kernels().forward(x), FusedGeluCache(x=x)
 
 
-def gelu_backward(dout, cache: GeluCache):
-    """dx = dout * gelu'(x), from either cache: t recomputed when the cache has none."""
-    if cache.t is None:
-        return _kernels().backward(dout, cache.x)
-    return _kernels().backward_from_t(dout, cache.x, cache.t)
+def gelu_backward(dout, cache: FusedGeluCache):
+    """dx = dout * gelu'(x), with tanh(u) recomputed from x."""
+    return _kernels().backward(dout, cache.x)

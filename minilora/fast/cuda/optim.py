@@ -1,0 +1,46 @@
+"""The optimiser's update and gradient clipping on the GPU, each in a couple of kernel launches.
+
+``fused_adamw_step(optimizer, grads, lr)`` does what ``optimizer.step(grads, lr)`` of a reference
+``minilora.optim.AdamW`` does, with one launch for every tensor (kernels/adamw.py) instead of about
+a dozen per tensor, on the optimiser's own state buffers: checkpoints and the step count are the
+reference's. ``fused_clip_grad_norm`` is ``minilora.optim.clip_grad_norm`` with the global norm in two
+launches (kernels/grad_norm.py); its table of pointers is uploaded from the host, which a CUDA graph
+capture forbids, so a captured step clips with the reference function.
+"""
+
+from __future__ import annotations
+
+from ...optim import AdamW
+from .kernels.adamw import adamw_step_fused
+from .kernels.grad_norm import global_grad_norm
+
+
+def fused_adamw_step(optimizer: AdamW, grads: dict, lr: float | None = None) -> None:
+    """One AdamW update of ``optimizer``'s parameters in one launch (CuPy arrays of one dtype)."""
+    lr, t = optimizer.begin_step(grads, lr)
+    names = optimizer.names
+    adamw_step_fused(
+        [optimizer.params[name] for name in names], [grads[name] for name in names],
+        [optimizer.buffer("exp_avg", name) for name in names],
+        [optimizer.buffer("exp_avg_sq", name) for name in names],
+        [lr * optimizer.lr_scale.get(name, 1.0) for name in names],
+        [name in optimizer.decay_names for name in names],
+        optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay, t)
+
+
+def optimizer_step(optimizer, grads: dict, lr: float | None = None) -> None:
+    """The fused update for a reference AdamW; any other optimiser takes its own step."""
+    if type(optimizer) is AdamW:
+        fused_adamw_step(optimizer, grads, lr)
+    else:
+        optimizer.step(grads, lr)
+
+
+def fused_clip_grad_norm(grads: dict, max_norm: float):
+    """Scale every gradient so that the global norm is at most ``max_norm``; returns the norm (device scalar)."""
+    arrays = list(grads.values())
+    total_norm = global_grad_norm(arrays)
+    clip_coef = (max_norm / (total_norm + 1e-6)).clip(max=1.0)
+    for g in arrays:
+        g *= clip_coef.astype(g.dtype)
+    return total_norm
