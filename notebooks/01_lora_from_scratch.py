@@ -33,7 +33,8 @@ import numpy as np
 
 from minilora.gradcheck import check_layer
 from minilora.lora.layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
-from minilora.lora.config import LoraConfig, init_adapter
+from minilora.lora.config import LoraConfig
+from minilora.lora.init import init_lora_factors
 from minilora.optim import AdamW
 
 # %% [markdown]
@@ -183,11 +184,11 @@ library.assert_ok(1e-7)
 # `dA = dh^T x`. With B = 0, dh = 0 and therefore dA = 0, whatever the data. On the first step only
 # `lora_B` moves; `dB = s dout^T h` is not zero because `h = x A^T` is not.
 #
-# Here is minilora's real initialisation (`init_adapter`, PEFT's default: A uniform in
+# Here is minilora's real initialisation (`init_lora_factors`, PEFT's default: A uniform in
 # ±1/sqrt(C_in), B zero) for one module:
 
 # %%
-adapter = init_adapter(LoraConfig(r=r, lora_alpha=lora_alpha), {"layer": (C_in, C_out)}, seed=0, dtype=np.float64)
+adapter = init_lora_factors(LoraConfig(r=r, lora_alpha=lora_alpha), {"layer": (C_in, C_out)}, seed=0, dtype=np.float64)
 A0, B0 = adapter["layer.lora_A"], adapter["layer.lora_B"]
 y0, cache0 = lora_linear_forward(x, W, b, A0, B0, s)
 assert np.array_equal(y0, x @ W + b)  # exactly the frozen layer
@@ -254,7 +255,7 @@ ranks = [1, 2, 4, 8, 16, 32, 64, 128]
 def first_adam_step(rank, use_rslora, alpha=16.0, lr=1e-3):
     """(rms of the output change, first-order loss drop) after one AdamW step from LoRA's init."""
     scaling = lora_scaling(rank, alpha, use_rslora)
-    tensors = init_adapter(LoraConfig(r=rank), {"m": (C, C)}, seed=rank, dtype=np.float64)
+    tensors = init_lora_factors(LoraConfig(r=rank), {"m": (C, C)}, seed=rank, dtype=np.float64)
     params = {"lora_A": tensors["m.lora_A"], "lora_B": tensors["m.lora_B"]}
     zero_W = np.zeros((C, C))  # only the adapter's contribution matters here
     _, cache = lora_linear_forward(x_big, zero_W, None, params["lora_A"], params["lora_B"], scaling)

@@ -1,5 +1,6 @@
-"""The benchmark harness: FLOP formulas against counted matmuls, the memory ledger, the JSON fields, and
-the PyTorch peer's loss, gradients and AdamW step against minilora's in float64.
+"""The benchmark harness: FLOP formulas against counted matmuls, the JSON fields (the memory ledger's among
+them; the ledger itself is tested in test_memory_ledger.py), and the PyTorch peer's loss, gradients and
+AdamW step against minilora's in float64.
 
 No test here reads a clock: benchmarks are never timed tests.
 """
@@ -8,13 +9,13 @@ import argparse
 import json
 import subprocess
 import sys
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from minilora.backend import count_matmuls
 from minilora.lab.bench import (
+    DEFAULT_LORA,
     BENCH_BATCH_SIZES,
     OPENBLAS_ENV_VARS,
     BenchError,
@@ -26,15 +27,9 @@ from minilora.lab.bench import (
 from minilora.cli import bench_command
 from minilora.config import GPTConfig, get_preset
 from minilora.training.finetune import ADAM_BETAS, make_optimizer
-from minilora.lora.accounting import lora_trainable_count
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
-from minilora.lab.memory import (
-    activation_bytes,
-    cached_array_bytes,
-    ledger_table,
-    memory_ledger,
-)
+from minilora.lab.memory import memory_ledger
 from minilora.model import GPT, init_params
 from minilora.optim import clip_grad_norm
 from minilora.training.loop import TrainSettings
@@ -84,66 +79,12 @@ def test_full_backward_is_twice_the_forward_and_lora_skips_every_frozen_dW():
     assert round(full["total"] / 1e9) == 292 and round(lora["total"] / 1e9) == 207  # the README's figures
 
 
-def test_ledger_arithmetic_for_full_and_lora():
-    config, B = get_preset("small"), BENCH_BATCH_SIZES["small"]
-    full = memory_ledger(config, B)
-    lora = memory_ledger(config, B, lora_config=ATTN_LORA)
-    base_params = build(config).num_parameters()
-    trainable = lora_trainable_count(ATTN_LORA, config)
-    assert full.weights == 4 * base_params
-    assert full.gradients == 4 * base_params and full.optimizer_state == 2 * 4 * base_params
-    assert lora.weights == 4 * (base_params + trainable)
-    assert lora.gradients == 4 * trainable and lora.optimizer_state == 2 * trainable * 4  # Adam: 2 x trainable x 4 bytes
-    N = B * config.block_size
-    n_adapted = 2 * config.n_layer
-    assert lora.activations - full.activations == 4 * N * ATTN_LORA.r * n_adapted  # only h = x A^T is new
-    assert lora.workspace == full.workspace
-    assert full.total == full.weights + full.gradients + full.optimizer_state + full.activations + full.workspace
-    assert memory_ledger(config, B, dtype=np.float64).activations == 2 * full.activations - 2 * N * 8  # ids stay int64
-    rows = ledger_table({"tiny": 16, "small": 16}, ATTN_LORA)
-    assert [(row["preset"], row["mode"]) for row in rows] == [("tiny", "full"), ("tiny", "lora"), ("small", "full"),
-                                                             ("small", "lora")]
-
-
-@pytest.mark.parametrize("config, lora_config, T", [
-    (TINY, None, 64),
-    (TINY, LoraConfig(r=4, target_modules="all-linear"), 61),
-    (get_preset("tiny", dropout=0.1), LoraConfig(r=4, target_modules=("c_attn",), lora_dropout=0.1), 64),
-    (GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=32), None, 32),
-])
-def test_ledger_activations_equal_the_bytes_the_caches_hold(config, lora_config, T):
-    from minilora.backend import device_rng
-
-    model = build(config, lora_config)
-    idx, targets = batch(config, 3, T)
-    logits, _, cache = model.forward(idx, targets, dropout_rng=device_rng(np, 0, 1))
-    measured = cached_array_bytes((cache, logits, idx, targets), exclude=model.params.values())
-    assert measured == activation_bytes(config, 3, T, lora_config)
-
-
-@pytest.mark.parametrize("config, B", [
-    (TINY, 16),  # GELU's backward is the largest temporary set
-    (GPTConfig(n_layer=2, n_head=8, n_embd=32, block_size=128), 4),  # the attention backward's is
-])
-def test_ledger_per_step_is_close_to_the_traced_peak_of_a_step(config, B):
-    model = build(config, ATTN_LORA)
-    idx, targets = batch(config, B, config.block_size)
-    ledger = memory_ledger(config, B, lora_config=ATTN_LORA)
-    tracemalloc.start()
-    try:
-        model.backward(model.forward(idx, targets)[2])
-        traced = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert 0.8 < traced / ledger.per_step < 1.1, (traced, ledger.per_step)
-
-
 def check_fields(result, settings):
     config = get_preset(settings.preset)
     B, T = settings.batch_shape()
     assert result["tokens_per_step"] == B * T == settings.batch_size * config.block_size
-    assert result["flops_per_step"] == step_flops(config, B, T, settings.lora_config())["total"]
-    model = build(config, settings.lora_config())
+    assert result["flops_per_step"] == step_flops(config, B, T, settings.lora_config)["total"]
+    model = build(config, settings.lora_config)
     assert result["params_total"] == model.num_parameters()
     assert result["params_trainable"] == model.num_parameters(trainable_only=True)
     times = result["step_time_s"]
@@ -153,7 +94,7 @@ def check_fields(result, settings):
     assert result["mfu"] == pytest.approx(result["achieved_gflops"] / result["matmul_peak_gflops"])
     assert len(result["runs_tokens_per_s"]) == settings.repeats
     assert result["peak_rss_bytes"] > 0 and result["peak_device_bytes"] is None  # CPU
-    ledger = memory_ledger(config, B, T, settings.lora_config())
+    ledger = memory_ledger(config, B, T, settings.lora_config)
     assert result["memory"]["ledger"] == ledger.to_dict()
     assert result["memory"]["traced_step_peak_bytes"] > 0
     assert set(result["openblas_env"]) == set(OPENBLAS_ENV_VARS)
@@ -162,13 +103,14 @@ def check_fields(result, settings):
     json.dumps(result)  # one JSON line
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_a_tiny_bench_run_completes_with_every_field(full):
-    settings = BenchSettings(preset="tiny", full=full, batch_size=2, warmup=1, steps=2, repeats=2, peak_size=64,
-                             corpus=None)
+@pytest.mark.parametrize("full, reference", [(False, False), (True, False), (False, True)])
+def test_a_tiny_bench_run_completes_with_every_field(full, reference):
+    settings = BenchSettings(preset="tiny", lora_config=None if full else DEFAULT_LORA, batch_size=2, warmup=1,
+                             steps=2, repeats=2, peak_size=64, corpus=None, reference=reference)
     result = run_bench(settings)
     check_fields(result, settings)
     assert result["mode"] == ("full" if full else "lora")
+    assert result["layer_ops"] == ("reference" if reference else "cpu")
     assert result["peer"] is None and result["ratio"] is None
 
 
@@ -277,7 +219,7 @@ def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
                              corpus=None)
     result = run_bench(settings)
     assert result["device"] == "cuda" and result["memory"]["traced_step_peak_bytes"] is None
-    ledger = memory_ledger(TINY, 2, lora_config=settings.lora_config())
+    ledger = memory_ledger(TINY, 2, lora_config=settings.lora_config)
     assert result["peak_device_bytes"] >= ledger.weights + ledger.activations  # the pool's high-water mark
     assert np.isfinite(result["loss_first"]) and result["mfu"] > 0
     json.dumps(result)

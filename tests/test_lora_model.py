@@ -5,7 +5,8 @@ import pytest
 
 from minilora.backend import count_matmuls
 from minilora.config import GPTConfig, get_preset
-from minilora.lora.config import LoraConfig, init_adapter, select_target_modules
+from minilora.lora.config import LoraConfig, select_target_modules
+from minilora.lora.init import init_lora_factors
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
@@ -68,7 +69,7 @@ def test_layers_out_of_range_are_refused():
 
 
 def test_default_init_draws_A_with_peft_bound_and_zeros_B():
-    tensors = init_adapter(LoraConfig(r=64), {"m": (384, 1152)}, seed=0)
+    tensors = init_lora_factors(LoraConfig(r=64), {"m": (384, 1152)}, seed=0)
     A, B = tensors["m.lora_A"], tensors["m.lora_B"]
     assert A.shape == (64, 384) and B.shape == (1152, 64) and A.dtype == np.float32
     bound = 1 / np.sqrt(384)
@@ -78,9 +79,24 @@ def test_default_init_draws_A_with_peft_bound_and_zeros_B():
 
 
 def test_gaussian_init_has_std_one_over_r_and_random_init_has_nonzero_B():
-    A = init_adapter(LoraConfig(r=16, init="gaussian"), {"m": (512, 512)})["m.lora_A"]
+    A = init_lora_factors(LoraConfig(r=16, init="gaussian"), {"m": (512, 512)})["m.lora_A"]
     assert np.std(A) == pytest.approx(1 / 16, rel=0.02)
-    assert np.count_nonzero(init_adapter(LoraConfig(r=4, init="random"), {"m": (8, 8)})["m.lora_B"]) == 32
+    random_B = init_lora_factors(LoraConfig(r=4, init="random"), {"m": (8, 8)})["m.lora_B"]
+    assert np.count_nonzero(random_B) == 32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_added_adapter_draws_its_factors_like_init_lora_factors_on_the_host(dtype):
+    lora_config = LoraConfig(r=3, init="random", target_modules="all-linear", use_dora=True, bias="lora_only")
+    lora = add_lora(base_model(dtype=dtype), lora_config, seed=11)
+    expected = init_lora_factors(lora_config, select_target_modules(lora_config, SMALL), seed=11, dtype=dtype)
+    for name, value in expected.items():
+        assert lora.params[name].dtype == dtype
+        np.testing.assert_array_equal(lora.params[name], value)
+    magnitudes = [name for name in lora.trainable_names if name.endswith(".lora_magnitude_vector")]
+    biases = [name for name in lora.trainable_names if name.endswith(".bias")]
+    assert lora.trainable_names == [*expected, *magnitudes, *biases]  # factors, magnitudes, biases
+    assert len(magnitudes) == len(biases) == 4 * SMALL.n_layer
 
 
 def test_a_fresh_adapter_starts_exactly_at_the_base_model():

@@ -1,5 +1,7 @@
 """DoRA, PiSSA and several adapters on one base: gradients, starting points, merging, conversion."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from minilora.gradcheck import check_layer, check_model
 from minilora.lora.layer import lora_forward
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
+from minilora.lora.variants import FACTORS, MAGNITUDE, DoraVariant, LoraVariant, variant_for
 from minilora.model import GPT, init_params
 
 LAYER_TOL, MODEL_TOL = 1e-7, 1e-5
@@ -226,3 +229,125 @@ def test_only_plain_adapters_combine():
 def test_dora_with_pissa_is_refused():
     with pytest.raises(ValueError, match="choose one variant"):
         LoraConfig(use_dora=True, init="pissa")
+
+
+# The variant objects: what LoraGPT asks to run, differentiate and merge one adapted layer.
+
+
+@pytest.mark.parametrize("lora_config, variant_type, exact", [
+    (LoraConfig(), LoraVariant, None),
+    (LoraConfig(init="pissa"), LoraVariant, None),  # PiSSA is a start, not another layer
+    (LoraConfig(use_dora=True), DoraVariant, False),
+    (LoraConfig(use_dora=True, dora_exact_gradient=True), DoraVariant, True),
+])
+def test_variant_for_picks_the_class_the_config_asks_for(lora_config, variant_type, exact):
+    variant = variant_for(lora_config)
+    assert type(variant) is variant_type
+    if exact is not None:
+        assert variant.exact_norm_gradient is exact
+    model = add_lora(base_model(), lora_config)
+    assert type(model.adapter.variant) is variant_type
+
+
+def variant_inputs(rng, C_in=6, C_out=5, r=3):
+    inputs = dora_inputs(rng, C_in, C_out, r)  # a non-zero lora_B, so that dlora_A is not trivially 0
+    inputs[MAGNITUDE] = inputs.pop("magnitude")
+    return inputs
+
+
+def variant_layer(variant, suffixes, scaling=2.0, dropout_mask=None):
+    """check_layer's forward(**inputs), and backward(dout, cache) -> (dx, db, the grads of ``suffixes``)."""
+    def forward(x, W, b, **tensors):
+        return variant.forward(x, W, b, tensors, scaling, dropout_mask)
+
+    def backward(dout, cache):
+        dx, grads = variant.backward(dout, cache)
+        assert set(grads) == {"bias", *variant.suffixes}
+        return (dx, grads["bias"], *(grads[suffix] for suffix in suffixes))
+
+    return forward, backward
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_lora_variant_backward_matches_finite_differences(rng, with_dropout):
+    inputs = variant_inputs(rng)
+    del inputs[MAGNITUDE]
+    mask = (rng.random((2, 4, 6)) > 0.3) / 0.7 if with_dropout else None
+    forward, backward = variant_layer(LoraVariant(), FACTORS, dropout_mask=mask)
+    check_layer(forward, backward, inputs, ("x", "b", *FACTORS)).assert_ok(LAYER_TOL)
+
+
+def test_exact_dora_variant_backward_matches_finite_differences(rng):
+    mask = (rng.random((2, 4, 6)) > 0.3) / 0.7
+    suffixes = DoraVariant.suffixes
+    forward, backward = variant_layer(DoraVariant(exact_norm_gradient=True), suffixes, dropout_mask=mask)
+    check_layer(forward, backward, variant_inputs(rng), ("x", "b", *suffixes)).assert_ok(LAYER_TOL)
+
+
+def test_detached_dora_variant_is_exact_for_x_bias_and_magnitude_and_holds_the_norm_for_the_factors(rng):
+    inputs = variant_inputs(rng)
+    forward, backward = variant_layer(DoraVariant(), (MAGNITUDE,))
+    check_layer(forward, backward, inputs, ("x", "b", MAGNITUDE)).assert_ok(LAYER_TOL)  # n depends on none
+    x, W, b, lora_A, lora_B, m = inputs.values()
+    dout = rng.standard_normal((2, 4, 5))
+    _, grads = DoraVariant().backward(dout, forward(**inputs)[1])
+    norm = dora_weight_norm(W, lora_A, lora_B, 2.0)
+    _, held = dora_linear_forward(x, W, b, lora_A, lora_B, m, 2.0, weight_norm=norm)
+    _, _, dlora_A, dlora_B, _ = dora_linear_backward(dout, held)
+    np.testing.assert_array_equal(grads["lora_A"], dlora_A)  # the norm held constant, checked above
+    np.testing.assert_array_equal(grads["lora_B"], dlora_B)
+
+
+@pytest.mark.parametrize("variant", [LoraVariant(), DoraVariant()], ids=lambda v: v.name)
+def test_variant_merge_gives_the_adapted_output_and_unmerge_restores_the_weight(rng, variant):
+    inputs = variant_inputs(rng)
+    x, W, b = inputs.pop("x"), inputs.pop("W"), inputs.pop("b")
+    tensors = {suffix: inputs[suffix] for suffix in variant.suffixes}
+    adapted, _ = variant.forward(x, W, b, tensors, 2.0)
+    merged, undo = variant.merge(W, tensors, 2.0)
+    np.testing.assert_allclose(x @ merged + b, adapted, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(merged, W)
+    np.testing.assert_allclose(variant.unmerge(merged, tensors, 2.0, undo), W, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", [LoraVariant(), DoraVariant()], ids=lambda v: v.name)
+def test_variant_backward_returns_no_bias_gradient_for_a_frozen_or_missing_bias(rng, variant):
+    inputs = variant_inputs(rng)
+    tensors = {suffix: inputs[suffix] for suffix in variant.suffixes}
+    dout = rng.standard_normal((2, 4, 5))
+    _, with_bias = variant.forward(inputs["x"], inputs["W"], inputs["b"], tensors, 2.0)
+    _, without_bias = variant.forward(inputs["x"], inputs["W"], None, tensors, 2.0)
+    assert set(variant.backward(dout, with_bias, compute_db=False)[1]) == set(variant.suffixes)
+    assert set(variant.backward(dout, without_bias)[1]) == set(variant.suffixes)
+
+
+def test_the_model_runs_every_adapted_layer_through_its_adapters_variant():
+    calls = Counter()
+
+    class CountingVariant(DoraVariant):
+        def forward(self, *args, **kwargs):
+            calls["forward"] += 1
+            return super().forward(*args, **kwargs)
+
+        def backward(self, *args, **kwargs):
+            calls["backward"] += 1
+            return super().backward(*args, **kwargs)
+
+        def merge(self, *args, **kwargs):
+            calls["merge"] += 1
+            return super().merge(*args, **kwargs)
+
+        def unmerge(self, *args, **kwargs):
+            calls["unmerge"] += 1
+            return super().unmerge(*args, **kwargs)
+
+    model = add_lora(base_model(), LoraConfig(r=2, target_modules=("c_attn", "mlp.c_fc"), init="random",
+                                              use_dora=True))
+    model.adapter.variant = CountingVariant()
+    idx, targets = batch()
+    grads = model.backward(model.forward(idx, targets)[2])
+    model.merge()
+    model.unmerge()
+    n = len(model.adapted_modules)
+    assert dict(calls) == {"forward": n, "backward": n, "merge": n, "unmerge": n}
+    assert {name.rsplit(".", 1)[1] for name in grads} == set(DoraVariant.suffixes)

@@ -18,7 +18,10 @@ import pstats
 import time
 
 from minilora.backend import host_rng
-from minilora.lab.bench import BenchSettings
+import numpy as np
+
+from minilora.fast import fast_ops
+from minilora.lab.bench import DEFAULT_LORA, BenchSettings
 from minilora.training.finetune import make_optimizer
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
@@ -29,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="the reference layers instead of the CPU fast path")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="NumPy's BLAS threads (threadpoolctl)")
@@ -37,24 +41,26 @@ def main() -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=args.threads, user_api="blas")
-    settings = BenchSettings(preset=args.preset, full=args.full, corpus=None)
-    config, lora_config = settings.config(), settings.lora_config()
+    settings = BenchSettings(preset=args.preset, lora_config=None if args.full else DEFAULT_LORA, corpus=None)
+    config, lora_config = settings.config(), settings.lora_config
     B, T = settings.batch_shape()
     model = GPT(config, init_params(config))
     if lora_config is not None:
         model = add_lora(model, lora_config)
+    if not args.reference:
+        model.ops = fast_ops(np)  # the CPU fast path's layer functions (the step stays in one piece here)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
 
     def batch(step):
         rng = host_rng(0, DATA_STREAM, step)
         return rng.integers(0, 256, (B, T)), rng.integers(0, 256, (B, T))
 
-    train_step(model, optimizer, *batch(0), settings.grad_clip)  # warm-up, allocates AdamW's state
+    train_step(model, optimizer, *batch(0), None, settings.grad_clip)  # warm-up, allocates AdamW's state
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
     for step in range(1, args.steps + 1):
-        train_step(model, optimizer, *batch(step), settings.grad_clip)
+        train_step(model, optimizer, *batch(step), None, settings.grad_clip)
     profiler.disable()
     wall = (time.perf_counter() - started) / args.steps
 
@@ -72,7 +78,7 @@ def main() -> None:
             own[short] = own.get(short, 0.0) + tottime
     rows = sorted(set(own) | set(matmul_by_caller), key=lambda k: -(own.get(k, 0) + matmul_by_caller.get(k, 0)))
     total = sum(own.values()) + sum(matmul_by_caller.values())
-    mode = "full" if args.full else f"LoRA r={settings.r} {','.join(settings.targets)}"
+    mode = "full" if args.full else f"LoRA r={lora_config.r} {','.join(lora_config.target_modules)}"
     print(f"{args.preset} {mode}, B={B} T={T}: {wall:.3f} s per step under the profiler, {args.steps} steps")
     print(f"{'function':<48} {'own s/step':>10} {'matmul s/step':>13} {'% of step':>9}")
     for key in rows[: args.top]:

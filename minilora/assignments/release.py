@@ -14,8 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-import nbformat
-
 from .catalog import get_assignment
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
@@ -77,11 +75,14 @@ def release(assignment_id: str, out_dir, solved: bool = False) -> Path:
         (student / Path(relative).name).write_text(header + student_copy(source, assignment_id, package, solved))
     if not holes:
         raise ValueError(f"assignment {assignment_id} has no holes in {assignment.sources}")
-    nbformat.write(make_notebook(assignment, holes), out_dir / f"{assignment_id}.ipynb")
+    write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb")
     return out_dir
 
 
-def make_notebook(assignment, holes) -> nbformat.NotebookNode:
+def write_notebook(assignment, holes, path: Path) -> None:
+    """The release's notebook (nbformat, of the notebooks extra, is imported only here: grading needs none)."""
+    import nbformat
+
     listing = "\n".join(f"- `student/{Path(relative).name}`: {hint}" for relative, hint in holes)
     cells = [
         nbformat.v4.new_markdown_cell(
@@ -95,7 +96,7 @@ def make_notebook(assignment, holes) -> nbformat.NotebookNode:
         nbformat.v4.new_code_cell(
             f"from minilora.assignments.grading import grade\n\nprint(grade({assignment.id!r}, '.').table())"),
     ]
-    return nbformat.v4.new_notebook(cells=cells)
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
 
 
 def load_student(release_dir) -> dict:

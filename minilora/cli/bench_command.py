@@ -66,10 +66,12 @@ def add_bench_parser(subparsers) -> None:
 
 def settings_from_args(args):
     from ..lab.bench import BenchSettings
+    from ..lora.config import LoraConfig
 
     targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    lora_config = None if args.full else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
     return BenchSettings(
-        preset=args.preset, full=args.full, r=args.r, lora_alpha=args.alpha, targets=targets, device=args.device,
+        preset=args.preset, lora_config=lora_config, device=args.device,
         batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
         seed=args.seed, dtype=args.dtype, corpus=None if args.corpus == "random" else args.corpus,
         peer=None if args.peer == "none" else args.peer, peer_threads=args.peer_threads,

@@ -23,6 +23,7 @@ from ..backend import device_of, to_device, to_numpy
 from .checkpoint import atomic_write_bytes
 from ..lora.config import LoraConfig
 from ..lora.model import LoraGPT, as_plain_lora
+from ..lora.variants import variant_for
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,7 +58,7 @@ def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dic
         config, tensors = as_plain_lora(adapter)
         converted = {"converted_from": "pissa"}
     document = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "dora" if config.use_dora else "lora",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": variant_for(config).name,
         "lora_config": config.to_dict(), "scaling": config.scaling,
         "adapted_modules": {name: list(shape) for name, shape in adapter.modules.items()},
         "base_config": model.config.to_dict(), "base_fingerprint": model.base_fingerprint, **converted, **(extra or {}),

@@ -64,7 +64,7 @@ from ..fast import accelerate
 from ..fast.cuda.graph import GraphedStep
 
 BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
-DEFAULT_TARGETS = ("c_attn", "attn.c_proj")
+DEFAULT_LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj"))  # the bench's adapter
 OPENBLAS_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # read by OpenBLAS once, when NumPy loads it
 PEAK_SIZES = {"cpu": 2048, "cuda": 8192}  # n of the (n, n) @ (n, n) product that measures the peak
 PEAK_REPEATS = 5
@@ -110,10 +110,7 @@ def step_flops(config: GPTConfig, batch_size: int, seq_len: int | None = None,
 @dataclass
 class BenchSettings:
     preset: str = "medium"
-    full: bool = False  # full fine-tuning instead of LoRA
-    r: int = 8
-    lora_alpha: float = 16.0
-    targets: tuple | str = DEFAULT_TARGETS  # LoRA target_modules, PEFT's rules
+    lora_config: LoraConfig | None = DEFAULT_LORA  # the adapter to train; None: full fine-tuning
     device: str | None = None  # cpu or cuda; None: $MINILORA_DEVICE, else cpu
     batch_size: int | None = None  # None: BENCH_BATCH_SIZES[preset]
     seq_len: int | None = None  # T; None: the preset's block_size
@@ -137,8 +134,6 @@ class BenchSettings:
     tf32: bool = False  # on a GPU, float32 products on TF32 tensor cores (both minilora and the peer)
 
     def __post_init__(self):
-        if isinstance(self.targets, list):
-            self.targets = tuple(self.targets)
         for name in ("warmup", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -150,13 +145,10 @@ class BenchSettings:
 
     @property
     def mode(self) -> str:
-        return "full" if self.full else "lora"
+        return "full" if self.lora_config is None else "lora"
 
     def config(self) -> GPTConfig:
         return get_preset(self.preset, dropout=0.0)
-
-    def lora_config(self) -> LoraConfig | None:
-        return None if self.full else LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=self.targets)
 
     def batch_shape(self) -> tuple[int, int]:
         config = self.config()
@@ -299,7 +291,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         from ..fast.cuda import blas as cuda_blas
 
         cuda_blas.use_tf32(settings.tf32)
-    config, lora_config = settings.config(), settings.lora_config()
+    config, lora_config = settings.config(), settings.lora_config
     B, T = settings.batch_shape()
     peak_n = settings.peak_size or PEAK_SIZES[device]
     data = None if settings.corpus is None else load_corpus(settings.corpus).train
@@ -393,8 +385,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     ledger = memory_ledger(config, B, T, lora_config, dtype=np.dtype(settings.dtype))
     result = {
         "preset": settings.preset, "mode": settings.mode,
-        "r": None if settings.full else settings.r, "lora_alpha": None if settings.full else settings.lora_alpha,
-        "targets": None if settings.full else (list(settings.targets) if isinstance(settings.targets, tuple) else settings.targets),
+        **_lora_fields(lora_config),
         "device": device, "dtype": settings.dtype, "batch_size": B, "seq_len": T, "tokens_per_step": B * T,
         "params_total": model.num_parameters(), "params_trainable": model.num_parameters(trainable_only=True),
         "warmup_steps": settings.warmup, "steps": settings.steps, "repeats": settings.repeats,
@@ -453,6 +444,15 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
     record = {"name": "torch", **info, "attention": settings.peer_attention, "matmul_peak_gflops": peak,
               "_rss_before": rss_before}
     return peer, record
+
+
+def _lora_fields(lora_config: LoraConfig | None) -> dict:
+    """The adapter's r, lora_alpha and targets as the result's own fields (None each for full fine-tuning)."""
+    if lora_config is None:
+        return {"r": None, "lora_alpha": None, "targets": None}
+    targets = lora_config.target_modules
+    return {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+            "targets": list(targets) if isinstance(targets, tuple) else targets}
 
 
 def _throughput(timed: _Timed, tokens: int, flops: int, peak_gflops: float) -> dict:

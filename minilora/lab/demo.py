@@ -43,9 +43,8 @@ _FOLIO_PATTERN = re.compile(r"\b(" + "|".join(FOLIO_SPELLINGS) + r")\b", re.IGNO
 
 @dataclass(frozen=True)
 class DemoSettings:
-    r: int = 8
-    lora_alpha: float = 16.0
-    target_modules: tuple = ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    lora_config: LoraConfig = LoraConfig(r=8, lora_alpha=16.0,
+                                         target_modules=("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     steps: int = 80  # LoRA training steps on the Folio plays
     batch_size: int = 8  # sequences of the base's block size (256 bytes) per step
     lr: float = 5e-3
@@ -100,7 +99,7 @@ def run_demo(out_dir, device: str | None = None, settings: DemoSettings = DemoSe
         f"the same plays in modern spelling: {before['modern']:.4f}")
     samples_before = samples_of(base, settings)
 
-    lora_config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, target_modules=settings.target_modules)
+    lora_config = settings.lora_config
     model = add_lora(base, lora_config, seed=settings.seed)
     say("\n" + format_table(lora_parameter_table(lora_config, base.config)))
     say(model_summary_line(model))
@@ -144,7 +143,7 @@ def run_demo(out_dir, device: str | None = None, settings: DemoSettings = DemoSe
         settings.timing_tokens, timing["base"], timing["lora_unmerged"], timing["merged"]))
 
     plot_loss_curve(result.losses, result.evals, out_dir / "loss_curve.png",
-                    title=f"LoRA r={settings.r} on the Folio plays", baseline=before["folio"])
+                    title=f"LoRA r={settings.lora_config.r} on the Folio plays", baseline=before["folio"])
     results = {
         "settings": asdict(settings), "device": device, "base": str(base_path),
         "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),

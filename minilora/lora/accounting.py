@@ -9,8 +9,9 @@ for shapes too large to build here.
 from __future__ import annotations
 
 from ..config import GPTConfig
-from .config import LoraConfig, select_target_modules
 from ..model import parameter_shapes
+from .config import LoraConfig, select_target_modules
+from .init import trainable_biases
 
 
 def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> list[dict]:
@@ -23,17 +24,15 @@ def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> li
 def lora_trainable_count(lora_config: LoraConfig, model_config: GPTConfig) -> int:
     """lora_A and lora_B of every adapted module, plus the biases the config trains."""
     count = sum(row["adapter_params"] for row in lora_parameter_table(lora_config, model_config))
-    if lora_config.bias != "none":
-        modules = select_target_modules(lora_config, model_config)
-        for name, shape in parameter_shapes(model_config).items():
-            if name.endswith(".bias") and (lora_config.bias == "all" or name[: -len(".bias")] in modules):
-                count += shape[0]
-    return count
+    shapes = parameter_shapes(model_config)
+    modules = select_target_modules(lora_config, model_config)
+    return count + sum(shapes[name][0] for name in trainable_biases(lora_config, modules, shapes))
 
 
 def summary_line(trainable: int, total: int) -> str:
     """PEFT's print_trainable_parameters format."""
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    share = 100 * trainable / total
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
 
 
 def model_summary_line(model) -> str:

@@ -1,4 +1,4 @@
-"""What to adapt and how: LoraConfig, PEFT's target-module rules, and the adapter's initial values.
+"""What to adapt and how: LoraConfig and PEFT's rules for choosing the modules to adapt.
 
 Names follow PEFT: r, lora_alpha, lora_dropout, target_modules, layers_to_transform, use_rslora,
 bias. A module is one of the model's four linear layers per block, named like
@@ -9,8 +9,9 @@ bias. A module is one of the model's four linear layers per block, named like
 - the string "all-linear" picks every linear layer except the output head (tied to the embedding);
 - any other single string is a regular expression that must match the whole module name.
 
-layers_to_transform then keeps only the blocks it lists. The variants: use_dora (DoRA, dora.py) and
-init="pissa" (PiSSA, lora_model.pissa_init).
+layers_to_transform then keeps only the blocks it lists. The config also picks the adapter's
+variant (use_dora: DoRA, see dora.py and variants.py) and its start (init, including "pissa"; the
+tensors themselves are made in init.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backend import to_device
 from ..config import GPTConfig
 from .layer import lora_scaling
 
@@ -32,7 +32,8 @@ BIASES = ("none", "all", "lora_only")
 def linear_module_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
     """Every adaptable module name with its weight shape (C_in, C_out)."""
     C = config.n_embd
-    shape = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    shape = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C),  # (C_in, C_out) of each kind of module
+             "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
     return {f"transformer.h.{i}.{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
 
 
@@ -44,7 +45,7 @@ class LoraConfig:
     target_modules: tuple[str, ...] | str = ("c_attn",)  # see the module docstring
     layers_to_transform: tuple[int, ...] | None = None  # only these block indices; None: all
     use_rslora: bool = False  # scaling lora_alpha / sqrt(r) instead of lora_alpha / r
-    init: str = "default"  # "default", "gaussian" (both B = 0), "random" (B != 0: for checks), "pissa"
+    init: str = "default"  # "default", "gaussian" (both lora_B = 0), "random" (lora_B != 0: checks), "pissa"
     bias: str = "none"  # also train "all" biases, or those of adapted modules ("lora_only")
     use_dora: bool = False  # DoRA: a trainable magnitude per output unit (see dora.py)
     dora_exact_gradient: bool = False  # DoRA: differentiate through the weight norm (the paper does not)
@@ -85,7 +86,7 @@ class LoraConfig:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LoraConfig":
+    def from_dict(cls, values: dict) -> LoraConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown LoraConfig fields {sorted(unknown)}")
@@ -107,43 +108,15 @@ def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> d
     if lora_config.layers_to_transform is not None:
         bad = [i for i in lora_config.layers_to_transform if not 0 <= i < model_config.n_layer]
         if bad:
-            raise ValueError(f"layers_to_transform {bad} out of range: the model has blocks 0..{model_config.n_layer - 1}")
+            raise ValueError(f"layers_to_transform {bad} out of range: the model has blocks "
+                             f"0..{model_config.n_layer - 1}")
         keep = {f"transformer.h.{i}." for i in lora_config.layers_to_transform}
         chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
     if not chosen:
-        raise ValueError(f"target_modules {lora_config.target_modules!r} match no module; the modules that can be "
-                         f"adapted are: {', '.join(shapes)}")
+        raise ValueError(f"target_modules {lora_config.target_modules!r} match no module; the modules "
+                         f"that can be adapted are: {', '.join(shapes)}")
     for name, (C_in, C_out) in chosen.items():
         if lora_config.r > min(C_in, C_out):
-            raise ValueError(f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} of "
-                             f"{name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides")
+            raise ValueError(f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} "
+                             f"of {name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides")
     return chosen
-
-
-def init_adapter(lora_config: LoraConfig, modules: dict, seed: int = 0, dtype=np.float32, device=None) -> dict:
-    """lora_A (r, C_in) and lora_B (C_out, r) for each module, drawn on the host from a seeded generator.
-
-    (PiSSA's init needs the weights themselves and lives in lora_model.pissa_init.)
-
-    default:  A ~ U(-1/sqrt(C_in), 1/sqrt(C_in)) (what PEFT's Kaiming-uniform with a = sqrt(5) gives),
-              B = 0, so the adapted model starts exactly at the base;
-    gaussian: A ~ N(0, 1/r^2) (PEFT's "gaussian"), B = 0;
-    random:   A as default and B ~ U(-1/sqrt(r), 1/sqrt(r)): not a training init, but one where
-              every gradient path is non-zero, for gradient checks and teaching.
-    """
-    rng = np.random.default_rng(seed)
-    r = lora_config.r
-    tensors = {}
-    for name, (C_in, C_out) in modules.items():
-        if lora_config.init == "gaussian":
-            lora_A = rng.normal(0.0, 1.0 / r, (r, C_in))
-        else:
-            bound = 1.0 / np.sqrt(C_in)
-            lora_A = rng.uniform(-bound, bound, (r, C_in))
-        if lora_config.init == "random":
-            lora_B = rng.uniform(-1.0 / np.sqrt(r), 1.0 / np.sqrt(r), (C_out, r))
-        else:
-            lora_B = np.zeros((C_out, r))
-        tensors[f"{name}.lora_A"] = to_device(lora_A.astype(dtype), device)
-        tensors[f"{name}.lora_B"] = to_device(lora_B.astype(dtype), device)
-    return tensors

@@ -1,24 +1,24 @@
 """DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024).
 
 DoRA splits each adapted weight into a direction and a magnitude. The direction is the LoRA-updated
-weight V = W + s A^T B^T, shape (C_in, C_out); the magnitude is a trainable vector m, one number per
-output unit, initialised to the norms of W's columns so that training starts at the base. With
-n = ||V||, the norm of each column (over C_in), the adapted layer is
+weight V = W + s lora_A^T lora_B^T, shape (C_in, C_out); the magnitude is a trainable vector m, one
+number per output unit, initialised to the norms of W's columns so that training starts at the
+base. With n = ||V||, the norm of each column (over C_in), the adapted layer is
 
-    y = x V * (m / n) + b = g * (x W + s (drop(x) A^T) B^T) + b,      g = m / n   (per output unit)
+    y = x V * (m / n) + b = g * (x W + s (drop(x) lora_A^T) lora_B^T) + b,      g = m / n   (per output unit)
 
 Backward, with the norm treated as a constant (the paper's Section 4.3, which saves the memory and
-time of differentiating through it; PEFT does the same with ``detach``). Write u = x W + s h B^T
-for the unscaled output and du = dout * g:
+time of differentiating through it; PEFT does the same with ``detach``). Write
+u = x W + s h lora_B^T for the unscaled output and du = dout * g:
 
     dm = sum over rows of dout * u / n       (C_out,)
     db = sum over rows of dout
-    dA, dB, dx: the LoRA backward of du (see lora.py), plus du W^T for dx
+    dlora_A, dlora_B, dx: the LoRA backward of du (see layer.py), plus du W^T for dx
 
 The exact gradient also flows through n = ||V||. With c = -sum_rows(dout * u) * m / n^2 (the
 derivative of the loss by n) and dn/dV = V / n, the extra term is dV = V * c / n, which reaches the
-factors as dA += s B^T dV^T and dB += s dV^T A^T. ``exact_norm_gradient=True`` adds it; the two
-gradients of A and B differ, dm and dx do not.
+factors as dlora_A += s lora_B^T dV^T and dlora_B += s dV^T lora_A^T. ``exact_norm_gradient=True``
+adds it; the gradients of the two factors differ, dm and dx do not.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ def column_norms(V):
 
 
 def dora_weight_norm(W, lora_A, lora_B, scaling: float):
-    """n = column norms of V = W + s A^T B^T, the directions' lengths, (C_out,)."""
+    """n = column norms of V = W + s lora_A^T lora_B^T, the directions' lengths, (C_out,)."""
     return column_norms(W + lora_delta_weight(lora_A, lora_B, scaling).astype(W.dtype))
 
 
 class DoraCache(NamedTuple):
     x: object  # (..., C_in) the input, for the base path's dx
     W: object  # (C_in, C_out)
-    u: object  # (..., C_out) x W + s h B^T, before the magnitude scaling
+    u: object  # (..., C_out) x W + s h lora_B^T, before the magnitude scaling
     lora: LoraCache
     magnitude: object  # (C_out,) m
     weight_norm: object  # (C_out,) n
@@ -51,12 +51,12 @@ class DoraCache(NamedTuple):
     exact_norm_gradient: bool
 
 
-def dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, scaling: float, dropout_mask=None, weight_norm=None,
-                        exact_norm_gradient: bool = False):
-    """y = (m / n) * (x W + s (drop(x) A^T) B^T) + b.   x: (..., C_in) -> y: (..., C_out).
+def dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, scaling: float, dropout_mask=None,
+                        weight_norm=None, exact_norm_gradient: bool = False):
+    """y = (m / n) * (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out).
 
     ``weight_norm`` fixes n (a gradient check of the detached backward holds it at its current
-    value); by default it is computed from W, A and B.
+    value); by default it is computed from W, lora_A and lora_B.
     """
     if weight_norm is None:
         weight_norm = dora_weight_norm(W, lora_A, lora_B, scaling)
@@ -66,32 +66,37 @@ def dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, scaling: float, drop
     y = u * (magnitude / weight_norm)
     if b is not None:
         y += b
-    return y, DoraCache(x, W, u, lora, magnitude, weight_norm, b is not None, exact_norm_gradient)
+    return y, DoraCache(x=x, W=W, u=u, lora=lora, magnitude=magnitude, weight_norm=weight_norm,
+                        has_bias=b is not None, exact_norm_gradient=exact_norm_gradient)
 
 
-def dora_linear_backward(dout, cache: DoraCache):
-    """Returns (dx, db, dA, dB, dm); W is frozen and gets no gradient. See the module docstring."""
-    x, W, u, lora, m, n, has_bias, exact = cache
+def dora_linear_backward(dout, cache: DoraCache, compute_db: bool = True):
+    """Returns (dx, db, dlora_A, dlora_B, dm); W is frozen and gets no gradient. See the module docstring.
+
+    db is None when the layer has no bias or when it is not asked for (a frozen bias).
+    """
+    W, m, n, lora = cache.W, cache.magnitude, cache.weight_norm, cache.lora
     C_out = W.shape[1]
     dout_rows = dout.reshape(-1, C_out)  # (N, C_out)
-    du_dot_u = (dout_rows * u.reshape(-1, C_out)).sum(axis=0)  # (C_out,) sum over rows of dout * u
-    dm = du_dot_u / n
-    db = dout_rows.sum(axis=0) if has_bias else None
+    du_dot_u = (dout_rows * cache.u.reshape(-1, C_out)).sum(axis=0)  # (C_out,) sum over rows of dout * u
+    dm = du_dot_u / n  # y = u * (m / n)
+    db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None  # y = ... + b
     du = dout * (m / n)  # (..., C_out)
-    dx_lora, dA, dB = lora_backward(du, lora)
+    dx_lora, dlora_A, dlora_B = lora_backward(du, lora)  # u = x W + delta
     dx = matmul(du, W.T)  # the base path x W
     dx += dx_lora
-    if exact:
+    if cache.exact_norm_gradient:
         V = W + lora_delta_weight(lora.lora_A, lora.lora_B, lora.scaling).astype(W.dtype)  # (C_in, C_out)
         c = -du_dot_u * m / (n * n)  # (C_out,) dL/dn
         dV = V * (c / n)  # (C_in, C_out), through n = ||V[:, j]||
-        dA += lora.scaling * matmul(lora.lora_B.T, dV.T)  # V = W + s A^T B^T  ->  dA += s B^T dV^T
-        dB += lora.scaling * matmul(dV.T, lora.lora_A.T)  # and dB += s dV^T A^T
-    return dx, db, dA, dB, dm
+        # V = W + s lora_A^T lora_B^T, so dlora_A += s lora_B^T dV^T and dlora_B += s dV^T lora_A^T
+        dlora_A += lora.scaling * matmul(lora.lora_B.T, dV.T)  # (r, C_in)
+        dlora_B += lora.scaling * matmul(dV.T, lora.lora_A.T)  # (C_out, r)
+    return dx, db, dlora_A, dlora_B, dm
 
 
 def dora_merged_weight(W, lora_A, lora_B, magnitude, scaling: float):
-    """(m / n) * V as one matrix, and n, so that the merge can be undone exactly enough: W = W' n / m - s A^T B^T."""
+    """(m / n) * V as one matrix, and n, which undoes the merge: W = W' n / m - s lora_A^T lora_B^T."""
     V = W + lora_delta_weight(lora_A, lora_B, scaling).astype(W.dtype)
     n = column_norms(V)
     return V * (magnitude / n), n

@@ -16,9 +16,14 @@ Several adapters can share one frozen base: ``add_adapter`` another, ``set_adapt
 ``combine_adapters`` to build one exact weighted sum of several. ``params`` is always the same dict,
 refilled with the base and the active adapter's tensors when the active adapter changes.
 
-Variants, set in LoraConfig: DoRA (``use_dora``, see dora.py) adds a magnitude vector per adapted
-weight. PiSSA (``init="pissa"``) starts A and B from the top-r singular vectors of W and freezes the
-residual W - s A^T B^T in place of W, as a frozen tensor of the adapter, so the base stays intact.
+Each adapter has a variant object (variants.py), chosen once from its LoraConfig: plain LoRA, or
+DoRA (``use_dora``, dora.py), which adds a magnitude vector per adapted weight. The model never
+branches on the variant: ``linear_forward``, ``linear_backward``, ``merge`` and ``unmerge`` hand
+each adapted module's weight and tensors to ``adapter.variant``, and store what it returns under
+the module's names. PiSSA (``init="pissa"``) is plain LoRA with another start: lora_A and lora_B
+from the top-r singular vectors of W, and the residual W - s lora_A^T lora_B^T frozen in place of W,
+as a frozen tensor of the adapter, so the base stays intact. Every new adapter's tensors are made
+in init.py.
 
 Merging is an explicit call, never a side effect of evaluation: ``merge()`` writes the active
 adapter into the weights in place (the base model's arrays, as PEFT does) and the forward skips
@@ -28,32 +33,21 @@ it; ``unmerge()`` undoes it; ``merge_and_unload()`` returns a plain GPT with mer
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import numpy as np
-
-from ..backend import device_of, get_xp, to_device, to_numpy
+from ..backend import get_xp
 from ..io.checkpoint import weights_fingerprint
-from .dora import DoraCache, column_norms, dora_linear_backward, dora_linear_forward, dora_merged_weight
 from ..layers import make_dropout_mask
-from .layer import (LoraLinearCache, lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight,
-                   require_finite)
-from .config import LoraConfig, init_adapter, select_target_modules
 from ..model import GPT
+from .config import LoraConfig, select_target_modules
+from .init import Adapter, combined_adapter, create_adapter
 
-MAGNITUDE = "lora_magnitude_vector"
 
+class AdaptedLinearCache(NamedTuple):
+    """What the forward of an adapted module keeps: the variant that ran it, and that variant's cache."""
 
-@dataclass
-class Adapter:
-    """One named adapter: its config, the modules it adapts, and its tensors."""
-
-    config: LoraConfig
-    modules: dict  # module name -> (C_in, C_out)
-    tensors: dict  # parameter name -> array: the factors, DoRA magnitudes, trained biases, PiSSA residuals
-    trainable: list  # the names in ``tensors`` that train (all but PiSSA's frozen residual weights)
-    original_biases: dict = field(default_factory=dict)  # bias name -> the base's array, for is_noop
-    pissa_start: dict = field(default_factory=dict)  # PiSSA: the initial factors, to express it against the base
+    variant: object  # the adapter's LoraVariant or DoraVariant
+    layer: object  # its layer cache (a LoraLinearCache or a DoraCache)
 
 
 class LoraGPT(GPT):
@@ -65,7 +59,7 @@ class LoraGPT(GPT):
         self.active_adapter: str | None = None
         self.enabled = True
         self.merged = False
-        self._merged_norms = {}  # DoRA: the column norms used by merge(), needed by unmerge()
+        self._unmerge_state = {}  # module name -> what its variant's merge() returned for unmerge()
         self._base_fingerprint = None
         super().__init__(config, dict(base_params), frozen=list(base_params))
 
@@ -121,31 +115,16 @@ class LoraGPT(GPT):
     # Managing adapters.
 
     def add_adapter(self, name: str, lora_config: LoraConfig, seed: int = 0) -> None:
-        """Add a freshly initialised adapter under ``name`` (it is not activated; see set_adapter)."""
+        """Add a freshly initialised adapter under ``name`` (it is not activated; see set_adapter).
+
+        Its tensors come from init.create_adapter: drawn from a generator seeded with ``seed``, on the
+        base's device and in its dtype.
+        """
         self._refuse_while_merged("add an adapter")
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first")
         modules = select_target_modules(lora_config, self.config)
-        xp_device = device_of(self.base_params["transformer.wte.weight"])
-        dtype = self.base_params["transformer.wte.weight"].dtype
-        if lora_config.init == "pissa":
-            tensors, residuals = pissa_init(lora_config, {m: self.base_params[f"{m}.weight"] for m in modules})
-        else:
-            tensors = init_adapter(lora_config, modules, seed=seed, dtype=dtype, device=xp_device)
-            residuals = {}
-        if lora_config.use_dora:
-            for m in modules:
-                W = residuals.get(f"{m}.weight", self.base_params[f"{m}.weight"])
-                V = W + lora_delta_weight(tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], lora_config.scaling)
-                tensors[f"{m}.{MAGNITUDE}"] = column_norms(V.astype(dtype))  # starts at the base's output
-        adapter = Adapter(lora_config, modules, {**tensors, **residuals}, trainable=list(tensors))
-        if lora_config.init == "pissa":
-            adapter.pissa_start = {name: value.copy() for name, value in tensors.items()}
-        for bias in trainable_biases(lora_config, modules, self.base_params):
-            adapter.original_biases[bias] = self.base_params[bias]
-            adapter.tensors[bias] = self.base_params[bias].copy()  # trained on a copy: the base stays intact
-            adapter.trainable.append(bias)
-        self.adapters[name] = adapter
+        self.adapters[name] = create_adapter(lora_config, modules, self.base_params, seed=seed)
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: the base alone)."""
@@ -175,34 +154,19 @@ class LoraGPT(GPT):
     def combine_adapters(self, names, weights, new_name: str) -> None:
         """Add ``new_name`` = the exact weighted sum of plain LoRA adapters, by concatenation.
 
-        sum_i w_i s_i A_i^T B_i^T = A_cat^T B_cat^T with A_cat = [A_1; A_2; ...] (rank r_1 + r_2 + ...)
-        and B_cat = [w_1 s_1 B_1, w_2 s_2 B_2, ...]: each adapter's weight and scale are folded into its
-        B, and the new adapter has scale 1 (lora_alpha = r). A module an adapter lacks counts as 0.
+        sum_i w_i s_i lora_A_i^T lora_B_i^T is one LoRA of rank r_1 + r_2 + ... and scale 1: each
+        adapter's weight and scale fold into its lora_B (see init.combined_adapter). A module an
+        adapter lacks counts as 0.
         """
         if len(names) != len(weights) or not names:
-            raise ValueError(f"need one weight per adapter, got {len(names)} names and {len(weights)} weights")
+            raise ValueError(f"need one weight per adapter, got {len(names)} names and {len(weights)} "
+                             "weights")
         parts = [self._named(name) for name in names]
-        for name, part in zip(names, parts):
-            if part.config.use_dora or part.config.init == "pissa" or len(part.trainable) != 2 * len(part.modules):
+        for name, part in zip(names, parts, strict=True):
+            if not part.is_plain_lora:
                 raise ValueError(f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
                                  "only plain adapters combine exactly by concatenation")
-        modules = {m: shape for part in parts for m, shape in part.modules.items()}
-        r = sum(part.config.r for part in parts)
-        config = LoraConfig(r=r, lora_alpha=float(r), target_modules=tuple(modules), init="default")
-        reference = self.base_params["transformer.wte.weight"]
-        xp, dtype = get_xp(reference), reference.dtype
-        tensors = {}
-        for m, (C_in, C_out) in modules.items():
-            blocks_A, blocks_B = [], []
-            for part, w in zip(parts, weights):
-                A, B = part.tensors.get(f"{m}.lora_A"), part.tensors.get(f"{m}.lora_B")
-                if A is None:  # this adapter leaves the module alone: a zero block of its rank
-                    A, B = xp.zeros((part.config.r, C_in), dtype=dtype), xp.zeros((C_out, part.config.r), dtype=dtype)
-                blocks_A.append(A)
-                blocks_B.append((w * part.config.scaling) * B)
-            tensors[f"{m}.lora_A"] = xp.concatenate(blocks_A, axis=0)  # (r, C_in)
-            tensors[f"{m}.lora_B"] = xp.concatenate(blocks_B, axis=1).astype(dtype)  # (C_out, r)
-        self.adapters[new_name] = Adapter(config, modules, tensors, trainable=list(tensors))
+        self.adapters[new_name] = combined_adapter(parts, weights, self.base_params["transformer.wte.weight"])
 
     def _named(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -222,32 +186,25 @@ class LoraGPT(GPT):
         return self.adapter
 
     def linear_forward(self, name: str, x, dropout_rng=None):
+        """y = the active adapter's variant applied to module ``name`` (the base layer where none applies)."""
         adapter = self._live_adapter()
         if adapter is None or name not in adapter.modules:
             return super().linear_forward(name, x, dropout_rng)
-        config, params = adapter.config, self.params
-        p = config.lora_dropout
+        p = adapter.config.lora_dropout
         mask = None if dropout_rng is None or p == 0 else make_dropout_mask(dropout_rng, x.shape, p, x.dtype)
-        W, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-        A, B = params[f"{name}.lora_A"], params[f"{name}.lora_B"]
-        if config.use_dora:
-            return dora_linear_forward(x, W, b, A, B, params[f"{name}.{MAGNITUDE}"], config.scaling, mask,
-                                       exact_norm_gradient=config.dora_exact_gradient)
-        return lora_linear_forward(x, W, b, A, B, config.scaling, mask)
+        W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+        y, layer = adapter.variant.forward(x, W, b, adapter.module_tensors(self.params, name),
+                                           adapter.config.scaling, mask)
+        return y, AdaptedLinearCache(variant=adapter.variant, layer=layer)
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
-        bias = f"{name}.bias"
-        if isinstance(cache, DoraCache):
-            dx, db, dA, dB, dm = dora_linear_backward(dout, cache)
-            grads[f"{name}.{MAGNITUDE}"] = dm
-        elif isinstance(cache, LoraLinearCache):
-            dx, _, db, dA, dB = lora_linear_backward(dout, cache, compute_dW=False,  # W is always frozen here
-                                                     compute_db=self.is_trainable(bias))
-        else:
+        """dx of module ``name``; the adapter's gradients go into ``grads`` under the module's names."""
+        if not isinstance(cache, AdaptedLinearCache):  # the forward ran the base layer here
             return super().linear_backward(name, dout, cache, grads)
-        grads[f"{name}.lora_A"], grads[f"{name}.lora_B"] = dA, dB
-        if db is not None and self.is_trainable(bias):
-            grads[bias] = db
+        train_bias = self.is_trainable(f"{name}.bias")  # a frozen bias's gradient is not even summed
+        dx, layer_grads = cache.variant.backward(dout, cache.layer, compute_db=train_bias)
+        for suffix, grad in layer_grads.items():  # "lora_A" -> "transformer.h.0.attn.c_attn.lora_A"
+            grads[f"{name}.{suffix}"] = grad
         return dx
 
     def backward(self, cache, dloss: float = 1.0) -> dict:
@@ -259,13 +216,13 @@ class LoraGPT(GPT):
     # Merging.
 
     def merged_weight(self, name: str):
-        """The active adapter folded into module ``name``'s weight, as a new array (checked finite)."""
-        config, params = self.lora_config, self.params
-        W, A, B = params[f"{name}.weight"], params[f"{name}.lora_A"], params[f"{name}.lora_B"]
-        if not config.use_dora:
-            return merge_weight(W, A, B, config.scaling), None
-        merged, norms = dora_merged_weight(W, A, B, params[f"{name}.{MAGNITUDE}"], config.scaling)
-        return require_finite(merged), norms
+        """The active adapter folded into module ``name``'s weight, as a new array (checked finite).
+
+        Returns (merged weight, what unmerge needs: None for LoRA, the column norms n for DoRA).
+        """
+        adapter = self.adapter
+        tensors = adapter.module_tensors(self.params, name)
+        return adapter.variant.merge(self.params[f"{name}.weight"], tensors, adapter.config.scaling)
 
     def merge(self) -> None:
         """Fold the active adapter into its weights in place; the forward then skips the adapter.
@@ -276,23 +233,24 @@ class LoraGPT(GPT):
         if self.merged:
             raise RuntimeError("the adapter is already merged; merging twice would add the update twice")
         merged = {name: self.merged_weight(name) for name in self.adapted_modules}
-        for name, (value, norms) in merged.items():
+        for name, (value, undo) in merged.items():
             self.params[f"{name}.weight"][...] = value
-            if norms is not None:
-                self._merged_norms[name] = norms
+            self._unmerge_state[name] = undo
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo merge(): W = W' - s A^T B^T (LoRA) or W = W' n / m - s A^T B^T (DoRA), within rounding."""
+        """Undo merge(), within rounding, module by module through the variant.
+
+        LoRA: W = W' - s lora_A^T lora_B^T; DoRA: W = W' n / m - s lora_A^T lora_B^T.
+        """
         if not self.merged:
             raise RuntimeError("the adapter is not merged; there is nothing to unmerge")
-        config = self.lora_config
-        for name in self.adapted_modules:
+        adapter = self.adapter
+        for name in adapter.modules:
             W = self.params[f"{name}.weight"]
-            if config.use_dora:
-                W *= self._merged_norms.pop(name) / self.params[f"{name}.{MAGNITUDE}"]
-            W -= lora_delta_weight(self.params[f"{name}.lora_A"], self.params[f"{name}.lora_B"],
-                                   config.scaling).astype(W.dtype)
+            tensors = adapter.module_tensors(self.params, name)
+            undo = self._unmerge_state.pop(name)
+            W[...] = adapter.variant.unmerge(W, tensors, adapter.config.scaling, undo)
         self.merged = False
 
     def merge_and_unload(self) -> GPT:
@@ -304,24 +262,28 @@ class LoraGPT(GPT):
         return GPT(self.config, params)
 
     def is_noop(self) -> bool:
-        """True while the adapter cannot change the output: every lora_B is 0, every trained bias unchanged.
+        """True while the adapter cannot change the output: its update is zero and no trained bias moved.
 
-        (A DoRA adapter is never a no-op by this test once its magnitudes move; PiSSA never is.)
+        Each module's variant judges its update (plain LoRA: lora_B is all zeros; a DoRA adapter never
+        counts as a no-op by this test). PiSSA, whose factors start non-zero, never is one either.
         """
-        config, xp = self.lora_config, self.xp
-        if config.init == "pissa" or config.use_dora:
+        adapter = self.adapter
+        if adapter.config.init == "pissa":
             return False
-        zero_B = all(not bool(xp.any(self.params[f"{m}.lora_B"])) for m in self.adapted_modules)
-        return zero_B and all(bool(xp.array_equal(self.params[name], original))
-                              for name, original in self.original_biases.items())
+        variant = adapter.variant
+        unchanged = all(variant.is_noop(adapter.module_tensors(self.params, m)) for m in adapter.modules)
+        return unchanged and all(bool(self.xp.array_equal(self.params[name], original))
+                                 for name, original in adapter.original_biases.items())
 
 
 def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
     """A PiSSA adapter as an equivalent plain LoRA against the original base, of rank 2r.
 
-    PiSSA's layer computes W_res + s A^T B^T with W_res = W - s A0^T B0^T (A0, B0: the factors at the
-    start), so its change to W is s (A^T B^T - A0^T B0^T) = s A_cat^T B_cat^T with A_cat = [A; A0]
-    and B_cat = [B, -B0]. The scale stays s: lora_alpha becomes s * 2r (or s * sqrt(2r) with rsLoRA).
+    PiSSA's layer computes W_res + s lora_A^T lora_B^T with W_res = W - s lora_A0^T lora_B0^T
+    (lora_A0, lora_B0: the factors at the start), so its change to W is
+    s (lora_A^T lora_B^T - lora_A0^T lora_B0^T) = s lora_A_cat^T lora_B_cat^T with
+    lora_A_cat = [lora_A; lora_A0] and lora_B_cat = [lora_B, -lora_B0]. The scale stays s:
+    lora_alpha becomes s * 2r (or s * sqrt(2r) with rsLoRA).
     """
     config = adapter.config
     r2 = 2 * config.r
@@ -329,50 +291,17 @@ def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
     plain = LoraConfig(**{**config.to_dict(), "r": r2, "lora_alpha": alpha, "init": "default"})
     tensors = {}
     for m in adapter.modules:
-        A, B = adapter.tensors[f"{m}.lora_A"], adapter.tensors[f"{m}.lora_B"]
-        A0, B0 = adapter.pissa_start[f"{m}.lora_A"], adapter.pissa_start[f"{m}.lora_B"]
-        xp = get_xp(A)
-        tensors[f"{m}.lora_A"] = xp.concatenate([A, A0], axis=0)  # (2r, C_in)
-        tensors[f"{m}.lora_B"] = xp.concatenate([B, -B0], axis=1)  # (C_out, 2r)
+        lora_A, lora_B = adapter.tensors[f"{m}.lora_A"], adapter.tensors[f"{m}.lora_B"]
+        lora_A0, lora_B0 = adapter.pissa_start[f"{m}.lora_A"], adapter.pissa_start[f"{m}.lora_B"]
+        xp = get_xp(lora_A)
+        tensors[f"{m}.lora_A"] = xp.concatenate([lora_A, lora_A0], axis=0)  # (2r, C_in)
+        tensors[f"{m}.lora_B"] = xp.concatenate([lora_B, -lora_B0], axis=1)  # (C_out, 2r)
     tensors.update({name: adapter.tensors[name] for name in adapter.trainable if name.endswith(".bias")})
     return plain, tensors
 
 
-def trainable_biases(lora_config: LoraConfig, modules: dict, params: dict) -> list[str]:
-    """The biases an adapter trains: none, all of the model's, or those of the adapted modules."""
-    if lora_config.bias == "all":
-        return [name for name in params if name.endswith(".bias")]
-    if lora_config.bias == "lora_only":
-        return [f"{m}.bias" for m in modules if f"{m}.bias" in params]
-    return []
-
-
-def pissa_init(lora_config: LoraConfig, weights: dict) -> tuple[dict, dict]:
-    """PiSSA (Meng et al., 2024): factors from the top-r singular triplets of each W, and the residual.
-
-    W = U S V^T (W is (C_in, C_out), U (C_in, k), V (C_out, k)). With the scale s, take
-    A = sqrt(S_r / s) U_r^T (r, C_in) and B = V_r sqrt(S_r / s) (C_out, r), so that
-    s A^T B^T = U_r S_r V_r^T, the best rank-r part of W; the frozen weight becomes the residual
-    W - s A^T B^T, and the adapted layer starts exactly at the base. The SVD runs on the host in
-    float64. Returns (factors, residual weights), both on the weights' device and dtype.
-    """
-    r, s = lora_config.r, lora_config.scaling
-    factors, residuals = {}, {}
-    for name, W in weights.items():
-        device, dtype = device_of(W), W.dtype
-        W64 = to_numpy(W).astype(np.float64)
-        U, S, Vt = np.linalg.svd(W64, full_matrices=False)  # U (C_in, k), S (k,), Vt (k, C_out)
-        root = np.sqrt(S[:r] / s)  # (r,)
-        A = root[:, None] * U[:, :r].T  # (r, C_in)
-        B = Vt[:r].T * root[None, :]  # (C_out, r)
-        factors[f"{name}.lora_A"] = to_device(A.astype(dtype), device)
-        factors[f"{name}.lora_B"] = to_device(B.astype(dtype), device)
-        residuals[f"{name}.weight"] = to_device((W64 - s * A.T @ B.T).astype(dtype), device)
-    return factors, residuals
-
-
 def add_lora(model: GPT, lora_config: LoraConfig, seed: int = 0, adapter_name: str = "default") -> LoraGPT:
-    """Wrap a base model with one freshly initialised adapter, active (see lora_config.init_adapter).
+    """Wrap a base model with one freshly initialised adapter, active (see init.create_adapter).
 
     The LoRA model shares the base's weight arrays (merge() changes them in place); biases the
     adapter trains and PiSSA's residual weights are copies, so training never alters the base.

@@ -1,0 +1,109 @@
+"""The LoRA variants as small objects: how one adapted linear layer runs forward, backward and merges.
+
+The adapter model (model.py) does not know the math of any variant. For each adapted module it
+hands the variant the frozen weight W (C_in, C_out), the bias b (or None), the adapter's own
+tensors of that module in a dict keyed by suffix, the scaling s and the dropout mask, and gets
+back what it needs:
+
+    forward(x, W, b, tensors, scaling, dropout_mask)  -> (y, cache)
+    backward(dout, cache, compute_db)                  -> (dx, {suffix: gradient})
+    merge(W, tensors, scaling)                         -> (W', what unmerge needs)
+    unmerge(W', tensors, scaling, undo)                -> W
+
+A suffix names a tensor next to the weight, as PEFT does: ``...c_attn.lora_A`` has the suffix
+"lora_A"; a bias gradient comes back under "bias". The math stays in the layer functions of
+layer.py and dora.py; the variants only wire them. ``variant_for(lora_config)`` picks one:
+
+    LoraVariant   y = x W + b + s (drop(x) lora_A^T) lora_B^T            plain LoRA, and PiSSA
+    DoraVariant   y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b  DoRA
+
+PiSSA differs from plain LoRA only in where its tensors start, which is init.py's business, as is
+the making of every adapter's tensors.
+"""
+
+from __future__ import annotations
+
+from .config import LoraConfig
+from .dora import dora_linear_backward, dora_linear_forward, dora_merged_weight
+from .layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight, require_finite
+
+FACTORS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's m
+
+
+def _with_bias(grads: dict, db) -> dict:
+    """The gradients, plus the bias's under "bias" when one was computed."""
+    if db is not None:
+        grads["bias"] = db
+    return grads
+
+
+class LoraVariant:
+    """Plain LoRA (layer.py): a frozen W plus s lora_A^T lora_B^T."""
+
+    name = "lora"  # as written in adapter files
+    suffixes = FACTORS  # the adapter's tensors per module
+
+    def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
+        """y = x W + b + s (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out)."""
+        return lora_linear_forward(x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask)
+
+    def backward(self, dout, cache, compute_db: bool = True):
+        """dx and {"lora_A": dlora_A, "lora_B": dlora_B, "bias": db}; W is frozen, so dW is never formed."""
+        dx, _, db, dlora_A, dlora_B = lora_linear_backward(dout, cache, compute_db=compute_db)  # dW: None
+        return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B}, db)
+
+    def merge(self, W, tensors: dict, scaling: float):
+        """W' = W + s lora_A^T lora_B^T (a new array, checked finite); unmerge needs nothing more."""
+        return merge_weight(W, tensors["lora_A"], tensors["lora_B"], scaling), None
+
+    def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
+        """W = W' - s lora_A^T lora_B^T, within rounding."""
+        return merged - lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling).astype(merged.dtype)
+
+    def is_noop(self, tensors: dict) -> bool:
+        """True while the update cannot change the output: lora_B is all zeros."""
+        return not bool(tensors["lora_B"].any())
+
+
+class DoraVariant:
+    """DoRA (dora.py): the LoRA-updated direction, rescaled per output unit by a trainable magnitude m."""
+
+    name = "dora"
+    suffixes = (*FACTORS, MAGNITUDE)
+
+    def __init__(self, exact_norm_gradient: bool = False):
+        self.exact_norm_gradient = exact_norm_gradient  # differentiate through n = ||V|| (the paper does not)
+
+    def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
+        """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out)."""
+        return dora_linear_forward(x, W, b, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE], scaling,
+                                   dropout_mask, exact_norm_gradient=self.exact_norm_gradient)
+
+    def backward(self, dout, cache, compute_db: bool = True):
+        """dx and {"lora_A", "lora_B", "lora_magnitude_vector", "bias"}: their gradients; W gets none."""
+        dx, db, dlora_A, dlora_B, dm = dora_linear_backward(dout, cache, compute_db=compute_db)
+        return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B, MAGNITUDE: dm}, db)
+
+    def merge(self, W, tensors: dict, scaling: float):
+        """W' = (m / n) (W + s lora_A^T lora_B^T) (checked finite), and n, which unmerge needs."""
+        merged, weight_norm = dora_merged_weight(W, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE],
+                                                 scaling)
+        return require_finite(merged), weight_norm
+
+    def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
+        """W = W' n / m - s lora_A^T lora_B^T, within rounding; ``undo`` is the n that merge returned."""
+        W = merged * (undo / tensors[MAGNITUDE])
+        W -= lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling).astype(W.dtype)
+        return W
+
+    def is_noop(self, tensors: dict) -> bool:
+        """Never: this test cannot tell when the magnitudes and the direction's change cancel."""
+        return False
+
+
+def variant_for(lora_config: LoraConfig) -> LoraVariant | DoraVariant:
+    """The variant a config asks for: DoRA with ``use_dora``, else plain LoRA (PiSSA included)."""
+    if lora_config.use_dora:
+        return DoraVariant(exact_norm_gradient=lora_config.dora_exact_gradient)
+    return LoraVariant()
