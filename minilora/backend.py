@@ -61,7 +61,9 @@ def _import_cupy() -> ModuleType:
             "or run with --device cpu"
         ) from err
     if n_gpus == 0:
-        raise BackendError("device 'cuda': no GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
+        raise BackendError(
+            "device 'cuda': no GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu"
+        )
     return cupy
 
 

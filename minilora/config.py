@@ -37,7 +37,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "GPTConfig":
+    def from_dict(cls, values: dict) -> GPTConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")

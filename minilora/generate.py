@@ -40,7 +40,9 @@ def next_logits(model, idx, cache: KVCache):
     return logits[:, -1]
 
 
-def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:
+def sample_next(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None
+) -> np.ndarray:
     """One token id per row of host logits (B, V): greedy for temperature 0, else softmax sampling.
 
     top_k keeps only the k most likely tokens of each row before sampling.
@@ -58,8 +60,14 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return np.minimum((cumulative < draws * cumulative[:, -1:]).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def generate_ids(model, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 0) -> np.ndarray:
+def generate_ids(
+    model,
+    prompt_ids: np.ndarray,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """Extend each row of prompt_ids (B, T0) by max_new_tokens sampled tokens; returns (B, T0 + n)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -80,16 +88,24 @@ def generate_ids(model, prompt_ids: np.ndarray, max_new_tokens: int, temperature
             break  # the last token needs no logits after it
         if cache.length == block_size:  # context full: restart from the most recent half
             cache = KVCache(model, tokens.shape[0])
-            logits = next_logits(model, tokens[:, -(block_size // 2):], cache)
+            logits = next_logits(model, tokens[:, -(block_size // 2) :], cache)
         else:
             logits = next_logits(model, next_ids[:, None], cache)
     return tokens
 
 
-def generate(model, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
-             seed: int = 0) -> str:
+def generate(
+    model,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
     """The prompt followed by max_new_tokens sampled bytes, decoded as UTF-8 text."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one character to start from")
-    ids = generate_ids(model, encode(prompt)[None, :].astype(np.int64), max_new_tokens, temperature, top_k, seed)
+    ids = generate_ids(
+        model, encode(prompt)[None, :].astype(np.int64), max_new_tokens, temperature, top_k, seed
+    )
     return decode(ids[0])

@@ -104,8 +104,15 @@ def _central_difference(loss_fn, x: np.ndarray, step: np.ndarray | tuple, eps: f
     return (float(plus) - float(minus)) / (2.0 * eps)
 
 
-def check_gradients(loss_fn, params: dict, grads: dict, mode: str = "elementwise", eps: float = 1e-6,
-                    n_samples: int = 16, seed: int = 0) -> GradCheckResult:
+def check_gradients(
+    loss_fn,
+    params: dict,
+    grads: dict,
+    mode: str = "elementwise",
+    eps: float = 1e-6,
+    n_samples: int = 16,
+    seed: int = 0,
+) -> GradCheckResult:
     """Compare ``grads[name]`` with finite differences of ``loss_fn()`` for every name in ``grads``.
 
     ``loss_fn()`` returns a scalar computed from the current values in ``params``; each tensor is
@@ -118,8 +125,10 @@ def check_gradients(loss_fn, params: dict, grads: dict, mode: str = "elementwise
     for name, grad in grads.items():
         x = params[name]
         if not (isinstance(x, np.ndarray) and x.dtype == np.float64):
-            raise TypeError(f"gradient checks need float64 NumPy arrays; {name!r} is {type(x).__name__} "
-                            f"of dtype {getattr(x, 'dtype', None)}")
+            raise TypeError(
+                f"gradient checks need float64 NumPy arrays; {name!r} is {type(x).__name__} "
+                f"of dtype {getattr(x, 'dtype', None)}"
+            )
         grad = np.asarray(grad, dtype=np.float64)
         if grad.shape != x.shape:
             raise GradCheckError(f"gradient of {name!r} has shape {grad.shape}, parameter has {x.shape}")
@@ -128,19 +137,39 @@ def check_gradients(loss_fn, params: dict, grads: dict, mode: str = "elementwise
             analytic = np.array([np.sum(grad * d) for d in steps])  # directional derivatives
             labels = list(range(n_samples))
         else:
-            flat = np.arange(x.size) if mode == "elementwise" else rng.choice(x.size, min(n_samples, x.size), replace=False)
+            flat = (
+                np.arange(x.size)
+                if mode == "elementwise"
+                else rng.choice(x.size, min(n_samples, x.size), replace=False)
+            )
             steps = [np.unravel_index(i, x.shape) for i in flat]
             analytic = np.array([grad[s] for s in steps])
             labels = [tuple(int(i) for i in s) for s in steps]
         numeric = np.array([_central_difference(loss_fn, x, s, eps) for s in steps])
         worst = int(np.argmax(np.abs(analytic - numeric)))
-        result.checks.append(TensorCheck(name, relative_error(analytic, numeric), labels[worst],
-                                         float(analytic[worst]), float(numeric[worst]), len(steps)))
+        result.checks.append(
+            TensorCheck(
+                name,
+                relative_error(analytic, numeric),
+                labels[worst],
+                float(analytic[worst]),
+                float(numeric[worst]),
+                len(steps),
+            )
+        )
     return result
 
 
-def check_layer(forward, backward, inputs: dict, grad_names, mode: str = "elementwise", eps: float = 1e-6,
-                n_samples: int = 16, seed: int = 0) -> GradCheckResult:
+def check_layer(
+    forward,
+    backward,
+    inputs: dict,
+    grad_names,
+    mode: str = "elementwise",
+    eps: float = 1e-6,
+    n_samples: int = 16,
+    seed: int = 0,
+) -> GradCheckResult:
     """Check one layer's backward as a vector-Jacobian product with a random upstream gradient.
 
     forward(**inputs) -> (out, cache); backward(dout, cache) -> one gradient or a tuple of them.
@@ -162,21 +191,32 @@ def check_layer(forward, backward, inputs: dict, grad_names, mode: str = "elemen
     return check_gradients(objective, inputs, grads, mode=mode, eps=eps, n_samples=n_samples, seed=seed)
 
 
-def check_model(model, idx, targets, mode: str = "direction", eps: float = 1e-6, n_samples: int = 4,
-                seed: int = 0, dropout_seed: int | None = None) -> GradCheckResult:
+def check_model(
+    model,
+    idx,
+    targets,
+    mode: str = "direction",
+    eps: float = 1e-6,
+    n_samples: int = 4,
+    seed: int = 0,
+    dropout_seed: int | None = None,
+) -> GradCheckResult:
     """Check every gradient ``model.backward`` returns against finite differences of the loss.
 
     With ``dropout_seed`` the model trains with dropout, and each evaluation draws its masks from a
     generator seeded the same way, so every finite difference sees the same fixed masks.
     """
+
     def dropout_rng():
         return None if dropout_seed is None else np.random.default_rng(dropout_seed)
 
     _, _, cache = model.forward(idx, targets, dropout_rng=dropout_rng())
     grads = model.backward(cache)
     if set(grads) != set(model.trainable_names):
-        raise GradCheckError(f"backward returned gradients for {sorted(grads)}, "
-                             f"expected the trainable parameters {sorted(model.trainable_names)}")
+        raise GradCheckError(
+            f"backward returned gradients for {sorted(grads)}, "
+            f"expected the trainable parameters {sorted(model.trainable_names)}"
+        )
 
     def objective():
         return float(model.forward(idx, targets, dropout_rng=dropout_rng())[1])

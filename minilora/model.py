@@ -115,7 +115,9 @@ class GPT:
             raise KeyError(f"parameters do not match the config: missing {missing}, unexpected {unexpected}")
         for name, shape in expected.items():
             if tuple(params[name].shape) != shape:
-                raise ValueError(f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {shape}")
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {shape}"
+                )
         unknown_frozen = sorted(set(frozen) - set(params))
         if unknown_frozen:
             raise KeyError(f"cannot freeze unknown parameters {unknown_frozen}")
@@ -174,8 +176,9 @@ class GPT:
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
         weight, bias = f"{name}.weight", f"{name}.bias"
-        dx, dW, db = self.ops.linear_backward(dout, cache, compute_dW=self.is_trainable(weight),
-                                              compute_db=self.is_trainable(bias))
+        dx, dW, db = self.ops.linear_backward(
+            dout, cache, compute_dW=self.is_trainable(weight), compute_db=self.is_trainable(bias)
+        )
         if dW is not None:
             grads[weight] = dW
         if db is not None:
@@ -211,7 +214,10 @@ class GPT:
                 attn_mask = ops.make_dropout_mask(rng, (B, H, T, T), self.config.dropout, x.dtype)
             a, attn = ops.attention_forward(qkv, H, attn_mask)  # (B, T, C)
         else:  # generation: the new positions attend over the cached ones too
-            a, attn = ops.cached_attention_forward(qkv, H, kv_cache.keys[i], kv_cache.values[i], kv_cache.length), None
+            a, attn = (
+                ops.cached_attention_forward(qkv, H, kv_cache.keys[i], kv_cache.values[i], kv_cache.length),
+                None,
+            )
         a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a, rng)
         a, attn_dropout = self._dropout(a, rng)
         x = x + a  # residual
@@ -221,8 +227,18 @@ class GPT:
         m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g, rng)  # (B, T, C)
         m, mlp_dropout = self._dropout(m, rng)
         x = x + m  # residual
-        cache = BlockCache(ln_1=ln_1, c_attn=c_attn, attn=attn, attn_proj=attn_proj, attn_dropout=attn_dropout,
-                           ln_2=ln_2, c_fc=c_fc, gelu=gelu, mlp_proj=mlp_proj, mlp_dropout=mlp_dropout)
+        cache = BlockCache(
+            ln_1=ln_1,
+            c_attn=c_attn,
+            attn=attn,
+            attn_proj=attn_proj,
+            attn_dropout=attn_dropout,
+            ln_2=ln_2,
+            c_fc=c_fc,
+            gelu=gelu,
+            mlp_proj=mlp_proj,
+            mlp_dropout=mlp_dropout,
+        )
         return x, cache
 
     def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
@@ -260,7 +276,7 @@ class GPT:
             raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
         wte, wpe = self.params[WTE], self.params[WPE]
         tok, token_embedding = ops.embedding_forward(idx, wte)  # (B, T, C)
-        x = tok + wpe[start:start + T]  # position embeddings broadcast over the batch
+        x = tok + wpe[start : start + T]  # position embeddings broadcast over the batch
         x, embedding_dropout = self._dropout(x, dropout_rng)
         blocks = []
         for i in range(self.config.n_layer):
@@ -277,8 +293,16 @@ class GPT:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
             loss, loss_cache = ops.cross_entropy_forward(logits, targets)
-        cache = ModelCache(ops=ops, token_embedding=token_embedding, seq_len=T, embedding_dropout=embedding_dropout,
-                           blocks=blocks, ln_f=ln_f, head=head, loss=loss_cache)
+        cache = ModelCache(
+            ops=ops,
+            token_embedding=token_embedding,
+            seq_len=T,
+            embedding_dropout=embedding_dropout,
+            blocks=blocks,
+            ln_f=ln_f,
+            head=head,
+            loss=loss_cache,
+        )
         return logits, loss, cache
 
     def backward(self, cache: ModelCache, dloss: float = 1.0) -> dict:
@@ -286,13 +310,17 @@ class GPT:
         if cache is None or cache.loss is None:
             raise ValueError("backward needs a forward pass that was given targets")
         if cache.ops is not self.ops:  # a cache goes back to the backward of the code that made it
-            raise ValueError(f"this cache was made by the {cache.ops.name!r} layer functions, but the model now "
-                             f"uses {self.ops.name!r}: run the forward again after changing model.ops")
+            raise ValueError(
+                f"this cache was made by the {cache.ops.name!r} layer functions, but the model now "
+                f"uses {self.ops.name!r}: run the forward again after changing model.ops"
+            )
         ops, grads = self.ops, {}
         # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)
         dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_wte = self.is_trainable(WTE)
-        dx, dW_head, _ = ops.linear_backward(dlogits, cache.head, compute_dW=train_wte, compute_db=False)  # (B, T, C)
+        dx, dW_head, _ = ops.linear_backward(
+            dlogits, cache.head, compute_dW=train_wte, compute_db=False
+        )  # (B, T, C)
         dx = self._layernorm_backward("transformer.ln_f", dx, cache.ln_f, grads)
         for i in reversed(range(self.config.n_layer)):
             dx = self._block_backward(i, dx, cache.blocks[i], grads)

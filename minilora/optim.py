@@ -2,8 +2,8 @@
 
 An optimiser is built for a list of trainable names and keeps state (moments, momentum buffers) for
 those names only. ``lr_scale`` gives some parameters a multiple of the learning rate: LoRA+ (Hayou
-et al., 2024) trains lora_B with a rate ratio times larger than lora_A's. With LoRA that list is the adapter's few tensors, and the optimiser's memory
-shrinks with it: Adam keeps two extra numbers per trainable parameter.
+et al., 2024) trains lora_B with a rate ratio times larger than lora_A's. With LoRA that list is the
+adapter's few tensors, and the optimiser's memory shrinks with it: Adam keeps two extra numbers per trainable parameter.
 
 Updates are in place on the arrays of ``params``, with the same arithmetic as ``torch.optim``, so
 both can be compared step by step on the same gradients.
@@ -41,7 +41,9 @@ class Optimizer:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
         self.lr = lr
         self.weight_decay = weight_decay
-        self.decay_names = default_decay_names(params, self.names) if decay_names is None else set(decay_names)
+        self.decay_names = (
+            default_decay_names(params, self.names) if decay_names is None else set(decay_names)
+        )
         self.lr_scale = dict(lr_scale or {})  # name -> factor on the learning rate (LoRA+ scales lora_B's)
         unknown = sorted(set(self.lr_scale) - set(self.names))
         if unknown:
@@ -62,7 +64,9 @@ class Optimizer:
         if set(grads) != set(self.names):
             missing = sorted(set(self.names) - set(grads))
             unexpected = sorted(set(grads) - set(self.names))
-            raise KeyError(f"gradients do not match the trainable parameters: missing {missing}, unexpected {unexpected}")
+            raise KeyError(
+                f"gradients do not match the trainable parameters: missing {missing}, unexpected {unexpected}"
+            )
 
     def buffer(self, kind: str, name: str):
         """The state buffer ``kind`` (e.g. 'exp_avg') of a parameter, zeros when first asked for."""
@@ -74,7 +78,9 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """A flat dict of arrays ('exp_avg.<param>', ...) plus the step count, for checkpoints."""
-        flat = {f"{kind}.{name}": array for kind, buffers in self.state.items() for name, array in buffers.items()}
+        flat = {
+            f"{kind}.{name}": array for kind, buffers in self.state.items() for name, array in buffers.items()
+        }
         return {"step_count": self.step_count, "buffers": flat}
 
     def load_state_dict(self, state: dict) -> None:
@@ -83,10 +89,14 @@ class Optimizer:
             if kind not in self.state or name not in self.names:
                 raise KeyError(f"optimiser state has unexpected key {key!r}")
             if tuple(array.shape) != tuple(self.params[name].shape):
-                raise ValueError(f"optimiser state {key!r} has shape {tuple(array.shape)}, "
-                                 f"parameter has {tuple(self.params[name].shape)}")
+                raise ValueError(
+                    f"optimiser state {key!r} has shape {tuple(array.shape)}, "
+                    f"parameter has {tuple(self.params[name].shape)}"
+                )
             # a copy, so that the saved state and the running optimiser never share a buffer
-            self.state[kind][name] = get_xp(self.params[name]).array(array, dtype=self.params[name].dtype, copy=True)
+            self.state[kind][name] = get_xp(self.params[name]).array(
+                array, dtype=self.params[name].dtype, copy=True
+            )
         self.step_count = int(state["step_count"])
 
 
@@ -102,8 +112,17 @@ class AdamW(Optimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: dict, names, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, decay_names=None, lr_scale=None):
+    def __init__(
+        self,
+        params: dict,
+        names,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        decay_names=None,
+        lr_scale=None,
+    ):
         super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -130,15 +149,24 @@ class AdamW(Optimizer):
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, as torch.optim.SGD (dampening 0).
 
-        g   <- g + wd * p                (L2 weight decay, only for decay_names)
-        buf <- momentum * buf + g        (buf starts at 0, so the first step uses g)
-        p   <- p - lr * buf              (or lr * (g + momentum * buf) with Nesterov)
+    g   <- g + wd * p                (L2 weight decay, only for decay_names)
+    buf <- momentum * buf + g        (buf starts at 0, so the first step uses g)
+    p   <- p - lr * buf              (or lr * (g + momentum * buf) with Nesterov)
     """
 
     state_names = ("momentum_buffer",)
 
-    def __init__(self, params: dict, names, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
-                 nesterov: bool = False, decay_names=None, lr_scale=None):
+    def __init__(
+        self,
+        params: dict,
+        names,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        decay_names=None,
+        lr_scale=None,
+    ):
         super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
         self.momentum = momentum
         self.nesterov = nesterov
@@ -173,7 +201,9 @@ def clip_grad_norm(grads: dict, max_norm: float):
     return total_norm
 
 
-def cosine_lr(step: int, max_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
+def cosine_lr(
+    step: int, max_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
+) -> float:
     """Learning rate at ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``.
 
     Warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps, reaching max_lr at its last

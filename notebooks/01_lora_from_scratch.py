@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minilora.gradcheck import check_layer
-from minilora.lora.layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
 from minilora.lora.config import LoraConfig
 from minilora.lora.init import init_lora_factors
+from minilora.lora.layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
 from minilora.optim import AdamW
 
 # %% [markdown]
@@ -82,8 +82,10 @@ delta_W = s * lora_A.T @ lora_B.T  # (C_in, C_out)
 assert np.allclose(delta_W, lora_delta_weight(lora_A, lora_B, s))
 assert np.allclose(y, x @ (W + delta_W) + b)
 assert np.linalg.matrix_rank(delta_W) == r
-print(f"ΔW: shape {delta_W.shape}, rank {np.linalg.matrix_rank(delta_W)}; "
-      f"{r * (C_in + C_out)} numbers in lora_A and lora_B, {C_in * C_out} in a full matrix")
+print(
+    f"ΔW: shape {delta_W.shape}, rank {np.linalg.matrix_rank(delta_W)}; "
+    f"{r * (C_in + C_out)} numbers in lora_A and lora_B, {C_in * C_out} in a full matrix"
+)
 
 # %% [markdown]
 # ## The backward pass, derived
@@ -95,14 +97,18 @@ print(f"ΔW: shape {delta_W.shape}, rank {np.linalg.matrix_rank(delta_W)}; "
 #
 # Each gradient is the chain rule applied to one of those sums:
 #
-# - `lora_B` appears once, multiplied by `s h`: $\; dB_{jk} = s \sum_n \text{dout}_{nj} h_{nk}$, i.e. **dB = s dout^T h**, (C_out, N) @ (N, r).
-# - `h` receives gradient through B: $\; dh_{nk} = s \sum_j \text{dout}_{nj} B_{jk}$, i.e. **dh = s dout B**, (N, C_out) @ (C_out, r).
-# - `lora_A` appears in h, multiplied by x: $\; dA_{ki} = \sum_n dh_{nk} x_{ni}$, i.e. **dA = dh^T x**, (r, N) @ (N, C_in).
+# - `lora_B` appears once, multiplied by `s h`: $\; dB_{jk} = s \sum_n \text{dout}_{nj} h_{nk}$, i.e.
+#   **dB = s dout^T h**, (C_out, N) @ (N, r).
+# - `h` receives gradient through B: $\; dh_{nk} = s \sum_j \text{dout}_{nj} B_{jk}$, i.e. **dh = s dout B**,
+#   (N, C_out) @ (C_out, r).
+# - `lora_A` appears in h, multiplied by x: $\; dA_{ki} = \sum_n dh_{nk} x_{ni}$, i.e. **dA = dh^T x**,
+#   (r, N) @ (N, C_in).
 # - x feeds both paths, so its gradient is a sum: **dx = dout W^T + dh A**.
 # - The bias: **db = sum over rows of dout**.
 #
 # The frozen weight's own gradient, `dW = x^T dout`, would be a (C_in, N) @ (N, C_out) product.
 # LoRA never forms it: that is the saving. W is still *used* (in dx), just never *updated*.
+
 
 # %%
 def lora_linear_backward_by_hand(dout, x, W, b, lora_A, lora_B):
@@ -135,6 +141,7 @@ print("dW from the library:", dW_lib)
 # gradient is a derivative, so nudging one entry of `lora_A` by ±ε must change
 # `f = sum(y * dout)` by about ±ε times that entry of dA (central differences are accurate to
 # O(ε²); in float64 with ε = 1e-6 a correct gradient agrees to about 1e-9).
+
 
 # %%
 def objective():
@@ -188,12 +195,21 @@ library.assert_ok(1e-7)
 # ±1/sqrt(C_in), B zero) for one module:
 
 # %%
-adapter = init_lora_factors(LoraConfig(r=r, lora_alpha=lora_alpha), {"layer": (C_in, C_out)}, seed=0, dtype=np.float64)
+adapter = init_lora_factors(
+    LoraConfig(r=r, lora_alpha=lora_alpha), {"layer": (C_in, C_out)}, seed=0, dtype=np.float64
+)
 A0, B0 = adapter["layer.lora_A"], adapter["layer.lora_B"]
 y0, cache0 = lora_linear_forward(x, W, b, A0, B0, s)
 assert np.array_equal(y0, x @ W + b)  # exactly the frozen layer
 _, _, _, dA0, dB0 = lora_linear_backward(dout, cache0)
-print("at init: max |dA| =", np.max(np.abs(dA0)), "  nonzero entries of dB:", np.count_nonzero(dB0), "of", dB0.size)
+print(
+    "at init: max |dA| =",
+    np.max(np.abs(dA0)),
+    "  nonzero entries of dB:",
+    np.count_nonzero(dB0),
+    "of",
+    dB0.size,
+)
 assert np.all(dA0 == 0) and np.count_nonzero(dB0) == dB0.size
 
 # %% [markdown]
@@ -225,8 +241,10 @@ C_in_big, C_out_big = 64, 96
 for rank in (1, 2, 4, 8, 16):
     A_r, B_r = rng.standard_normal((rank, C_in_big)), rng.standard_normal((C_out_big, rank))
     update = lora_delta_weight(A_r, B_r, lora_scaling(rank, 16))
-    print(f"r = {rank:2d}: rank of ΔW = {np.linalg.matrix_rank(update):2d}, "
-          f"trainable numbers r (C_in + C_out) = {rank * (C_in_big + C_out_big):5,}")
+    print(
+        f"r = {rank:2d}: rank of ΔW = {np.linalg.matrix_rank(update):2d}, "
+        f"trainable numbers r (C_in + C_out) = {rank * (C_in_big + C_out_big):5,}"
+    )
     assert np.linalg.matrix_rank(update) == rank
 
 # %% [markdown]
@@ -265,14 +283,18 @@ def first_adam_step(rank, use_rslora, alpha=16.0, lr=1e-3):
     return float(np.sqrt(np.mean(delta_y**2))), float(-np.sum(dout_big * delta_y))
 
 
-results = {name: np.array([first_adam_step(rank, rs) for rank in ranks])
-           for name, rs in (("alpha / r", False), ("alpha / sqrt(r)  (rsLoRA)", True))}
+results = {
+    name: np.array([first_adam_step(rank, rs) for rank in ranks])
+    for name, rs in (("alpha / r", False), ("alpha / sqrt(r)  (rsLoRA)", True))
+}
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 for name, values in results.items():
     axes[0].loglog(ranks, values[:, 0], "o-", label=name)
     axes[1].loglog(ranks, values[:, 1], "o-", label=name)
-axes[0].set(xlabel="rank r", ylabel="rms change of the output", title="how far one Adam step moves the output")
+axes[0].set(
+    xlabel="rank r", ylabel="rms change of the output", title="how far one Adam step moves the output"
+)
 axes[1].set(xlabel="rank r", ylabel="first-order loss drop", title="how much it lowers this batch's loss")
 for ax in axes:
     ax.set_xticks(ranks, [str(rank) for rank in ranks])
@@ -292,8 +314,10 @@ fig.tight_layout()
 # %%
 standard, rslora = results["alpha / r"], results["alpha / sqrt(r)  (rsLoRA)"]
 shrink = standard[0, 0] / standard[-1, 0]  # r = 1 over r = 128
-print(f"alpha / r: the output change shrinks {shrink:.1f}x from r = 1 to r = 128 (sqrt(128) = {np.sqrt(128):.1f}); "
-      f"loss drop ranges {standard[:, 1].min():.1f} .. {standard[:, 1].max():.1f}")
+print(
+    f"alpha / r: the output change shrinks {shrink:.1f}x from r = 1 to r = 128 (sqrt(128) = {np.sqrt(128):.1f}); "
+    f"loss drop ranges {standard[:, 1].min():.1f} .. {standard[:, 1].max():.1f}"
+)
 print(f"rsLoRA:    the output change ranges {rslora[:, 0].min():.2e} .. {rslora[:, 0].max():.2e}")
 assert 0.5 * np.sqrt(128) < shrink < 2 * np.sqrt(128)
 assert standard[:, 1].max() / standard[:, 1].min() < 1.5

@@ -34,8 +34,17 @@ from minilora import GPT, GPTConfig, LoraConfig, add_lora, get_preset, init_para
 from minilora.backend import count_matmuls
 from minilora.gradcheck import GradCheckError, check_layer, check_model
 from minilora.layers import (
-    attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward, embedding_backward,
-    embedding_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
+    attention_backward,
+    attention_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
     linear_forward,
 )
 from minilora.lora.accounting import format_table, lora_parameter_table
@@ -59,9 +68,12 @@ model = GPT(config, params)
 B, T = 2, 5
 idx = rng.integers(0, config.vocab_size, (B, T))  # input token ids
 targets = rng.integers(0, config.vocab_size, (B, T))  # the next token at each position
-p = {name.removeprefix("transformer.").removeprefix("h.0."): value for name, value in params.items()}  # short names
+p = {
+    name.removeprefix("transformer.").removeprefix("h.0."): value for name, value in params.items()
+}  # short names
 for name, value in p.items():
     print(f"{name:<20} {str(value.shape):>10}")
+
 
 # %%
 def show(**arrays):
@@ -123,7 +135,9 @@ assert np.allclose(np.triu(attn.att[0, 0], k=1), 0) and np.allclose(attn.att.sum
 # %%
 logits_lib, loss_lib, cache = model.forward(idx, targets)
 assert np.allclose(logits, logits_lib, rtol=1e-12, atol=1e-12) and np.isclose(loss, loss_lib, rtol=1e-12)
-print(f"same logits (max difference {np.max(np.abs(logits - logits_lib)):.1e}) and loss as minilora.GPT.forward")
+print(
+    f"same logits (max difference {np.max(np.abs(logits - logits_lib)):.1e}) and loss as minilora.GPT.forward"
+)
 
 # %% [markdown]
 # ## Backward, layer by layer
@@ -200,8 +214,10 @@ targets_tiny = rng.integers(0, tiny.vocab_size, (2, 16))
 directions = check_model(tiny_model, idx_tiny, targets_tiny, mode="direction", n_samples=4)
 coordinates = check_model(tiny_model, idx_tiny, targets_tiny, mode="coordinates", n_samples=4)
 print(f"{tiny_model.num_parameters():,} parameters in {len(directions.checks)} tensors")
-print(f"worst relative error: {directions.max_error:.1e} in random directions ({directions.worst().name}), "
-      f"{coordinates.max_error:.1e} at random coordinates ({coordinates.worst().name})")
+print(
+    f"worst relative error: {directions.max_error:.1e} in random directions ({directions.worst().name}), "
+    f"{coordinates.max_error:.1e} at random coordinates ({coordinates.worst().name})"
+)
 directions.assert_ok(1e-5)
 coordinates.assert_ok(1e-5)
 
@@ -211,7 +227,9 @@ fig, ax = plt.subplots(figsize=(9, 3.2))
 ax.bar(range(len(errors)), list(errors.values()))
 ax.axhline(1e-5, color="red", ls="--", label="tolerance 1e-5")
 ax.set_yscale("log")
-ax.set_xticks(range(len(errors)), [name.removeprefix("transformer.") for name in errors], rotation=90, fontsize=7)
+ax.set_xticks(
+    range(len(errors)), [name.removeprefix("transformer.") for name in errors], rotation=90, fontsize=7
+)
 ax.set_ylabel("relative error")
 ax.set_title("tiny preset: every parameter tensor against finite differences (float64)")
 ax.legend()
@@ -221,6 +239,7 @@ fig.tight_layout()
 # A check that cannot fail checks nothing. Plant a bug: a GELU backward that forgets the derivative
 # of its tanh, `0.5 x (1 - t²) du/dx`, and keeps only `0.5 (1 + t)`. The check must fail, loudly,
 # naming the tensor, the index and both values.
+
 
 # %%
 def gelu_backward_forgetting_tanh(dout, cache):
@@ -270,9 +289,11 @@ assert np.array_equal(lora_model.forward(idx_tiny)[0], tiny_model.forward(idx_ti
 random_config = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init="random")
 lora_check_model = add_lora(tiny_model, random_config, seed=1)
 lora_directions = check_model(lora_check_model, idx_tiny, targets_tiny, mode="direction", n_samples=4)
-print(f"trainable: {len(lora_directions.checks)} tensors, "
-      f"{lora_check_model.num_parameters(trainable_only=True):,} of {lora_check_model.num_parameters():,} numbers; "
-      f"worst relative error {lora_directions.max_error:.1e} ({lora_directions.worst().name})")
+print(
+    f"trainable: {len(lora_directions.checks)} tensors, "
+    f"{lora_check_model.num_parameters(trainable_only=True):,} of {lora_check_model.num_parameters():,} numbers; "
+    f"worst relative error {lora_directions.max_error:.1e} ({lora_directions.worst().name})"
+)
 assert all(check.name.endswith((".lora_A", ".lora_B")) for check in lora_directions.checks)
 lora_directions.assert_ok(1e-5)
 
@@ -295,8 +316,12 @@ def weight_gradient_products(model):
 
 full_products, full_flops = weight_gradient_products(tiny_model)
 lora_products, lora_flops = weight_gradient_products(lora_check_model)
-print(f"full step: {full_products} products shaped like a weight matrix (weight gradients), {full_flops:,} FLOP")
-print(f"LoRA step: {lora_products} such products, {lora_flops:,} FLOP ({lora_flops / full_flops:.0%} of the full step)")
+print(
+    f"full step: {full_products} products shaped like a weight matrix (weight gradients), {full_flops:,} FLOP"
+)
+print(
+    f"LoRA step: {lora_products} such products, {lora_flops:,} FLOP ({lora_flops / full_flops:.0%} of the full step)"
+)
 assert full_products == 4 * tiny.n_layer + 1 and lora_products == 0  # + 1: the tied head's gradient
 
 # %% [markdown]

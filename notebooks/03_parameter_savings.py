@@ -43,6 +43,7 @@ from minilora.optim import AdamW
 # GPT-2 counts must equal the published ones (the output head is tied to the embedding, so it adds
 # nothing).
 
+
 # %%
 def gpt2(n_layer, n_head, n_embd):
     return ml.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257)
@@ -66,7 +67,9 @@ def model_size(config):
 
 print(f"{'model':<14} {'layers':>6} {'C':>5} {'V':>6} {'parameters':>13}")
 for name, config in models.items():
-    print(f"{name:<14} {config.n_layer:>6} {config.n_embd:>5} {config.vocab_size:>6} {model_size(config):>13,}")
+    print(
+        f"{name:<14} {config.n_layer:>6} {config.n_embd:>5} {config.vocab_size:>6} {model_size(config):>13,}"
+    )
 
 published = {"GPT-2 small": 124_439_808, "GPT-2 medium": 354_823_168, "GPT-2 large": 774_030_080}
 for name, count in published.items():
@@ -96,7 +99,12 @@ targets = {"attention (c_attn, attn.c_proj)": ["c_attn", "attn.c_proj"], "all li
 
 
 def expected_shapes(C):
-    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    return {
+        "attn.c_attn": (C, 3 * C),
+        "attn.c_proj": (C, C),
+        "mlp.c_fc": (C, 4 * C),
+        "mlp.c_proj": (4 * C, C),
+    }
 
 
 n_rows = 0
@@ -108,7 +116,9 @@ for config in models.values():
             rows = lora_parameter_table(lora_config, config)
             for row in rows:
                 C_in, C_out = expected_shapes(C)[row["module"].split(".", 3)[3]]
-                assert row["weight_shape"] == (C_in, C_out) and row["adapter_params"] == r * (C_in + C_out), row
+                assert row["weight_shape"] == (C_in, C_out) and row["adapter_params"] == r * (C_in + C_out), (
+                    row
+                )
             per_block = 6 * r * C if target != "all-linear" else 16 * r * C
             assert lora_trainable_count(lora_config, config) == config.n_layer * per_block
             n_rows += len(rows)
@@ -151,8 +161,10 @@ for target_name, target in targets.items():
     print(target_name)
     for name in table_models:
         config = models[name]
-        shares = [100 * lora_trainable_count(ml.LoraConfig(r=r, target_modules=target), config) / model_size(config)
-                  for r in ranks]
+        shares = [
+            100 * lora_trainable_count(ml.LoraConfig(r=r, target_modules=target), config) / model_size(config)
+            for r in ranks
+        ]
         print(f"  {name:<30}" + "".join(f"{share:>8.3f}" for share in shares))
 
 # %%
@@ -160,8 +172,10 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
 for ax, (target_name, target) in zip(axes, targets.items()):
     for name in table_models:
         config = models[name]
-        shares = [100 * lora_trainable_count(ml.LoraConfig(r=r, target_modules=target), config) / model_size(config)
-                  for r in ranks]
+        shares = [
+            100 * lora_trainable_count(ml.LoraConfig(r=r, target_modules=target), config) / model_size(config)
+            for r in ranks
+        ]
         ax.loglog(ranks, shares, "o-", label=f"{name} ({model_size(config) / 1e6:.1f}M)")
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set(xlabel="rank r", title=target_name)
@@ -181,15 +195,21 @@ fig.tight_layout()
 
 # %%
 shipped = ml.load_model(ml.SHIPPED_BASE)
-demo_adapter = ml.add_lora(shipped, ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random"))
+demo_adapter = ml.add_lora(
+    shipped, ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random")
+)
 trainable = demo_adapter.num_parameters(trainable_only=True)
 with tempfile.TemporaryDirectory() as directory:
     file_bytes = ml.save_adapter(demo_adapter, directory).stat().st_size
 header = file_bytes - 4 * trainable
-print(f"adapter: {trainable:,} parameters -> {file_bytes:,} bytes on disk ({4 * trainable:,} of tensors, "
-      f"{header:,} of header)")
-print(f"base: {shipped.num_parameters():,} parameters -> {Path(ml.SHIPPED_BASE).stat().st_size:,} bytes as shipped "
-      f"(float16), {4 * shipped.num_parameters():,} in float32")
+print(
+    f"adapter: {trainable:,} parameters -> {file_bytes:,} bytes on disk ({4 * trainable:,} of tensors, "
+    f"{header:,} of header)"
+)
+print(
+    f"base: {shipped.num_parameters():,} parameters -> {Path(ml.SHIPPED_BASE).stat().st_size:,} bytes as shipped "
+    f"(float16), {4 * shipped.num_parameters():,} in float32"
+)
 assert 0 < header < 32_000
 
 # %% [markdown]
@@ -200,8 +220,10 @@ print(f"{'':<14} {'model (float32)':>16} {'adapter (float32)':>18} {'ratio':>7}"
 for name in ("GPT-2 small", "GPT-2 medium", "GPT-2 large"):
     config = models[name]
     adapter = lora_trainable_count(ml.LoraConfig(r=8, target_modules=["c_attn", "attn.c_proj"]), config)
-    print(f"{name:<14} {4 * model_size(config) / 1e6:>13.1f} MB {4 * adapter / 1e6:>15.2f} MB "
-          f"{model_size(config) / adapter:>6.0f}x")
+    print(
+        f"{name:<14} {4 * model_size(config) / 1e6:>13.1f} MB {4 * adapter / 1e6:>15.2f} MB "
+        f"{model_size(config) / adapter:>6.0f}x"
+    )
 
 # %% [markdown]
 # ## Memory for training: gradients and optimiser state
@@ -234,21 +256,30 @@ def one_step(model):
 
 
 full_model = ml.GPT(small, ml.init_params(small, seed=0))
-lora_model = ml.add_lora(ml.GPT(small, ml.init_params(small, seed=0)), ml.LoraConfig(r=8, target_modules="all-linear"))
+lora_model = ml.add_lora(
+    ml.GPT(small, ml.init_params(small, seed=0)), ml.LoraConfig(r=8, target_modules="all-linear")
+)
 for label, model in (("full", full_model), ("LoRA r=8", lora_model)):
     n_trainable = model.num_parameters(trainable_only=True)
     n_grad, n_state = one_step(model)
-    print(f"{label:<9} trainable {n_trainable:>9,}  gradients {n_grad:>9,}  AdamW state {n_state:>9,} "
-          "(= 2 x trainable)")
+    print(
+        f"{label:<9} trainable {n_trainable:>9,}  gradients {n_grad:>9,}  AdamW state {n_state:>9,} "
+        "(= 2 x trainable)"
+    )
     assert n_grad == n_trainable and n_state == 2 * n_trainable
 
 # %% [markdown]
 # The same bookkeeping for GPT-2's sizes, LoRA at r = 8 on the two attention layers:
 
+
 # %%
 def training_memory(n_frozen, n_trainable):
     """Bytes by kind for float32 AdamW training: weights, gradients, Adam's two moments."""
-    return {"weights": 4 * (n_frozen + n_trainable), "gradients": 4 * n_trainable, "AdamW state": 8 * n_trainable}
+    return {
+        "weights": 4 * (n_frozen + n_trainable),
+        "gradients": 4 * n_trainable,
+        "AdamW state": 8 * n_trainable,
+    }
 
 
 bars = {}
@@ -260,7 +291,9 @@ for name in ("GPT-2 small", "GPT-2 medium", "GPT-2 large"):
     bars[f"{name}\nLoRA"] = training_memory(total, adapter)
     full_gb = sum(bars[f"{name}\nfull"].values()) / 1e9
     lora_gb = sum(bars[f"{name}\nLoRA"].values()) / 1e9
-    print(f"{name:<13} full fine-tuning {full_gb:5.2f} GB, LoRA {lora_gb:5.2f} GB ({full_gb / lora_gb:.1f}x less)")
+    print(
+        f"{name:<13} full fine-tuning {full_gb:5.2f} GB, LoRA {lora_gb:5.2f} GB ({full_gb / lora_gb:.1f}x less)"
+    )
     assert bars[f"{name}\nLoRA"]["AdamW state"] == 8 * adapter
 
 fig, ax = plt.subplots(figsize=(9, 3.8))

@@ -81,8 +81,18 @@ ranks = [1, 4, 16, 64]
 
 
 def settings(lr):
-    return ml.TrainSettings(steps=STEPS, batch_size=BATCH, lr=lr, min_lr=lr / 10, warmup_steps=3, weight_decay=0.0,
-                            eval_interval=STEPS, eval_windows=EVAL_WINDOWS, log_interval=1, seed=0)
+    return ml.TrainSettings(
+        steps=STEPS,
+        batch_size=BATCH,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=3,
+        weight_decay=0.0,
+        eval_interval=STEPS,
+        eval_windows=EVAL_WINDOWS,
+        log_interval=1,
+        seed=0,
+    )
 
 
 runs = {}
@@ -104,14 +114,17 @@ full_final = runs["full fine-tuning"]["final"]
 
 print(f"{'':<17} {'trainable':>10} {'% of model':>10} {'bits/byte':>10} {'learned':>8}")
 for name, run in runs.items():
-    print(f"{name:<17} {run['trainable']:>10,} {100 * run['trainable'] / base.num_parameters():>10.2f} "
-          f"{run['final']:>10.4f} {before - run['final']:>8.4f}")
+    print(
+        f"{name:<17} {run['trainable']:>10,} {100 * run['trainable'] / base.num_parameters():>10.2f} "
+        f"{run['final']:>10.4f} {before - run['final']:>8.4f}"
+    )
 
 # %% [markdown]
 # ## Loss curves
 #
 # The training loss of each step (in bits per byte, smoothed over 5 steps). All runs see the same
 # batches, so the curves can be compared step by step: the wiggles they share are the batches.
+
 
 # %%
 def smoothed(values, width=5):
@@ -132,14 +145,27 @@ axes[0].grid(alpha=0.3)
 
 axes[1].semilogx([run["r"] for run in lora_runs], [run["final"] for run in lora_runs], "o-", label="LoRA")
 for run in lora_runs:
-    axes[1].annotate(f"{run['trainable']:,}", (run["r"], run["final"]), textcoords="offset points", xytext=(0, 8),
-                     ha="center", fontsize=8)
-axes[1].axhline(runs["full fine-tuning"]["final"], color="black", ls="--",
-                label=f"full fine-tuning ({base.num_parameters():,})")
+    axes[1].annotate(
+        f"{run['trainable']:,}",
+        (run["r"], run["final"]),
+        textcoords="offset points",
+        xytext=(0, 8),
+        ha="center",
+        fontsize=8,
+    )
+axes[1].axhline(
+    runs["full fine-tuning"]["final"],
+    color="black",
+    ls="--",
+    label=f"full fine-tuning ({base.num_parameters():,})",
+)
 axes[1].axhline(before, color="grey", ls=":", label="base model")
 axes[1].set_xticks(ranks, [str(r) for r in ranks])
-axes[1].set(xlabel="rank r (labels: trainable parameters)", ylabel="held-out bits per byte",
-            title=f"after {STEPS} steps")
+axes[1].set(
+    xlabel="rank r (labels: trainable parameters)",
+    ylabel="held-out bits per byte",
+    title=f"after {STEPS} steps",
+)
 axes[1].legend(fontsize=8)
 axes[1].grid(alpha=0.3)
 fig.tight_layout()
@@ -156,11 +182,15 @@ fig.tight_layout()
 # that each rank recovers.
 
 # %%
-committed = json.loads((Path(ml.__file__).resolve().parent.parent / "docs" / "experiments" / "rank.json").read_text())
+committed = json.loads(
+    (Path(ml.__file__).resolve().parent.parent / "docs" / "experiments" / "rank.json").read_text()
+)
 points = {point["label"]: point for point in committed["points"]}
 committed_before = points["full"]["target_before"]
 committed_full = points["full"]["target_after"]["mean"]
-committed_lora = {point["r"]: point["target_after"] for point in committed["points"] if point["method"] == "lora"}
+committed_lora = {
+    point["r"]: point["target_after"] for point in committed["points"] if point["method"] == "lora"
+}
 
 
 def recovered(before, after, full_after):
@@ -171,7 +201,9 @@ def recovered(before, after, full_after):
 print(f"{'':<10} {'live, 40 x 4 x 128':>20} {'committed, 200 x 16 x 256':>27}")
 for r in sorted(committed_lora):
     live = f"{recovered(before, lora_finals[r], full_final):>19.0%}" if r in lora_finals else f"{'':>19}"
-    print(f"r = {r:<6} {live} {recovered(committed_before, committed_lora[r]['mean'], committed_full):>27.0%}")
+    print(
+        f"r = {r:<6} {live} {recovered(committed_before, committed_lora[r]['mean'], committed_full):>27.0%}"
+    )
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -217,6 +249,11 @@ assert all(before - run["final"] > 0.3 for run in runs.values())  # every run le
 assert lora_finals[1] == max(lora_finals.values())  # rank 1 is the weakest
 assert all(abs(lora_finals[r] - full_final) < 0.05 for r in ranks if r >= 4)  # rank >= 4 is close to full
 assert committed_lora[1]["mean"] == max(point["mean"] for point in committed_lora.values())
-assert recovered(before, lora_finals[1], full_final) > 0.8  # rank 1 recovers most of full fine-tuning's gain ...
+assert (
+    recovered(before, lora_finals[1], full_final) > 0.8
+)  # rank 1 recovers most of full fine-tuning's gain ...
 assert recovered(committed_before, committed_lora[1]["mean"], committed_full) > 0.8  # ... at both budgets
-print("the gap to full fine-tuning:", ", ".join(f"r={r}: {after - full_final:+.3f}" for r, after in lora_finals.items()))
+print(
+    "the gap to full fine-tuning:",
+    ", ".join(f"r={r}: {after - full_final:+.3f}" for r, after in lora_finals.items()),
+)

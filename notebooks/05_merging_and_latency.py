@@ -38,6 +38,7 @@ def relative_difference(a, reference):
     a, reference = np.asarray(a, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     return float(np.max(np.abs(a - reference)) / np.max(np.abs(reference)))
 
+
 # %% [markdown]
 # ## Merge and unmerge
 #
@@ -48,7 +49,9 @@ def relative_difference(a, reference):
 # %%
 base = ml.load_model(ml.SHIPPED_BASE)  # float32
 original = {name: value.copy() for name, value in base.params.items()}
-model = ml.add_lora(base, ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random"), seed=0)
+model = ml.add_lora(
+    base, ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random"), seed=0
+)
 print(ml.model_summary_line(model))
 
 logits_unmerged = model.forward(idx)[0]
@@ -86,8 +89,10 @@ assert restored < 1e-6 and relative_difference(model.forward(idx)[0], logits_unm
 # %%
 weights_before = {k: base.params[k].copy() for k in original}
 merged_model = model.merge_and_unload()
-print(f"merged model: {type(merged_model).__name__}, {merged_model.num_parameters():,} parameters "
-      f"(the base: {base.num_parameters():,})")
+print(
+    f"merged model: {type(merged_model).__name__}, {merged_model.num_parameters():,} parameters "
+    f"(the base: {base.num_parameters():,})"
+)
 assert type(merged_model) is ml.GPT and merged_model.num_parameters() == base.num_parameters()
 assert relative_difference(merged_model.forward(idx)[0], logits_unmerged) < 1e-5
 assert all(np.array_equal(base.params[k], weights_before[k]) for k in original)  # the base is untouched
@@ -113,19 +118,29 @@ assert all(np.array_equal(base.params[k], weights_before[k]) for k in original) 
 dtypes = (np.float16, np.float32, np.float64)
 errors = {}
 for dtype in dtypes:
-    model_d = ml.add_lora(ml.load_model(ml.SHIPPED_BASE, dtype=dtype),
-                          ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random"), seed=0)
+    model_d = ml.add_lora(
+        ml.load_model(ml.SHIPPED_BASE, dtype=dtype),
+        ml.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init="random"),
+        seed=0,
+    )
     s = model_d.lora_config.scaling
     modules = list(model_d.adapted_modules)
     before = {m: model_d.params[f"{m}.weight"].copy() for m in modules}
-    factors = {m: (model_d.params[f"{m}.lora_A"].astype(np.longdouble),
-                   model_d.params[f"{m}.lora_B"].astype(np.longdouble)) for m in modules}
+    factors = {
+        m: (
+            model_d.params[f"{m}.lora_A"].astype(np.longdouble),
+            model_d.params[f"{m}.lora_B"].astype(np.longdouble),
+        )
+        for m in modules
+    }
     exact = {m: before[m].astype(np.longdouble) + s * (factors[m][0].T @ factors[m][1].T) for m in modules}
     logits_u = model_d.forward(idx)[0]
     model_d.merge()
     logits_m = model_d.forward(idx)[0]
-    weight_error = max(float(np.max(np.abs(model_d.params[f"{m}.weight"] - exact[m])) / np.max(np.abs(exact[m])))
-                       for m in modules)  # in extended precision
+    weight_error = max(
+        float(np.max(np.abs(model_d.params[f"{m}.weight"] - exact[m])) / np.max(np.abs(exact[m])))
+        for m in modules
+    )  # in extended precision
     model_d.unmerge()
     errors[np.dtype(dtype).name] = {
         "merged weight": weight_error,
@@ -136,7 +151,10 @@ for dtype in dtypes:
 print(f"{'':<9} {'unit roundoff':>14}" + "".join(f"{kind:>15}" for kind in errors["float32"]))
 for dtype in dtypes:
     row = errors[np.dtype(dtype).name]
-    print(f"{np.dtype(dtype).name:<9} {np.finfo(dtype).eps / 2:>14.1e}" + "".join(f"{v:>15.1e}" for v in row.values()))
+    print(
+        f"{np.dtype(dtype).name:<9} {np.finfo(dtype).eps / 2:>14.1e}"
+        + "".join(f"{v:>15.1e}" for v in row.values())
+    )
 
 # %%
 for kind in errors["float32"]:
@@ -177,8 +195,15 @@ fig.tight_layout()
 
 # %%
 unmerged_r8 = model  # the float32 LoRA model from above, unmerged again
-unmerged_r64 = ml.add_lora(base, ml.LoraConfig(r=64, lora_alpha=128, target_modules="all-linear", init="random"))
-contenders = {"base": base, "merged r=8": merged_model, "unmerged r=8": unmerged_r8, "unmerged r=64": unmerged_r64}
+unmerged_r64 = ml.add_lora(
+    base, ml.LoraConfig(r=64, lora_alpha=128, target_modules="all-linear", init="random")
+)
+contenders = {
+    "base": base,
+    "merged r=8": merged_model,
+    "unmerged r=8": unmerged_r8,
+    "unmerged r=64": unmerged_r64,
+}
 batch = folio.val[: 2 * 256].reshape(2, 256).astype(np.int64)  # (2, 256)
 
 counts = {}
@@ -186,7 +211,9 @@ for label, m in contenders.items():
     with count_matmuls() as log:
         m.forward(batch)
     counts[label] = (len(log.products), log.flops)
-    print(f"{label:<13} {len(log.products):>4} matrix products, {log.flops / 1e9:6.2f} GFLOP per forward of 2 x 256")
+    print(
+        f"{label:<13} {len(log.products):>4} matrix products, {log.flops / 1e9:6.2f} GFLOP per forward of 2 x 256"
+    )
 assert counts["merged r=8"] == counts["base"]
 n_adapted = len(unmerged_r8.adapted_modules)
 assert counts["unmerged r=8"][0] == counts["base"][0] + 2 * n_adapted  # x A^T and h B^T per adapted layer
@@ -197,6 +224,7 @@ assert counts["unmerged r=8"][0] == counts["base"][0] + 2 * n_adapted  # x A^T a
 # calls per layer weigh more. On a shared machine single timings are noisy, so the models take
 # turns, each is run several times, and we keep each one's fastest run (as `timeit` advises).
 # Read the ratios, not the digits.
+
 
 # %%
 def fastest_seconds(functions, repeats):
@@ -212,11 +240,20 @@ def fastest_seconds(functions, repeats):
     return {label: min(values) for label, values in times.items()}
 
 
-forward_times = fastest_seconds({label: (lambda m=m: m.forward(batch)) for label, m in contenders.items()}, repeats=7)
-generate_times = fastest_seconds({label: (lambda m=m: ml.generate(m, "KING.\n", max_new_tokens=64, seed=0))
-                                  for label, m in contenders.items()}, repeats=5)
-timings = {label: {"forward, 2 x 256": forward_times[label], "generate 64 bytes": generate_times[label]}
-           for label in contenders}
+forward_times = fastest_seconds(
+    {label: (lambda m=m: m.forward(batch)) for label, m in contenders.items()}, repeats=7
+)
+generate_times = fastest_seconds(
+    {
+        label: (lambda m=m: ml.generate(m, "KING.\n", max_new_tokens=64, seed=0))
+        for label, m in contenders.items()
+    },
+    repeats=5,
+)
+timings = {
+    label: {"forward, 2 x 256": forward_times[label], "generate 64 bytes": generate_times[label]}
+    for label in contenders
+}
 for label, row in timings.items():
     print(f"{label:<13}" + "".join(f"  {kind}: {1000 * seconds:6.1f} ms" for kind, seconds in row.items()))
 

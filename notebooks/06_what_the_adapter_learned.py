@@ -49,8 +49,18 @@ config = dataclasses.replace(base_256.config, block_size=128)
 params = {**base_256.params, "transformer.wpe.weight": base_256.params["transformer.wpe.weight"][:128]}
 base = ml.GPT(config, params)
 folio = ml.load_corpus("shakespeare_folio")
-settings = ml.TrainSettings(steps=40, batch_size=4, lr=5e-3, min_lr=5e-4, warmup_steps=3, weight_decay=0.0,
-                            eval_interval=40, eval_windows=32, log_interval=10, seed=0)
+settings = ml.TrainSettings(
+    steps=40,
+    batch_size=4,
+    lr=5e-3,
+    min_lr=5e-4,
+    warmup_steps=3,
+    weight_decay=0.0,
+    eval_interval=40,
+    eval_windows=32,
+    log_interval=10,
+    seed=0,
+)
 
 adapters, initial_A = {}, {}
 for r in (8, 64):
@@ -69,10 +79,14 @@ modules = list(adapters[8].adapted_modules)  # transformer.h.0.attn.c_attn ... h
 # would show nothing. We measure the relative change `||A - A0|| / ||A0||` and how much of A's
 # initial row space its final row space retains (1: the same subspace; r / 256 for unrelated ones).
 
+
 # %%
 def subspace_overlap(M1, M2):
     """||P1 P2||_F^2 / k for the row spaces of two (k, n) matrices: 1 if equal, about k / n if unrelated."""
-    Q1, Q2 = np.linalg.qr(M1.T.astype(np.float64))[0], np.linalg.qr(M2.T.astype(np.float64))[0]  # (n, k) bases
+    Q1, Q2 = (
+        np.linalg.qr(M1.T.astype(np.float64))[0],
+        np.linalg.qr(M2.T.astype(np.float64))[0],
+    )  # (n, k) bases
     return float(np.sum((Q1.T @ Q2) ** 2) / M1.shape[0])
 
 
@@ -101,6 +115,7 @@ for m in modules:
 # d-dimensional space give about max(i, j) / d: that is the baseline, computed from random matrices
 # of the same shapes.
 
+
 # %%
 def singular_vectors(M, k):
     """The left (input side) and right (output side) singular vectors of M's k largest singular values."""
@@ -110,7 +125,9 @@ def singular_vectors(M, k):
 
 def phi(U1, U2):
     """phi(i, j) for i <= U1's columns, j <= U2's: the double cumulative sum of squared cosines."""
-    overlap = np.cumsum(np.cumsum((U1.T @ U2) ** 2, axis=0), axis=1)  # [i-1, j-1] = ||U1[:, :i]^T U2[:, :j]||^2
+    overlap = np.cumsum(
+        np.cumsum((U1.T @ U2) ** 2, axis=0), axis=1
+    )  # [i-1, j-1] = ||U1[:, :i]^T U2[:, :j]||^2
     i, j = np.arange(1, U1.shape[1] + 1)[:, None], np.arange(1, U2.shape[1] + 1)[None, :]
     return overlap / np.minimum(i, j)
 
@@ -122,19 +139,28 @@ assert np.allclose(np.diag(phi(Q, Q)), 1.0)  # a subspace is fully similar to it
 
 def delta_weight(r, m):
     model = adapters[r]
-    return lora_delta_weight(model.params[f"{m}.lora_A"], model.params[f"{m}.lora_B"], model.lora_config.scaling)
+    return lora_delta_weight(
+        model.params[f"{m}.lora_A"], model.params[f"{m}.lora_B"], model.lora_config.scaling
+    )
 
 
 phis = {}
 for m in modules:
-    (in_8, out_8), (in_64, out_64) = singular_vectors(delta_weight(8, m), 8), singular_vectors(delta_weight(64, m), 64)
+    (in_8, out_8), (in_64, out_64) = (
+        singular_vectors(delta_weight(8, m), 8),
+        singular_vectors(delta_weight(64, m), 64),
+    )
     phis["input side", m] = phi(in_8, in_64)
     phis["output side", m] = phi(out_8, out_64)
-    phis["lora_A alone", m] = phi(singular_vectors(adapters[8].params[f"{m}.lora_A"].T, 8)[0],
-                                   singular_vectors(adapters[64].params[f"{m}.lora_A"].T, 64)[0])
+    phis["lora_A alone", m] = phi(
+        singular_vectors(adapters[8].params[f"{m}.lora_A"].T, 8)[0],
+        singular_vectors(adapters[64].params[f"{m}.lora_A"].T, 64)[0],
+    )
     for side, d in (("random, input side", 256), ("random, output side", 768)):
-        phis[side, m] = phi(singular_vectors(rng.standard_normal((d, 8)), 8)[0],
-                            singular_vectors(rng.standard_normal((d, 64)), 64)[0])
+        phis[side, m] = phi(
+            singular_vectors(rng.standard_normal((d, 8)), 8)[0],
+            singular_vectors(rng.standard_normal((d, 64)), 64)[0],
+        )
 assert all(np.all((-1e-12 <= value) & (value <= 1 + 1e-12)) for value in phis.values())
 
 # %% [markdown]
@@ -145,8 +171,9 @@ layer = "transformer.h.3.attn.c_attn"
 kinds = ["output side", "input side", "lora_A alone", "random, input side"]
 fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 7.2), sharex=True, layout="constrained")
 for ax, kind in zip(axes, kinds):
-    image = ax.imshow(phis[kind, layer], vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                      extent=(0.5, 64.5, 8.5, 0.5))
+    image = ax.imshow(
+        phis[kind, layer], vmin=0, vmax=1, cmap="viridis", aspect="auto", extent=(0.5, 64.5, 8.5, 0.5)
+    )
     ax.set_title(f"φ(i, j): {kind}", fontsize=10)
     ax.set_ylabel("i (r = 8)")
     ax.set_yticks([1, 4, 8])
@@ -164,12 +191,19 @@ colorbar = fig.colorbar(image, ax=axes, shrink=0.6, label="φ")
 print(f"{'':<30}{'output side':>22}{'input side':>22}{'lora_A alone':>22}")
 print(f"{'':<30}" + f"{'phi(1,1)':>11}{'phi(8,64)':>11}" * 3)
 for m in modules:
-    print(f"{m:<30}" + "".join(f"{phis[kind, m][0, 0]:>11.3f}{phis[kind, m][7, 63]:>11.3f}"
-                               for kind in ("output side", "input side", "lora_A alone")))
+    print(
+        f"{m:<30}"
+        + "".join(
+            f"{phis[kind, m][0, 0]:>11.3f}{phis[kind, m][7, 63]:>11.3f}"
+            for kind in ("output side", "input side", "lora_A alone")
+        )
+    )
 for kind, d in (("random, output side", 768), ("random, input side", 256)):
     mean_11 = np.mean([phis[kind, m][0, 0] for m in modules])
     mean_864 = np.mean([phis[kind, m][7, 63] for m in modules])
-    print(f"{kind:<30}{mean_11:>11.3f}{mean_864:>11.3f}   (expected about 1/d = {1 / d:.3f} and 64/d = {64 / d:.3f})")
+    print(
+        f"{kind:<30}{mean_11:>11.3f}{mean_864:>11.3f}   (expected about 1/d = {1 / d:.3f} and 64/d = {64 / d:.3f})"
+    )
 
 # %%
 for kind, d in (("random, output side", 768), ("random, input side", 256)):
@@ -203,17 +237,23 @@ for r in (8, 64):
         U_random = np.linalg.qr(rng.standard_normal((W.shape[0], r)))[0]
         V_random = np.linalg.qr(rng.standard_normal((W.shape[1], r)))[0]
         relations[r, m] = {
-            "delta": np.linalg.norm(delta), "projection": np.linalg.norm(U.T @ W @ V),
-            "W top": np.sqrt(np.sum(singular_W[:r] ** 2)), "random": np.linalg.norm(U_random.T @ W @ V_random),
+            "delta": np.linalg.norm(delta),
+            "projection": np.linalg.norm(U.T @ W @ V),
+            "W top": np.sqrt(np.sum(singular_W[:r] ** 2)),
+            "random": np.linalg.norm(U_random.T @ W @ V_random),
         }
         row = relations[r, m]
-        print(f"{m:<30}{r:>3}{row['delta']:>8.2f}{row['projection']:>13.2f}{row['W top']:>9.2f}{row['random']:>8.2f}"
-              f"{row['delta'] / row['projection']:>15.1f}")
+        print(
+            f"{m:<30}{r:>3}{row['delta']:>8.2f}{row['projection']:>13.2f}{row['W top']:>9.2f}{row['random']:>8.2f}"
+            f"{row['delta'] / row['projection']:>15.1f}"
+        )
 
 # %%
 for (r, m), row in relations.items():
     assert row["random"] < row["projection"] < row["W top"] / 3, (r, m, row)
-print("in every update's subspace W is stronger than in a random one, and much weaker than in its own top directions")
+print(
+    "in every update's subspace W is stronger than in a random one, and much weaker than in its own top directions"
+)
 
 # %% [markdown]
 # The amplification factor compared across ranks (the paper's Table 7 has the same columns):
@@ -258,8 +298,14 @@ print("rank 8 amplifies (factor > 1) in every layer, rank 64 less so")
 
 # %%
 for m in modules:
-    assert all(moved[r, m][0] > 0.3 and moved[r, m][1] > 0.5 for r in (8, 64)), m  # A moved, kept its subspace
-    assert phis["output side", m][7, 63] > 4 * phis["random, output side", m][7, 63], m  # rank 8 inside rank 64
+    assert all(moved[r, m][0] > 0.3 and moved[r, m][1] > 0.5 for r in (8, 64)), (
+        m
+    )  # A moved, kept its subspace
+    assert phis["output side", m][7, 63] > 4 * phis["random, output side", m][7, 63], (
+        m
+    )  # rank 8 inside rank 64
     assert phis["output side", m][7, 63] > phis["input side", m][7, 63], m  # the output side agrees more
-    assert phis["input side", m][7, 63] < 2 * phis["random, input side", m][7, 63], m  # the input side: nearer random
+    assert phis["input side", m][7, 63] < 2 * phis["random, input side", m][7, 63], (
+        m
+    )  # the input side: nearer random
 print("the statements above hold in every layer")

@@ -30,7 +30,11 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 KERNEL = "minilora-python"
-KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}  # for each .ipynb
+KERNELSPEC = {
+    "name": "python3",
+    "display_name": "Python 3 (ipykernel)",
+    "language": "python",
+}  # for each .ipynb
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -50,8 +54,9 @@ def execute(source: Path, timeout: float = 600) -> tuple[nbformat.NotebookNode, 
         write_kernel_spec(Path(kernels) / KERNEL)  # argv: [sys.executable, "-m", "ipykernel_launcher", ...]
         specs = KernelSpecManager(kernel_dirs=[kernels], ensure_native_kernel=False)
         km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
-        client = NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
-                                resources={"metadata": {"path": str(HERE)}})  # cells run in notebooks/
+        client = NotebookClient(
+            nb, km=km, timeout=timeout, record_timing=False, resources={"metadata": {"path": str(HERE)}}
+        )  # cells run in notebooks/
         env = {**{name: "1" for name in THREAD_VARIABLES}, **os.environ}  # one BLAS thread unless set already
         started = time.perf_counter()
         asyncio.run(asyncio.wait_for(client.async_execute(env=env), timeout))

@@ -9,9 +9,16 @@ from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
 import minilora.io.checkpoint
-from minilora.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, load_adapter, read_adapter, save_adapter
-from minilora.io.checkpoint import save_checkpoint, weights_fingerprint
 from minilora.config import GPTConfig
+from minilora.io.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from minilora.io.checkpoint import save_checkpoint, weights_fingerprint
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
@@ -24,8 +31,11 @@ R = 2
 # Written out by hand from GPT-2's layout, not taken from the code under test.
 LORA_KEYS = {f"transformer.h.{i}.attn.c_attn.lora_{factor}" for i in range(2) for factor in "AB"}
 LORA_ONLY_BIASES = {f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}
-ALL_BIASES = {f"transformer.h.{i}.{module}.bias" for i in range(2)
-              for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")}
+ALL_BIASES = {
+    f"transformer.h.{i}.{module}.bias"
+    for i in range(2)
+    for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+}
 ALL_BIASES.add("transformer.ln_f.bias")
 ADAPTER_KEYS = {"none": LORA_KEYS, "lora_only": LORA_KEYS | LORA_ONLY_BIASES, "all": LORA_KEYS | ALL_BIASES}
 
@@ -104,8 +114,15 @@ def test_adapter_config_json_holds_the_spec_fields_and_equals_the_file_metadata(
     assert document["lora_config"]["target_modules"] == ["c_attn"]
     assert document["base_fingerprint"] == weights_fingerprint(base.params)
     assert document["base_fingerprint"].startswith("sha256:") and len(document["base_fingerprint"]) == 7 + 64
-    assert document["base_config"] == {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16,
-                                       "vocab_size": 256, "dropout": 0.0, "bias": True}
+    assert document["base_config"] == {
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        "vocab_size": 256,
+        "dropout": 0.0,
+        "bias": True,
+    }
 
 
 def test_adapter_files_hold_no_base_weights_and_are_a_small_fraction_of_the_base(tmp_path):
@@ -178,7 +195,8 @@ def test_a_misshaped_tensor_is_named_with_both_shapes_and_r(tmp_path):
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     (tampered / ADAPTER_WEIGHTS).write_bytes(
-        safetensors_bytes(tensors, metadata={"minilora_adapter": json.dumps(document)}))
+        safetensors_bytes(tensors, metadata={"minilora_adapter": json.dumps(document)})
+    )
     with pytest.raises(AdapterError) as error:
         load_adapter(base, tampered)
     message = str(error.value)
@@ -194,7 +212,11 @@ def test_a_missing_tensor_is_named(tmp_path):
     tensors, document = read_adapter(tmp_path / "good")
     del tensors["transformer.h.0.attn.c_attn.lora_A"]
     (tmp_path / "short").mkdir()
-    save_file(tensors, str(tmp_path / "short" / ADAPTER_WEIGHTS), metadata={"minilora_adapter": json.dumps(document)})
+    save_file(
+        tensors,
+        str(tmp_path / "short" / ADAPTER_WEIGHTS),
+        metadata={"minilora_adapter": json.dumps(document)},
+    )
     with pytest.raises(AdapterError, match=r"missing \['transformer\.h\.0\.attn\.c_attn\.lora_A'\]"):
         load_adapter(base, tmp_path / "short")
 
@@ -215,7 +237,9 @@ def test_safetensors_files_that_are_not_adapters_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="not a minilora adapter"):
         read_adapter(plain)
     base = make_base()
-    checkpoint = tmp_path / "checkpoint.safetensors"  # a common mix-up: a base checkpoint given as the adapter
+    checkpoint = (
+        tmp_path / "checkpoint.safetensors"
+    )  # a common mix-up: a base checkpoint given as the adapter
     save_checkpoint(checkpoint, base.params, {"config": CONFIG.to_dict()})
     with pytest.raises(AdapterError, match="not a minilora adapter"):
         load_adapter(base, checkpoint)
@@ -240,7 +264,9 @@ def test_a_crash_half_way_through_a_save_leaves_the_previous_adapter_intact(tmp_
     optimizer = AdamW(model.params, model.trainable_names, lr=1e-2)  # train on: the next save differs
     idx, targets = batch(seed=7)
     optimizer.step(model.backward(model.forward(idx, targets)[2]))
-    assert not same_bits(model.params["transformer.h.0.attn.c_attn.lora_B"], first["transformer.h.0.attn.c_attn.lora_B"])
+    assert not same_bits(
+        model.params["transformer.h.0.attn.c_attn.lora_B"], first["transformer.h.0.attn.c_attn.lora_B"]
+    )
 
     real_write_all = minilora.io.checkpoint.write_all
     calls = []
@@ -260,7 +286,9 @@ def test_a_crash_half_way_through_a_save_leaves_the_previous_adapter_intact(tmp_
     for name, value in first.items():
         assert same_bits(loaded.params[name], value), name
     assert (tmp_path / ADAPTER_CONFIG).read_text() == first_json
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    )  # no temp files
 
 
 def test_fingerprint_is_independent_of_dict_order():

@@ -173,7 +173,9 @@ def collect_imports(package_dir: Path) -> tuple[dict[str, Path], list[Import]]:
     package = package_dir.name
     # Folders count as packages even without an __init__.py (namespace packages: no node, no code).
     folders = {
-        ".".join(p.relative_to(package_dir.parent).parts) for p in [package_dir, *package_dir.rglob("*")] if p.is_dir()
+        ".".join(p.relative_to(package_dir.parent).parts)
+        for p in [package_dir, *package_dir.rglob("*")]
+        if p.is_dir()
     }
 
     def is_internal(name):
@@ -265,12 +267,17 @@ def describe_chain(start, chain, modules, root):
     steps = " -> ".join([start] + [e.target for e in chain])
     hops = "; ".join(f"{e.importer} imports {e.target} at {e.where(root)}" for e in chain)
     kind = "directly" if len(chain) == 1 else f"through {len(chain) - 1} module(s)"
-    return f"{_rel(modules[start], root)}:{chain[0].line} reaches {chain[-1].target} {kind}: {steps}  [{hops}]"
+    return (
+        f"{_rel(modules[start], root)}:{chain[0].line} reaches {chain[-1].target} {kind}: {steps}  [{hops}]"
+    )
 
 
 def forbidden_reaches(modules, edges, reference, above, root):
     """``forbidden_chains`` as messages: file and line of the first hop, the chain, each hop's line."""
-    return [describe_chain(start, chain, modules, root) for start, chain in forbidden_chains(modules, edges, reference, above)]
+    return [
+        describe_chain(start, chain, modules, root)
+        for start, chain in forbidden_chains(modules, edges, reference, above)
+    ]
 
 
 def find_cycles(modules, edges, *, include_lazy=True, limit=200):
@@ -365,8 +372,15 @@ def graph():
 def test_checker_sees_the_package(graph):
     modules, edges = graph
     # Guard against a silently empty graph (wrong root, every file skipped).
-    for name in ("minilora", "minilora.model", "minilora.layers.layernorm", "minilora.lora.layer",
-                 "minilora.training.loop", "minilora.fast.cuda.kernels", TORCH_PEER):
+    for name in (
+        "minilora",
+        "minilora.model",
+        "minilora.layers.layernorm",
+        "minilora.lora.layer",
+        "minilora.training.loop",
+        "minilora.fast.cuda.kernels",
+        TORCH_PEER,
+    ):
         assert name in modules, f"{name} not found under {REPO / PACKAGE}"
     assert sum(1 for m in modules if _matches(m, REFERENCE)) >= 15
     assert any(e.importer == "minilora.model" and e.target.startswith("minilora.layers") for e in edges)
@@ -379,7 +393,8 @@ def test_every_minilora_import_names_a_module_that_exists(graph):
     stale = [
         f"{e.where(REPO)}: {e.importer} imports {e.target}, which is no module under minilora/"
         for e in edges
-        if (e.target == PACKAGE or e.target.startswith(PACKAGE + ".")) and e.target not in modules
+        if (e.target == PACKAGE or e.target.startswith(PACKAGE + "."))
+        and e.target not in modules
         and e.target not in folders
     ]
     assert not stale, "imports of modules that do not exist:\n" + "\n".join(stale)
@@ -403,7 +418,8 @@ def test_reference_never_reaches_the_fast_path_through_other_modules(graph):
     found = forbidden_chains(modules, edges, REFERENCE, ABOVE_REFERENCE)
     crossings = sorted({f"{c[-1].where(REPO)}: {c[-1].importer} imports {c[-1].target}" for _, c in found})
     assert not found, (
-        f"{len(crossings)} import(s) cross from below the line to above it:\n" + "\n".join(crossings)
+        f"{len(crossings)} import(s) cross from below the line to above it:\n"
+        + "\n".join(crossings)
         + f"\n\n{len(found)} reference module -> forbidden module pair(s), shortest chain each:\n"
         + "\n".join(describe_chain(start, chain, modules, REPO) for start, chain in found)
     )
@@ -413,8 +429,9 @@ def test_no_import_cycle_at_module_level(graph):
     # Cycles among the imports that run when a module is imported: the ones that can break an import.
     modules, edges = graph
     cycles = find_cycles(modules, edges, include_lazy=False)
-    assert not cycles, f"{len(cycles)} import cycle(s) at module level (the count stops at 200):\n" + "\n".join(
-        describe_cycle(c, REPO) for c in cycles
+    assert not cycles, (
+        f"{len(cycles)} import cycle(s) at module level (the count stops at 200):\n"
+        + "\n".join(describe_cycle(c, REPO) for c in cycles)
     )
 
 
@@ -423,8 +440,9 @@ def test_no_import_cycle_even_through_lazy_imports(graph):
     # depend on each other, so neither can be read (or replaced) alone.
     modules, edges = graph
     cycles = find_cycles(modules, edges, include_lazy=True)
-    assert not cycles, f"{len(cycles)} import cycle(s), lazy imports included (the count stops at 200):\n" + "\n".join(
-        describe_cycle(c, REPO) for c in cycles
+    assert not cycles, (
+        f"{len(cycles)} import cycle(s), lazy imports included (the count stops at 200):\n"
+        + "\n".join(describe_cycle(c, REPO) for c in cycles)
     )
 
 
@@ -479,26 +497,41 @@ def _write(root: Path, files: dict[str, str]):
 def test_checker_catches_planted_cycles_and_reference_to_fast_imports(tmp_path):
     # A tiny package with one fault of each kind the tests above look for, and a few innocent
     # lookalikes that must not be reported.
-    _write(tmp_path, {
-        "toy/__init__.py": "from .core import step\n",  # facade: encloses everything, never a cycle
-        "toy/core.py": "from . import helper\nfrom .layers import dense\n\n\ndef step():\n    return helper.h()\n",
-        "toy/helper.py": "def h():\n    from .fast.kern import k  # lazy, and two hops from core\n    return k\n",
-        "toy/layers/__init__.py": "from .dense import forward\n",
-        "toy/layers/dense.py": "import math\nimport numpy\nfrom ..fast import kern\n",  # direct reference -> fast
-        "toy/fast/kern.py": "def k():\n    return 0\n",  # fast/ has no __init__.py: a namespace package
-        "toy/a.py": "from .b import g\n\n\ndef f():\n    return 1\n",
-        "toy/b.py": "from . import a\n\n\ndef g():\n    return a.f()\n",  # a <-> b at module level
-        "toy/c.py": "def use():\n    from .d import x\n    return x\n",
-        "toy/d.py": "from .c import use\nx = 1\n",  # c <-> d, c's side lazy
-        "toy/peer.py": "import torch\n",
-        "toy/eager.py": "import importlib\nfrom toy import peer\n\n\ndef later():\n    return importlib.import_module('toy.peer')\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "toy/__init__.py": "from .core import step\n",  # facade: encloses everything, never a cycle
+            "toy/core.py": "from . import helper\nfrom .layers import dense\n\n\ndef step():\n    return helper.h()\n",
+            "toy/helper.py": "def h():\n    from .fast.kern import k  # lazy, and two hops from core\n    return k\n",
+            "toy/layers/__init__.py": "from .dense import forward\n",
+            "toy/layers/dense.py": "import math\nimport numpy\nfrom ..fast import kern\n",  # direct reference -> fast
+            "toy/fast/kern.py": "def k():\n    return 0\n",  # fast/ has no __init__.py: a namespace package
+            "toy/a.py": "from .b import g\n\n\ndef f():\n    return 1\n",
+            "toy/b.py": "from . import a\n\n\ndef g():\n    return a.f()\n",  # a <-> b at module level
+            "toy/c.py": "def use():\n    from .d import x\n    return x\n",
+            "toy/d.py": "from .c import use\nx = 1\n",  # c <-> d, c's side lazy
+            "toy/peer.py": "import torch\n",
+            "toy/eager.py": (
+                "import importlib\nfrom toy import peer\n\n\n"
+                "def later():\n    return importlib.import_module('toy.peer')\n"
+            ),
+        },
+    )
     modules, edges = collect_imports(tmp_path / "toy")
-    assert set(modules) >= {"toy", "toy.core", "toy.helper", "toy.layers", "toy.layers.dense", "toy.fast.kern"}
+    assert set(modules) >= {
+        "toy",
+        "toy.core",
+        "toy.helper",
+        "toy.layers",
+        "toy.layers.dense",
+        "toy.fast.kern",
+    }
 
     # Resolution: `from . import helper` is the module toy.helper; `from ..fast import kern` is toy.fast.kern.
     assert any(e.importer == "toy.core" and e.target == "toy.helper" and not e.lazy for e in edges)
-    assert any(e.importer == "toy.layers.dense" and e.target == "toy.fast.kern" and e.line == 3 for e in edges)
+    assert any(
+        e.importer == "toy.layers.dense" and e.target == "toy.fast.kern" and e.line == 3 for e in edges
+    )
     lazy = [e for e in edges if e.importer == "toy.helper" and e.target == "toy.fast.kern"]
     assert lazy and lazy[0].lazy and lazy[0].line == 2
     # importing toy.layers.dense from toy.core runs toy/layers/__init__.py: an implied edge
@@ -507,7 +540,9 @@ def test_checker_catches_planted_cycles_and_reference_to_fast_imports(tmp_path):
     assert not any(e.target == "toy" for e in edges)
 
     reach = forbidden_reaches(modules, edges, ("toy.core", "toy.layers.*"), ("toy.fast.*",), tmp_path)
-    assert any("toy.core -> toy.helper -> toy.fast.kern" in m and "toy/helper.py:2 (lazy)" in m for m in reach), reach
+    assert any(
+        "toy.core -> toy.helper -> toy.fast.kern" in m and "toy/helper.py:2 (lazy)" in m for m in reach
+    ), reach
     assert any(m.startswith("toy/layers/dense.py:3 reaches toy.fast.kern directly") for m in reach), reach
 
     strict = [[e.importer for e in c] for c in find_cycles(modules, edges, include_lazy=False)]

@@ -18,9 +18,11 @@ def test_reference_scores_full_marks_blank_scores_zero_and_planted_bugs_lose_poi
 
 
 def test_a_release_opens_only_its_own_holes():
-    source = ("def f(x):\n    # BEGIN SOLUTION a1: double it\n    y = 2 * x\n    # END SOLUTION\n    return y\n"
-              "def g(x):\n    # BEGIN SOLUTION a2: add one\n    y = x + 1\n    # END SOLUTION\n    return y\n"
-              "from ..backend import matmul\nfrom .linear import linear_forward\n")
+    source = (
+        "def f(x):\n    # BEGIN SOLUTION a1: double it\n    y = 2 * x\n    # END SOLUTION\n    return y\n"
+        "def g(x):\n    # BEGIN SOLUTION a2: add one\n    y = x + 1\n    # END SOLUTION\n    return y\n"
+        "from ..backend import matmul\nfrom .linear import linear_forward\n"
+    )
     text = student_copy(source, "a1", "minilora.layers")
     assert 'raise NotImplementedError("a1: double it")' in text and "y = 2 * x" not in text
     assert "y = x + 1" in text and "SOLUTION" not in text

@@ -14,8 +14,8 @@ def reference_probability(train: bytes, context: bytes, x: int, order: int) -> f
     """Interpolated Witten-Bell written the slow, obvious way with dictionaries."""
     prob = 1 / 256
     for k in range(order):
-        h = context[len(context) - k:] if k else b""
-        follows = Counter(train[i + k] for i in range(len(train) - k) if train[i:i + k] == h)
+        h = context[len(context) - k :] if k else b""
+        follows = Counter(train[i + k] for i in range(len(train) - k) if train[i : i + k] == h)
         c_h, u_h = sum(follows.values()), len(follows)
         if c_h:
             prob = (follows[x] + u_h * prob) / (c_h + u_h)
@@ -26,7 +26,9 @@ def test_probabilities_equal_the_plain_python_reference():
     val = np.frombuffer(b"the fat cat sat; a bat!", dtype=np.uint8)
     probs = ByteNgramCounts(TRAIN, order=4).probabilities(val)
     raw = TRAIN.tobytes()
-    expected = [reference_probability(raw, val[i - 3:i].tobytes(), int(val[i]), 4) for i in range(3, len(val))]
+    expected = [
+        reference_probability(raw, val[i - 3 : i].tobytes(), int(val[i]), 4) for i in range(3, len(val))
+    ]
     np.testing.assert_allclose(probs, expected, rtol=1e-12)
 
 

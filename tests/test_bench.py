@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from minilora.backend import count_matmuls
+from minilora.cli import bench_command
+from minilora.config import GPTConfig, get_preset
 from minilora.lab.bench import (
-    DEFAULT_LORA,
     BENCH_BATCH_SIZES,
+    DEFAULT_LORA,
     OPENBLAS_ENV_VARS,
     BenchError,
     BenchSettings,
@@ -24,14 +26,12 @@ from minilora.lab.bench import (
     run_bench,
     step_flops,
 )
-from minilora.cli import bench_command
-from minilora.config import GPTConfig, get_preset
-from minilora.training.finetune import ADAM_BETAS, make_optimizer
+from minilora.lab.memory import memory_ledger
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
-from minilora.lab.memory import memory_ledger
 from minilora.model import GPT, init_params
 from minilora.optim import clip_grad_norm
+from minilora.training.finetune import ADAM_BETAS, make_optimizer
 from minilora.training.loop import TrainSettings
 
 TINY = get_preset("tiny")
@@ -48,12 +48,19 @@ def build(config, lora_config=None, dtype=np.float32, seed=0):
     return model if lora_config is None else add_lora(model, lora_config, seed=seed)
 
 
-@pytest.mark.parametrize("config, lora_config, T", [
-    (TINY, None, 64),
-    (TINY, ATTN_LORA, 64),
-    (TINY, LoraConfig(r=4, target_modules="all-linear"), 64),
-    (GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=32), LoraConfig(r=2, target_modules=("mlp.c_fc",)), 20),
-])
+@pytest.mark.parametrize(
+    "config, lora_config, T",
+    [
+        (TINY, None, 64),
+        (TINY, ATTN_LORA, 64),
+        (TINY, LoraConfig(r=4, target_modules="all-linear"), 64),
+        (
+            GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=32),
+            LoraConfig(r=2, target_modules=("mlp.c_fc",)),
+            20,
+        ),
+    ],
+)
 def test_step_flops_equal_the_counted_matmuls_of_a_training_step(config, lora_config, T):
     """The formula counts what the code multiplies, attention over the full T x T and the tied head included."""
     model = build(config, lora_config)
@@ -73,7 +80,9 @@ def test_full_backward_is_twice_the_forward_and_lora_skips_every_frozen_dW():
     full, lora = step_flops(config, B), step_flops(config, B, lora_config=ATTN_LORA)
     assert full["backward"] == 2 * full["forward"]
     # LoRA's backward: the dense products once (dx only), attention and the adapter twice
-    assert lora["backward"] == lora["dense_forward"] + 2 * lora["attention_forward"] + 2 * lora["lora_forward"]
+    assert (
+        lora["backward"] == lora["dense_forward"] + 2 * lora["attention_forward"] + 2 * lora["lora_forward"]
+    )
     N = B * config.block_size
     assert lora["lora_forward"] == 2 * N * 110_592  # r (C_in + C_out) summed: README's table, r = 8
     assert round(full["total"] / 1e9) == 292 and round(lora["total"] / 1e9) == 207  # the README's figures
@@ -105,8 +114,17 @@ def check_fields(result, settings):
 
 @pytest.mark.parametrize("full, reference", [(False, False), (True, False), (False, True)])
 def test_a_tiny_bench_run_completes_with_every_field(full, reference):
-    settings = BenchSettings(preset="tiny", lora_config=None if full else DEFAULT_LORA, batch_size=2, warmup=1,
-                             steps=2, repeats=2, peak_size=64, corpus=None, reference=reference)
+    settings = BenchSettings(
+        preset="tiny",
+        lora_config=None if full else DEFAULT_LORA,
+        batch_size=2,
+        warmup=1,
+        steps=2,
+        repeats=2,
+        peak_size=64,
+        corpus=None,
+        reference=reference,
+    )
     result = run_bench(settings)
     check_fields(result, settings)
     assert result["mode"] == ("full" if full else "lora")
@@ -118,8 +136,28 @@ def test_bench_command_prints_one_json_line_and_appends_it_to_out(tmp_path, caps
     parser = argparse.ArgumentParser(prog="minilora")
     bench_command.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "bench.jsonl"
-    args = parser.parse_args(["bench", "--preset", "tiny", "--batch-size", "2", "--warmup", "1", "--steps", "1",
-                              "--repeats", "1", "--peak-size", "64", "--corpus", "random", "--quiet", "--out", str(out)])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--peak-size",
+            "64",
+            "--corpus",
+            "random",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     args.run(args)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
@@ -143,12 +181,15 @@ def test_the_peer_without_torch_says_how_to_install_it(monkeypatch):
 
 
 def test_minilora_never_imports_torch():
-    code = ("import sys, minilora, minilora.lab.bench, minilora.lab.memory, minilora.cli.bench_command; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, minilora, minilora.lab.bench, minilora.lab.memory, minilora.cli.bench_command; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # The PyTorch peer: the same model, batches and optimiser, or the comparison is not apples to apples.
+
 
 def peer_pair(lora_config, grad_clip=1.0, weight_decay=0.1, lr=1e-2):
     torch_peer = load_torch_peer()  # skips below if torch is missing
@@ -156,16 +197,30 @@ def peer_pair(lora_config, grad_clip=1.0, weight_decay=0.1, lr=1e-2):
     model = build(config, lora_config, dtype=np.float64, seed=3)
     optimizer = make_optimizer(model, TrainSettings(lr=lr, weight_decay=weight_decay))
     peer = torch_peer.TorchGPT(
-        {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "vocab_size": config.vocab_size},
-        {name: value.copy() for name, value in model.params.items()}, model.trainable_names,
+        {
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_embd": config.n_embd,
+            "vocab_size": config.vocab_size,
+        },
+        {name: value.copy() for name, value in model.params.items()},
+        model.trainable_names,
         adapted=() if lora_config is None else tuple(model.adapted_modules),
-        scaling=1.0 if lora_config is None else lora_config.scaling, lr=lr, betas=ADAM_BETAS, eps=optimizer.eps,
-        weight_decay=weight_decay, decay_names=optimizer.decay_names, grad_clip=grad_clip, dtype="float64")
+        scaling=1.0 if lora_config is None else lora_config.scaling,
+        lr=lr,
+        betas=ADAM_BETAS,
+        eps=optimizer.eps,
+        weight_decay=weight_decay,
+        decay_names=optimizer.decay_names,
+        grad_clip=grad_clip,
+        dtype="float64",
+    )
     return model, optimizer, peer
 
 
-@pytest.mark.parametrize("lora_config", [None, LoraConfig(r=4, target_modules="all-linear", init="random")],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "lora_config", [None, LoraConfig(r=4, target_modules="all-linear", init="random")], ids=["full", "lora"]
+)
 def test_peer_loss_gradients_and_adamw_steps_equal_minilora_in_float64(lora_config):
     pytest.importorskip("torch")
     model, optimizer, peer = peer_pair(lora_config)
@@ -176,7 +231,9 @@ def test_peer_loss_gradients_and_adamw_steps_equal_minilora_in_float64(lora_conf
     assert abs(peer_loss - float(loss)) <= 1e-12 * abs(float(loss))
     assert set(peer_grads) == set(grads)
     for name, grad in grads.items():
-        np.testing.assert_allclose(peer_grads[name], grad, rtol=0, atol=1e-10 * np.abs(grad).max() + 1e-300, err_msg=name)
+        np.testing.assert_allclose(
+            peer_grads[name], grad, rtol=0, atol=1e-10 * np.abs(grad).max() + 1e-300, err_msg=name
+        )
     for step in range(3):  # the same batches through both: clipping, weight decay and AdamW alike
         idx, targets = batch(TINY, 4, 64, seed=10 + step)
         _, loss, cache = model.forward(idx, targets)
@@ -186,13 +243,16 @@ def test_peer_loss_gradients_and_adamw_steps_equal_minilora_in_float64(lora_conf
         peer_loss = peer.step(idx, targets)
         assert abs(float(peer_loss) - float(loss)) <= 1e-12 * abs(float(loss))
     for name, value in peer.params_numpy().items():
-        np.testing.assert_allclose(value, model.params[name], rtol=1e-9, atol=1e-10, err_msg=name)  # lr = 1e-2
+        np.testing.assert_allclose(
+            value, model.params[name], rtol=1e-9, atol=1e-10, err_msg=name
+        )  # lr = 1e-2
 
 
 def test_a_tiny_bench_run_with_the_peer_reports_both_and_the_ratio():
     pytest.importorskip("torch")
-    settings = BenchSettings(preset="tiny", batch_size=2, warmup=1, steps=1, repeats=2, peak_size=64, peer="torch",
-                             corpus=None)
+    settings = BenchSettings(
+        preset="tiny", batch_size=2, warmup=1, steps=1, repeats=2, peak_size=64, peer="torch", corpus=None
+    )
     result = run_bench(settings)
     check_fields(result, settings)
     peer = result["peer"]
@@ -215,8 +275,9 @@ def gpu_visible() -> bool:
 
 @pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
 def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
-    settings = BenchSettings(preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256,
-                             corpus=None)
+    settings = BenchSettings(
+        preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256, corpus=None
+    )
     result = run_bench(settings)
     assert result["device"] == "cuda" and result["memory"]["traced_step_peak_bytes"] is None
     ledger = memory_ledger(TINY, 2, lora_config=settings.lora_config)
@@ -228,8 +289,17 @@ def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
 @pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
 def test_the_torch_peer_runs_on_the_gpu_with_the_same_first_loss():
     pytest.importorskip("torch")
-    settings = BenchSettings(preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256,
-                             corpus=None, peer="torch")
+    settings = BenchSettings(
+        preset="tiny",
+        device="cuda",
+        batch_size=2,
+        warmup=1,
+        steps=1,
+        repeats=1,
+        peak_size=256,
+        corpus=None,
+        peer="torch",
+    )
     result = run_bench(settings)
     peer = result["peer"]
     assert peer["tf32"] is False and peer["gpu"]

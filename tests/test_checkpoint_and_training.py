@@ -8,12 +8,12 @@ import pytest
 
 import minilora.io.checkpoint
 import minilora.training.pretrain
-from minilora.io.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig
+from minilora.io.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
 from minilora.model import init_params, parameter_shapes
 from minilora.optim import AdamW
-from minilora.training.pretrain import CHECKPOINT_NAME, pretrain
 from minilora.training.loop import TrainingDiverged, TrainSettings
+from minilora.training.pretrain import CHECKPOINT_NAME, pretrain
 
 MICRO = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
 
@@ -24,8 +24,15 @@ def micro_settings(**changes):
 
 
 def run(out_dir, **kwargs):
-    return pretrain("devils_dictionary", MICRO, kwargs.pop("settings", micro_settings()), out_dir,
-                    device="cpu", progress=False, **kwargs)
+    return pretrain(
+        "devils_dictionary",
+        MICRO,
+        kwargs.pop("settings", micro_settings()),
+        out_dir,
+        device="cpu",
+        progress=False,
+        **kwargs,
+    )
 
 
 def test_checkpoint_round_trip_keeps_params_optimizer_and_metadata(tmp_path):
@@ -56,7 +63,10 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     loaded = load_checkpoint(path)
     assert loaded.metadata["step"] == 1
     assert all(np.array_equal(loaded.params[name], old[name]) for name in old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt.json",
+        "ckpt.safetensors",
+    ]  # no temp file left
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
@@ -118,7 +128,9 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatc
     final = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)
     reference = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
     assert final.metadata["step"] == reference.metadata["step"] == 8
-    assert all(np.array_equal(final.optimizer["buffers"][k], v) for k, v in reference.optimizer["buffers"].items())
+    assert all(
+        np.array_equal(final.optimizer["buffers"][k], v) for k, v in reference.optimizer["buffers"].items()
+    )
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -130,7 +142,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
             self.params["transformer.ln_f.weight"][0] = np.nan
 
     monkeypatch.setattr(AdamW, "step", step_then_poison)
-    with pytest.raises(TrainingDiverged, match=r"step 6: the loss became nan.*last good checkpoint is intact"):
+    with pytest.raises(
+        TrainingDiverged, match=r"step 6: the loss became nan.*last good checkpoint is intact"
+    ):
         run(tmp_path)
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint.metadata["step"] == 4

@@ -7,11 +7,30 @@ from pathlib import Path
 
 import pytest
 
-from minilora.io.checkpoint import load_checkpoint
 from minilora.cli import main
+from minilora.io.checkpoint import load_checkpoint
 
-MICRO_FLAGS = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-               "--steps", "6", "--eval-interval", "3", "--eval-windows", "4", "--warmup-steps", "2", "--quiet"]
+MICRO_FLAGS = [
+    "--preset",
+    "tiny",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "6",
+    "--eval-interval",
+    "3",
+    "--eval-windows",
+    "4",
+    "--warmup-steps",
+    "2",
+    "--quiet",
+]
 
 
 def test_console_script_is_installed_and_lists_the_subcommands():
@@ -36,7 +55,16 @@ def test_pretrain_help_lists_its_flags(capsys):
         main(["pretrain", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--corpus", "--preset", "--steps", "--lr", "--seed", "--device", "--eval-interval", "--resume"):
+    for flag in (
+        "--corpus",
+        "--preset",
+        "--steps",
+        "--lr",
+        "--seed",
+        "--device",
+        "--eval-interval",
+        "--resume",
+    ):
         assert flag in out
 
 
@@ -113,7 +141,9 @@ def test_checkpoint_with_a_misshaped_parameter_names_it(trained_run, tmp_path, c
     from minilora.io.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(trained_run / "checkpoint.safetensors")
-    checkpoint.params["transformer.h.0.mlp.c_fc.weight"] = checkpoint.params["transformer.h.0.mlp.c_fc.weight"].T
+    checkpoint.params["transformer.h.0.mlp.c_fc.weight"] = checkpoint.params[
+        "transformer.h.0.mlp.c_fc.weight"
+    ].T
     broken = tmp_path / "broken.safetensors"
     save_checkpoint(broken, checkpoint.params, checkpoint.metadata)
     assert main(["eval", "--checkpoint", str(broken), "--corpus", "devils_dictionary"]) == 1

@@ -16,13 +16,13 @@ except Exception:  # CuPy installed, but no driver or device
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 
 from minilora.backend import device_rng, get_xp, scatter_add, to_device, to_numpy  # noqa: E402
-from minilora.io.checkpoint import load_checkpoint  # noqa: E402
 from minilora.cli import main  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
+from minilora.io.checkpoint import load_checkpoint  # noqa: E402
 from minilora.io.data import load_corpus  # noqa: E402
-from minilora.training.evaluate import bits_per_byte  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
+from minilora.training.evaluate import bits_per_byte  # noqa: E402
 
 FLOAT32_TOL = 2e-4  # relative: max|gpu - cpu64| / max|cpu64|
 
@@ -95,14 +95,34 @@ def test_adamw_on_the_gpu_matches_the_cpu():
 
 def test_gpu_pretraining_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):
     out = tmp_path / "run"
-    assert main(["pretrain", "--device", "cuda", "--preset", "tiny", "--steps", "30", "--eval-interval", "30",
-                 "--corpus", "devils_dictionary", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--device",
+                "cuda",
+                "--preset",
+                "tiny",
+                "--steps",
+                "30",
+                "--eval-interval",
+                "30",
+                "--corpus",
+                "devils_dictionary",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     checkpoint = load_checkpoint(out / "checkpoint.safetensors")
     config = get_preset("tiny")
     val = load_corpus("devils_dictionary").val
     on_cpu = bits_per_byte(GPT(config, checkpoint.params), val, max_windows=64)
-    on_gpu = bits_per_byte(GPT(config, {k: to_device(v, "cuda") for k, v in checkpoint.params.items()}), val,
-                           max_windows=64)
+    on_gpu = bits_per_byte(
+        GPT(config, {k: to_device(v, "cuda") for k, v in checkpoint.params.items()}), val, max_windows=64
+    )
     assert checkpoint.metadata["provenance"]["device"] == "cuda"
     assert abs(on_cpu - checkpoint.metadata["val_bits_per_byte"]) < 1e-4
     assert abs(on_cpu - on_gpu) < 1e-4
@@ -115,11 +135,18 @@ def test_gpu_lora_variants_match_cpu_float64(variant):
 
     config = get_preset("tiny")
     base = init_params(config, seed=0, dtype=np.float64)
-    lora_config = LoraConfig(r=4, target_modules="all-linear", init="pissa" if variant == "pissa" else "random",
-                             use_dora=variant == "dora")
+    lora_config = LoraConfig(
+        r=4,
+        target_modules="all-linear",
+        init="pissa" if variant == "pissa" else "random",
+        use_dora=variant == "dora",
+    )
     cpu = add_lora(GPT(config, base), lora_config, seed=1)
-    gpu = add_lora(GPT(config, {k: to_device(v.astype(np.float32), "cuda") for k, v in base.items()}), lora_config,
-                   seed=1)
+    gpu = add_lora(
+        GPT(config, {k: to_device(v.astype(np.float32), "cuda") for k, v in base.items()}),
+        lora_config,
+        seed=1,
+    )
     idx = np.random.default_rng(2).integers(0, 256, (2, 32))
     logits64, _, cache64 = cpu.forward(idx, idx)
     logits32, _, cache32 = gpu.forward(idx, idx)

@@ -15,9 +15,9 @@ try:
 except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
     pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
 
+from minilora.backend import matmul  # noqa: E402
 from minilora.fast.cuda import blas as cuda_blas  # noqa: E402
 from minilora.fast.cuda import use_cublas  # noqa: E402
-from minilora.backend import matmul  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -37,10 +37,14 @@ def check(a_gpu, b_gpu, a_host, b_host):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(
+    "transpose_a, transpose_b", [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_two_dimensional_products_in_every_layout(dtype, transpose_a, transpose_b):
     a, b = pair((37, 19), (19, 23), dtype)
-    a_gpu = cupy.asarray(a.T.copy()).T if transpose_a else cupy.asarray(a)  # a column-major view when transposed
+    a_gpu = (
+        cupy.asarray(a.T.copy()).T if transpose_a else cupy.asarray(a)
+    )  # a column-major view when transposed
     b_gpu = cupy.asarray(b.T.copy()).T if transpose_b else cupy.asarray(b)
     check(a_gpu, b_gpu, a, b)
 

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 from minilora import layers as ref  # noqa: E402
 from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
-from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
 from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
+from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
 from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
 from minilora.fast.cuda.kernels.grad_norm import global_grad_norm  # noqa: E402
@@ -68,10 +68,20 @@ def reference_on_gpu(function, *args):
 def test_cuda_ops_swap_whole_pairs_for_the_kernels():
     from dataclasses import fields
 
-    swapped = {f.name for f in fields(CUDA_OPS) if getattr(CUDA_OPS, f.name) is not getattr(ref.REFERENCE_OPS, f.name)}
-    assert swapped == {"name"} | {f"{layer}_{way}" for layer in ("gelu", "layernorm", "attention", "cross_entropy")
-                                  for way in ("forward", "backward")}
-    assert CUDA_OPS.gelu_forward is gelu_forward and CUDA_OPS.attention_backward is fused_attention.attention_backward
+    swapped = {
+        f.name
+        for f in fields(CUDA_OPS)
+        if getattr(CUDA_OPS, f.name) is not getattr(ref.REFERENCE_OPS, f.name)
+    }
+    assert swapped == {"name"} | {
+        f"{layer}_{way}"
+        for layer in ("gelu", "layernorm", "attention", "cross_entropy")
+        for way in ("forward", "backward")
+    }
+    assert (
+        CUDA_OPS.gelu_forward is gelu_forward
+        and CUDA_OPS.attention_backward is fused_attention.attention_backward
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,8 +96,12 @@ def test_gelu(shape, dtype):
     want_out, want_cache = ref.gelu_forward(x64)
     want_dx = ref.gelu_backward(dout64, want_cache)
     gpu_out, gpu_cache = reference_on_gpu(ref.gelu_forward, x)
-    for got, want in ((out, want_out), (out, gpu_out), (dx, want_dx),
-                      (dx, reference_on_gpu(ref.gelu_backward, dout, gpu_cache))):
+    for got, want in (
+        (out, want_out),
+        (out, gpu_out),
+        (dx, want_dx),
+        (dx, reference_on_gpu(ref.gelu_backward, dout, gpu_cache)),
+    ):
         assert_close(got, want, dtype)
 
 
@@ -102,8 +116,17 @@ def test_gelu_on_a_strided_view():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, bias", [((2, 3, 64), True), ((5, 37), True), ((4, 100, 96), False),
-                                         ((3, 2000), True), ((300, 1024), True), ((1, 1), True)])
+@pytest.mark.parametrize(
+    "shape, bias",
+    [
+        ((2, 3, 64), True),
+        ((5, 37), True),
+        ((4, 100, 96), False),
+        ((3, 2000), True),
+        ((300, 1024), True),
+        ((1, 1), True),
+    ],
+)
 def test_layernorm(shape, bias, dtype):
     rng = np.random.default_rng(2)
     C, n_rows = shape[-1], math.prod(shape[:-1])
@@ -132,8 +155,10 @@ def test_layernorm(shape, bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, spread", [((4, 7, 256), 3.0), ((3, 1000), 3.0), ((2, 50257), 3.0), ((513, 33), 3.0),
-                                           ((6, 300), 200.0)])  # exp overflows unless the row max is right
+@pytest.mark.parametrize(
+    "shape, spread",
+    [((4, 7, 256), 3.0), ((3, 1000), 3.0), ((2, 50257), 3.0), ((513, 33), 3.0), ((6, 300), 200.0)],
+)  # exp overflows unless the row max is right
 def test_cross_entropy(shape, spread, dtype):
     rng = np.random.default_rng(3)
     V = shape[-1]
@@ -151,7 +176,9 @@ def test_cross_entropy(shape, spread, dtype):
         dlogits = cross_entropy_backward(dloss, cache)
         assert dlogits.shape == shape and dlogits.dtype == dtype
         assert_close(dlogits, ref.cross_entropy_backward(float(dloss), want_cache), dtype, n_terms=V)
-        assert_close(dlogits, reference_on_gpu(ref.cross_entropy_backward, dloss, gpu_cache), dtype, n_terms=V)
+        assert_close(
+            dlogits, reference_on_gpu(ref.cross_entropy_backward, dloss, gpu_cache), dtype, n_terms=V
+        )
 
 
 def causal_log_sum_exp(qkv64, n_head):
@@ -169,8 +196,9 @@ def causal_log_sum_exp(qkv64, n_head):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["probabilities", "log-sum-exp"])
-@pytest.mark.parametrize("B, T, n_head, hs, p", [(2, 1, 2, 8, 0.0), (2, 37, 3, 16, 0.0), (1, 64, 2, 32, 0.1),
-                                                  (2, 33, 4, 8, 0.2)])
+@pytest.mark.parametrize(
+    "B, T, n_head, hs, p", [(2, 1, 2, 8, 0.0), (2, 37, 3, 16, 0.0), (1, 64, 2, 32, 0.1), (2, 33, 4, 8, 0.2)]
+)
 def test_attention(B, T, n_head, hs, p, variant, dtype, monkeypatch):
     monkeypatch.setattr(fused_attention, "LSE_MIN_T", 1 if variant == "log-sum-exp" else 10**9)
     check_attention(B, T, n_head, hs, p, dtype)
@@ -207,7 +235,14 @@ def check_attention(B, T, n_head, hs, p, dtype):
         assert_close(cache.att, want_cache.att, dtype, n_terms=T)
 
 
-ADAM_SHAPES = {"w": (8, 8), "bias": (37,), "big": (3, 3000), "lora_A": (4, 100), "lora_B": (100, 4), "gain": (1,)}
+ADAM_SHAPES = {
+    "w": (8, 8),
+    "bias": (37,),
+    "big": (3, 3000),
+    "lora_A": (4, 100),
+    "lora_B": (100, 4),
+    "gain": (1,),
+}
 ADAM_DECAY = {"w", "big", "lora_B"}
 ADAM_LR_SCALE = {"lora_B": 16.0, "bias": 0.5}
 BETA1, BETA2, EPS, WEIGHT_DECAY = 0.9, 0.95, 1e-8, 0.1
@@ -221,8 +256,19 @@ def test_adamw_fused_step_matches_the_reference_optimizer(dtype, clip):
     fused = {name: inputs(rng.standard_normal(shape), dtype)[0] for name, shape in ADAM_SHAPES.items()}
     on_gpu = {name: array.copy() for name, array in fused.items()}
     on_host = {name: to_numpy(array).astype(np.float64) for name, array in fused.items()}
-    optimizers = [AdamW(params, names, lr=1.0, betas=(BETA1, BETA2), eps=EPS, weight_decay=WEIGHT_DECAY,
-                        decay_names=ADAM_DECAY, lr_scale=ADAM_LR_SCALE) for params in (on_gpu, on_host)]
+    optimizers = [
+        AdamW(
+            params,
+            names,
+            lr=1.0,
+            betas=(BETA1, BETA2),
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+            decay_names=ADAM_DECAY,
+            lr_scale=ADAM_LR_SCALE,
+        )
+        for params in (on_gpu, on_host)
+    ]
     exp_avgs = [cupy.zeros_like(fused[name]) for name in names]
     exp_avg_sqs = [cupy.zeros_like(fused[name]) for name in names]
     for step in range(1, 5):
@@ -232,11 +278,23 @@ def test_adamw_fused_step_matches_the_reference_optimizer(dtype, clip):
         scaled = grads if grad_scale is None else [g * grad_scale for g in grads]  # what clipping would do
         optimizers[0].step(dict(zip(names, scaled)), lr=lr)
         host_scale = 1.0 if grad_scale is None else float(grad_scale)
-        optimizers[1].step({name: to_numpy(g).astype(np.float64) * host_scale for name, g in zip(names, grads)}, lr=lr)
-        adamw_step_fused([fused[name] for name in names], grads, exp_avgs, exp_avg_sqs,
-                         lrs=[lr * ADAM_LR_SCALE.get(name, 1.0) for name in names],
-                         decay=[name in ADAM_DECAY for name in names], beta1=BETA1, beta2=BETA2, eps=EPS,
-                         weight_decay=WEIGHT_DECAY, step=step, grad_scale=grad_scale)
+        optimizers[1].step(
+            {name: to_numpy(g).astype(np.float64) * host_scale for name, g in zip(names, grads)}, lr=lr
+        )
+        adamw_step_fused(
+            [fused[name] for name in names],
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            lrs=[lr * ADAM_LR_SCALE.get(name, 1.0) for name in names],
+            decay=[name in ADAM_DECAY for name in names],
+            beta1=BETA1,
+            beta2=BETA2,
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+            step=step,
+            grad_scale=grad_scale,
+        )
         for i, name in enumerate(names):
             for optimizer in optimizers:
                 assert_close(fused[name], optimizer.params[name], dtype)
@@ -252,9 +310,19 @@ def test_adamw_fused_step_follows_a_new_list_of_tensors():
         grads = {name: inputs(rng.standard_normal(p.shape), "float32")[0] for name, p in params.items()}
         expected = {name: p.copy() for name, p in params.items()}
         AdamW(expected, list(expected), lr=1e-2, weight_decay=0.0).step(grads)
-        adamw_step_fused(list(params.values()), list(grads.values()), [cupy.zeros_like(p) for p in params.values()],
-                         [cupy.zeros_like(p) for p in params.values()], lrs=[1e-2] * len(params),
-                         decay=[False] * len(params), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+        adamw_step_fused(
+            list(params.values()),
+            list(grads.values()),
+            [cupy.zeros_like(p) for p in params.values()],
+            [cupy.zeros_like(p) for p in params.values()],
+            lrs=[1e-2] * len(params),
+            decay=[False] * len(params),
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            step=1,
+        )
         for name in params:
             assert_close(params[name], expected[name], "float32")
 
@@ -288,18 +356,33 @@ def test_fused_adamw_step_and_clip_match_the_reference_optimizer():
     names = list(ADAM_SHAPES)
     start = {name: inputs(rng.standard_normal(shape), "float32")[0] for name, shape in ADAM_SHAPES.items()}
     fused_params, ref_params = ({name: a.copy() for name, a in start.items()} for _ in range(2))
-    optimizers = [AdamW(params, names, lr=1e-2, betas=(BETA1, BETA2), eps=EPS, weight_decay=WEIGHT_DECAY,
-                        decay_names=ADAM_DECAY, lr_scale=ADAM_LR_SCALE) for params in (fused_params, ref_params)]
+    optimizers = [
+        AdamW(
+            params,
+            names,
+            lr=1e-2,
+            betas=(BETA1, BETA2),
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+            decay_names=ADAM_DECAY,
+            lr_scale=ADAM_LR_SCALE,
+        )
+        for params in (fused_params, ref_params)
+    ]
     for step in range(3):
         grads = {name: inputs(rng.standard_normal(ADAM_SHAPES[name]), "float32")[0] for name in names}
         ref_grads = {name: g.copy() for name, g in grads.items()}
-        assert_close(fused_clip_grad_norm(grads, 1.0), clip_grad_norm(ref_grads, 1.0), "float32", n_terms=10**4)
+        assert_close(
+            fused_clip_grad_norm(grads, 1.0), clip_grad_norm(ref_grads, 1.0), "float32", n_terms=10**4
+        )
         fused_adamw_step(optimizers[0], grads, lr=1e-2 * (1 - 0.2 * step))
         optimizers[1].step(ref_grads, lr=1e-2 * (1 - 0.2 * step))
     assert optimizers[0].step_count == optimizers[1].step_count == 3
     for name in names:
         assert_close(fused_params[name], ref_params[name], "float32")
-        assert_close(optimizers[0].state["exp_avg_sq"][name], optimizers[1].state["exp_avg_sq"][name], "float32")
+        assert_close(
+            optimizers[0].state["exp_avg_sq"][name], optimizers[1].state["exp_avg_sq"][name], "float32"
+        )
 
 
 def relative_gap(got, want):

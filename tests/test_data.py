@@ -98,7 +98,7 @@ def test_text_file_splits_at_a_line_start_leaving_about_a_tenth_for_validation(t
 
 def test_text_file_keeps_its_bytes_unchanged(tmp_path):
     path = tmp_path / "crlf.txt"
-    path.write_bytes("première ligne\r\n".encode("utf-8") * 20)
+    path.write_bytes("première ligne\r\n".encode() * 20)
     corpus = load_corpus(str(path))
     assert corpus.train.tobytes() + corpus.val.tobytes() == path.read_bytes()
 

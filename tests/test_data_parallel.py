@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 from minilora.config import GPTConfig
-from minilora.fast.cpu.sharded_step import (THREADS_ENV_VAR, cpu_threads, shard_bounds, sharded_forward_backward,
-                                            sharded_train_step)
 from minilora.fast.cpu.host_memory import retain_freed_memory
+from minilora.fast.cpu.sharded_step import (
+    THREADS_ENV_VAR,
+    cpu_threads,
+    shard_bounds,
+    sharded_forward_backward,
+    sharded_train_step,
+)
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
@@ -50,8 +55,9 @@ def test_sharded_step_equals_whole_batch_full_model(B, shards):
 
 def test_sharded_step_equals_whole_batch_lora():
     base = GPT(CONFIG, init_params(CONFIG, seed=2, dtype=np.float64))
-    model = add_lora(base, LoraConfig(r=2, lora_alpha=4, target_modules=("c_attn", "attn.c_proj"),
-                                      init="random"), seed=3)
+    model = add_lora(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=("c_attn", "attn.c_proj"), init="random"), seed=3
+    )
     x, y = batch(6, seed=4)
     loss_ref, grads_ref = whole_batch(model, x, y)
     loss, grads = forward_backward(model, x, y, shards=2)
@@ -62,7 +68,9 @@ def test_sharded_step_equals_whole_batch_lora():
 
 
 def test_dropout_masks_are_seeded_per_shard_and_reproducible():
-    model = GPT(GPTConfig.from_dict({**CONFIG.to_dict(), "dropout": 0.2}), init_params(CONFIG, dtype=np.float64))
+    model = GPT(
+        GPTConfig.from_dict({**CONFIG.to_dict(), "dropout": 0.2}), init_params(CONFIG, dtype=np.float64)
+    )
     x, y = batch(4)
     loss_a, grads_a = forward_backward(model, x, y, dropout_key=(0, 1, 7), shards=2)
     loss_b, grads_b = forward_backward(model, x, y, dropout_key=(0, 1, 7), shards=2)

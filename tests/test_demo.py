@@ -33,7 +33,9 @@ def test_folio_spelling_counter_counts_whole_words_only():
 
 
 def test_demo_runs_end_to_end_and_writes_its_results(tmp_path):
-    settings = DemoSettings(steps=3, batch_size=2, eval_windows=2, samples=1, sample_chars=40, timing_tokens=10)
+    settings = DemoSettings(
+        steps=3, batch_size=2, eval_windows=2, samples=1, sample_chars=40, timing_tokens=10
+    )
     printed = []
     results = run_demo(tmp_path, "cpu", settings, say=printed.append)
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -17,9 +17,19 @@ from minilora.lab.experiments import (
 
 def fake_rows(point, results):
     """results: {(lr, seed): target_after}."""
-    return [{**point.__dict__, "lr": lr, "seed": seed, "target_after": value, "modern_after": 2.0 + value / 10,
-             "target_before": 3.0, "modern_before": 2.1, "trainable_params": 1000}
-            for (lr, seed), value in results.items()]
+    return [
+        {
+            **point.__dict__,
+            "lr": lr,
+            "seed": seed,
+            "target_after": value,
+            "modern_after": 2.0 + value / 10,
+            "target_before": 3.0,
+            "modern_before": 2.1,
+            "trainable_params": 1000,
+        }
+        for (lr, seed), value in results.items()
+    ]
 
 
 def test_every_experiment_sweeps_three_rates_per_point():
@@ -39,8 +49,10 @@ def test_alpha_is_twice_the_rank_so_the_scale_is_constant():
 
 def test_best_rate_comes_from_seed_zero_and_the_summary_spans_the_seeds():
     point = RunSpec("rank", "r=8", "shakespeare_folio", "lora", lr=0.0, seed=0, r=8)
-    rows = fake_rows(point, {(1e-3, 0): 2.5, (3e-3, 0): 2.3, (1e-2, 0): 2.4, (3e-3, 1): 2.2, (3e-3, 2): 2.6,
-                             (1e-2, 1): 1.0})  # a better number at another rate and seed must not be chosen
+    rows = fake_rows(
+        point,
+        {(1e-3, 0): 2.5, (3e-3, 0): 2.3, (1e-2, 0): 2.4, (3e-3, 1): 2.2, (3e-3, 2): 2.6, (1e-2, 1): 1.0},
+    )  # a better number at another rate and seed must not be chosen
     assert best_lr(rows, point) == 3e-3
     summary = summarize_point(rows, point)
     assert summary["seeds"] == [0, 1, 2]
@@ -49,14 +61,26 @@ def test_best_rate_comes_from_seed_zero_and_the_summary_spans_the_seeds():
 
 
 def test_one_run_trains_and_measures_both_held_out_sets(tmp_path):
-    from minilora.io.checkpoint import save_checkpoint
     from minilora.config import GPTConfig
+    from minilora.io.checkpoint import save_checkpoint
     from minilora.model import init_params
 
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
     save_checkpoint(tmp_path / "base.safetensors", init_params(config), {"config": config.to_dict()})
-    spec = RunSpec("rank", "r=2", "devils_dictionary", "lora", lr=1e-2, seed=0, r=2, lora_alpha=4.0,
-                   base=str(tmp_path / "base.safetensors"), steps=3, batch_size=2, eval_windows=2)
+    spec = RunSpec(
+        "rank",
+        "r=2",
+        "devils_dictionary",
+        "lora",
+        lr=1e-2,
+        seed=0,
+        r=2,
+        lora_alpha=4.0,
+        base=str(tmp_path / "base.safetensors"),
+        steps=3,
+        batch_size=2,
+        eval_windows=2,
+    )
     row = run_one(spec, "cpu")
     assert row["trainable_params"] == 2 * (16 + 48)
     assert np.isfinite(row["target_after"]) and np.isfinite(row["modern_after"])

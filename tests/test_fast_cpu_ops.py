@@ -72,7 +72,9 @@ def test_layernorm_matches_the_reference(rng, bias, offset):
         assert_same(got, expected)
     inputs = {"x": x - offset, "w": w, **({"b": b} if bias else {})}
     grads = ("x", "w", "b") if bias else ("x", "w")
-    backward = fast.layernorm_backward if bias else (lambda dout, cache: fast.layernorm_backward(dout, cache)[:2])
+    backward = (
+        fast.layernorm_backward if bias else (lambda dout, cache: fast.layernorm_backward(dout, cache)[:2])
+    )
     check_layer(fast.layernorm_forward, backward, inputs, grads).assert_ok(1e-7)
 
 
@@ -106,9 +108,14 @@ def test_cross_entropy_matches_the_reference(rng, spread):
 
 def test_cpu_ops_swap_pairs_and_leave_the_rest_to_the_reference():
     assert fast_ops(np) is CPU_OPS and CPU_OPS.name == "cpu"
-    swapped = {f.name for f in fields(CPU_OPS) if getattr(CPU_OPS, f.name) is not getattr(ref.REFERENCE_OPS, f.name)}
-    assert swapped == {"name"} | {f"{layer}_{way}" for layer in ("gelu", "layernorm", "attention", "cross_entropy")
-                                  for way in ("forward", "backward")}
+    swapped = {
+        f.name for f in fields(CPU_OPS) if getattr(CPU_OPS, f.name) is not getattr(ref.REFERENCE_OPS, f.name)
+    }
+    assert swapped == {"name"} | {
+        f"{layer}_{way}"
+        for layer in ("gelu", "layernorm", "attention", "cross_entropy")
+        for way in ("forward", "backward")
+    }
 
 
 def perturbed(config, seed=0):

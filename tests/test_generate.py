@@ -24,7 +24,7 @@ def test_cached_logits_one_token_at_a_time_equal_the_full_forward(model):
     full, _, _ = model.forward(ids)
     cache = KVCache(model, 3)
     prefill = model.forward(ids[:, :5], kv_cache=cache)[0]  # a prompt of 5, then one token at a time
-    steps = [model.forward(ids[:, t:t + 1], kv_cache=cache)[0] for t in range(5, CONFIG.block_size)]
+    steps = [model.forward(ids[:, t : t + 1], kv_cache=cache)[0] for t in range(5, CONFIG.block_size)]
     incremental = np.concatenate([prefill, *steps], axis=1)
     np.testing.assert_allclose(incremental, full, rtol=0, atol=1e-12)
 
@@ -38,7 +38,9 @@ def test_cache_refuses_to_overflow_block_size(model):
 
 def test_greedy_generation_equals_a_naive_generator_without_cache(model):
     prompt = [10, 20, 30]
-    ids = generate_ids(model, np.array([prompt]), max_new_tokens=25, temperature=0)  # crosses block_size twice
+    ids = generate_ids(
+        model, np.array([prompt]), max_new_tokens=25, temperature=0
+    )  # crosses block_size twice
     tokens, start = list(prompt), 0  # the naive way: rerun the full forward on the kept context each time
     for _ in range(25):
         if len(tokens) - start > CONFIG.block_size:  # context full: keep the most recent half
@@ -68,8 +70,7 @@ def test_sampling_matches_the_softmax_distribution():
     np.testing.assert_allclose(np.bincount(samples, minlength=4) / 20000, probs, atol=0.01)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k")])
+@pytest.mark.parametrize("kwargs, message", [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k")])
 def test_bad_sampling_settings_are_refused(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, "a", max_new_tokens=2, **kwargs)

@@ -33,7 +33,9 @@ def linear_backward_missing_transpose(dout, cache):
 def layernorm_backward_without_variance_term(dout, cache):
     _, dw, db = layernorm_backward(dout, cache)
     dxhat = dout * cache.w
-    dx = (dxhat - dxhat.mean(axis=-1, keepdims=True)) * cache.rstd  # bug: the xhat * mean(dxhat * xhat) term is dropped
+    dx = (
+        dxhat - dxhat.mean(axis=-1, keepdims=True)
+    ) * cache.rstd  # bug: the xhat * mean(dxhat * xhat) term is dropped
     return dx, dw, db
 
 
@@ -43,8 +45,14 @@ def attention_backward_doubled_scale(dout, cache):
 
 @pytest.mark.parametrize("mode", ["elementwise", "coordinates", "direction"])
 def test_missing_transpose_in_linear_backward_fails_the_check(rng, mode):
-    inputs = {"x": rng.standard_normal((2, 3, 4)), "W": rng.standard_normal((4, 4)), "b": rng.standard_normal(4)}
-    result = check_layer(linear_forward, linear_backward_missing_transpose, inputs, ("x", "W", "b"), mode=mode)
+    inputs = {
+        "x": rng.standard_normal((2, 3, 4)),
+        "W": rng.standard_normal((4, 4)),
+        "b": rng.standard_normal(4),
+    }
+    result = check_layer(
+        linear_forward, linear_backward_missing_transpose, inputs, ("x", "W", "b"), mode=mode
+    )
     with pytest.raises(GradCheckError, match=r"gradient of 'x' is wrong"):
         result.assert_ok(TOL)
 
@@ -59,7 +67,9 @@ def test_dropped_variance_term_in_layernorm_backward_fails_the_check(rng):
 
 def test_doubled_scale_in_attention_backward_fails_the_check(rng):
     inputs = {"qkv": rng.standard_normal((2, 4, 12))}
-    result = check_layer(lambda qkv: attention_forward(qkv, 2), attention_backward_doubled_scale, inputs, ("qkv",))
+    result = check_layer(
+        lambda qkv: attention_forward(qkv, 2), attention_backward_doubled_scale, inputs, ("qkv",)
+    )
     assert result.max_error > 0.1
     with pytest.raises(GradCheckError):
         result.assert_ok(TOL)
@@ -80,7 +90,9 @@ def test_correct_gradient_passes_and_parameters_are_restored():
     params = {"w": np.array([1.0, -2.0, 0.5])}
     before = params["w"].copy()
     for mode in ("elementwise", "coordinates", "direction"):
-        result = check_gradients(lambda: np.sum(np.sin(params["w"])), params, {"w": np.cos(params["w"])}, mode=mode)
+        result = check_gradients(
+            lambda: np.sum(np.sin(params["w"])), params, {"w": np.cos(params["w"])}, mode=mode
+        )
         result.assert_ok(1e-9)
     np.testing.assert_array_equal(params["w"], before)
 
@@ -107,6 +119,7 @@ def test_gradient_of_wrong_shape_is_refused():
 def test_relative_error_is_scale_free_and_zero_for_equal_arrays():
     a = np.array([1.0, -2.0, 3.0])
     assert relative_error(a, a) == 0.0
-    assert relative_error(1e6 * a, 1e6 * (a + [0, 0, 0.003])) == pytest.approx(0.003 / 3.003)  # denominator: the largest magnitude
+    assert relative_error(1e6 * a, 1e6 * (a + [0, 0, 0.003])) == pytest.approx(
+        0.003 / 3.003
+    )  # denominator: the largest magnitude
     assert relative_error(np.zeros(3), np.zeros(3)) == 0.0
-

@@ -36,7 +36,11 @@ def rng():
 
 
 def test_linear_backward_matches_finite_differences(rng):
-    inputs = {"x": rng.standard_normal((B, T, C)), "W": rng.standard_normal((C, 3 * C)), "b": rng.standard_normal(3 * C)}
+    inputs = {
+        "x": rng.standard_normal((B, T, C)),
+        "W": rng.standard_normal((C, 3 * C)),
+        "b": rng.standard_normal(3 * C),
+    }
     result = check_layer(linear_forward, linear_backward, inputs, ("x", "W", "b"))
     result.assert_ok(LAYER_TOL)
 
@@ -71,8 +75,11 @@ def test_embedding_backward_sums_repeated_ids(rng):
 
 
 def test_layernorm_backward_matches_finite_differences(rng):
-    inputs = {"x": 2.0 + 3.0 * rng.standard_normal((B, T, C)), "w": 1.0 + 0.5 * rng.standard_normal(C),
-              "b": rng.standard_normal(C)}
+    inputs = {
+        "x": 2.0 + 3.0 * rng.standard_normal((B, T, C)),
+        "w": 1.0 + 0.5 * rng.standard_normal(C),
+        "b": rng.standard_normal(C),
+    }
     result = check_layer(layernorm_forward, layernorm_backward, inputs, ("x", "w", "b"))
     result.assert_ok(LAYER_TOL)
 

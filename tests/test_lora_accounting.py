@@ -46,7 +46,8 @@ def test_gpt2_small_summary_matches_peft_print_trainable_parameters():
     trainable = lora_trainable_count(LoraConfig(r=8, target_modules=("c_attn",)), GPT2_SMALL)
     # What PEFT prints for GPT-2 with LoraConfig(r=8, target_modules=["c_attn"]).
     assert summary_line(trainable, base_total + trainable) == (
-        "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364")
+        "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+    )
 
 
 @pytest.mark.parametrize("r", [1, 2, 8, 16, 64])
@@ -65,17 +66,22 @@ def test_all_linear_counts_every_linear_weight_of_every_block(r):
 def test_layers_to_transform_counts_only_the_chosen_blocks():
     lora_config = LoraConfig(r=4, target_modules=("c_attn", "mlp.c_fc"), layers_to_transform=(0, 11))
     rows = lora_parameter_table(lora_config, GPT2_SMALL)
-    assert {row["module"] for row in rows} == {f"transformer.h.{i}.{m}" for i in (0, 11) for m in ("attn.c_attn", "mlp.c_fc")}
+    assert {row["module"] for row in rows} == {
+        f"transformer.h.{i}.{m}" for i in (0, 11) for m in ("attn.c_attn", "mlp.c_fc")
+    }
     assert lora_trainable_count(lora_config, GPT2_SMALL) == 2 * (4 * (768 + 2304) + 4 * (768 + 3072))
 
 
-@pytest.mark.parametrize("bias, layers, expected_biases", [
-    ("none", None, 0),
-    ("lora_only", None, 12 * 3 * C),  # the c_attn bias of each of the 12 blocks
-    ("lora_only", (3, 7), 2 * 3 * C),  # only the adapted blocks' c_attn biases
-    ("all", None, 12 * GPT2_BLOCK_BIASES + C),  # every bias, ln_f's included, whatever is adapted
-    ("all", (3, 7), 12 * GPT2_BLOCK_BIASES + C),
-])
+@pytest.mark.parametrize(
+    "bias, layers, expected_biases",
+    [
+        ("none", None, 0),
+        ("lora_only", None, 12 * 3 * C),  # the c_attn bias of each of the 12 blocks
+        ("lora_only", (3, 7), 2 * 3 * C),  # only the adapted blocks' c_attn biases
+        ("all", None, 12 * GPT2_BLOCK_BIASES + C),  # every bias, ln_f's included, whatever is adapted
+        ("all", (3, 7), 12 * GPT2_BLOCK_BIASES + C),
+    ],
+)
 def test_trained_biases_are_added_to_the_count(bias, layers, expected_biases):
     lora_config = LoraConfig(r=8, target_modules=("c_attn",), layers_to_transform=layers, bias=bias)
     blocks = 12 if layers is None else len(layers)
@@ -97,7 +103,8 @@ def test_summary_line_of_a_built_model_counts_its_arrays_in_peft_format():
 
 def test_summary_line_uses_thousands_separators_and_four_decimals():
     assert summary_line(1_234_567, 98_765_432) == (
-        "trainable params: 1,234,567 || all params: 98,765,432 || trainable%: 1.2500")
+        "trainable params: 1,234,567 || all params: 98,765,432 || trainable%: 1.2500"
+    )
     assert summary_line(1, 3) == "trainable params: 1 || all params: 3 || trainable%: 33.3333"
 
 
@@ -113,7 +120,9 @@ def test_format_table_has_a_row_per_module_and_the_total():
 
 
 def test_format_table_total_sums_rows_of_mixed_modules():
-    rows = lora_parameter_table(LoraConfig(r=2, target_modules="all-linear"), GPTConfig(n_layer=1, n_head=2, n_embd=16))
+    rows = lora_parameter_table(
+        LoraConfig(r=2, target_modules="all-linear"), GPTConfig(n_layer=1, n_head=2, n_embd=16)
+    )
     table = format_table(rows)
     expected = 2 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))  # = 512
     assert table.splitlines()[-1].split() == ["total", f"{expected:,}"]
@@ -137,12 +146,16 @@ def test_counts_from_configs_agree_with_a_built_model_including_biases():
     config = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8)
     base = GPT(config, init_params(config, dtype=np.float32))
     for bias in ("none", "lora_only", "all"):
-        lora_config = LoraConfig(r=3, target_modules=("attn.c_proj", "mlp.c_fc"), layers_to_transform=(0, 2), bias=bias)
+        lora_config = LoraConfig(
+            r=3, target_modules=("attn.c_proj", "mlp.c_fc"), layers_to_transform=(0, 2), bias=bias
+        )
         model = add_lora(base, lora_config)
         trained = sum(model.params[name].size for name in model.trainable_names)
         lora_numbers = 2 * 3 * ((16 + 16) + (16 + 64))
         # lora_only: the c_fc bias (64) of blocks 0 and 2 (attn.c_proj's 16 too);
         # all: ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj of every block, and ln_f.
-        bias_numbers = {"none": 0, "lora_only": 2 * (16 + 64), "all": 3 * (16 + 48 + 16 + 16 + 64 + 16) + 16}[bias]
+        bias_numbers = {"none": 0, "lora_only": 2 * (16 + 64), "all": 3 * (16 + 48 + 16 + 16 + 64 + 16) + 16}[
+            bias
+        ]
         assert trained == lora_numbers + bias_numbers, bias
         assert lora_trainable_count(lora_config, config) == trained, bias

@@ -10,18 +10,56 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from minilora.io.checkpoint import load_model
 from minilora.cli import main
+from minilora.io.checkpoint import load_model
 
-PRETRAIN_FLAGS = ["--corpus", "devils_dictionary", "--preset", "tiny", "--n-layer", "1", "--n-embd", "16",
-                  "--block-size", "16", "--batch-size", "4", "--steps", "6", "--eval-interval", "3",
-                  "--eval-windows", "4", "--warmup-steps", "2", "--quiet"]
-FINETUNE_FLAGS = ["--corpus", "shakespeare_folio", "--steps", "4", "--eval-interval", "2", "--eval-windows", "4",
-                  "--batch-size", "4", "--warmup-steps", "1", "--quiet"]
+PRETRAIN_FLAGS = [
+    "--corpus",
+    "devils_dictionary",
+    "--preset",
+    "tiny",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "6",
+    "--eval-interval",
+    "3",
+    "--eval-windows",
+    "4",
+    "--warmup-steps",
+    "2",
+    "--quiet",
+]
+FINETUNE_FLAGS = [
+    "--corpus",
+    "shakespeare_folio",
+    "--steps",
+    "4",
+    "--eval-interval",
+    "2",
+    "--eval-windows",
+    "4",
+    "--batch-size",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--quiet",
+]
 C = 16
 # The micro base, counted by hand: wte 256x16, wpe 16x16, one block (ln_1 2x16, c_attn 16x48 + 48,
 # attn.c_proj 16x16 + 16, ln_2 2x16, mlp.c_fc 16x64 + 64, mlp.c_proj 64x16 + 16), ln_f 2x16.
-BASE_PARAMS = 256 * C + 16 * C + (2 * C + C * 3 * C + 3 * C + C * C + C + 2 * C + C * 4 * C + 4 * C + 4 * C * C + C) + 2 * C
+BASE_PARAMS = (
+    256 * C
+    + 16 * C
+    + (2 * C + C * 3 * C + 3 * C + C * C + C + 2 * C + C * 4 * C + 4 * C + 4 * C * C + C)
+    + 2 * C
+)
 R = 2
 C_ATTN_ADAPTER = R * (C + 3 * C) * 1  # r (C_in + C_out) per adapted matrix, one block
 
@@ -59,7 +97,9 @@ def other_base_dir(tmp_path_factory):
 def adapter(base_dir, tmp_path_factory):
     """(adapter directory, what finetune printed) for a c_attn adapter of rank R."""
     out = tmp_path_factory.mktemp("adapter")
-    code, printed = run(["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, "--r", str(R), "--out", str(out)])
+    code, printed = run(
+        ["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, "--r", str(R), "--out", str(out)]
+    )
     assert code == 0
     return out, printed
 
@@ -79,21 +119,44 @@ def test_every_lora_subcommand_has_help(command, capsys):
 
 def test_finetune_writes_the_adapter_its_config_and_metrics(adapter, base_dir):
     out, _ = adapter
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json", "finetune_metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.safetensors",
+        "adapter_config.json",
+        "finetune_metrics.json",
+    ]
     metrics = json.loads((out / "finetune_metrics.json").read_text())
-    for key in ("mode", "corpus", "base_fingerprint", "lora_config", "trainable_params", "all_params", "summary",
-                "val_bits_per_byte_before", "val_bits_per_byte_after", "saved", "saved_bytes", "base_weights_bytes"):
+    for key in (
+        "mode",
+        "corpus",
+        "base_fingerprint",
+        "lora_config",
+        "trainable_params",
+        "all_params",
+        "summary",
+        "val_bits_per_byte_before",
+        "val_bits_per_byte_after",
+        "saved",
+        "saved_bytes",
+        "base_weights_bytes",
+    ):
         assert key in metrics, key
     assert metrics["mode"] == "lora" and metrics["corpus"] == "shakespeare_folio"
     assert metrics["trainable_params"] == C_ATTN_ADAPTER == 128
     assert metrics["all_params"] == BASE_PARAMS + C_ATTN_ADAPTER
-    assert math.isfinite(metrics["val_bits_per_byte_after"]) and math.isfinite(metrics["val_bits_per_byte_before"])
+    assert math.isfinite(metrics["val_bits_per_byte_after"]) and math.isfinite(
+        metrics["val_bits_per_byte_before"]
+    )
     assert metrics["base_weights_bytes"] == 4 * BASE_PARAMS  # float32
-    assert metrics["saved_bytes"] == (out / "adapter.safetensors").stat().st_size < metrics["base_weights_bytes"]
+    assert (
+        metrics["saved_bytes"] == (out / "adapter.safetensors").stat().st_size < metrics["base_weights_bytes"]
+    )
     assert metrics["lora_config"]["r"] == R and metrics["lora_config"]["target_modules"] == ["c_attn"]
     with safe_open(str(out / "adapter.safetensors"), framework="numpy") as f:
         shapes = {key: tuple(f.get_tensor(key).shape) for key in f.keys()}
-    assert shapes == {"transformer.h.0.attn.c_attn.lora_A": (R, C), "transformer.h.0.attn.c_attn.lora_B": (3 * C, R)}
+    assert shapes == {
+        "transformer.h.0.attn.c_attn.lora_A": (R, C),
+        "transformer.h.0.attn.c_attn.lora_B": (3 * C, R),
+    }
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_fingerprint"] == metrics["base_fingerprint"]
 
@@ -101,16 +164,21 @@ def test_finetune_writes_the_adapter_its_config_and_metrics(adapter, base_dir):
 def test_finetune_prints_the_peft_summary_line(adapter):
     _, printed = adapter
     total = BASE_PARAMS + C_ATTN_ADAPTER
-    expected = f"trainable params: {C_ATTN_ADAPTER:,} || all params: {total:,} || trainable%: {100 * C_ATTN_ADAPTER / total:.4f}"
+    share = 100 * C_ATTN_ADAPTER / total
+    expected = f"trainable params: {C_ATTN_ADAPTER:,} || all params: {total:,} || trainable%: {share:.4f}"
     assert expected == "trainable params: 128 || all params: 7,792 || trainable%: 1.6427"
     assert expected in printed.splitlines()
     assert "shakespeare_folio val:" in printed and "bits/byte" in printed
 
 
 def test_full_finetune_writes_a_checkpoint_and_trains_every_parameter(base_dir, tmp_path):
-    code, printed = run(["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, "--full", "--out", str(tmp_path)])
+    code, printed = run(
+        ["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, "--full", "--out", str(tmp_path)]
+    )
     assert code == 0
-    assert f"trainable params: {BASE_PARAMS:,} || all params: {BASE_PARAMS:,} || trainable%: 100.0000" in printed
+    assert (
+        f"trainable params: {BASE_PARAMS:,} || all params: {BASE_PARAMS:,} || trainable%: 100.0000" in printed
+    )
     assert not (tmp_path / "adapter.safetensors").exists()
     metrics = json.loads((tmp_path / "finetune_metrics.json").read_text())
     assert metrics["mode"] == "full" and metrics["trainable_params"] == metrics["all_params"] == BASE_PARAMS
@@ -120,8 +188,22 @@ def test_full_finetune_writes_a_checkpoint_and_trains_every_parameter(base_dir, 
 
 
 def test_finetune_all_linear_with_lora_only_biases(base_dir, tmp_path):
-    code, printed = run(["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, "--targets", "all-linear", "--r", "2",
-                         "--bias", "lora_only", "--out", str(tmp_path)])
+    code, printed = run(
+        [
+            "finetune",
+            "--base",
+            str(base_dir),
+            *FINETUNE_FLAGS,
+            "--targets",
+            "all-linear",
+            "--r",
+            "2",
+            "--bias",
+            "lora_only",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     lora = R * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # the four linear weights of the block
     biases = 3 * C + C + 4 * C + C  # their biases: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
@@ -134,7 +216,9 @@ def test_finetune_all_linear_with_lora_only_biases(base_dir, tmp_path):
     assert keys == {f"transformer.h.0.{m}.{t}" for m in modules for t in ("lora_A", "lora_B", "bias")}
 
     merged_path = tmp_path / "merged.safetensors"  # the trained biases go into the merged model
-    assert run(["merge", "--base", str(base_dir), "--adapter", str(tmp_path), "--out", str(merged_path)])[0] == 0
+    assert (
+        run(["merge", "--base", str(base_dir), "--adapter", str(tmp_path), "--out", str(merged_path)])[0] == 0
+    )
     merged, base = load_model(merged_path), load_model(base_dir)
     with safe_open(str(tmp_path / "adapter.safetensors"), framework="numpy") as f:
         for m in modules:
@@ -143,14 +227,20 @@ def test_finetune_all_linear_with_lora_only_biases(base_dir, tmp_path):
             assert not np.array_equal(bias, base.params[f"transformer.h.0.{m}.bias"]), m
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--r", "0"], "LoRA rank r must be a positive integer, got 0"),
-    (["--r", "1000"], r"rank r=1000 is larger than min(C_in, C_out) = 16 of transformer.h.0.attn.c_attn"),
-    (["--targets", "q_proj"], "match no module; the modules that can be adapted are: transformer.h.0.attn.c_attn, "
-                              "transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj"),
-    (["--layers", "3"], "layers_to_transform [3] out of range"),
-    (["--alpha", "0"], "lora_alpha must be > 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--r", "0"], "LoRA rank r must be a positive integer, got 0"),
+        (["--r", "1000"], r"rank r=1000 is larger than min(C_in, C_out) = 16 of transformer.h.0.attn.c_attn"),
+        (
+            ["--targets", "q_proj"],
+            "match no module; the modules that can be adapted are: transformer.h.0.attn.c_attn, "
+            "transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj",
+        ),
+        (["--layers", "3"], "layers_to_transform [3] out of range"),
+        (["--alpha", "0"], "lora_alpha must be > 0"),
+    ],
+)
 def test_bad_lora_settings_exit_1_with_a_clear_message(flags, message, base_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["finetune", "--base", str(base_dir), *FINETUNE_FLAGS, *flags, "--out", str(out)]) == 1
@@ -163,12 +253,16 @@ def test_bad_lora_settings_exit_1_with_a_clear_message(flags, message, base_dir,
 def test_merged_checkpoint_evaluates_like_the_adapter_and_has_the_base_size(adapter, base_dir, tmp_path):
     adapter_dir, _ = adapter
     merged_path = tmp_path / "merged.safetensors"
-    code, printed = run(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(merged_path)])
+    code, printed = run(
+        ["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(merged_path)]
+    )
     assert code == 0
     assert f"merged 1 adapted weights into {merged_path} ({BASE_PARAMS:,} parameters, as the base)" in printed
 
     eval_flags = ["--corpus", "shakespeare_folio", "--max-windows", "64"]
-    code, with_adapter = run(["eval", "--checkpoint", str(base_dir), "--adapter", str(adapter_dir), *eval_flags])
+    code, with_adapter = run(
+        ["eval", "--checkpoint", str(base_dir), "--adapter", str(adapter_dir), *eval_flags]
+    )
     assert code == 0
     code, merged_eval = run(["eval", "--checkpoint", str(merged_path), *eval_flags])
     assert code == 0
@@ -207,13 +301,24 @@ def test_info_on_a_checkpoint_prints_its_config_and_total(base_dir):
     assert code == 0
     assert "'n_layer': 1" in printed and "'n_embd': 16" in printed and "'block_size': 16" in printed
     assert ["total", "7,664"] in [line.split() for line in printed.splitlines()]
-    assert ["transformer.h.0.attn.c_attn", "16", "x", "48", f"{16 * 48 + 48:,}"] in [line.split() for line in printed.splitlines()]
+    assert ["transformer.h.0.attn.c_attn", "16", "x", "48", f"{16 * 48 + 48:,}"] in [
+        line.split() for line in printed.splitlines()
+    ]
 
 
 def test_generate_with_an_adapter_continues_the_prompt_reproducibly(adapter, base_dir):
     adapter_dir, _ = adapter
-    argv = ["generate", "--checkpoint", str(base_dir), "--adapter", str(adapter_dir), "--prompt", "KING.\\n",
-            "--max-new-tokens", "30"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(base_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--prompt",
+        "KING.\\n",
+        "--max-new-tokens",
+        "30",
+    ]
     code, first = run(argv)
     assert code == 0
     assert first.startswith("KING.\n") and len(first.encode()) >= len("KING.\n") + 30
@@ -222,8 +327,17 @@ def test_generate_with_an_adapter_continues_the_prompt_reproducibly(adapter, bas
 
 def test_eval_with_an_adapter_on_another_base_is_refused_unless_allowed(adapter, other_base_dir, capsys):
     adapter_dir, _ = adapter
-    argv = ["eval", "--checkpoint", str(other_base_dir), "--adapter", str(adapter_dir), "--corpus", "shakespeare_folio",
-            "--max-windows", "8"]
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(other_base_dir),
+        "--adapter",
+        str(adapter_dir),
+        "--corpus",
+        "shakespeare_folio",
+        "--max-windows",
+        "8",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("minilora eval: error: ")
@@ -236,6 +350,8 @@ def test_eval_with_an_adapter_on_another_base_is_refused_unless_allowed(adapter,
 def test_merge_onto_another_base_is_refused_and_writes_nothing(adapter, other_base_dir, tmp_path, capsys):
     adapter_dir, _ = adapter
     out = tmp_path / "merged.safetensors"
-    assert main(["merge", "--base", str(other_base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 1
+    assert (
+        main(["merge", "--base", str(other_base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 1
+    )
     assert "fingerprint" in capsys.readouterr().err
     assert not out.exists()

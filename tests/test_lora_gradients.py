@@ -6,8 +6,14 @@ import pytest
 from minilora.config import GPTConfig
 from minilora.gradcheck import GradCheckError, check_layer, check_model
 from minilora.layers import make_dropout_mask
-from minilora.lora.layer import lora_backward, lora_forward, lora_linear_backward, lora_linear_forward, lora_scaling
 from minilora.lora.config import LoraConfig
+from minilora.lora.layer import (
+    lora_backward,
+    lora_forward,
+    lora_linear_backward,
+    lora_linear_forward,
+    lora_scaling,
+)
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 
@@ -22,14 +28,20 @@ def rng():
 
 def lora_inputs(rng, r=r, C_in=C_in, C_out=C_out):
     """Non-degenerate inputs: B != 0 (at B = 0, dA is exactly 0 and a check of A tests nothing)."""
-    return {"x": rng.standard_normal((B, T, C_in)), "W": rng.standard_normal((C_in, C_out)),
-            "b": rng.standard_normal(C_out), "lora_A": rng.standard_normal((r, C_in)),
-            "lora_B": rng.standard_normal((C_out, r))}
+    return {
+        "x": rng.standard_normal((B, T, C_in)),
+        "W": rng.standard_normal((C_in, C_out)),
+        "b": rng.standard_normal(C_out),
+        "lora_A": rng.standard_normal((r, C_in)),
+        "lora_B": rng.standard_normal((C_out, r)),
+    }
 
 
 def test_lora_linear_gradients_match_finite_differences(rng):
     forward = lambda x, W, b, lora_A, lora_B: lora_linear_forward(x, W, b, lora_A, lora_B, 16 / r)  # noqa: E731
-    result = check_layer(forward, lora_linear_backward, lora_inputs(rng), ("x", None, "b", "lora_A", "lora_B"))
+    result = check_layer(
+        forward, lora_linear_backward, lora_inputs(rng), ("x", None, "b", "lora_A", "lora_B")
+    )
     result.assert_ok(LAYER_TOL)
 
 
@@ -53,7 +65,9 @@ def test_rslora_scaling_matches_finite_differences(rng):
     scaling = lora_scaling(r, 16, use_rslora=True)
     assert scaling == pytest.approx(16 / np.sqrt(r))
     forward = lambda x, W, b, lora_A, lora_B: lora_linear_forward(x, W, b, lora_A, lora_B, scaling)  # noqa: E731
-    result = check_layer(forward, lora_linear_backward, lora_inputs(rng), ("x", None, "b", "lora_A", "lora_B"))
+    result = check_layer(
+        forward, lora_linear_backward, lora_inputs(rng), ("x", None, "b", "lora_A", "lora_B")
+    )
     result.assert_ok(LAYER_TOL)
 
 
@@ -94,14 +108,26 @@ def test_transposed_factor_in_lora_backward_fails_the_check(rng, square):
     del inputs["W"], inputs["b"]
     forward = lambda x, lora_A, lora_B: lora_forward(x, lora_A, lora_B, 2.0)  # noqa: E731
     with pytest.raises(GradCheckError, match="lora_A"):
-        check_layer(forward, lora_backward_transposed_factor, inputs, ("x", "lora_A", "lora_B")).assert_ok(LAYER_TOL)
+        check_layer(forward, lora_backward_transposed_factor, inputs, ("x", "lora_A", "lora_B")).assert_ok(
+            LAYER_TOL
+        )
 
 
-@pytest.mark.parametrize("lora_config", [
-    LoraConfig(r=2, target_modules="all-linear", init="random", lora_dropout=0.2, bias="lora_only"),
-    LoraConfig(r=3, lora_alpha=5, target_modules=("c_attn", "mlp.c_proj"), init="random", use_rslora=True,
-               layers_to_transform=[1], bias="all"),
-])
+@pytest.mark.parametrize(
+    "lora_config",
+    [
+        LoraConfig(r=2, target_modules="all-linear", init="random", lora_dropout=0.2, bias="lora_only"),
+        LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=("c_attn", "mlp.c_proj"),
+            init="random",
+            use_rslora=True,
+            layers_to_transform=[1],
+            bias="all",
+        ),
+    ],
+)
 def test_whole_tiny_model_with_lora_has_only_adapter_gradients_and_they_are_right(lora_config):
     config = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=7, dropout=0.1)
     params = init_params(config, seed=0, dtype=np.float64)

@@ -24,16 +24,28 @@ def base_model(config=SMALL, dtype=np.float64, seed=0):
 
 def batch(config=SMALL, B=3, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, config.vocab_size, (B, config.block_size)), rng.integers(0, config.vocab_size, (B, config.block_size))
+    return rng.integers(0, config.vocab_size, (B, config.block_size)), rng.integers(
+        0, config.vocab_size, (B, config.block_size)
+    )
 
 
-@pytest.mark.parametrize("targets, expected", [
-    (("c_attn",), {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}),
-    (("c_proj",), {f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")}),
-    (("attn.c_proj",), {"transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}),
-    ("all-linear", {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}),
-    (r"transformer\.h\.1\.mlp\..*", {"transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"}),
-])
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (("c_attn",), {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}),
+        (("c_proj",), {f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")}),
+        (("attn.c_proj",), {"transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}),
+        (
+            "all-linear",
+            {
+                f"transformer.h.{i}.{m}"
+                for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+            },
+        ),
+        (r"transformer\.h\.1\.mlp\..*", {"transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"}),
+    ],
+)
 def test_target_modules_follow_peft_matching_rules(targets, expected):
     assert set(select_target_modules(LoraConfig(target_modules=targets), SMALL)) == expected
 
@@ -44,21 +56,34 @@ def test_layers_to_transform_keeps_only_those_blocks():
 
 
 def test_targets_that_match_nothing_list_the_adaptable_modules():
-    with pytest.raises(ValueError, match=r"match no module.*transformer\.h\.0\.attn\.c_attn.*transformer\.h\.1\.mlp\.c_proj"):
+    with pytest.raises(
+        ValueError, match=r"match no module.*transformer\.h\.0\.attn\.c_attn.*transformer\.h\.1\.mlp\.c_proj"
+    ):
         select_target_modules(LoraConfig(target_modules=("q_proj",)), SMALL)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"r": 0}, "positive integer"), ({"r": -2}, "positive integer"), ({"lora_alpha": 0}, "lora_alpha"),
-    ({"lora_dropout": 1.0}, r"\[0, 1\)"), ({"lora_dropout": -0.1}, r"\[0, 1\)"), ({"init": "zeros"}, "init"),
-    ({"bias": "some"}, "bias"), ({"target_modules": ()}, "empty")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "positive integer"),
+        ({"r": -2}, "positive integer"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, r"\[0, 1\)"),
+        ({"lora_dropout": -0.1}, r"\[0, 1\)"),
+        ({"init": "zeros"}, "init"),
+        ({"bias": "some"}, "bias"),
+        ({"target_modules": ()}, "empty"),
+    ],
+)
 def test_invalid_lora_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(**kwargs)
 
 
 def test_rank_above_the_smaller_side_of_a_weight_is_refused():
-    with pytest.raises(ValueError, match=r"r=17 is larger than min\(C_in, C_out\) = 16 of transformer.h.0.attn.c_attn"):
+    with pytest.raises(
+        ValueError, match=r"r=17 is larger than min\(C_in, C_out\) = 16 of transformer.h.0.attn.c_attn"
+    ):
         select_target_modules(LoraConfig(r=17), SMALL)
     select_target_modules(LoraConfig(r=16), SMALL)  # r == min side is allowed
 
@@ -108,8 +133,9 @@ def test_a_fresh_adapter_starts_exactly_at_the_base_model():
 
 def test_only_the_adapter_is_trainable_and_the_optimiser_keeps_state_for_it_alone():
     lora = add_lora(base_model(dtype=np.float32), LoraConfig(r=4, target_modules=("c_attn", "attn.c_proj")))
-    assert set(lora.trainable_names) == {f"transformer.h.{i}.attn.{m}.lora_{f}" for i in range(2)
-                                         for m in ("c_attn", "c_proj") for f in "AB"}
+    assert set(lora.trainable_names) == {
+        f"transformer.h.{i}.attn.{m}.lora_{f}" for i in range(2) for m in ("c_attn", "c_proj") for f in "AB"
+    }
     optimizer = AdamW(lora.params, lora.trainable_names, lr=1e-2)
     idx, targets = batch()
     grads = lora.backward(lora.forward(idx, targets)[2])
@@ -122,7 +148,14 @@ def test_only_the_adapter_is_trainable_and_the_optimiser_keeps_state_for_it_alon
 def test_no_frozen_weight_gets_a_weight_gradient_product():
     config = get_preset("tiny")
     C = config.n_embd
-    weight_shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, config.vocab_size), (config.vocab_size, C)]
+    weight_shapes = [
+        (C, 3 * C),
+        (C, C),
+        (C, 4 * C),
+        (4 * C, C),
+        (C, config.vocab_size),
+        (config.vocab_size, C),
+    ]
     base = GPT(config, init_params(config))
     idx, targets = batch(config, B=2)
     with count_matmuls() as full_step:
@@ -130,7 +163,9 @@ def test_no_frozen_weight_gets_a_weight_gradient_product():
     lora = add_lora(base, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj"), init="random"))
     with count_matmuls() as lora_step:
         lora.backward(lora.forward(idx, targets)[2])
-    assert all(full_step.outputs_of_shape(shape) > 0 for shape in weight_shapes[:5])  # full: every dW is formed
+    assert all(
+        full_step.outputs_of_shape(shape) > 0 for shape in weight_shapes[:5]
+    )  # full: every dW is formed
     assert all(lora_step.outputs_of_shape(shape) == 0 for shape in weight_shapes)  # LoRA: none of them
     assert lora_step.outputs_of_shape((8, C)) == 2 * config.n_layer  # dA of c_attn and attn.c_proj
     assert lora_step.flops < full_step.flops
@@ -146,7 +181,9 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores_the_base(dtype, tol
     lora.merge()
     merged = lora.forward(idx)[0]
     assert np.max(np.abs(merged - unmerged)) / np.max(np.abs(unmerged)) < tol
-    assert not np.array_equal(lora.params["transformer.h.0.mlp.c_fc.weight"], original["transformer.h.0.mlp.c_fc.weight"])
+    assert not np.array_equal(
+        lora.params["transformer.h.0.mlp.c_fc.weight"], original["transformer.h.0.mlp.c_fc.weight"]
+    )
     lora.unmerge()
     for name, value in original.items():
         np.testing.assert_allclose(base.params[name], value, rtol=0, atol=20 * np.finfo(dtype).eps)

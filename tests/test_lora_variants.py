@@ -5,12 +5,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from minilora.io.adapters import load_adapter, save_adapter
 from minilora.config import GPTConfig
-from minilora.lora.dora import dora_linear_backward, dora_linear_forward, dora_weight_norm
 from minilora.gradcheck import check_layer, check_model
-from minilora.lora.layer import lora_forward
+from minilora.io.adapters import load_adapter, save_adapter
 from minilora.lora.config import LoraConfig
+from minilora.lora.dora import dora_linear_backward, dora_linear_forward, dora_weight_norm
+from minilora.lora.layer import lora_forward
 from minilora.lora.model import add_lora
 from minilora.lora.variants import FACTORS, MAGNITUDE, DoraVariant, LoraVariant, variant_for
 from minilora.model import GPT, init_params
@@ -25,9 +25,14 @@ def rng():
 
 
 def dora_inputs(rng, C_in=6, C_out=5, r=3):
-    return {"x": rng.standard_normal((2, 4, C_in)), "W": rng.standard_normal((C_in, C_out)),
-            "b": rng.standard_normal(C_out), "lora_A": rng.standard_normal((r, C_in)),
-            "lora_B": rng.standard_normal((C_out, r)), "magnitude": 1.0 + rng.random(C_out)}
+    return {
+        "x": rng.standard_normal((2, 4, C_in)),
+        "W": rng.standard_normal((C_in, C_out)),
+        "b": rng.standard_normal(C_out),
+        "lora_A": rng.standard_normal((r, C_in)),
+        "lora_B": rng.standard_normal((C_out, r)),
+        "magnitude": 1.0 + rng.random(C_out),
+    }
 
 
 def base_model(seed=0, config=CONFIG):
@@ -58,7 +63,9 @@ def test_dora_exact_backward_through_the_norm_matches_finite_differences(rng):
     def forward(x, W, b, lora_A, lora_B, magnitude):
         return dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, 2.0, exact_norm_gradient=True)
 
-    result = check_layer(forward, dora_linear_backward, dora_inputs(rng), ("x", "b", "lora_A", "lora_B", "magnitude"))
+    result = check_layer(
+        forward, dora_linear_backward, dora_inputs(rng), ("x", "b", "lora_A", "lora_B", "magnitude")
+    )
     result.assert_ok(LAYER_TOL)
 
 
@@ -74,14 +81,28 @@ def test_detached_and_exact_dora_gradients_differ_only_for_the_factors(rng):
     assert np.max(np.abs(dA_d - dA_e)) / np.max(np.abs(dA_e)) > 1e-2  # the norm's share is not small
     assert np.max(np.abs(dB_d - dB_e)) / np.max(np.abs(dB_e)) > 1e-2
     # and the detached gradient is not the gradient of the function that recomputes the norm:
-    result = check_layer(lambda **kw: dora_linear_forward(*kw.values(), 2.0), dora_linear_backward, inputs,
-                         ("x", "b", "lora_A", "lora_B", "magnitude"))
+    result = check_layer(
+        lambda **kw: dora_linear_forward(*kw.values(), 2.0),
+        dora_linear_backward,
+        inputs,
+        ("x", "b", "lora_A", "lora_B", "magnitude"),
+    )
     assert result.errors()["lora_A"] > 1e-3 and result.errors()["magnitude"] < LAYER_TOL
 
 
 def test_whole_model_with_exact_dora_matches_finite_differences():
-    model = add_lora(base_model(), LoraConfig(r=2, target_modules="all-linear", init="random", use_dora=True,
-                                              dora_exact_gradient=True, bias="lora_only"), seed=1)
+    model = add_lora(
+        base_model(),
+        LoraConfig(
+            r=2,
+            target_modules="all-linear",
+            init="random",
+            use_dora=True,
+            dora_exact_gradient=True,
+            bias="lora_only",
+        ),
+        seed=1,
+    )
     idx, targets = batch()
     result = check_model(model, idx, targets, mode="elementwise")
     assert {c.name for c in result.checks} == set(model.trainable_names)
@@ -199,8 +220,11 @@ def test_switching_while_merged_is_refused():
 def test_combined_adapter_output_equals_the_weighted_sum_of_the_deltas():
     base = base_model()
     model = add_lora(base, LoraConfig(r=2, lora_alpha=3, init="random"), adapter_name="a", seed=1)
-    model.add_adapter("b", LoraConfig(r=3, lora_alpha=5, target_modules="all-linear", init="random",
-                                      use_rslora=True), seed=2)
+    model.add_adapter(
+        "b",
+        LoraConfig(r=3, lora_alpha=5, target_modules="all-linear", init="random", use_rslora=True),
+        seed=2,
+    )
     weights = (0.7, -1.5)
     model.combine_adapters(["a", "b"], weights, "ab")
     combined = model.adapters["ab"]
@@ -212,10 +236,15 @@ def test_combined_adapter_output_equals_the_weighted_sum_of_the_deltas():
         for name, w in zip(("a", "b"), weights):
             part = model.adapters[name]
             if m in part.modules:
-                expected += w * lora_forward(x, part.tensors[f"{m}.lora_A"], part.tensors[f"{m}.lora_B"],
-                                             part.config.scaling)[0]
-        got = lora_forward(x, combined.tensors[f"{m}.lora_A"], combined.tensors[f"{m}.lora_B"],
-                           combined.config.scaling)[0]
+                expected += (
+                    w
+                    * lora_forward(
+                        x, part.tensors[f"{m}.lora_A"], part.tensors[f"{m}.lora_B"], part.config.scaling
+                    )[0]
+                )
+        got = lora_forward(
+            x, combined.tensors[f"{m}.lora_A"], combined.tensors[f"{m}.lora_B"], combined.config.scaling
+        )[0]
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -234,12 +263,15 @@ def test_dora_with_pissa_is_refused():
 # The variant objects: what LoraGPT asks to run, differentiate and merge one adapted layer.
 
 
-@pytest.mark.parametrize("lora_config, variant_type, exact", [
-    (LoraConfig(), LoraVariant, None),
-    (LoraConfig(init="pissa"), LoraVariant, None),  # PiSSA is a start, not another layer
-    (LoraConfig(use_dora=True), DoraVariant, False),
-    (LoraConfig(use_dora=True, dora_exact_gradient=True), DoraVariant, True),
-])
+@pytest.mark.parametrize(
+    "lora_config, variant_type, exact",
+    [
+        (LoraConfig(), LoraVariant, None),
+        (LoraConfig(init="pissa"), LoraVariant, None),  # PiSSA is a start, not another layer
+        (LoraConfig(use_dora=True), DoraVariant, False),
+        (LoraConfig(use_dora=True, dora_exact_gradient=True), DoraVariant, True),
+    ],
+)
 def test_variant_for_picks_the_class_the_config_asks_for(lora_config, variant_type, exact):
     variant = variant_for(lora_config)
     assert type(variant) is variant_type
@@ -257,6 +289,7 @@ def variant_inputs(rng, C_in=6, C_out=5, r=3):
 
 def variant_layer(variant, suffixes, scaling=2.0, dropout_mask=None):
     """check_layer's forward(**inputs), and backward(dout, cache) -> (dx, db, the grads of ``suffixes``)."""
+
     def forward(x, W, b, **tensors):
         return variant.forward(x, W, b, tensors, scaling, dropout_mask)
 
@@ -341,8 +374,9 @@ def test_the_model_runs_every_adapted_layer_through_its_adapters_variant():
             calls["unmerge"] += 1
             return super().unmerge(*args, **kwargs)
 
-    model = add_lora(base_model(), LoraConfig(r=2, target_modules=("c_attn", "mlp.c_fc"), init="random",
-                                              use_dora=True))
+    model = add_lora(
+        base_model(), LoraConfig(r=2, target_modules=("c_attn", "mlp.c_fc"), init="random", use_dora=True)
+    )
     model.adapter.variant = CountingVariant()
     idx, targets = batch()
     grads = model.backward(model.forward(idx, targets)[2])

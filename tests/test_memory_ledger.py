@@ -81,13 +81,16 @@ def adapter_bytes(lora_config, config, itemsize=4):
     return itemsize * sum(lora_config.r * (C_in + C_out) for C_in, C_out in modules.values())
 
 
-@pytest.mark.parametrize("config, lora_config, T", [
-    (TINY, None, 64),
-    (TINY, LoraConfig(r=4, target_modules="all-linear"), 61),
-    (get_preset("tiny", dropout=0.1), LoraConfig(r=4, target_modules=("c_attn",), lora_dropout=0.1), 64),
-    (TINY, LoraConfig(r=4, target_modules=("c_attn", "mlp.c_fc"), use_dora=True), 32),
-    (GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=32, bias=False), None, 32),
-])
+@pytest.mark.parametrize(
+    "config, lora_config, T",
+    [
+        (TINY, None, 64),
+        (TINY, LoraConfig(r=4, target_modules="all-linear"), 61),
+        (get_preset("tiny", dropout=0.1), LoraConfig(r=4, target_modules=("c_attn",), lora_dropout=0.1), 64),
+        (TINY, LoraConfig(r=4, target_modules=("c_attn", "mlp.c_fc"), use_dora=True), 32),
+        (GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=32, bias=False), None, 32),
+    ],
+)
 def test_ledger_activations_equal_the_bytes_a_real_forward_holds_at_batch_3(config, lora_config, T):
     ledger = memory_ledger(config, 3, T, lora_config)
     assert ledger.activations == held_by_a_real_forward(config, lora_config, 3, T)
@@ -103,9 +106,16 @@ def test_activations_of_a_batch_are_the_batch_size_times_those_of_one_sequence(l
 
 
 @pytest.mark.parametrize("ops", OPS, ids=lambda ops: "reference" if ops is None else ops.name)
-@pytest.mark.parametrize("config, lora_config", [
-    (TINY, None), (TINY, ATTN_LORA), (SMALL, None), (SMALL, ATTN_LORA), (ATTENTION_HEAVY, ATTN_LORA),
-])
+@pytest.mark.parametrize(
+    "config, lora_config",
+    [
+        (TINY, None),
+        (TINY, ATTN_LORA),
+        (SMALL, None),
+        (SMALL, ATTN_LORA),
+        (ATTENTION_HEAVY, ATTN_LORA),
+    ],
+)
 def test_workspace_is_linear_in_the_batch_within_half_a_percent(config, lora_config, ops):
     """The segment lines through the B = 1 and B = 2 probes predict a measured B = 5 backward."""
     T = config.block_size
@@ -116,6 +126,7 @@ def test_workspace_is_linear_in_the_batch_within_half_a_percent(config, lora_con
 
 def test_the_workspace_follows_the_highest_segment_line_not_the_line_through_two_peaks():
     """A flat segment (gradients, say) highest at B = 1, a steep one (attention) from B = 2 on."""
+
     def step(B):
         return StepProbe(B, activations=100 * B, gradients=300, segments=(("flat", 1000), ("steep", 600 * B)))
 
@@ -157,8 +168,11 @@ def test_weight_gradient_and_optimizer_lines_are_the_parameter_bytes(dtype):
     full = memory_ledger(TINY, 4, dtype=dtype)
     assert full.weights == full.gradients == base_bytes(TINY, itemsize)
     assert full.optimizer_state == 2 * base_bytes(TINY, itemsize)
-    for lora_config in (ATTN_LORA, LoraConfig(r=4, target_modules="all-linear"),
-                        LoraConfig(r=2, target_modules=("mlp.c_proj",), layers_to_transform=(1,))):
+    for lora_config in (
+        ATTN_LORA,
+        LoraConfig(r=4, target_modules="all-linear"),
+        LoraConfig(r=2, target_modules=("mlp.c_proj",), layers_to_transform=(1,)),
+    ):
         lora = memory_ledger(TINY, 4, lora_config=lora_config, dtype=dtype)
         adapter = adapter_bytes(lora_config, TINY, itemsize)
         assert lora.gradients == adapter and lora.optimizer_state == 2 * adapter  # Adam: 2 x trainable
@@ -175,9 +189,15 @@ def test_lora_adds_its_low_rank_activation_and_float64_doubles_all_but_the_token
 
 
 @pytest.mark.parametrize("ops", OPS, ids=lambda ops: "reference" if ops is None else ops.name)
-@pytest.mark.parametrize("config, lora_config, B", [
-    (TINY, None, 2), (TINY, ATTN_LORA, 2), (TINY, ATTN_LORA, 16), (ATTENTION_HEAVY, None, 4),
-])
+@pytest.mark.parametrize(
+    "config, lora_config, B",
+    [
+        (TINY, None, 2),
+        (TINY, ATTN_LORA, 2),
+        (TINY, ATTN_LORA, 16),
+        (ATTENTION_HEAVY, None, 4),
+    ],
+)
 def test_per_step_is_within_one_percent_of_the_traced_peak_of_a_real_step(config, lora_config, B, ops):
     """tracemalloc around forward and backward, as the training step holds them (logits bound until done)."""
     ledger = memory_ledger(config, B, lora_config=lora_config, ops=ops)
@@ -212,14 +232,20 @@ def test_the_ledger_counts_the_caches_of_the_ops_it_is_given():
     if not hasattr(build(TINY), "ops"):
         pytest.skip("this GPT has no ops namespace yet")
     reference = build(TINY).ops
-    lean = dataclasses.replace(reference, name="input-only gelu", gelu_forward=input_only_gelu_forward,
-                               gelu_backward=input_only_gelu_backward)
+    lean = dataclasses.replace(
+        reference,
+        name="input-only gelu",
+        gelu_forward=input_only_gelu_forward,
+        gelu_backward=input_only_gelu_backward,
+    )
     B, T = 3, 64
     x = np.zeros((B, T, 4 * TINY.n_embd), dtype=np.float32)  # the GELU's input, mlp.c_fc's output
     saved_per_block = cached_array_bytes(gelu_forward(x)[1]) - x.nbytes
     assert saved_per_block > 0
-    assert (memory_ledger(TINY, B, T).activations - memory_ledger(TINY, B, T, ops=lean).activations
-            == TINY.n_layer * saved_per_block)
+    assert (
+        memory_ledger(TINY, B, T).activations - memory_ledger(TINY, B, T, ops=lean).activations
+        == TINY.n_layer * saved_per_block
+    )
 
 
 def test_cached_array_bytes_walks_named_tuples_dataclasses_lists_and_dicts_and_ignores_the_rest():
@@ -240,8 +266,12 @@ def test_cached_array_bytes_walks_named_tuples_dataclasses_lists_and_dicts_and_i
     owner = np.zeros((4, 8), dtype=np.float32)  # 128 bytes
     other = np.zeros(10, dtype=np.float64)  # 80 bytes
     param = np.ones(1000, dtype=np.float32)
-    nested = {"pair": Pair(owner[1:], owner.T), "holder": Holder([other, other[::2], param[:3]], "x"),
-              "ops": Functions(np.exp, lambda x: x), "types": [np.float32, np, 3.0, None]}
+    nested = {
+        "pair": Pair(owner[1:], owner.T),
+        "holder": Holder([other, other[::2], param[:3]], "x"),
+        "ops": Functions(np.exp, lambda x: x),
+        "types": [np.float32, np, 3.0, None],
+    }
     nested["self"] = nested  # a cycle
     assert cached_array_bytes(nested, exclude=[param]) == 128 + 80
     assert cached_array_bytes(nested) == 128 + 80 + 4000
@@ -251,9 +281,17 @@ def test_cached_array_bytes_walks_named_tuples_dataclasses_lists_and_dicts_and_i
 def test_ledger_table_rows_are_the_ledgers_of_each_preset_and_mode():
     rows = ledger_table({"tiny": 16, "small": 8}, ATTN_LORA)
     assert [(row["preset"], row["mode"], row["batch_size"]) for row in rows] == [
-        ("tiny", "full", 16), ("tiny", "lora", 16), ("small", "full", 8), ("small", "lora", 8)]
-    assert rows[3] == {"preset": "small", "mode": "lora", "batch_size": 8,
-                       **memory_ledger(SMALL, 8, lora_config=ATTN_LORA).to_dict()}
+        ("tiny", "full", 16),
+        ("tiny", "lora", 16),
+        ("small", "full", 8),
+        ("small", "lora", 8),
+    ]
+    assert rows[3] == {
+        "preset": "small",
+        "mode": "lora",
+        "batch_size": 8,
+        **memory_ledger(SMALL, 8, lora_config=ATTN_LORA).to_dict(),
+    }
     ledger = MemoryLedger(**{key: rows[0][key] for key in memory.MemoryLedger.__dataclass_fields__})
     assert rows[0]["total"] == ledger.total == ledger.per_step + ledger.weights + ledger.optimizer_state
 

@@ -50,7 +50,9 @@ def test_config_without_bias_has_no_bias_parameters():
 def test_preset_parameter_counts_match_the_gpt2_formula():
     for config in PRESETS.values():
         C, L, V, T = config.n_embd, config.n_layer, config.vocab_size, config.block_size
-        per_block = 12 * C * C + 13 * C  # c_attn 3C^2+3C, c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, two LNs 4C
+        per_block = (
+            12 * C * C + 13 * C
+        )  # c_attn 3C^2+3C, c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, two LNs 4C
         expected = V * C + T * C + L * per_block + 2 * C
         assert sum(int(np.prod(s)) for s in parameter_shapes(config).values()) == expected
 
@@ -62,7 +64,9 @@ def test_init_follows_gpt2_statistics():
     assert np.std(params["transformer.h.0.attn.c_attn.weight"]) == pytest.approx(0.02, rel=0.02)
     residual_std = 0.02 / np.sqrt(2 * config.n_layer)
     assert np.std(params["transformer.h.3.mlp.c_proj.weight"]) == pytest.approx(residual_std, rel=0.02)
-    assert np.all(params["transformer.h.0.ln_1.weight"] == 1) and np.all(params["transformer.h.0.mlp.c_fc.bias"] == 0)
+    assert np.all(params["transformer.h.0.ln_1.weight"] == 1) and np.all(
+        params["transformer.h.0.mlp.c_fc.bias"] == 0
+    )
 
 
 def test_init_is_reproducible_from_the_seed():
@@ -166,8 +170,10 @@ def test_model_rejects_missing_or_misshaped_parameters():
         GPT(config, params)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("n_head", 3, "not divisible"), ("n_layer", 0, "positive integer"), ("dropout", 1.0, r"\[0, 1\)")])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("n_head", 3, "not divisible"), ("n_layer", 0, "positive integer"), ("dropout", 1.0, r"\[0, 1\)")],
+)
 def test_config_rejects_invalid_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         get_preset("tiny", **{field: value})

@@ -18,8 +18,14 @@ pytest.importorskip("ipykernel", reason="needs the notebooks extra: pip install 
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOK_TIMEOUT = 300  # seconds for a whole notebook; each takes under a minute on two idle CPU cores
-EXPECTED = ["01_lora_from_scratch", "02_transformer_step_by_step", "03_parameter_savings", "04_loss_vs_rank",
-            "05_merging_and_latency", "06_what_the_adapter_learned"]
+EXPECTED = [
+    "01_lora_from_scratch",
+    "02_transformer_step_by_step",
+    "03_parameter_savings",
+    "04_loss_vs_rank",
+    "05_merging_and_latency",
+    "06_what_the_adapter_learned",
+]
 
 
 def load_build():
@@ -40,7 +46,9 @@ def cells(nb):
 
 def test_every_notebook_has_a_py_twin_and_an_executed_ipynb():
     assert [source.stem for source in SOURCES] == EXPECTED
-    missing = [source.with_suffix(".ipynb").name for source in SOURCES if not source.with_suffix(".ipynb").exists()]
+    missing = [
+        source.with_suffix(".ipynb").name for source in SOURCES if not source.with_suffix(".ipynb").exists()
+    ]
     assert not missing, f"run `python notebooks/build.py` to create {missing}"
 
 
@@ -49,9 +57,12 @@ def test_committed_notebook_matches_its_py_twin_and_is_executed(source):
     committed = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     assert cells(committed) == cells(jupytext.read(source)), (
         f"{source.with_suffix('.ipynb').name} differs from {source.name}: "
-        f"run `python notebooks/build.py {source.name[:2]}`")
+        f"run `python notebooks/build.py {source.name[:2]}`"
+    )
     code = [cell for cell in committed.cells if cell.cell_type == "code"]
-    assert code and all(cell.execution_count is not None for cell in code), "committed without running every cell"
+    assert code and all(cell.execution_count is not None for cell in code), (
+        "committed without running every cell"
+    )
     errors = [output for cell in code for output in cell.outputs if output.output_type == "error"]
     assert not errors, f"committed with an error: {errors[0].ename}: {errors[0].evalue}"
 

@@ -48,8 +48,9 @@ def torch_param_groups(torch, params: dict, names, decay_names, weight_decay):
 
 def assert_close_to_torch(ours: dict, tensors: dict, what: str) -> None:
     for name, tensor in tensors.items():
-        np.testing.assert_allclose(ours[name], tensor.detach().numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL,
-                                   err_msg=f"{what}: {name}")
+        np.testing.assert_allclose(
+            ours[name], tensor.detach().numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL, err_msg=f"{what}: {name}"
+        )
 
 
 def test_adamw_matches_torch_with_decay_only_on_default_names_and_per_step_lr():
@@ -77,7 +78,10 @@ def test_adamw_matches_torch_with_decay_only_on_default_names_and_per_step_lr():
     assert opt.step_count == len(lrs)
     # decay really acted: an undecayed run ends elsewhere for the decayed names only
     undecayed = {name: value.copy() for name, value in initial.items()}
-    opt0, rng = AdamW(undecayed, names, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.0), np.random.default_rng(2)
+    opt0, rng = (
+        AdamW(undecayed, names, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.0),
+        np.random.default_rng(2),
+    )
     for lr in lrs:
         opt0.step(random_grads(undecayed, names, rng), lr=lr)
     assert all(not np.allclose(undecayed[n], params[n], rtol=0, atol=1e-9) for n in decay)
@@ -104,15 +108,22 @@ def test_sgd_with_momentum_and_weight_decay_matches_torch(nesterov):
         ref.step()
         opt.step(grads, lr=lr)
         assert_close_to_torch(params, tensors, f"params after step {step + 1}")
-    assert_close_to_torch(opt.state["momentum_buffer"],
-                          {n: ref.state[t]["momentum_buffer"] for n, t in tensors.items()}, "momentum_buffer")
+    assert_close_to_torch(
+        opt.state["momentum_buffer"],
+        {n: ref.state[t]["momentum_buffer"] for n, t in tensors.items()},
+        "momentum_buffer",
+    )
 
 
 @pytest.mark.parametrize("max_norm", [1e3, 2.0], ids=["below_max_norm", "above_max_norm"])
 def test_clip_grad_norm_matches_torch_norm_and_clipped_gradients(max_norm):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)
-    grads = {"a": rng.standard_normal((5, 7)), "b": rng.standard_normal(7), "c": 3.0 * rng.standard_normal((2, 3, 4))}
+    grads = {
+        "a": rng.standard_normal((5, 7)),
+        "b": rng.standard_normal(7),
+        "c": 3.0 * rng.standard_normal((2, 3, 4)),
+    }
     original = {name: g.copy() for name, g in grads.items()}
     tensors = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads.values()]
     for tensor, g in zip(tensors, grads.values()):
@@ -141,7 +152,10 @@ def test_optimiser_state_exists_only_for_trainable_parameters():
     grads = model.backward(model.forward(idx, targets)[2])
     trainable = set(model.trainable_names)
     assert trainable == set(grads) and 0 < len(trainable) < len(params)
-    for opt in (AdamW(params, model.trainable_names, lr=1e-3), SGD(params, model.trainable_names, momentum=0.9)):
+    for opt in (
+        AdamW(params, model.trainable_names, lr=1e-3),
+        SGD(params, model.trainable_names, momentum=0.9),
+    ):
         opt.step(grads)
         assert set(opt.state) == set(opt.state_names) and opt.state
         for kind, buffers in opt.state.items():
@@ -162,13 +176,17 @@ def test_optimiser_leaves_frozen_parameters_untouched():
 def test_default_decay_names_are_the_linear_matrices_only():
     params = init_params(CONFIG, dtype=np.float64)
     decay = default_decay_names(params, list(params))
-    expected = {f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    expected = {
+        f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert decay == expected
     assert not any(name.endswith(".bias") for name in decay)
     assert not any(".ln_" in name for name in decay)
     assert WTE not in decay and WPE not in decay
     # only among the names asked about
-    assert default_decay_names(params, ["transformer.h.0.mlp.c_fc.weight", WTE]) == {"transformer.h.0.mlp.c_fc.weight"}
+    assert default_decay_names(params, ["transformer.h.0.mlp.c_fc.weight", WTE]) == {
+        "transformer.h.0.mlp.c_fc.weight"
+    }
 
 
 def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():
@@ -180,12 +198,14 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():
     midpoint = warmup + (total - warmup) // 2  # progress 1/2: cos(pi/2) = 0
     assert cosine_lr(midpoint, max_lr, total, warmup, min_lr) == pytest.approx((1e-3 + 1e-4) / 2)
     quarter = warmup + (total - warmup) // 4  # cos(pi/4) = sqrt(2)/2
-    assert cosine_lr(quarter, max_lr, total, warmup, min_lr) == pytest.approx(1e-4 + 9e-4 * (1 + 0.5 ** 0.5) / 2)
+    assert cosine_lr(quarter, max_lr, total, warmup, min_lr) == pytest.approx(
+        1e-4 + 9e-4 * (1 + 0.5**0.5) / 2
+    )
     assert cosine_lr(total, max_lr, total, warmup, min_lr) == min_lr
     assert cosine_lr(total + 50, max_lr, total, warmup, min_lr) == min_lr
     schedule = [cosine_lr(s, max_lr, total, warmup, min_lr) for s in range(total + 5)]
-    assert all(a < b for a, b in zip(schedule[:warmup - 1], schedule[1:warmup]))  # rising warmup
-    assert all(a >= b for a, b in zip(schedule[warmup:], schedule[warmup + 1:]))  # then never rising
+    assert all(a < b for a, b in zip(schedule[: warmup - 1], schedule[1:warmup]))  # rising warmup
+    assert all(a >= b for a, b in zip(schedule[warmup:], schedule[warmup + 1 :]))  # then never rising
     assert min(schedule) == min_lr
 
 
@@ -204,10 +224,14 @@ def checkpoint_round_trip(state: dict) -> dict:
         return {"step_count": int(state["step_count"]), "buffers": {key: saved[key] for key in saved.files}}
 
 
-@pytest.mark.parametrize("make", [
-    lambda p, n: AdamW(p, n, lr=1e-2, weight_decay=0.1),
-    lambda p, n: SGD(p, n, lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True),
-], ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p, n: AdamW(p, n, lr=1e-2, weight_decay=0.1),
+        lambda p, n: SGD(p, n, lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True),
+    ],
+    ids=["adamw", "sgd"],
+)
 def test_state_dict_round_trip_resumes_training_bitwise(make):
     names = [name for name in float64_params() if name != WPE]
     rng = np.random.default_rng(7)
@@ -225,7 +249,9 @@ def test_state_dict_round_trip_resumes_training_bitwise(make):
         opt_a.step({k: g.copy() for k, g in grads.items()}, lr=lr)
     saved_params = copy.deepcopy(first)
     saved_state = checkpoint_round_trip(opt_a.state_dict())
-    for grads in all_grads[3:]:  # the first optimiser carries on with other gradients: no effect on the saved copy
+    for grads in all_grads[
+        3:
+    ]:  # the first optimiser carries on with other gradients: no effect on the saved copy
         opt_a.step({k: -g for k, g in grads.items()})
 
     resumed = saved_params
@@ -250,8 +276,9 @@ def test_load_state_dict_rejects_state_for_an_untrained_name():
         other.load_state_dict(opt.state_dict())
 
 
-@pytest.mark.parametrize("make", [lambda p, n: AdamW(p, n, lr=1e-3), lambda p, n: SGD(p, n, momentum=0.9)],
-                         ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "make", [lambda p, n: AdamW(p, n, lr=1e-3), lambda p, n: SGD(p, n, momentum=0.9)], ids=["adamw", "sgd"]
+)
 def test_step_with_a_missing_or_extra_gradient_raises_key_error_naming_it(make):
     params = float64_params()
     names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"]
@@ -281,9 +308,9 @@ def test_optimiser_rejects_unknown_names_and_bad_hyperparameters():
 
 def test_loraplus_trains_lora_B_with_a_multiple_of_the_learning_rate():
     from minilora.config import GPTConfig
-    from minilora.training.finetune import make_optimizer
     from minilora.lora.config import LoraConfig
     from minilora.lora.model import add_lora
+    from minilora.training.finetune import make_optimizer
     from minilora.training.loop import TrainSettings
 
     config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=5)

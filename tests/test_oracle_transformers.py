@@ -78,8 +78,11 @@ def hf_model(config: GPTConfig, params: dict):
     state = {name: torch.from_numpy(value.copy()) for name, value in params.items()}
     result = model.load_state_dict(state, strict=False)
     persistent_buffers = {name for name, _ in model.named_buffers()} & set(model.state_dict())
-    bad_missing = [k for k in result.missing_keys
-                   if k != TIED_HEAD and not (k in persistent_buffers and ATTENTION_BUFFER.fullmatch(k))]
+    bad_missing = [
+        k
+        for k in result.missing_keys
+        if k != TIED_HEAD and not (k in persistent_buffers and ATTENTION_BUFFER.fullmatch(k))
+    ]
     assert not bad_missing, f"parameters missing from minilora's dict: {bad_missing}"
     assert not result.unexpected_keys, f"minilora names Hugging Face does not know: {result.unexpected_keys}"
     assert model.lm_head.weight is model.transformer.wte.weight, "the output head is not tied to wte"
@@ -159,7 +162,9 @@ def test_logits_and_loss_match_hugging_face_in_float64(models_and_batch):
     assert logits.shape == ref_logits.shape == (B, T, CONFIG.vocab_size) and logits.dtype == np.float64
     rel, abs_diff = rel_diff(logits, ref_logits)
     loss_diff = abs(float(loss) - ref_loss)
-    print(f"\nlogits: max abs diff {abs_diff:.3e}, relative {rel:.3e} (scale {np.max(np.abs(ref_logits)):.3f})")
+    print(
+        f"\nlogits: max abs diff {abs_diff:.3e}, relative {rel:.3e} (scale {np.max(np.abs(ref_logits)):.3f})"
+    )
     print(f"loss: minilora {float(loss):.15f} torch {ref_loss:.15f} abs diff {loss_diff:.3e}")
     assert np.ndim(loss) == 0
     assert rel <= LOGITS_TOL, f"logits differ: max abs {abs_diff:.3e}, relative {rel:.3e}"
@@ -196,16 +201,25 @@ def test_wte_gradient_is_the_sum_of_the_embedding_and_the_head_paths(models_and_
 
 
 FROZEN_SETS = {
-    "embeddings_and_block_0": [WTE, WPE] + [name for name in perturbed_params(CONFIG) if name.startswith("transformer.h.0.")],
+    "embeddings_and_block_0": [WTE, WPE]
+    + [name for name in perturbed_params(CONFIG) if name.startswith("transformer.h.0.")],
     "lora_style_only_attention_biases_train": [
-        name for name in perturbed_params(CONFIG) if not re.search(r"attn\.c_(attn|proj)\.bias$", name)],
-    "scattered": [WPE, "transformer.h.0.attn.c_attn.weight", "transformer.h.0.ln_1.bias",
-                  "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight"],
+        name for name in perturbed_params(CONFIG) if not re.search(r"attn\.c_(attn|proj)\.bias$", name)
+    ],
+    "scattered": [
+        WPE,
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.ln_1.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.ln_f.weight",
+    ],
 }
 
 
 @pytest.mark.parametrize("frozen_set", sorted(FROZEN_SETS))
-def test_frozen_model_returns_gradients_for_exactly_the_trainable_names_matching_torch(frozen_set, models_and_batch):
+def test_frozen_model_returns_gradients_for_exactly_the_trainable_names_matching_torch(
+    frozen_set, models_and_batch
+):
     _, reference, idx, targets = models_and_batch
     params = perturbed_params(CONFIG)
     frozen = FROZEN_SETS[frozen_set]

@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from minilora.config import GPTConfig  # noqa: E402
+from minilora.io.peft import export_peft, import_peft  # noqa: E402
 from minilora.lora.config import LoraConfig  # noqa: E402
 from minilora.lora.model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.io.peft import export_peft, import_peft  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 TOL = 1e-5
@@ -33,12 +33,23 @@ def minilora_base():
 
 def hf_model(base: GPT):
     hf_config = transformers.GPT2Config(
-        n_layer=CONFIG.n_layer, n_head=CONFIG.n_head, n_embd=CONFIG.n_embd, n_positions=CONFIG.block_size,
-        vocab_size=CONFIG.vocab_size, activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, attn_implementation="eager")
+        n_layer=CONFIG.n_layer,
+        n_head=CONFIG.n_head,
+        n_embd=CONFIG.n_embd,
+        n_positions=CONFIG.block_size,
+        vocab_size=CONFIG.vocab_size,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
     model = transformers.GPT2LMHeadModel(hf_config).eval()
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in base.params.items()},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in base.params.items()}, strict=False
+    )
     assert set(missing) <= {"lm_head.weight"} and not unexpected
     return model
 
@@ -51,12 +62,22 @@ def relative_gap(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("lora_config", [
-    LoraConfig(r=4, lora_alpha=8, target_modules=("c_attn",), init="random"),
-    LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", init="random", use_rslora=True),
-    LoraConfig(r=3, lora_alpha=6, target_modules=("c_attn", "mlp.c_proj"), layers_to_transform=[1], init="random",
-               use_dora=True),
-], ids=["lora", "rslora-all-linear", "dora"])
+@pytest.mark.parametrize(
+    "lora_config",
+    [
+        LoraConfig(r=4, lora_alpha=8, target_modules=("c_attn",), init="random"),
+        LoraConfig(r=2, lora_alpha=5, target_modules="all-linear", init="random", use_rslora=True),
+        LoraConfig(
+            r=3,
+            lora_alpha=6,
+            target_modules=("c_attn", "mlp.c_proj"),
+            layers_to_transform=[1],
+            init="random",
+            use_dora=True,
+        ),
+    ],
+    ids=["lora", "rslora-all-linear", "dora"],
+)
 def test_peft_loads_a_minilora_adapter_and_gives_the_same_logits(tmp_path, lora_config):
     base = minilora_base()
     model = add_lora(base, lora_config, seed=3)
@@ -80,8 +101,14 @@ def test_peft_loads_a_minilora_adapter_and_gives_the_same_logits(tmp_path, lora_
 def test_minilora_imports_a_peft_adapter_and_gives_the_same_logits(tmp_path, use_dora):
     base = minilora_base()
     torch.manual_seed(0)
-    peft_config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                  use_dora=use_dora, init_lora_weights=False)  # False: B random, not zero
+    peft_config = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        use_dora=use_dora,
+        init_lora_weights=False,
+    )  # False: B random, not zero
     peft_model = peft.get_peft_model(hf_model(base), peft_config).eval()
     if use_dora:
         with torch.no_grad():

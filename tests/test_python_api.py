@@ -12,11 +12,15 @@ def test_readme_lora_workflow(tmp_path):
     ml.fit(base, ml.load_corpus("shakespeare_modern"), pretrain_settings, progress=False)
 
     model = ml.add_lora(base, ml.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "attn.c_proj"]))
-    adapter_params = 2 * 8 * ((32 + 3 * 32) + (32 + 32))  # layers * r * (C_in + C_out), c_attn and attn.c_proj
+    adapter_params = (
+        2 * 8 * ((32 + 3 * 32) + (32 + 32))
+    )  # layers * r * (C_in + C_out), c_attn and attn.c_proj
     assert ml.model_summary_line(model).startswith(f"trainable params: {adapter_params:,} || all params:")
     folio = ml.load_corpus("shakespeare_folio")
     before = ml.bits_per_byte(model, folio.val, max_windows=16)
-    settings = ml.TrainSettings(steps=40, batch_size=8, lr=5e-3, warmup_steps=5, weight_decay=0.0, eval_windows=16)
+    settings = ml.TrainSettings(
+        steps=40, batch_size=8, lr=5e-3, warmup_steps=5, weight_decay=0.0, eval_windows=16
+    )
     ml.fit(model, folio, settings, progress=False)
     after = ml.bits_per_byte(model, folio.val, max_windows=16)
     assert after < before

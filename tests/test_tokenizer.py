@@ -23,7 +23,7 @@ def test_decode_inverts_encode(text):
 def test_encode_gives_the_utf8_bytes_as_uint8():
     ids = encode("aé🌙\r\n")
     assert ids.dtype == np.uint8
-    assert ids.tolist() == list("aé🌙\r\n".encode("utf-8"))
+    assert ids.tolist() == list("aé🌙\r\n".encode())
     assert len(ids) == 1 + 2 + 4 + 2
 
 

@@ -32,16 +32,23 @@ def ms(stats) -> str:
 
 
 def gpu_table(results) -> str:
-    lines = ["| run | attention (gpt2s) | minilora ms, median [min, max] | MFU | minilora peak GB | "
-             "torch attention | torch ms, median | torch peak GB | ratio, median [min, max] |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| run | attention (gpt2s) | minilora ms, median [min, max] | MFU | minilora peak GB | "
+        "torch attention | torch ms, median | torch peak GB | ratio, median [min, max] |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
     for r in results:
         peer, ratio = r.get("peer") or {}, r.get("ratio")
         lines.append(
             f"| {label(r)} | {r.get('attention_variant', '')} | {ms(r['step_time_s'])} | {r['mfu']:.0%} | "
             f"{r['peak_device_bytes'] / 1e9:.2f} | {peer.get('attention', '')} | "
-            + (f"{1e3 * peer['step_time_s']['median']:.2f} | {peer['peak_device_bytes'] / 1e9:.2f} | "
-               f"{ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] |" if peer else "| | |"))
+            + (
+                f"{1e3 * peer['step_time_s']['median']:.2f} | {peer['peak_device_bytes'] / 1e9:.2f} | "
+                f"{ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] |"
+                if peer
+                else "| | |"
+            )
+        )
     return "\n".join(lines)
 
 
@@ -51,8 +58,11 @@ def plot_step_times(results, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for ax, preset in zip(axes, ("medium", "gpt2s")):
         chosen = [r for r in runs if r["preset"] == preset]
-        names = [f"{r['mode']}\nvs torch {r['peer']['attention']}"
-                 + ("\n(LSE recompute)" if "log-sum-exp" in r.get("attention_variant", "") else "") for r in chosen]
+        names = [
+            f"{r['mode']}\nvs torch {r['peer']['attention']}"
+            + ("\n(LSE recompute)" if "log-sum-exp" in r.get("attention_variant", "") else "")
+            for r in chosen
+        ]
         ours = [1e3 * r["step_time_s"]["median"] for r in chosen]
         theirs = [1e3 * r["peer"]["step_time_s"]["median"] for r in chosen]
         xs = range(len(chosen))
@@ -69,7 +79,9 @@ def plot_step_times(results, path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", help="JSON-lines file written by minilora bench --device cuda --out")
     args = parser.parse_args()
     results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]

@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from minilora.lab.bench import BENCH_BATCH_SIZES, DEFAULT_TARGETS
-from minilora.lora.config import LoraConfig
 from minilora.lab.memory import ledger_table
+from minilora.lora.config import LoraConfig
 
 HERE = Path(__file__).parent
 PRESET_ORDER = ("tiny", "small", "medium", "gpt2s")
@@ -32,7 +32,12 @@ def blas_setting(result) -> str:
 
 
 def kernel(result) -> str:
-    return ",".join(lib.get("architecture", "?") for lib in result["blas"] if lib.get("internal_api") == "openblas") or "?"
+    return (
+        ",".join(
+            lib.get("architecture", "?") for lib in result["blas"] if lib.get("internal_api") == "openblas"
+        )
+        or "?"
+    )
 
 
 def target(result) -> tuple[float | None, float | None]:
@@ -58,30 +63,46 @@ def sort_key(result):
 
 
 def throughput_table(results) -> str:
-    lines = [("| BLAS env | kernel | preset | mode | minilora tok/s | torch tok/s | ratio, median [min, max] | target | "
-              "minilora GFLOP/s | MFU | peak GFLOP/s | torch MFU |"),
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        (
+            "| BLAS env | kernel | preset | mode | minilora tok/s | torch tok/s | ratio, median [min, max] | target | "
+            "minilora GFLOP/s | MFU | peak GFLOP/s | torch MFU |"
+        ),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in sorted(results, key=sort_key):
         peer, ratio = r.get("peer"), r.get("ratio")
         min_ratio, min_mfu = target(r)
         if ratio and min_ratio is not None:
             ok = ratio["median"] >= min_ratio and (min_mfu is None or r["mfu"] >= min_mfu)
-            goal = f"{min_ratio:.1f}x" + (f", MFU {min_mfu:.0%}" if min_mfu else "") + (" met" if ok else " **missed**")
+            goal = (
+                f"{min_ratio:.1f}x"
+                + (f", MFU {min_mfu:.0%}" if min_mfu else "")
+                + (" met" if ok else " **missed**")
+            )
         else:
             goal = ""
         lines.append(
             f"| {blas_setting(r)} | {kernel(r)} | {r['preset']} | {r['mode']} | {r['tokens_per_s']:,.0f} | "
-            + (f"{peer['tokens_per_s']:,.0f} | {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] | "
-               if peer else "| | ")
+            + (
+                f"{peer['tokens_per_s']:,.0f} | {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] | "
+                if peer
+                else "| | "
+            )
             + f"{goal} | {r['achieved_gflops']:.1f} | {r['mfu']:.0%} | {r['matmul_peak_gflops']:.0f} | "
-            + (f"{peer['mfu']:.0%} |" if peer else " |"))
+            + (f"{peer['mfu']:.0%} |" if peer else " |")
+        )
     return "\n".join(lines)
 
 
 def memory_table(results) -> str:
-    lines = [("| preset | mode | ledger total MB | of which activations MB | traced step / ledger | "
-              "peak RSS increase MB | RSS / ledger | torch peak RSS increase MB |"),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        (
+            "| preset | mode | ledger total MB | of which activations MB | traced step / ledger | "
+            "peak RSS increase MB | RSS / ledger | torch peak RSS increase MB |"
+        ),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     seen = set()
     for r in sorted(results, key=sort_key):
         if (r["preset"], r["mode"]) in seen:
@@ -93,8 +114,10 @@ def memory_table(results) -> str:
         rss_mb = "" if rss is None else f"{rss / 1e6:,.1f}"
         rss_ratio = "" if rss is None else f"{rss / ledger['total']:.2f}"
         peer_mb = "" if peer_rss is None else f"{peer_rss / 1e6:,.1f}"
-        lines.append(f"| {r['preset']} | {r['mode']} | {ledger['total'] / 1e6:,.1f} | {ledger['activations'] / 1e6:,.1f} | "
-                     f"{traced} | {rss_mb} | {rss_ratio} | {peer_mb} |")
+        lines.append(
+            f"| {r['preset']} | {r['mode']} | {ledger['total'] / 1e6:,.1f} | {ledger['activations'] / 1e6:,.1f} | "
+            f"{traced} | {rss_mb} | {rss_ratio} | {peer_mb} |"
+        )
     return "\n".join(lines)
 
 
@@ -138,13 +161,21 @@ def plot_throughput(results, path: Path, note: str = "") -> Path:
     medians = [r["ratio"]["median"] for r in with_peer]
     lows = [r["ratio"]["median"] - r["ratio"]["min"] for r in with_peer]
     highs = [r["ratio"]["max"] - r["ratio"]["median"] for r in with_peer]
-    ax.bar(range(len(with_peer)), medians, yerr=[lows, highs], capsize=3,
-           color=["#4c72b0" if blas_setting(r) == "as-is" else "#55a868" for r in with_peer])
+    ax.bar(
+        range(len(with_peer)),
+        medians,
+        yerr=[lows, highs],
+        capsize=3,
+        color=["#4c72b0" if blas_setting(r) == "as-is" else "#55a868" for r in with_peer],
+    )
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(with_peer)), labels, fontsize=7)
     ax.set_ylabel("minilora tokens/s / PyTorch eager tokens/s")
-    ax.set_title("Training-step throughput against PyTorch eager (same run, same batches)"
-                 + (f"\n{note.strip(' ()')}" if note else ""), fontsize=10)
+    ax.set_title(
+        "Training-step throughput against PyTorch eager (same run, same batches)"
+        + (f"\n{note.strip(' ()')}" if note else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -152,13 +183,21 @@ def plot_throughput(results, path: Path, note: str = "") -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", nargs="+", help="JSON-lines files written by minilora bench --out")
     parser.add_argument("--plots", default=str(HERE), help="directory for the PNG files")
     parser.add_argument("--note", default="", help="appended to the plot titles, e.g. ' (preliminary)'")
     args = parser.parse_args()
-    results = latest([result for path in args.results for line in Path(path).read_text().splitlines()
-                      if line.strip() and (result := json.loads(line))["device"] == "cpu"])  # GPU: gpu_tables.py
+    results = latest(
+        [
+            result
+            for path in args.results
+            for line in Path(path).read_text().splitlines()
+            if line.strip() and (result := json.loads(line))["device"] == "cpu"
+        ]
+    )  # GPU: gpu_tables.py
     print(throughput_table(results))
     print()
     print(memory_table(results))

@@ -17,22 +17,26 @@ import cProfile
 import pstats
 import time
 
-from minilora.backend import host_rng
 import numpy as np
 
+from minilora.backend import host_rng
 from minilora.fast import fast_ops
 from minilora.lab.bench import DEFAULT_LORA, BenchSettings
-from minilora.training.finetune import make_optimizer
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
+from minilora.training.finetune import make_optimizer
 from minilora.training.loop import DATA_STREAM, TrainSettings, train_step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--full", action="store_true")
-    parser.add_argument("--reference", action="store_true", help="the reference layers instead of the CPU fast path")
+    parser.add_argument(
+        "--reference", action="store_true", help="the reference layers instead of the CPU fast path"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="NumPy's BLAS threads (threadpoolctl)")
@@ -66,7 +70,7 @@ def main() -> None:
 
     stats = pstats.Stats(profiler)
     own, matmul_by_caller = {}, {}
-    for (filename, line, name), (_, _, tottime, _, callers) in stats.stats.items():
+    for (filename, _line, name), (_, _, tottime, _, callers) in stats.stats.items():
         if "minilora" not in filename:
             continue
         short = f"{filename.split('minilora/')[-1]}:{name}"
@@ -76,7 +80,9 @@ def main() -> None:
                 matmul_by_caller[key] = matmul_by_caller.get(key, 0.0) + caller_tottime
         else:
             own[short] = own.get(short, 0.0) + tottime
-    rows = sorted(set(own) | set(matmul_by_caller), key=lambda k: -(own.get(k, 0) + matmul_by_caller.get(k, 0)))
+    rows = sorted(
+        set(own) | set(matmul_by_caller), key=lambda k: -(own.get(k, 0) + matmul_by_caller.get(k, 0))
+    )
     total = sum(own.values()) + sum(matmul_by_caller.values())
     mode = "full" if args.full else f"LoRA r={lora_config.r} {','.join(lora_config.target_modules)}"
     print(f"{args.preset} {mode}, B={B} T={T}: {wall:.3f} s per step under the profiler, {args.steps} steps")

@@ -14,21 +14,36 @@ class Assignment:
 
 
 ASSIGNMENTS = {
-    "a1": Assignment("a1", "Linear, GELU and softmax cross-entropy",
-                     "the three simplest forward/backward pairs, and checking a backward by finite differences",
-                     ("layers/linear.py", "layers/gelu.py", "layers/cross_entropy.py")),
-    "a2": Assignment("a2", "LayerNorm and embeddings",
-                     "a backward with three chain-rule terms, and why an embedding's backward is a scatter-add",
-                     ("layers/layernorm.py", "layers/embedding.py")),
-    "a3": Assignment("a3", "Causal self-attention",
-                     "batched multi-head attention, the causal mask and the softmax backward",
-                     ("layers/attention.py",)),
-    "a4": Assignment("a4", "The whole model's backward",
-                     "residual fan-out, the tied embedding, and a gradient check of a whole GPT",
-                     ("model.py",)),
-    "a5": Assignment("a5", "The LoRA layer and merging",
-                     "LoRA's forward and its derived backward (dx, dA, dB), the scale, and merging into W",
-                     ("lora/layer.py",)),
+    "a1": Assignment(
+        "a1",
+        "Linear, GELU and softmax cross-entropy",
+        "the three simplest forward/backward pairs, and checking a backward by finite differences",
+        ("layers/linear.py", "layers/gelu.py", "layers/cross_entropy.py"),
+    ),
+    "a2": Assignment(
+        "a2",
+        "LayerNorm and embeddings",
+        "a backward with three chain-rule terms, and why an embedding's backward is a scatter-add",
+        ("layers/layernorm.py", "layers/embedding.py"),
+    ),
+    "a3": Assignment(
+        "a3",
+        "Causal self-attention",
+        "batched multi-head attention, the causal mask and the softmax backward",
+        ("layers/attention.py",),
+    ),
+    "a4": Assignment(
+        "a4",
+        "The whole model's backward",
+        "residual fan-out, the tied embedding, and a gradient check of a whole GPT",
+        ("model.py",),
+    ),
+    "a5": Assignment(
+        "a5",
+        "The LoRA layer and merging",
+        "LoRA's forward and its derived backward (dx, dlora_A, dlora_B), the scale, and merging into W",
+        ("lora/layer.py",),
+    ),
 }
 
 

@@ -28,8 +28,11 @@ class Score:
         return sum(part["points"] for part in self.parts)
 
     def table(self) -> str:
-        lines = [f"{part['name']:<60} {part['earned']}/{part['points']}  {part['outcome']}"
-                 + (f" ({part['error']})" if part["error"] else "") for part in self.parts]
+        lines = [
+            f"{part['name']:<60} {part['earned']}/{part['points']}  {part['outcome']}"
+            + (f" ({part['error']})" if part["error"] else "")
+            for part in self.parts
+        ]
         return "\n".join(lines + [f"{'total':<60} {self.earned}/{self.total}"])
 
 
@@ -43,11 +46,27 @@ def grade(assignment_id: str, submission_dir, timeout: float = 900) -> Score:
     submission = Path(submission_dir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         score_file = Path(tmp) / "score.json"
-        command = [sys.executable, "-m", "pytest", str(grader_path(assignment_id)), f"--submission={submission}",
-                   f"--score-json={score_file}", "-q", "-p", "no:cacheprovider", "--rootdir", str(GRADERS_DIR),
-                   "-o", "addopts=", "-o", "python_files=grade_*.py"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(grader_path(assignment_id)),
+            f"--submission={submission}",
+            f"--score-json={score_file}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(GRADERS_DIR),
+            "-o",
+            "addopts=",
+            "-o",
+            "python_files=grade_*.py",
+        ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=GRADERS_DIR)
         if not score_file.is_file():
-            raise RuntimeError(f"the grader of {assignment_id} did not run:\n{completed.stdout}\n{completed.stderr}")
+            raise RuntimeError(
+                f"the grader of {assignment_id} did not run:\n{completed.stdout}\n{completed.stderr}"
+            )
         parts = json.loads(score_file.read_text())
     return Score(assignment_id, parts)

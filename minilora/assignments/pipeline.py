@@ -26,8 +26,12 @@ def planted_bugs(assignment_id: str) -> list[Path]:
 
 def apply_patch(release_dir: Path, patch: Path) -> None:
     """Apply a unified diff (paths a/<file>, b/<file>) to a release's student/ folder."""
-    completed = subprocess.run(["git", "apply", "-p1", str(patch)], cwd=Path(release_dir) / STUDENT_DIR,
-                               capture_output=True, text=True)
+    completed = subprocess.run(
+        ["git", "apply", "-p1", str(patch)],
+        cwd=Path(release_dir) / STUDENT_DIR,
+        capture_output=True,
+        text=True,
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"{patch.name} no longer applies to the reference: {completed.stderr.strip()}")
 
@@ -38,7 +42,10 @@ def verify(assignment_id: str) -> dict:
         tmp = Path(tmp)
         release(assignment_id, tmp / "reference", solved=True)
         release(assignment_id, tmp / "blank")
-        scores = {"reference": grade(assignment_id, tmp / "reference"), "blank": grade(assignment_id, tmp / "blank")}
+        scores = {
+            "reference": grade(assignment_id, tmp / "reference"),
+            "blank": grade(assignment_id, tmp / "blank"),
+        }
         for patch in planted_bugs(assignment_id):
             target = tmp / patch.stem
             release(assignment_id, target, solved=True)

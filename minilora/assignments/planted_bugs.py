@@ -17,39 +17,65 @@ from .release import STUDENT_DIR, release
 
 # (assignment, file, name, reference text, buggy text)
 BUGS = [
-    ('a1', 'gelu.py', 'missing_half',
-     'dout * (0.5 * (1.0 + t) +',
-     'dout * ((1.0 + t) +'),
-    ('a1', 'cross_entropy.py', 'forgot_mean',
-     '(cache.probs - onehot) * (dloss / N)',
-     '(cache.probs - onehot) * dloss'),
-    ('a1', 'linear.py', 'bias_gradient_of_one_row',
-     'db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None',
-     'db = dout_rows[0] if cache.has_bias and compute_db else None'),
-    ('a2', 'layernorm.py', 'dropped_variance_term',
-     'rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)',
-     'rstd * (dxhat - mean_dxhat)'),
-    ('a2', 'embedding.py', 'fancy_index_add',
-     'scatter_add(dtable, cache.ids.reshape(-1), dout.reshape(-1, C))',
-     'dtable[cache.ids.reshape(-1)] += dout.reshape(-1, C)'),
-    ('a3', 'attention.py', 'missing_scale',
-     'dq = matmul(ds, k) * cache.scale',
-     'dq = matmul(ds, k)'),
-    ('a3', 'attention.py', 'no_causal_mask',
-     '    scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys\n',
-     ''),
-    ('a4', 'model.py', 'residual_not_summed',
-     'dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
-     'dx = self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)'),
-    ('a4', 'model.py', 'tied_head_gradient_dropped',
-     'grads[WTE] = ops.embedding_backward(dx, cache.token_embedding) + dW_head.T',
-     'grads[WTE] = ops.embedding_backward(dx, cache.token_embedding)'),
-    ('a5', 'layer.py', 'forgot_scale_in_dB',
-     '    dlora_B *= cache.scaling\n',
-     ''),
-    ('a5', 'layer.py', 'merge_without_scale',
-     'return scaling * matmul(lora_A.T, lora_B.T)',
-     'return matmul(lora_A.T, lora_B.T)'),
+    ("a1", "gelu.py", "missing_half", "dout * (0.5 * (1.0 + t) +", "dout * ((1.0 + t) +"),
+    (
+        "a1",
+        "cross_entropy.py",
+        "forgot_mean",
+        "(cache.probs - onehot) * (dloss / N)",
+        "(cache.probs - onehot) * dloss",
+    ),
+    (
+        "a1",
+        "linear.py",
+        "bias_gradient_of_one_row",
+        "db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None",
+        "db = dout_rows[0] if cache.has_bias and compute_db else None",
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "dropped_variance_term",
+        "rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)",
+        "rstd * (dxhat - mean_dxhat)",
+    ),
+    (
+        "a2",
+        "embedding.py",
+        "fancy_index_add",
+        "scatter_add(dtable, cache.ids.reshape(-1), dout.reshape(-1, C))",
+        "dtable[cache.ids.reshape(-1)] += dout.reshape(-1, C)",
+    ),
+    ("a3", "attention.py", "missing_scale", "dq = matmul(ds, k) * cache.scale", "dq = matmul(ds, k)"),
+    (
+        "a3",
+        "attention.py",
+        "no_causal_mask",
+        "    scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys\n",
+        "",
+    ),
+    (
+        "a4",
+        "model.py",
+        "residual_not_summed",
+        'dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
+        'dx = self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
+    ),
+    (
+        "a4",
+        "model.py",
+        "tied_head_gradient_dropped",
+        "grads[WTE] = ops.embedding_backward(dx, cache.token_embedding) + dW_head.T",
+        "grads[WTE] = ops.embedding_backward(dx, cache.token_embedding)",
+    ),
+    ("a5", "layer.py", "forgot_scale_in_dB", "    dlora_B *= cache.scaling\n", ""),
+    (
+        "a5",
+        "layer.py",
+        "merge_without_scale",
+        "return scaling * matmul(lora_A.T, lora_B.T)",
+        "return matmul(lora_A.T, lora_B.T)",
+    ),
 ]
 
 
@@ -60,10 +86,16 @@ def write_patches() -> list[Path]:
             release(assignment_id, tmp, solved=True)
             text = (Path(tmp) / STUDENT_DIR / file_name).read_text()
             if text.count(old) != 1:
-                raise ValueError(f"{assignment_id}_{name}: {old!r} occurs {text.count(old)} times in {file_name}")
+                raise ValueError(
+                    f"{assignment_id}_{name}: {old!r} occurs {text.count(old)} times in {file_name}"
+                )
             buggy = text.replace(old, new)
-            diff = difflib.unified_diff(text.splitlines(keepends=True), buggy.splitlines(keepends=True),
-                                        f"a/{file_name}", f"b/{file_name}")
+            diff = difflib.unified_diff(
+                text.splitlines(keepends=True),
+                buggy.splitlines(keepends=True),
+                f"a/{file_name}",
+                f"b/{file_name}",
+            )
             path = BUGS_DIR / f"{assignment_id}_{name}.patch"
             path.write_text("".join(diff))
             written.append(path)

@@ -70,9 +70,13 @@ def release(assignment_id: str, out_dir, solved: bool = False) -> Path:
         source = path.read_text()
         markers = [BEGIN.match(line) for line in source.split("\n")]
         holes += [(relative, m.group(3)) for m in markers if m and m.group(2) == assignment_id]
-        header = (f"# {assignment.title} ({assignment_id}): your copy of minilora/{relative}.\n"
-                  f"# Fill in every hole that raises NotImplementedError; everything else is the reference.\n")
-        (student / Path(relative).name).write_text(header + student_copy(source, assignment_id, package, solved))
+        header = (
+            f"# {assignment.title} ({assignment_id}): your copy of minilora/{relative}.\n"
+            f"# Fill in every hole that raises NotImplementedError; everything else is the reference.\n"
+        )
+        (student / Path(relative).name).write_text(
+            header + student_copy(source, assignment_id, package, solved)
+        )
     if not holes:
         raise ValueError(f"assignment {assignment_id} has no holes in {assignment.sources}")
     write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb")
@@ -89,12 +93,15 @@ def write_notebook(assignment, holes, path: Path) -> None:
             f"# {assignment.title}\n\nThis assignment teaches {assignment.teaches}.\n\n"
             f"Open the files in `student/` and fill in each hole (it raises `NotImplementedError` with a hint):\n\n"
             f"{listing}\n\nEverything else in those files is minilora's reference code. Run the cells below to "
-            f"check your work as you go; the last one runs the grader."),
+            f"check your work as you go; the last one runs the grader."
+        ),
         nbformat.v4.new_code_cell(
             "from minilora.assignments.release import load_student\n\n"
-            "student = load_student('.')  # your modules, by file name\nsorted(student)"),
+            "student = load_student('.')  # your modules, by file name\nsorted(student)"
+        ),
         nbformat.v4.new_code_cell(
-            f"from minilora.assignments.grading import grade\n\nprint(grade({assignment.id!r}, '.').table())"),
+            f"from minilora.assignments.grading import grade\n\nprint(grade({assignment.id!r}, '.').table())"
+        ),
     ]
     nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
 

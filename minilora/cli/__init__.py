@@ -9,20 +9,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..io.adapters import AdapterError
 from ..backend import BackendError
+from ..io.adapters import AdapterError
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
 from ..training.loop import TrainingDiverged
-from . import assignment_command, base_commands, bench_command, demo_command, experiment_command, lora_commands
+from . import (
+    assignment_command,
+    base_commands,
+    bench_command,
+    demo_command,
+    experiment_command,
+    lora_commands,
+)
 
-EXPECTED_ERRORS = (AdapterError, BackendError, CorpusError, CheckpointError, TrainingDiverged, ValueError, KeyError,
-                   FloatingPointError, RuntimeError)
+EXPECTED_ERRORS = (
+    AdapterError,
+    BackendError,
+    CorpusError,
+    CheckpointError,
+    TrainingDiverged,
+    ValueError,
+    KeyError,
+    FloatingPointError,
+    RuntimeError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU).")
+        prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU)."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     demo_command.register(subparsers)
     base_commands.register(subparsers)

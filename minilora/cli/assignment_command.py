@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 
-
 def add_assignment_parser(subparsers) -> None:
     from ..assignments.catalog import ASSIGNMENTS
 
     parser = subparsers.add_parser(
-        "assignment", help="course assignments: release, grade, verify (see docs/instructors.md)",
+        "assignment",
+        help="course assignments: release, grade, verify (see docs/instructors.md)",
         description="Assignments are holes in minilora's own source. 'release' writes a student copy and a "
-                    "notebook, 'grade' scores a submission with the assignment's pytest grader, 'verify' "
-                    "checks that the reference gets full marks, a blank release zero, and planted bugs lose points.")
+        "notebook, 'grade' scores a submission with the assignment's pytest grader, 'verify' "
+        "checks that the reference gets full marks, a blank release zero, and planted bugs lose points.",
+    )
     actions = parser.add_subparsers(dest="action", required=True, metavar="action")
-    for action, help_text in (("release", "write a student release"), ("grade", "grade a submission"),
-                              ("verify", "check the whole pipeline")):
+    for action, help_text in (
+        ("release", "write a student release"),
+        ("grade", "grade a submission"),
+        ("verify", "check the whole pipeline"),
+    ):
         sub = actions.add_parser(action, help=help_text)
-        sub.add_argument("assignment", choices=[*sorted(ASSIGNMENTS), *(["all"] if action == "verify" else [])])
+        sub.add_argument(
+            "assignment", choices=[*sorted(ASSIGNMENTS), *(["all"] if action == "verify" else [])]
+        )
         if action == "release":
             sub.add_argument("--out", required=True, help="the folder to write")
             sub.add_argument("--solved", action="store_true", help="keep the reference code in the holes")

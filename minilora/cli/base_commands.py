@@ -15,16 +15,24 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=DEVICES, default=None,
-                        help=f"cpu (NumPy) or cuda (CuPy); default: ${DEVICE_ENV_VAR}, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help=f"cpu (NumPy) or cuda (CuPy); default: ${DEVICE_ENV_VAR}, else cpu",
+    )
 
 
 def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
     """One flag per TrainSettings field (--steps, --lr, ...); unset flags stay None."""
     training = parser.add_argument_group("training")
     for f in fields(TrainSettings):
-        training.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None,
-                              help=f"(default {getattr(defaults, f.name)})")
+        training.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=None,
+            help=f"(default {getattr(defaults, f.name)})",
+        )
 
 
 def given_training_flags(args) -> dict:
@@ -33,16 +41,21 @@ def given_training_flags(args) -> dict:
 
 
 def add_corpus_flag(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--corpus", default=default,
-                        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or the path of a UTF-8 text file")
+    parser.add_argument(
+        "--corpus",
+        default=default,
+        help=f"a shipped corpus ({', '.join(SHIPPED_CORPORA)}) or the path of a UTF-8 text file",
+    )
 
 
 def add_pretrain_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "pretrain", help="train a base model from scratch on a corpus",
+        "pretrain",
+        help="train a base model from scratch on a corpus",
         description="Pretrain a GPT-2-style base model on a corpus, with periodic validation in bits per "
-                    "byte and an atomic checkpoint in --out after every evaluation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "byte and an atomic checkpoint in --out after every evaluation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size")
     model = parser.add_argument_group("model shape (each replaces the preset's value)")
@@ -51,8 +64,11 @@ def add_pretrain_parser(subparsers) -> None:
         model.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
     add_training_flags(parser, TrainSettings())
     parser.add_argument("--out", default="runs/pretrain", help="directory for the checkpoint and results")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --out; training flags given here override its settings")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out; training flags given here override its settings",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
     parser.set_defaults(run=run_pretrain)
@@ -68,17 +84,30 @@ def run_pretrain(args) -> None:
     if not args.resume:
         label = " ".join([args.preset, *(f"{k}={v}" for k, v in shape_changes.items())])
         print(f"pretraining {label} {config.to_dict()} on {args.corpus} for {settings.steps} steps")
-    model, result = pretrain(args.corpus, config, settings, args.out, device=args.device, resume=args.resume,
-                             settings_overrides=given if args.resume else None, progress=not args.quiet)
+    model, result = pretrain(
+        args.corpus,
+        config,
+        settings,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        settings_overrides=given if args.resume else None,
+        progress=not args.quiet,
+    )
     final = result.evals[-1]["val_bits_per_byte"] if result.evals else float("nan")
-    print(f"done: {model.num_parameters():,} parameters, val {final:.4f} bits/byte, "
-          f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s; checkpoint in {args.out}")
+    print(
+        f"done: {model.num_parameters():,} parameters, val {final:.4f} bits/byte, "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.wall_seconds:.1f} s; checkpoint in {args.out}"
+    )
 
 
 def add_checkpoint_flag(parser: argparse.ArgumentParser, name: str = "--checkpoint") -> None:
-    parser.add_argument(name, default=None,
-                        help="a checkpoint file, or a run directory holding checkpoint.safetensors "
-                             "(default: the shipped base model, data/shakespeare_base.safetensors)")
+    parser.add_argument(
+        name,
+        default=None,
+        help="a checkpoint file, or a run directory holding checkpoint.safetensors "
+        "(default: the shipped base model, data/shakespeare_base.safetensors)",
+    )
 
 
 def checkpoint_or_shipped_base(value):
@@ -86,12 +115,22 @@ def checkpoint_or_shipped_base(value):
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                        help="an adapter directory to load onto the checkpoint, optionally named; repeat it to "
-                             "load several onto one base (names default to the directory names)")
-    parser.add_argument("--use", default=None, metavar="NAME", help="the adapter to use (default: the last given)")
-    parser.add_argument("--allow-base-mismatch", action="store_true",
-                        help="load adapters even if they were trained on another base")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="an adapter directory to load onto the checkpoint, optionally named; repeat it to "
+        "load several onto one base (names default to the directory names)",
+    )
+    parser.add_argument(
+        "--use", default=None, metavar="NAME", help="the adapter to use (default: the last given)"
+    )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters even if they were trained on another base",
+    )
 
 
 def parse_adapter_flags(values) -> list[tuple[str, str]]:
@@ -125,16 +164,20 @@ def load_for_inference(args):
 
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="bits per byte of a checkpoint on a corpus",
+        "eval",
+        help="bits per byte of a checkpoint on a corpus",
         description="Evaluate a checkpoint: mean next-byte cross-entropy in bits over the whole split, cut "
-                    "into non-overlapping windows of the model's block size.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "into non-overlapping windows of the model's block size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_checkpoint_flag(parser)
     add_adapter_flags(parser)
     add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly")
+    parser.add_argument(
+        "--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly"
+    )
     add_device_flag(parser)
     parser.set_defaults(run=run_eval)
 
@@ -149,16 +192,20 @@ def run_eval(args) -> None:
     for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
         if name is not None:
             model.set_adapter(name)
-        bpb = bits_per_byte(model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True)
+        bpb = bits_per_byte(
+            model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True
+        )
         label = "" if name is None else f" with adapter {name!r}"
         print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
 
 
 def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="sample text from a checkpoint",
+        "generate",
+        help="sample text from a checkpoint",
         description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_checkpoint_flag(parser)
     add_adapter_flags(parser)
     parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
@@ -180,24 +227,28 @@ def run_generate(args) -> None:
 
 def add_baseline_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "baseline", help="bits per byte of a smoothed byte n-gram model",
+        "baseline",
+        help="bits per byte of a smoothed byte n-gram model",
         description="Count byte n-grams on a corpus's training split and score its validation split "
-                    "(interpolated Witten-Bell smoothing): the number a neural model must beat.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(interpolated Witten-Bell smoothing): the number a neural model must beat.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--order", type=int, default=4, help="n of the n-gram (context of n - 1 bytes)")
     parser.set_defaults(run=run_baseline)
 
 
 def run_baseline(args) -> None:
-    from ..lab.baseline import ngram_bits_per_byte
     from ..io.data import load_corpus
+    from ..lab.baseline import ngram_bits_per_byte
 
     if not 1 <= args.order <= 7:
         raise ValueError(f"--order must be between 1 and 7, got {args.order}")
     corpus = load_corpus(args.corpus)
-    print(f"{args.corpus} val: {ngram_bits_per_byte(corpus.train, corpus.val, args.order):.4f} bits/byte "
-          f"(byte {args.order}-gram, Witten-Bell)")
+    print(
+        f"{args.corpus} val: {ngram_bits_per_byte(corpus.train, corpus.val, args.order):.4f} bits/byte "
+        f"(byte {args.order}-gram, Witten-Bell)"
+    )
 
 
 def register(subparsers) -> None:

@@ -12,55 +12,94 @@ from ..config import PRESETS
 
 def add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "bench", help="time training steps (LoRA or --full) and print one JSON line",
+        "bench",
+        help="time training steps (LoRA or --full) and print one JSON line",
         description="Time the training step (forward, backward, clipping, AdamW) of a preset after a warm-up, in "
-                    "LoRA or full mode, and print one JSON line: parameters, step times, tokens/s, matmul FLOPs, "
-                    "achieved GFLOP/s and MFU against a float32 matmul peak measured in the same run, peak memory "
-                    "and the memory ledger. --peer torch times the same step in PyTorch eager side by side "
-                    "(needs torch and a source checkout). Kernel choice: OpenBLAS reads OPENBLAS_CORETYPE and "
-                    "OPENBLAS_L2_SIZE when NumPy loads, so set or unset them in the shell, e.g. "
-                    "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE minilora bench ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "LoRA or full mode, and print one JSON line: parameters, step times, tokens/s, matmul FLOPs, "
+        "achieved GFLOP/s and MFU against a float32 matmul peak measured in the same run, peak memory "
+        "and the memory ledger. --peer torch times the same step in PyTorch eager side by side "
+        "(needs torch and a source checkout). Kernel choice: OpenBLAS reads OPENBLAS_CORETYPE and "
+        "OPENBLAS_L2_SIZE when NumPy loads, so set or unset them in the shell, e.g. "
+        "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE minilora bench ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="medium", help="model size")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8, help="rank of the update")
     lora.add_argument("--alpha", type=float, default=16.0, help="lora_alpha")
-    lora.add_argument("--targets", default="c_attn,attn.c_proj",
-                      help="comma-separated module names matched by suffix, or all-linear")
+    lora.add_argument(
+        "--targets",
+        default="c_attn,attn.c_proj",
+        help="comma-separated module names matched by suffix, or all-linear",
+    )
     run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=None, help="B (default: tiny 16, small 16, medium 16, gpt2s 8)")
+    run.add_argument(
+        "--batch-size", type=int, default=None, help="B (default: tiny 16, small 16, medium 16, gpt2s 8)"
+    )
     run.add_argument("--seq-len", type=int, default=None, help="T (default: the preset's block size)")
     run.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     run.add_argument("--steps", type=int, default=5, help="timed steps per run")
     run.add_argument("--repeats", type=int, default=3, help="runs (alternating with the peer's)")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--corpus", default="shakespeare_modern",
-                     help="batches from this corpus; 'random' for uniform random tokens")
-    run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads: the batch is split into this many shards, one per thread; "
-                          "default: $MINILORA_CPU_THREADS or the cores this process may use")
-    run.add_argument("--peak-size", type=int, default=None, help="n of the n x n matmul that measures the peak "
-                                                                  "(default 2048 on cpu, 8192 on cuda)")
+    run.add_argument(
+        "--corpus",
+        default="shakespeare_modern",
+        help="batches from this corpus; 'random' for uniform random tokens",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads: the batch is split into this many shards, one per thread; "
+        "default: $MINILORA_CPU_THREADS or the cores this process may use",
+    )
+    run.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="n of the n x n matmul that measures the peak (default 2048 on cpu, 8192 on cuda)",
+    )
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")
-    run.add_argument("--tf32", action="store_true",
-                     help="on a GPU, float32 products on TF32 tensor cores, for minilora and the peer (not the default)")
-    run.add_argument("--no-cuda-graph", action="store_true",
-                     help="on a GPU, launch every kernel from Python instead of replaying a captured CUDA graph")
-    run.add_argument("--reference", action="store_true",
-                     help="time the reference layers and train_step (what a student reads) instead of the fast path")
+    run.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on a GPU, float32 products on TF32 tensor cores, for minilora and the peer (not the default)",
+    )
+    run.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="on a GPU, launch every kernel from Python instead of replaying a captured CUDA graph",
+    )
+    run.add_argument(
+        "--reference",
+        action="store_true",
+        help="time the reference layers and train_step (what a student reads) instead of the fast path",
+    )
     peer = parser.add_argument_group("peer")
-    peer.add_argument("--peer", choices=("none", "torch"), default="none",
-                      help="torch: time the PyTorch peer (minilora.lab.torch_peer) in the same run")
+    peer.add_argument(
+        "--peer",
+        choices=("none", "torch"),
+        default="none",
+        help="torch: time the PyTorch peer (minilora.lab.torch_peer) in the same run",
+    )
     peer.add_argument("--peer-threads", type=int, default=2, help="torch.set_num_threads")
-    peer.add_argument("--peer-attention", choices=("math", "sdpa"), default="math",
-                      help="math: explicit full T x T softmax attention, as minilora; sdpa: "
-                           "F.scaled_dot_product_attention (causal kernel)")
+    peer.add_argument(
+        "--peer-attention",
+        choices=("math", "sdpa"),
+        default="math",
+        help="math: explicit full T x T softmax attention, as minilora; sdpa: "
+        "F.scaled_dot_product_attention (causal kernel)",
+    )
     parser.add_argument("--out", default=None, help="also append the JSON line to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="cpu (NumPy) or cuda (CuPy); default: $MINILORA_DEVICE, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="cpu (NumPy) or cuda (CuPy); default: $MINILORA_DEVICE, else cpu",
+    )
     parser.set_defaults(run=run_bench_command)
 
 
@@ -68,16 +107,32 @@ def settings_from_args(args):
     from ..lab.bench import BenchSettings
     from ..lora.config import LoraConfig
 
-    targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    targets = (
+        args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    )
     lora_config = None if args.full else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
     return BenchSettings(
-        preset=args.preset, lora_config=lora_config, device=args.device,
-        batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
-        seed=args.seed, dtype=args.dtype, corpus=None if args.corpus == "random" else args.corpus,
-        peer=None if args.peer == "none" else args.peer, peer_threads=args.peer_threads,
-        peer_attention=args.peer_attention, threads=args.threads, peak_size=args.peak_size,
-        trace_memory=not args.no_trace_memory, cuda_graph=not args.no_cuda_graph, tf32=args.tf32,
-        reference=args.reference)
+        preset=args.preset,
+        lora_config=lora_config,
+        device=args.device,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        steps=args.steps,
+        repeats=args.repeats,
+        seed=args.seed,
+        dtype=args.dtype,
+        corpus=None if args.corpus == "random" else args.corpus,
+        peer=None if args.peer == "none" else args.peer,
+        peer_threads=args.peer_threads,
+        peer_attention=args.peer_attention,
+        threads=args.threads,
+        peak_size=args.peak_size,
+        trace_memory=not args.no_trace_memory,
+        cuda_graph=not args.no_cuda_graph,
+        tf32=args.tf32,
+        reference=args.reference,
+    )
 
 
 def run_bench_command(args) -> None:

@@ -9,13 +9,15 @@ from .base_commands import add_device_flag
 
 def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="LoRA-fine-tune the shipped Shakespeare model on First Folio spelling, and measure it",
+        "demo",
+        help="LoRA-fine-tune the shipped Shakespeare model on First Folio spelling, and measure it",
         description="Load the shipped base (modern-spelling Shakespeare), measure it on the held-out Folio "
-                    "plays, LoRA-fine-tune it on the Folio training plays, and report what was learned and "
-                    "forgotten, the parameter table, the adapter's size, samples before and after with their "
-                    "Folio spellings, the merge check and generation timings. Writes results.json, "
-                    "loss_curve.png and the adapter to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "plays, LoRA-fine-tune it on the Folio training plays, and report what was learned and "
+        "forgotten, the parameter table, the adapter's size, samples before and after with their "
+        "Folio spellings, the merge check and generation timings. Writes results.json, "
+        "loss_curve.png and the adapter to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--steps", type=int, default=None, help="LoRA training steps (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""``minilora experiment``: the measurements behind docs/experiments (see minilora/experiments.py)."""
+"""``minilora experiment``: the measurements behind docs/experiments (see minilora/lab/experiments.py)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,30 @@ def add_experiment_parser(subparsers) -> None:
     from ..lab.experiments import EXPERIMENTS
 
     parser = subparsers.add_parser(
-        "experiment", help="run the LoRA experiments (rank, distance, placement, base) and plot them",
+        "experiment",
+        help="run the LoRA experiments (rank, distance, placement, base) and plot them",
         description="Fine-tune the shipped base many times (a learning-rate sweep per method, then 3 seeds at "
-                    "the best rate) and write <out>/<name>.json and <name>.png. Runs are appended to "
-                    "<out>/runs.jsonl and skipped when rerun. Meant for a GPU: --device cuda --workers 8.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, "memory", "all"],
-                        help="which experiments ('memory' plots the memory ledger; it trains nothing)")
+        "the best rate) and write <out>/<name>.json and <name>.png. Runs are appended to "
+        "<out>/runs.jsonl and skipped when rerun. Meant for a GPU: --device cuda --workers 8.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "names",
+        nargs="+",
+        choices=[*EXPERIMENTS, "memory", "all"],
+        help="which experiments ('memory' plots the memory ledger; it trains nothing)",
+    )
     parser.add_argument("--out", default="docs/experiments", help="output directory")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--base", default=None, help="replace the shipped base (for quick checks)")
-    parser.add_argument("--summarize-only", action="store_true",
-                        help="only rebuild the JSON summaries and figures from <out>/runs.jsonl")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="only rebuild the JSON summaries and figures from <out>/runs.jsonl",
+    )
     add_device_flag(parser)
     parser.set_defaults(run=run_experiment_command)
 
@@ -43,8 +52,16 @@ def run_experiment_command(args) -> None:
         if args.summarize_only:
             summarize_only(name, args.out, args.steps, args.batch_size, args.eval_windows)
             continue
-        run_experiment(name, args.out, resolve_device(args.device), args.workers, args.steps, args.batch_size,
-                       args.eval_windows, base=args.base)
+        run_experiment(
+            name,
+            args.out,
+            resolve_device(args.device),
+            args.workers,
+            args.steps,
+            args.batch_size,
+            args.eval_windows,
+            base=args.base,
+        )
 
 
 def write_memory_ledger(out_dir) -> None:
@@ -54,8 +71,8 @@ def write_memory_ledger(out_dir) -> None:
 
     from ..lab.bench import BENCH_BATCH_SIZES
     from ..lab.experiment_plots import plot_memory_ledger
-    from ..lora.config import LoraConfig
     from ..lab.memory import ledger_table
+    from ..lora.config import LoraConfig
 
     rows = ledger_table(BENCH_BATCH_SIZES, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")))
     (Path(out_dir) / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")

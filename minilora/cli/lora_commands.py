@@ -18,38 +18,61 @@ from .base_commands import (
 
 # Fine-tuning runs are short: fewer steps and warmup than pretraining, no weight decay, and a
 # learning rate that depends on what is trained (an adapter tolerates a far larger one).
-FINETUNE_DEFAULTS = TrainSettings(steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0,
-                                  eval_interval=100, eval_windows=64)
+FINETUNE_DEFAULTS = TrainSettings(
+    steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0, eval_interval=100, eval_windows=64
+)
 FULL_FINETUNE_LR = 3e-4
 
 
 def add_finetune_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "finetune", help="LoRA-fine-tune a base checkpoint on a corpus (or --full)",
+        "finetune",
+        help="LoRA-fine-tune a base checkpoint on a corpus (or --full)",
         description="Fine-tune a base checkpoint on a corpus. With LoRA (the default) only the adapter is "
-                    "trained and saved; --full trains every weight, as the comparison. Writes "
-                    "finetune_metrics.json to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "trained and saved; --full trains every weight, as the comparison. Writes "
+        "finetune_metrics.json to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_checkpoint_flag(parser, "--base")
     add_corpus_flag(parser, "shakespeare_folio")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8, help="rank of the update")
-    lora.add_argument("--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r")
+    lora.add_argument(
+        "--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r"
+    )
     lora.add_argument("--lora-dropout", type=float, default=0.0)
-    lora.add_argument("--targets", default="c_attn",
-                      help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj), "
-                           "or all-linear")
+    lora.add_argument(
+        "--targets",
+        default="c_attn",
+        help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj), "
+        "or all-linear",
+    )
     lora.add_argument("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
-    lora.add_argument("--variant", choices=("lora", "dora", "pissa"), default="lora",
-                      help="plain LoRA, DoRA (a trained magnitude per output) or PiSSA (start from the top-r SVD)")
-    lora.add_argument("--init", choices=[i for i in INITS if i != "pissa"], default="default",
-                      help="initialisation of plain LoRA and DoRA factors")
-    lora.add_argument("--loraplus-ratio", type=float, default=1.0,
-                      help="LoRA+: train lora_B with this multiple of the learning rate (e.g. 16)")
+    lora.add_argument(
+        "--variant",
+        choices=("lora", "dora", "pissa"),
+        default="lora",
+        help="plain LoRA, DoRA (a trained magnitude per output) or PiSSA (start from the top-r SVD)",
+    )
+    lora.add_argument(
+        "--init",
+        choices=[i for i in INITS if i != "pissa"],
+        default="default",
+        help="initialisation of plain LoRA and DoRA factors",
+    )
+    lora.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        default=1.0,
+        help="LoRA+: train lora_B with this multiple of the learning rate (e.g. 16)",
+    )
     lora.add_argument("--bias", choices=BIASES, default="none", help="which biases to train as well")
-    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA, "
-                                                            f"with --lr {FULL_FINETUNE_LR} unless given")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"full fine-tuning instead of LoRA, with --lr {FULL_FINETUNE_LR} unless given",
+    )
     add_training_flags(parser, FINETUNE_DEFAULTS)
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,12 +81,22 @@ def add_finetune_parser(subparsers) -> None:
 
 
 def lora_config_from_args(args) -> LoraConfig:
-    targets = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    targets = (
+        args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    )
     layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
     init = "pissa" if args.variant == "pissa" else args.init
-    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                      layers_to_transform=layers, use_rslora=args.rslora, init=init, bias=args.bias,
-                      use_dora=args.variant == "dora")
+    return LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        use_rslora=args.rslora,
+        init=init,
+        bias=args.bias,
+        use_dora=args.variant == "dora",
+    )
 
 
 def run_finetune(args) -> None:
@@ -76,21 +109,35 @@ def run_finetune(args) -> None:
         given["min_lr"] = given["lr"] / 10
     settings = replace(FINETUNE_DEFAULTS, **given)
     lora_config = None if args.full else lora_config_from_args(args)
-    model, metrics = finetune(checkpoint_or_shipped_base(args.base), args.corpus, lora_config, settings, args.out,
-                              args.device, progress=not args.quiet, loraplus_ratio=args.loraplus_ratio)
+    model, metrics = finetune(
+        checkpoint_or_shipped_base(args.base),
+        args.corpus,
+        lora_config,
+        settings,
+        args.out,
+        args.device,
+        progress=not args.quiet,
+        loraplus_ratio=args.loraplus_ratio,
+    )
     print(metrics["summary"])
-    print(f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
-          f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s")
-    print(f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
-          f"{metrics['base_weights_bytes']:,} bytes in float32)")
+    print(
+        f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
+        f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s"
+    )
+    print(
+        f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
+        f"{metrics['base_weights_bytes']:,} bytes in float32)"
+    )
 
 
 def add_merge_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "merge", help="fold an adapter into its base: a plain checkpoint with no added latency",
+        "merge",
+        help="fold an adapter into its base: a plain checkpoint with no added latency",
         description="Merge a LoRA adapter into its base checkpoint (W + s A^T B^T) and save the result as an "
-                    "ordinary checkpoint of the base's size.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "ordinary checkpoint of the base's size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_checkpoint_flag(parser, "--base")
     parser.add_argument("--adapter", required=True, help="the adapter directory")
     parser.add_argument("--out", required=True, help="the merged checkpoint file to write")
@@ -100,27 +147,36 @@ def add_merge_parser(subparsers) -> None:
 
 
 def run_merge(args) -> None:
-    from ..io.adapters import load_adapter
     from ..backend import resolve_device
+    from ..io.adapters import load_adapter
     from ..io.checkpoint import load_model, save_checkpoint
     from ..io.provenance import provenance
 
     base_path = checkpoint_or_shipped_base(args.base)
     lora_model = load_adapter(load_model(base_path, args.device), args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
-    metadata = {"kind": "merged", "config": merged.config.to_dict(), "base": str(base_path),
-                "adapter": str(args.adapter), "lora_config": lora_model.lora_config.to_dict(),
-                "provenance": provenance(resolve_device(args.device))}
+    metadata = {
+        "kind": "merged",
+        "config": merged.config.to_dict(),
+        "base": str(base_path),
+        "adapter": str(args.adapter),
+        "lora_config": lora_model.lora_config.to_dict(),
+        "provenance": provenance(resolve_device(args.device)),
+    }
     save_checkpoint(args.out, merged.params, metadata)
-    print(f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
-          f"({merged.num_parameters():,} parameters, as the base)")
+    print(
+        f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
+        f"({merged.num_parameters():,} parameters, as the base)"
+    )
 
 
 def add_info_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "info", help="describe a checkpoint or an adapter",
+        "info",
+        help="describe a checkpoint or an adapter",
         description="Print a checkpoint's config and parameter table, or an adapter's LoRA settings, "
-                    "per-module table and trainable-parameter summary.")
+        "per-module table and trainable-parameter summary.",
+    )
     parser.add_argument("path", help="a checkpoint file or run directory, or an adapter directory")
     parser.set_defaults(run=run_info)
 
@@ -138,10 +194,12 @@ def run_info(args) -> None:
 
 def add_peft_parsers(subparsers) -> None:
     export = subparsers.add_parser(
-        "export-peft", help="write an adapter in Hugging Face PEFT's format",
+        "export-peft",
+        help="write an adapter in Hugging Face PEFT's format",
         description="Convert a minilora adapter directory to PEFT's adapter_config.json and "
-                    "adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on a "
-                    "transformers GPT-2 holding the same base weights.")
+        "adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on a "
+        "transformers GPT-2 holding the same base weights.",
+    )
     add_checkpoint_flag(export, "--base")
     export.add_argument("--adapter", required=True, help="the minilora adapter directory")
     export.add_argument("--out", required=True, help="the PEFT adapter directory to write")
@@ -149,9 +207,11 @@ def add_peft_parsers(subparsers) -> None:
     add_device_flag(export)
     export.set_defaults(run=run_export_peft)
     imported = subparsers.add_parser(
-        "import-peft", help="read a Hugging Face PEFT LoRA/DoRA adapter as a minilora adapter",
+        "import-peft",
+        help="read a Hugging Face PEFT LoRA/DoRA adapter as a minilora adapter",
         description="Load a PEFT adapter directory onto a base checkpoint and save it as a minilora adapter "
-                    "(fingerprinted to that base).")
+        "(fingerprinted to that base).",
+    )
     add_checkpoint_flag(imported, "--base")
     imported.add_argument("--peft", required=True, help="the PEFT adapter directory")
     imported.add_argument("--out", required=True, help="the minilora adapter directory to write")
@@ -164,8 +224,11 @@ def run_export_peft(args) -> None:
     from ..io.checkpoint import load_model
     from ..io.peft import export_peft
 
-    model = load_adapter(load_model(checkpoint_or_shipped_base(args.base), args.device), args.adapter,
-                         allow_base_mismatch=args.allow_base_mismatch)
+    model = load_adapter(
+        load_model(checkpoint_or_shipped_base(args.base), args.device),
+        args.adapter,
+        allow_base_mismatch=args.allow_base_mismatch,
+    )
     path = export_peft(model, args.out)
     print(f"wrote {path} and its adapter_config.json ({len(model.adapted_modules)} adapted modules)")
 

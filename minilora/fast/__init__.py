@@ -35,8 +35,14 @@ def fast_ops(xp) -> LayerOps:
     return CUDA_OPS
 
 
-def accelerate(model, optimizer, grad_clip: float, shards: int | None = None, cuda_graph: bool = True,
-               graph_warmup: int = 2):
+def accelerate(
+    model,
+    optimizer,
+    grad_clip: float,
+    shards: int | None = None,
+    cuda_graph: bool = True,
+    graph_warmup: int = 2,
+):
     """Hand ``model`` its device's fast layer functions and return the fast ``step`` for ``train_loop``.
 
     CPU: ``shards`` threads (None: one per core). GPU: a CUDA graph captured after ``graph_warmup``

@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import device_of, to_device, to_numpy
-from .checkpoint import atomic_write_bytes
 from ..lora.config import LoraConfig
 from ..lora.model import LoraGPT, as_plain_lora
 from ..lora.variants import variant_for
+from .checkpoint import atomic_write_bytes
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,18 +50,26 @@ def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dic
         raise AdapterError("no adapter is active: there is nothing to save")
     adapter = model.adapter
     if not allow_noop and model.is_noop():
-        raise AdapterError("every lora_B is zero and every trained bias equals the base's, so the adapter "
-                           "changes nothing (it was never trained); pass allow_noop=True to save it anyway")
+        raise AdapterError(
+            "every lora_B is zero and every trained bias equals the base's, so the adapter "
+            "changes nothing (it was never trained); pass allow_noop=True to save it anyway"
+        )
     config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
     converted = {}
     if config.init == "pissa":
         config, tensors = as_plain_lora(adapter)
         converted = {"converted_from": "pissa"}
     document = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": variant_for(config).name,
-        "lora_config": config.to_dict(), "scaling": config.scaling,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "variant": variant_for(config).name,
+        "lora_config": config.to_dict(),
+        "scaling": config.scaling,
         "adapted_modules": {name: list(shape) for name, shape in adapter.modules.items()},
-        "base_config": model.config.to_dict(), "base_fingerprint": model.base_fingerprint, **converted, **(extra or {}),
+        "base_config": model.config.to_dict(),
+        "base_fingerprint": model.base_fingerprint,
+        **converted,
+        **(extra or {}),
     }
     text = json.dumps(document, indent=2, sort_keys=True)
     directory = Path(directory)
@@ -91,16 +99,19 @@ def read_adapter(path) -> tuple[dict, dict]:
     except json.JSONDecodeError as err:
         raise AdapterError(f"{weights}: the adapter's metadata is not valid JSON ({err})") from err
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{weights}: unsupported adapter format {document.get('format')!r} "
-                           f"version {document.get('format_version')!r}")
+        raise AdapterError(
+            f"{weights}: unsupported adapter format {document.get('format')!r} "
+            f"version {document.get('format_version')!r}"
+        )
     missing = [key for key in REQUIRED_FIELDS if key not in document]
     if missing:
         raise AdapterError(f"{weights}: the adapter's metadata lacks {missing}")
     return tensors, document
 
 
-def install_adapter(lora_model: LoraGPT, adapter_name: str, lora_config: LoraConfig, tensors: dict, source,
-                    describe_key=repr) -> None:
+def install_adapter(
+    lora_model: LoraGPT, adapter_name: str, lora_config: LoraConfig, tensors: dict, source, describe_key=repr
+) -> None:
     """Add ``adapter_name`` with ``lora_config`` to ``lora_model`` and fill it with ``tensors`` (host arrays).
 
     Every key and shape is checked first; on a mismatch the adapter is removed again and the error
@@ -116,8 +127,10 @@ def install_adapter(lora_model: LoraGPT, adapter_name: str, lora_config: LoraCon
     for name, value in tensors.items():
         expected = tuple(adapter.tensors[name].shape) if name in adapter.tensors else None
         if problem is None and tuple(value.shape) != expected:
-            problem = (f"adapter tensor {describe_key(name)} has shape {tuple(value.shape)}, expected {expected} "
-                       f"for r={lora_config.r}")
+            problem = (
+                f"adapter tensor {describe_key(name)} has shape {tuple(value.shape)}, expected {expected} "
+                f"for r={lora_config.r}"
+            )
     if problem is not None:
         lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{source}: {problem}")
@@ -136,14 +149,18 @@ def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch
     if document["variant"] not in ("lora", "dora"):
         raise AdapterError(f"{path}: adapter variant {document['variant']!r} is not supported")
     if document["base_config"] != model.config.to_dict():
-        raise AdapterError(f"{path}: the adapter was made for a model with config {document['base_config']}, "
-                           f"this base has {model.config.to_dict()}")
+        raise AdapterError(
+            f"{path}: the adapter was made for a model with config {document['base_config']}, "
+            f"this base has {model.config.to_dict()}"
+        )
     lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
     fingerprint = lora_model.base_fingerprint
     if fingerprint != document["base_fingerprint"] and not allow_base_mismatch:
-        raise AdapterError(f"{path}: the adapter was trained on another base (fingerprint "
-                           f"{document['base_fingerprint'][:19]}..., this base is {fingerprint[:19]}...); "
-                           "pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway")
+        raise AdapterError(
+            f"{path}: the adapter was trained on another base (fingerprint "
+            f"{document['base_fingerprint'][:19]}..., this base is {fingerprint[:19]}...); "
+            "pass allow_base_mismatch=True (--allow-base-mismatch) to load it anyway"
+        )
     install_adapter(lora_model, adapter_name, LoraConfig.from_dict(document["lora_config"]), tensors, path)
     lora_model.set_adapter(adapter_name)
     return lora_model

@@ -43,7 +43,7 @@ def write_all(fd: int, payload: bytes) -> None:
     """os.write until every byte is written (one call may write fewer)."""
     view = memoryview(payload)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -93,13 +93,15 @@ def load_checkpoint(path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
     if METADATA_KEY not in header:
-        raise CheckpointError(f"{path} is a safetensors file but not a minilora checkpoint (no {METADATA_KEY!r} metadata)")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a minilora checkpoint (no {METADATA_KEY!r} metadata)"
+        )
     try:
         metadata = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path}: its metadata is not valid JSON ({err})") from err
-    params = {key[len("params."):]: value for key, value in tensors.items() if key.startswith("params.")}
-    buffers = {key[len("optim."):]: value for key, value in tensors.items() if key.startswith("optim.")}
+    params = {key[len("params.") :]: value for key, value in tensors.items() if key.startswith("params.")}
+    buffers = {key[len("optim.") :]: value for key, value in tensors.items() if key.startswith("optim.")}
     optimizer = None
     if "optimizer_step_count" in metadata:
         optimizer = {"step_count": metadata["optimizer_step_count"], "buffers": buffers}
@@ -112,8 +114,10 @@ def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
         if name not in params:
             raise CheckpointError(f"{source}: missing parameter {name!r} (expected shape {shape})")
         if tuple(params[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(params[name].shape)}, "
-                                  f"the model expects {tuple(shape)}")
+            raise CheckpointError(
+                f"{source}: parameter {name!r} has shape {tuple(params[name].shape)}, "
+                f"the model expects {tuple(shape)}"
+            )
     unexpected = sorted(set(params) - set(expected_shapes))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected parameters {unexpected}")

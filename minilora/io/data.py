@@ -73,7 +73,7 @@ def load_corpus(name_or_path: str) -> Corpus:
     return Corpus(path.stem, train, val)
 
 
-@functools.lru_cache(maxsize=None)  # read-only arrays, safe to share: each file is decompressed once per process
+@functools.cache  # read-only arrays, safe to share: each file is decompressed once per process
 def read_shipped(name: str, split: str) -> np.ndarray:
     """Decompress one split of a shipped corpus into a read-only uint8 array."""
     path = DATA_DIR / f"{name}.{split}.txt.xz"

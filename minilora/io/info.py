@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-from .adapters import read_adapter
-from .checkpoint import load_checkpoint, resolve_checkpoint_path
 from ..config import GPTConfig
 from ..lora.accounting import format_table, lora_parameter_table, summary_line
 from ..lora.config import LoraConfig
 from ..model import parameter_shapes
+from .adapters import read_adapter
+from .checkpoint import load_checkpoint, resolve_checkpoint_path
 
 
 def module_rows(shapes: dict) -> list[tuple[str, str, int]]:
@@ -18,7 +18,10 @@ def module_rows(shapes: dict) -> list[tuple[str, str, int]]:
     for name, shape in shapes.items():
         module, kind = name.rsplit(".", 1)
         label, count = rows.get(module, ("", 0))
-        rows[module] = ((" x ".join(map(str, shape)) if kind == "weight" else label), count + math.prod(shape))
+        rows[module] = (
+            (" x ".join(map(str, shape)) if kind == "weight" else label),
+            count + math.prod(shape),
+        )
     return [(module, label, count) for module, (label, count) in rows.items()]
 
 
@@ -32,8 +35,10 @@ def describe_checkpoint(path) -> str:
             lines.append(f"{key}: {meta[key]}")
     if "provenance" in meta:
         prov = meta["provenance"]
-        lines.append(f"made with minilora {prov.get('minilora_version')} on {prov.get('device')}, "
-                     f"commit {prov.get('git_commit')}, seed {prov.get('seed')}")
+        lines.append(
+            f"made with minilora {prov.get('minilora_version')} on {prov.get('device')}, "
+            f"commit {prov.get('git_commit')}, seed {prov.get('seed')}"
+        )
     config = GPTConfig.from_dict(meta["config"])
     lines.append(f"config: {config.to_dict()}")
     dtypes = sorted({str(value.dtype) for value in checkpoint.params.values()})
@@ -53,11 +58,14 @@ def describe_adapter(path) -> str:
     trainable = sum(int(value.size) for value in tensors.values())
     base_total = sum(math.prod(shape) for shape in parameter_shapes(base_config).values())
     biases = sum(int(value.size) for name, value in tensors.items() if name.endswith(".bias"))
-    lines = [f"adapter {path} ({document['variant']}, format {document['format_version']})",
-             f"r={lora_config.r} lora_alpha={lora_config.lora_alpha} scaling={document['scaling']:.4g} "
-             f"rslora={lora_config.use_rslora} dropout={lora_config.lora_dropout} bias={lora_config.bias}",
-             f"targets: {lora_config.target_modules}, layers: {lora_config.layers_to_transform or 'all'}",
-             f"base: {base_config.to_dict()}", f"base fingerprint: {document['base_fingerprint']}"]
+    lines = [
+        f"adapter {path} ({document['variant']}, format {document['format_version']})",
+        f"r={lora_config.r} lora_alpha={lora_config.lora_alpha} scaling={document['scaling']:.4g} "
+        f"rslora={lora_config.use_rslora} dropout={lora_config.lora_dropout} bias={lora_config.bias}",
+        f"targets: {lora_config.target_modules}, layers: {lora_config.layers_to_transform or 'all'}",
+        f"base: {base_config.to_dict()}",
+        f"base fingerprint: {document['base_fingerprint']}",
+    ]
     if "training" in document:
         lines.append(f"training: {document['training']}")
     lines.append(format_table(lora_parameter_table(lora_config, base_config)))

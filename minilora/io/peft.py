@@ -24,11 +24,11 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
-from .adapters import AdapterError, install_adapter
 from ..backend import to_numpy
-from .checkpoint import atomic_write_bytes
 from ..lora.config import LoraConfig, linear_module_shapes
 from ..lora.model import LoraGPT, as_plain_lora
+from .adapters import AdapterError, install_adapter
+from .checkpoint import atomic_write_bytes
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -44,7 +44,7 @@ def minilora_key(key: str) -> str:
     """PEFT's tensor name -> minilora's."""
     if not key.startswith(PREFIX):
         raise AdapterError(f"unexpected key {key!r} in a PEFT adapter (expected the prefix {PREFIX!r})")
-    name = key[len(PREFIX):]
+    name = key[len(PREFIX) :]
     return name[: -len(".weight")] if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
 
 
@@ -55,19 +55,35 @@ def export_peft(model: LoraGPT, directory) -> Path:
     if config.init == "pissa":
         config, tensors = as_plain_lora(adapter)
     if config.bias != "none":
-        raise AdapterError(f"bias={config.bias!r} has no agreed PEFT layout here; export adapters with bias='none'")
+        raise AdapterError(
+            f"bias={config.bias!r} has no agreed PEFT layout here; export adapters with bias='none'"
+        )
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora, "use_dora": config.use_dora, "fan_in_fan_out": True, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": True,
+        "bias": "none",
         "target_modules": sorted(adapter.modules),  # the exact modules: PEFT matches a full name to itself
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "modules_to_save": None, "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "init_lora_weights": True,
     }
     directory = Path(directory)
     host = {peft_key(name): to_numpy(value) for name, value in tensors.items()}
     atomic_write_bytes(directory / PEFT_WEIGHTS, safetensors_bytes(host, metadata={"format": "pt"}))
-    atomic_write_bytes(directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(
+        directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+    )
     return directory / PEFT_WEIGHTS
 
 
@@ -90,18 +106,26 @@ def read_peft(directory) -> tuple[dict, dict]:
 def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
     """The LoraConfig of a PEFT LoRA config, refusing what minilora cannot represent."""
     if peft_config.get("peft_type") != "LORA":
-        raise AdapterError(f"only PEFT LoRA adapters can be imported, this one is {peft_config.get('peft_type')!r}")
+        raise AdapterError(
+            f"only PEFT LoRA adapters can be imported, this one is {peft_config.get('peft_type')!r}"
+        )
     for field in ("rank_pattern", "alpha_pattern"):
         if peft_config.get(field):
             raise AdapterError(f"PEFT's {field} (a rank or alpha per module) is not supported")
     if peft_config.get("bias", "none") != "none" or peft_config.get("modules_to_save"):
         raise AdapterError("PEFT adapters with trained biases or modules_to_save are not supported")
     if not peft_config.get("fan_in_fan_out", False):
-        raise AdapterError("the PEFT adapter has fan_in_fan_out false, but GPT-2's Conv1D weights are (C_in, C_out)")
-    return LoraConfig(r=int(peft_config["r"]), lora_alpha=float(peft_config["lora_alpha"]),
-                      lora_dropout=float(peft_config.get("lora_dropout", 0.0)), target_modules=tuple(modules),
-                      use_rslora=bool(peft_config.get("use_rslora", False)),
-                      use_dora=bool(peft_config.get("use_dora", False)))
+        raise AdapterError(
+            "the PEFT adapter has fan_in_fan_out false, but GPT-2's Conv1D weights are (C_in, C_out)"
+        )
+    return LoraConfig(
+        r=int(peft_config["r"]),
+        lora_alpha=float(peft_config["lora_alpha"]),
+        lora_dropout=float(peft_config.get("lora_dropout", 0.0)),
+        target_modules=tuple(modules),
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        use_dora=bool(peft_config.get("use_dora", False)),
+    )
 
 
 def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
@@ -114,7 +138,8 @@ def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
     lora_config = lora_config_from_peft(peft_config, modules)
     lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
-    install_adapter(lora_model, adapter_name, lora_config, tensors, directory, describe_key=lambda n: repr(peft_key(n)))
+    install_adapter(
+        lora_model, adapter_name, lora_config, tensors, directory, describe_key=lambda n: repr(peft_key(n))
+    )
     lora_model.set_adapter(adapter_name)
     return lora_model
-

@@ -51,20 +51,22 @@ from ..backend import (
     to_numpy,
 )
 from ..config import GPTConfig, get_preset
-from ..io.data import get_batch, load_corpus
-from ..training.finetune import ADAM_BETAS, make_optimizer
+from ..fast import accelerate
 from ..fast.cpu.host_memory import retain_freed_memory
+from ..fast.cuda.graph import GraphedStep
+from ..io.data import get_batch, load_corpus
+from ..io.provenance import provenance
 from ..lora.config import LoraConfig, select_target_modules
 from ..lora.model import add_lora
-from .memory import memory_ledger
 from ..model import GPT, init_params
-from ..io.provenance import provenance
+from ..training.finetune import ADAM_BETAS, make_optimizer
 from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
-from ..fast import accelerate
-from ..fast.cuda.graph import GraphedStep
+from .memory import memory_ledger
 
 BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
-DEFAULT_LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj"))  # the bench's adapter
+DEFAULT_LORA = LoraConfig(
+    r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj")
+)  # the bench's adapter
 OPENBLAS_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # read by OpenBLAS once, when NumPy loads it
 PEAK_SIZES = {"cpu": 2048, "cuda": 8192}  # n of the (n, n) @ (n, n) product that measures the peak
 PEAK_REPEATS = 5
@@ -74,8 +76,9 @@ class BenchError(RuntimeError):
     """The benchmark cannot run as asked; the message says how to fix it."""
 
 
-def step_flops(config: GPTConfig, batch_size: int, seq_len: int | None = None,
-               lora_config: LoraConfig | None = None) -> dict:
+def step_flops(
+    config: GPTConfig, batch_size: int, seq_len: int | None = None, lora_config: LoraConfig | None = None
+) -> dict:
     """Matmul FLOPs of one training step (forward + backward); ``lora_config=None`` is full fine-tuning.
 
     With N = B T tokens, L layers, C channels and V the vocabulary:
@@ -100,11 +103,24 @@ def step_flops(config: GPTConfig, batch_size: int, seq_len: int | None = None,
         forward = dense + attention
         backward = 2 * forward
     else:
-        lora = 2 * N * sum(lora_config.r * (C_in + C_out) for C_in, C_out in select_target_modules(lora_config, config).values())
+        lora = (
+            2
+            * N
+            * sum(
+                lora_config.r * (C_in + C_out)
+                for C_in, C_out in select_target_modules(lora_config, config).values()
+            )
+        )
         forward = dense + attention + lora
         backward = dense + 2 * attention + 2 * lora
-    return {"forward": forward, "backward": backward, "total": forward + backward,
-            "dense_forward": dense, "attention_forward": attention, "lora_forward": lora}
+    return {
+        "forward": forward,
+        "backward": backward,
+        "total": forward + backward,
+        "dense_forward": dense,
+        "attention_forward": attention,
+        "lora_forward": lora,
+    }
 
 
 @dataclass
@@ -126,7 +142,9 @@ class BenchSettings:
     peer: str | None = None  # "torch": time minilora.lab.torch_peer side by side
     peer_threads: int = 2  # torch.set_num_threads
     peer_attention: str = "math"  # the peer's attention: "math" (full T x T, as minilora) or "sdpa"
-    threads: int | None = None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
+    threads: int | None = (
+        None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
+    )
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
     trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
     cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (fast.cuda.graph.GraphedStep)
@@ -160,6 +178,7 @@ class BenchSettings:
 
 # The host's resident set, from /proc (Linux). Writing 5 to clear_refs resets the peak (VmHWM), so
 # each phase of a run gets its own peak; elsewhere the process-wide ru_maxrss stands in.
+
 
 def _proc_status_bytes(field: str) -> int | None:
     try:
@@ -199,7 +218,9 @@ def blas_info() -> list[dict]:
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        return [{"error": "threadpoolctl is not installed (pip install threadpoolctl) to report BLAS kernels"}]
+        return [
+            {"error": "threadpoolctl is not installed (pip install threadpoolctl) to report BLAS kernels"}
+        ]
     keys = ("user_api", "internal_api", "num_threads", "version", "architecture", "threading_layer", "prefix")
     return [{key: info[key] for key in keys if key in info} for info in threadpool_info()]
 
@@ -212,8 +233,13 @@ def gpu_info(xp) -> dict | None:
 
     runtime = xp.cuda.runtime
     properties = runtime.getDeviceProperties(xp.cuda.Device().id)
-    return {"name": properties["name"].decode(), "cupy": xp.__version__, "driver": runtime.driverGetVersion(),
-            "runtime": runtime.runtimeGetVersion(), "tf32": cuda_blas.tf32_enabled()}
+    return {
+        "name": properties["name"].decode(),
+        "cupy": xp.__version__,
+        "driver": runtime.driverGetVersion(),
+        "runtime": runtime.runtimeGetVersion(),
+        "tf32": cuda_blas.tf32_enabled(),
+    }
 
 
 def openblas_env() -> dict:
@@ -244,8 +270,10 @@ def load_torch_peer():
         return importlib.import_module("minilora.lab.torch_peer")
     except ModuleNotFoundError as err:
         if err.name == "torch":
-            raise BenchError("--peer torch needs PyTorch, which minilora never installs: pip install 'torch==2.13.0' "
-                             "--index-url https://download.pytorch.org/whl/cpu") from err
+            raise BenchError(
+                "--peer torch needs PyTorch, which minilora never installs: pip install 'torch==2.13.0' "
+                "--index-url https://download.pytorch.org/whl/cpu"
+            ) from err
         raise
 
 
@@ -315,20 +343,30 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     base = GPT(config, init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype), device=device))
     model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
-    initial = {name: to_numpy(value).copy() for name, value in model.params.items()} if settings.peer else None
+    initial = (
+        {name: to_numpy(value).copy() for name, value in model.params.items()} if settings.peer else None
+    )
 
     if settings.reference:  # the readable layers and train_step, as a student reads them
         train = train_step
     else:  # the fast layer functions and step the training jobs use (minilora.fast)
-        train = accelerate(model, optimizer, settings.grad_clip, shards=settings.threads,
-                           cuda_graph=settings.cuda_graph, graph_warmup=1)
+        train = accelerate(
+            model,
+            optimizer,
+            settings.grad_clip,
+            shards=settings.threads,
+            cuda_graph=settings.cuda_graph,
+            graph_warmup=1,
+        )
     graphed = isinstance(train, GraphedStep)
 
     def minilora_step(step: int):
         x, y = batch(step)  # host arrays: the forward range-checks and moves them, as in the training loop
         synchronize(xp)
         started = time.perf_counter()
-        loss = train(model, optimizer, x, y, settings.lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step))
+        loss = train(
+            model, optimizer, x, y, settings.lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step)
+        )
         synchronize(xp)
         return time.perf_counter() - started, loss
 
@@ -336,7 +374,9 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     losses = [minilora_step(step)[1] for step in range(settings.warmup)]
     loss_first = float(losses[0])
     peak_rss = peak_rss_bytes()
-    peak_device = None if pool is None else int(pool.total_bytes() + (train.pool.total_bytes() if graphed else 0))
+    peak_device = (
+        None if pool is None else int(pool.total_bytes() + (train.pool.total_bytes() if graphed else 0))
+    )
 
     peer = peer_record = None
     if settings.peer:
@@ -351,7 +391,10 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     timed, peer_timed = _Timed(), _Timed()
     step = settings.warmup
     for run in range(settings.repeats):
-        log(f"run {run + 1}/{settings.repeats}: {settings.steps} steps" + (" each, minilora then the peer" if peer else ""))
+        log(
+            f"run {run + 1}/{settings.repeats}: {settings.steps} steps"
+            + (" each, minilora then the peer" if peer else "")
+        )
         times = []
         for i in range(settings.steps):
             seconds, loss = minilora_step(step + i)
@@ -384,31 +427,52 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     flops = step_flops(config, B, T, lora_config)
     ledger = memory_ledger(config, B, T, lora_config, dtype=np.dtype(settings.dtype))
     result = {
-        "preset": settings.preset, "mode": settings.mode,
+        "preset": settings.preset,
+        "mode": settings.mode,
         **_lora_fields(lora_config),
-        "device": device, "dtype": settings.dtype, "batch_size": B, "seq_len": T, "tokens_per_step": B * T,
-        "params_total": model.num_parameters(), "params_trainable": model.num_parameters(trainable_only=True),
-        "warmup_steps": settings.warmup, "steps": settings.steps, "repeats": settings.repeats,
+        "device": device,
+        "dtype": settings.dtype,
+        "batch_size": B,
+        "seq_len": T,
+        "tokens_per_step": B * T,
+        "params_total": model.num_parameters(),
+        "params_trainable": model.num_parameters(trainable_only=True),
+        "warmup_steps": settings.warmup,
+        "steps": settings.steps,
+        "repeats": settings.repeats,
         **_throughput(timed, B * T, flops["total"], peak),
-        "flops_per_step": flops["total"], "flops": flops,
+        "flops_per_step": flops["total"],
+        "flops": flops,
         "matmul_peak_gflops": peak,
         "matmul_peak": {"n": peak_n, "before_gflops": peak_before, "after_gflops": peak_after},
-        "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device,
+        "peak_rss_bytes": peak_rss,
+        "peak_device_bytes": peak_device,
         "memory": {
             "ledger": ledger.to_dict(),
             "rss_before_model_bytes": rss_before,
             "peak_rss_increase_bytes": _increase(peak_rss, rss_before) if peak_reset else None,
-            "peak_rss_increase_over_ledger": _ratio(_increase(peak_rss, rss_before) if peak_reset else None, ledger.total),
+            "peak_rss_increase_over_ledger": _ratio(
+                _increase(peak_rss, rss_before) if peak_reset else None, ledger.total
+            ),
             "traced_step_peak_bytes": traced,
             "traced_step_over_ledger": _ratio(traced, ledger.per_step),
             "peak_device_over_ledger": _ratio(peak_device, ledger.total),
         },
-        "loss_first": loss_first, "loss_last": loss_last,
-        "threads": settings.threads, "blas": blas_info(), "openblas_env": openblas_env(),
-        "cuda_graph": graphed, "layer_ops": model.ops.name, "gpu": gpu_info(xp),
-        "peer": None, "ratio": None,
-        "settings": {key: value for key, value in asdict(settings).items()
-                     if key in ("lr", "weight_decay", "grad_clip", "seed", "corpus", "peak_size")},
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "threads": settings.threads,
+        "blas": blas_info(),
+        "openblas_env": openblas_env(),
+        "cuda_graph": graphed,
+        "layer_ops": model.ops.name,
+        "gpu": gpu_info(xp),
+        "peer": None,
+        "ratio": None,
+        "settings": {
+            key: value
+            for key, value in asdict(settings).items()
+            if key in ("lr", "weight_decay", "grad_clip", "seed", "corpus", "peak_size")
+        },
         "provenance": provenance(device, settings.seed),
     }
     if peer is not None:
@@ -417,7 +481,10 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         peer_record["first_loss_rel_diff"] = abs(peer_record["loss_first"] - loss_first) / abs(loss_first)
         peer_record["mfu_vs_own_peak"] = peer_record["achieved_gflops"] / peer_record["matmul_peak_gflops"]
         result["peer"] = peer_record
-        ratios = [mine / theirs for mine, theirs in zip(result["runs_tokens_per_s"], peer_record["runs_tokens_per_s"])]
+        ratios = [
+            mine / theirs
+            for mine, theirs in zip(result["runs_tokens_per_s"], peer_record["runs_tokens_per_s"])
+        ]
         result["ratio"] = {**_stats(ratios), "runs": ratios}
     return result
 
@@ -426,23 +493,45 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
     log("loading the PyTorch peer, minilora.lab.torch_peer")
     module = load_torch_peer()
     info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
-    peak = module.matmul_peak_gflops(settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device)
+    peak = module.matmul_peak_gflops(
+        settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device
+    )
     reset_peak_rss()
     rss_before = current_rss_bytes()
     module.peak_device_bytes(device, reset=True)
-    spec = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-            "vocab_size": config.vocab_size}
+    spec = {
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "vocab_size": config.vocab_size,
+    }
     peer = module.TorchGPT(
-        spec, initial, model.trainable_names,
+        spec,
+        initial,
+        model.trainable_names,
         adapted=() if lora_config is None else tuple(model.adapted_modules),
         scaling=1.0 if lora_config is None else lora_config.scaling,
-        lr=settings.lr, betas=ADAM_BETAS, eps=optimizer.eps, weight_decay=settings.weight_decay,
-        decay_names=sorted(optimizer.decay_names), grad_clip=settings.grad_clip, dtype=settings.dtype,
-        attention=settings.peer_attention, device=device)
-    log(f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
-        f"attention {settings.peer_attention}: {settings.warmup} warm-up steps")
-    record = {"name": "torch", **info, "attention": settings.peer_attention, "matmul_peak_gflops": peak,
-              "_rss_before": rss_before}
+        lr=settings.lr,
+        betas=ADAM_BETAS,
+        eps=optimizer.eps,
+        weight_decay=settings.weight_decay,
+        decay_names=sorted(optimizer.decay_names),
+        grad_clip=settings.grad_clip,
+        dtype=settings.dtype,
+        attention=settings.peer_attention,
+        device=device,
+    )
+    log(
+        f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
+        f"attention {settings.peer_attention}: {settings.warmup} warm-up steps"
+    )
+    record = {
+        "name": "torch",
+        **info,
+        "attention": settings.peer_attention,
+        "matmul_peak_gflops": peak,
+        "_rss_before": rss_before,
+    }
     return peer, record
 
 
@@ -451,8 +540,11 @@ def _lora_fields(lora_config: LoraConfig | None) -> dict:
     if lora_config is None:
         return {"r": None, "lora_alpha": None, "targets": None}
     targets = lora_config.target_modules
-    return {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-            "targets": list(targets) if isinstance(targets, tuple) else targets}
+    return {
+        "r": lora_config.r,
+        "lora_alpha": lora_config.lora_alpha,
+        "targets": list(targets) if isinstance(targets, tuple) else targets,
+    }
 
 
 def _throughput(timed: _Timed, tokens: int, flops: int, peak_gflops: float) -> dict:

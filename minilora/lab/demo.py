@@ -21,30 +21,49 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..backend import resolve_device, synchronize, to_numpy
+from ..generate import generate
+from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..io.checkpoint import atomic_write_bytes, load_model
 from ..io.data import SHIPPED_BASE, load_corpus
-from ..training.evaluate import bits_per_byte
-from ..training.finetune import fit
-from ..generate import generate
+from ..io.provenance import provenance
 from ..lora.accounting import format_table, lora_parameter_table, model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
-from .plots import plot_loss_curve
-from ..io.provenance import provenance
+from ..training.evaluate import bits_per_byte
+from ..training.finetune import fit
 from ..training.loop import TrainSettings
+from .plots import plot_loss_curve
 
 # Spellings frequent in the Folio and absent from the modern-spelling texts (checked on the corpora).
-FOLIO_SPELLINGS = ("vnto", "selfe", "haue", "doe", "onely", "euery", "loue", "giue", "vpon", "heere", "beene",
-                   "owne", "vs", "vp", "mee", "hee", "shee", "againe")
+FOLIO_SPELLINGS = (
+    "vnto",
+    "selfe",
+    "haue",
+    "doe",
+    "onely",
+    "euery",
+    "loue",
+    "giue",
+    "vpon",
+    "heere",
+    "beene",
+    "owne",
+    "vs",
+    "vp",
+    "mee",
+    "hee",
+    "shee",
+    "againe",
+)
 _FOLIO_PATTERN = re.compile(r"\b(" + "|".join(FOLIO_SPELLINGS) + r")\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    lora_config: LoraConfig = LoraConfig(r=8, lora_alpha=16.0,
-                                         target_modules=("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    lora_config: LoraConfig = LoraConfig(
+        r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
     steps: int = 80  # LoRA training steps on the Folio plays
     batch_size: int = 8  # sequences of the base's block size (256 bytes) per step
     lr: float = 5e-3
@@ -63,8 +82,12 @@ def folio_spellings_per_1000(text: str) -> float:
 
 def samples_of(model, settings: DemoSettings) -> list[str]:
     """Seeded continuations of the prompt (seeds 0, 1, ...), without the prompt itself."""
-    return [generate(model, settings.prompt, settings.sample_chars, temperature=0.8, top_k=None, seed=seed)
-            [len(settings.prompt):] for seed in range(settings.samples)]
+    return [
+        generate(model, settings.prompt, settings.sample_chars, temperature=0.8, top_k=None, seed=seed)[
+            len(settings.prompt) :
+        ]
+        for seed in range(settings.samples)
+    ]
 
 
 def time_generation(model, settings: DemoSettings, repeats: int = 3) -> float:
@@ -80,8 +103,13 @@ def time_generation(model, settings: DemoSettings, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def run_demo(out_dir, device: str | None = None, settings: DemoSettings = DemoSettings(), base_path=SHIPPED_BASE,
-             say=print) -> dict:
+def run_demo(
+    out_dir,
+    device: str | None = None,
+    settings: DemoSettings = DemoSettings(),
+    base_path=SHIPPED_BASE,
+    say=print,
+) -> dict:
     """Run the demo, printing as it goes through ``say``; returns (and writes) the results."""
     started = time.perf_counter()
     device = resolve_device(device)
@@ -90,70 +118,124 @@ def run_demo(out_dir, device: str | None = None, settings: DemoSettings = DemoSe
     folio, modern = load_corpus("shakespeare_folio"), load_corpus("shakespeare_modern")
 
     def bpb(model, corpus):
-        return bits_per_byte(model, corpus.val, batch_size=settings.batch_size, max_windows=settings.eval_windows)
+        return bits_per_byte(
+            model, corpus.val, batch_size=settings.batch_size, max_windows=settings.eval_windows
+        )
 
-    say(f"base model: {base_path.name if isinstance(base_path, Path) else base_path}, "
-        f"{base.num_parameters():,} parameters, on {device}")
+    say(
+        f"base model: {base_path.name if isinstance(base_path, Path) else base_path}, "
+        f"{base.num_parameters():,} parameters, on {device}"
+    )
     before = {"folio": bpb(base, folio), "modern": bpb(base, modern)}
-    say(f"held-out Folio plays (Hamlet, Macbeth, The Tempest): {before['folio']:.4f} bits/byte; "
-        f"the same plays in modern spelling: {before['modern']:.4f}")
+    say(
+        f"held-out Folio plays (Hamlet, Macbeth, The Tempest): {before['folio']:.4f} bits/byte; "
+        f"the same plays in modern spelling: {before['modern']:.4f}"
+    )
     samples_before = samples_of(base, settings)
 
     lora_config = settings.lora_config
     model = add_lora(base, lora_config, seed=settings.seed)
     say("\n" + format_table(lora_parameter_table(lora_config, base.config)))
     say(model_summary_line(model))
-    train_settings = TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                                   min_lr=settings.lr / 10, warmup_steps=10, weight_decay=0.0,
-                                   eval_interval=max(1, settings.steps // 2), eval_windows=settings.eval_windows,
-                                   seed=settings.seed, log_interval=1)
-    say(f"\nLoRA fine-tuning on the Folio training plays: {settings.steps} steps of {settings.batch_size} x "
-        f"{base.config.block_size} bytes")
+    train_settings = TrainSettings(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        min_lr=settings.lr / 10,
+        warmup_steps=10,
+        weight_decay=0.0,
+        eval_interval=max(1, settings.steps // 2),
+        eval_windows=settings.eval_windows,
+        seed=settings.seed,
+        log_interval=1,
+    )
+    say(
+        f"\nLoRA fine-tuning on the Folio training plays: {settings.steps} steps of {settings.batch_size} x "
+        f"{base.config.block_size} bytes"
+    )
     result = fit(model, folio, train_settings)
     after = {"folio": bpb(model, folio), "modern": bpb(model, modern)}
-    say(f"Folio: {before['folio']:.4f} -> {after['folio']:.4f} bits/byte (learned); "
-        f"modern: {before['modern']:.4f} -> {after['modern']:.4f} (forgotten)")
+    say(
+        f"Folio: {before['folio']:.4f} -> {after['folio']:.4f} bits/byte (learned); "
+        f"modern: {before['modern']:.4f} -> {after['modern']:.4f} (forgotten)"
+    )
 
     adapter_file = save_adapter(model, out_dir / "adapter")
-    sizes = {"adapter_bytes": adapter_file.stat().st_size, "base_file_bytes": Path(base_path).stat().st_size,
-             "base_float32_bytes": sum(int(base.params[name].nbytes) for name in base.params)}
-    say(f"adapter on disk: {sizes['adapter_bytes']:,} bytes; the base: {sizes['base_file_bytes']:,} bytes "
-        f"(float16), {sizes['base_float32_bytes']:,} in float32")
+    sizes = {
+        "adapter_bytes": adapter_file.stat().st_size,
+        "base_file_bytes": Path(base_path).stat().st_size,
+        "base_float32_bytes": sum(int(base.params[name].nbytes) for name in base.params),
+    }
+    say(
+        f"adapter on disk: {sizes['adapter_bytes']:,} bytes; the base: {sizes['base_file_bytes']:,} bytes "
+        f"(float16), {sizes['base_float32_bytes']:,} in float32"
+    )
 
     samples_after = samples_of(model, settings)
-    spelling = {"before": folio_spellings_per_1000("".join(samples_before)),
-                "after": folio_spellings_per_1000("".join(samples_after)),
-                "folio_training_text": folio_spellings_per_1000(folio.train[:200_000].tobytes().decode("utf-8", "replace"))}
+    spelling = {
+        "before": folio_spellings_per_1000("".join(samples_before)),
+        "after": folio_spellings_per_1000("".join(samples_after)),
+        "folio_training_text": folio_spellings_per_1000(
+            folio.train[:200_000].tobytes().decode("utf-8", "replace")
+        ),
+    }
     say(f"\nthe same prompt, seed 0, before:\n{settings.prompt}{samples_before[0][:300]}")
     say(f"\n... and after:\n{settings.prompt}{samples_after[0][:300]}")
-    say(f"\nFolio spellings ({', '.join(FOLIO_SPELLINGS[:6])}, ...) per 1,000 generated characters: "
+    say(
+        f"\nFolio spellings ({', '.join(FOLIO_SPELLINGS[:6])}, ...) per 1,000 generated characters: "
         f"{spelling['before']:.2f} before, {spelling['after']:.2f} after "
-        f"(the Folio text itself: {spelling['folio_training_text']:.2f})")
+        f"(the Folio text itself: {spelling['folio_training_text']:.2f})"
+    )
 
     idx = folio.val[: base.config.block_size][None, :].astype(np.int64)
     logits_unmerged = to_numpy(model.forward(idx)[0]).astype(np.float64)
     merged = model.merge_and_unload()
     logits_merged = to_numpy(merged.forward(idx)[0]).astype(np.float64)
     merge_error = float(np.max(np.abs(logits_merged - logits_unmerged)) / np.max(np.abs(logits_unmerged)))
-    timing = {"base": time_generation(base, settings), "lora_unmerged": time_generation(model, settings),
-              "merged": time_generation(merged, settings)}
-    say(f"\nmerged vs unmerged logits: max relative difference {merge_error:.1e}; "
-        f"merged model: {merged.num_parameters():,} parameters, as the base")
-    say("generating {} bytes: base {:.3f} s, unmerged adapter {:.3f} s, merged {:.3f} s".format(
-        settings.timing_tokens, timing["base"], timing["lora_unmerged"], timing["merged"]))
+    timing = {
+        "base": time_generation(base, settings),
+        "lora_unmerged": time_generation(model, settings),
+        "merged": time_generation(merged, settings),
+    }
+    say(
+        f"\nmerged vs unmerged logits: max relative difference {merge_error:.1e}; "
+        f"merged model: {merged.num_parameters():,} parameters, as the base"
+    )
+    say(
+        "generating {} bytes: base {:.3f} s, unmerged adapter {:.3f} s, merged {:.3f} s".format(
+            settings.timing_tokens, timing["base"], timing["lora_unmerged"], timing["merged"]
+        )
+    )
 
-    plot_loss_curve(result.losses, result.evals, out_dir / "loss_curve.png",
-                    title=f"LoRA r={settings.lora_config.r} on the Folio plays", baseline=before["folio"])
+    plot_loss_curve(
+        result.losses,
+        result.evals,
+        out_dir / "loss_curve.png",
+        title=f"LoRA r={settings.lora_config.r} on the Folio plays",
+        baseline=before["folio"],
+    )
     results = {
-        "settings": asdict(settings), "device": device, "base": str(base_path),
-        "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),
-        "summary": model_summary_line(model), "bits_per_byte_before": before, "bits_per_byte_after": after,
-        "folio_spellings_per_1000_chars": spelling, "samples_before": samples_before, "samples_after": samples_after,
-        "merge_max_relative_logit_difference": merge_error, "generation_seconds": timing, **sizes,
-        "training": result.to_dict(), "wall_seconds": time.perf_counter() - started,
+        "settings": asdict(settings),
+        "device": device,
+        "base": str(base_path),
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "all_params": model.num_parameters(),
+        "summary": model_summary_line(model),
+        "bits_per_byte_before": before,
+        "bits_per_byte_after": after,
+        "folio_spellings_per_1000_chars": spelling,
+        "samples_before": samples_before,
+        "samples_after": samples_after,
+        "merge_max_relative_logit_difference": merge_error,
+        "generation_seconds": timing,
+        **sizes,
+        "training": result.to_dict(),
+        "wall_seconds": time.perf_counter() - started,
         "provenance": provenance(device, settings.seed),
     }
     atomic_write_bytes(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    say(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'loss_curve.png'} and {out_dir / 'adapter' / ADAPTER_WEIGHTS} "
-        f"in {results['wall_seconds']:.0f} s")
+    say(
+        f"\nwrote {out_dir / 'results.json'}, {out_dir / 'loss_curve.png'} and {out_dir / 'adapter' / ADAPTER_WEIGHTS} "
+        f"in {results['wall_seconds']:.0f} s"
+    )
     return results

@@ -30,8 +30,14 @@ def plot_rank(points, ax_learned, ax_forgot):
     _errorbar(ax_learned, ranks, lora, marker="o", label="LoRA (all linear layers)")
     _full_band(ax_learned, full)
     for p in lora:
-        ax_learned.annotate(f"{p['trainable_params'] / 1e3:.0f}k", (p["r"], p["target_after"]["mean"]),
-                            textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+        ax_learned.annotate(
+            f"{p['trainable_params'] / 1e3:.0f}k",
+            (p["r"], p["target_after"]["mean"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=7,
+        )
     ax_learned.set_title("Folio after fine-tuning (labels: trainable params)")
     _errorbar(ax_forgot, ranks, lora, measure="modern_after", marker="o", label="LoRA")
     _full_band(ax_forgot, full, measure="modern_after")
@@ -44,39 +50,73 @@ def plot_rank(points, ax_learned, ax_forgot):
 
 
 def plot_distance(points, ax_learned, ax_forgot):
-    corpora = sorted({p["corpus"] for p in points}, key=lambda c: next(p["target_before"] for p in points if p["corpus"] == c))
-    pairs = [(next(p for p in points if p["corpus"] == c and p["method"] == "lora"),
-              next(p for p in points if p["corpus"] == c and p["method"] == "full")) for c in corpora]
+    corpora = sorted(
+        {p["corpus"] for p in points},
+        key=lambda c: next(p["target_before"] for p in points if p["corpus"] == c),
+    )
+    pairs = [
+        (
+            next(p for p in points if p["corpus"] == c and p["method"] == "lora"),
+            next(p for p in points if p["corpus"] == c and p["method"] == "full"),
+        )
+        for c in corpora
+    ]
     xs = [lora["target_before"] for lora, _ in pairs]
     gaps = [lora["target_after"]["mean"] - full["target_after"]["mean"] for lora, full in pairs]
-    spread = [[gap - (lora["target_after"]["min"] - full["target_after"]["max"]) for gap, (lora, full) in zip(gaps, pairs)],
-              [(lora["target_after"]["max"] - full["target_after"]["min"]) - gap for gap, (lora, full) in zip(gaps, pairs)]]
+    spread = [
+        [
+            gap - (lora["target_after"]["min"] - full["target_after"]["max"])
+            for gap, (lora, full) in zip(gaps, pairs)
+        ],
+        [
+            (lora["target_after"]["max"] - full["target_after"]["min"]) - gap
+            for gap, (lora, full) in zip(gaps, pairs)
+        ],
+    ]
     ax_learned.errorbar(xs, gaps, yerr=spread, marker="o", capsize=3, label="LoRA r=8 minus full fine-tuning")
     for x, gap, corpus in zip(xs, gaps, corpora):
-        ax_learned.annotate(corpus, (x, gap), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+        ax_learned.annotate(
+            corpus, (x, gap), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7
+        )
     ax_learned.set_xlabel("distance: the base's bits/byte on the target")
     ax_learned.set_title("gap on the target after fine-tuning")
     for offset, index, label in ((-0.2, 0, "LoRA r=8"), (0.2, 1, "full fine-tuning")):
-        ax_forgot.bar([i + offset for i in range(len(pairs))], [pair[index]["forgetting"] for pair in pairs],
-                      width=0.4, label=label)
+        ax_forgot.bar(
+            [i + offset for i in range(len(pairs))],
+            [pair[index]["forgetting"] for pair in pairs],
+            width=0.4,
+            label=label,
+        )
     ax_forgot.set_xticks(range(len(corpora)), corpora, fontsize=8)
     ax_forgot.set_title("forgetting: modern plays, after - before")
 
 
 def plot_placement(points, ax_learned, ax_forgot):
     placed = [p for p in points if not p["label"].startswith(("alpha/r", "rslora"))]
-    ax_learned.bar(range(len(placed)), [p["target_after"]["mean"] for p in placed],
-                   yerr=[[p["target_after"]["mean"] - p["target_after"]["min"] for p in placed],
-                         [p["target_after"]["max"] - p["target_after"]["mean"] for p in placed]], capsize=3)
-    ax_learned.set_xticks(range(len(placed)), [f"{p['label']}\n{p['trainable_params'] / 1e3:.0f}k" for p in placed],
-                          fontsize=7)
+    ax_learned.bar(
+        range(len(placed)),
+        [p["target_after"]["mean"] for p in placed],
+        yerr=[
+            [p["target_after"]["mean"] - p["target_after"]["min"] for p in placed],
+            [p["target_after"]["max"] - p["target_after"]["mean"] for p in placed],
+        ],
+        capsize=3,
+    )
+    ax_learned.set_xticks(
+        range(len(placed)), [f"{p['label']}\n{p['trainable_params'] / 1e3:.0f}k" for p in placed], fontsize=7
+    )
     low = min(p["target_after"]["min"] for p in placed)
     ax_learned.set_ylim(low - 0.05, max(p["target_after"]["max"] for p in placed) + 0.05)
     ax_learned.set_title("Folio after, ~98k trainable parameters")
     for kind, marker in (("alpha/r", "o"), ("rslora", "s")):
         chosen = [p for p in points if p["label"].startswith(kind)]
-        _errorbar(ax_forgot, [p["r"] for p in chosen], chosen, marker=marker,
-                  label="alpha/r: s = 16/r" if kind == "alpha/r" else "rsLoRA: s = 16/sqrt(r)")
+        _errorbar(
+            ax_forgot,
+            [p["r"] for p in chosen],
+            chosen,
+            marker=marker,
+            label="alpha/r: s = 16/r" if kind == "alpha/r" else "rsLoRA: s = 16/sqrt(r)",
+        )
     ax_forgot.set_xscale("log", base=2)
     ranks = sorted({p["r"] for p in points if p["label"].startswith("rslora")})
     ax_forgot.set_xticks(ranks, [str(r) for r in ranks])
@@ -86,10 +126,15 @@ def plot_placement(points, ax_learned, ax_forgot):
 
 def plot_base(points, ax_learned, ax_forgot):
     labels = [p["label"] for p in points]
-    ax_learned.bar([i - 0.2 for i in range(len(points))], [p["target_before"] for p in points], width=0.4,
-                   label="before")
-    ax_learned.bar([i + 0.2 for i in range(len(points))], [p["target_after"]["mean"] for p in points], width=0.4,
-                   label="after LoRA r=8")
+    ax_learned.bar(
+        [i - 0.2 for i in range(len(points))], [p["target_before"] for p in points], width=0.4, label="before"
+    )
+    ax_learned.bar(
+        [i + 0.2 for i in range(len(points))],
+        [p["target_after"]["mean"] for p in points],
+        width=0.4,
+        label="after LoRA r=8",
+    )
     ax_learned.set_xticks(range(len(points)), labels)
     ax_learned.set_title("Folio, before and after")
     ax_forgot.bar(range(len(points)), [p["forgetting"] for p in points])
@@ -124,7 +169,9 @@ def plot_memory_ledger(rows: list[dict], path) -> Path:
     presets = list(dict.fromkeys(row["preset"] for row in rows))
     fig, axes = plt.subplots(1, len(presets), figsize=(3 * len(presets), 4), dpi=120)
     for ax, preset in zip(axes, presets):
-        pair = [next(r for r in rows if r["preset"] == preset and r["mode"] == mode) for mode in ("full", "lora")]
+        pair = [
+            next(r for r in rows if r["preset"] == preset and r["mode"] == mode) for mode in ("full", "lora")
+        ]
         bottom = [0.0, 0.0]
         for line in LEDGER_LINES:
             heights = [row[line] / 2**20 for row in pair]

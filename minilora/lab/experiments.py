@@ -58,10 +58,22 @@ class RunSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def lora_spec(experiment, label, corpus, r, targets=ALL_LINEAR, use_rslora=False, alpha=None, **kw) -> RunSpec:
-    return RunSpec(experiment, label, corpus, "lora", lr=0.0, seed=0, r=r,
-                   lora_alpha=float(2 * r if alpha is None else alpha), targets=tuple(targets),
-                   use_rslora=use_rslora, **kw)
+def lora_spec(
+    experiment, label, corpus, r, targets=ALL_LINEAR, use_rslora=False, alpha=None, **kw
+) -> RunSpec:
+    return RunSpec(
+        experiment,
+        label,
+        corpus,
+        "lora",
+        lr=0.0,
+        seed=0,
+        r=r,
+        lora_alpha=float(2 * r if alpha is None else alpha),
+        targets=tuple(targets),
+        use_rslora=use_rslora,
+        **kw,
+    )
 
 
 def full_spec(experiment, corpus, **kw) -> RunSpec:
@@ -76,18 +88,38 @@ def sweep(points: list[RunSpec]) -> list[RunSpec]:
 def experiment_points(name: str, weak_base: str | None = None) -> list[RunSpec]:
     """The points (method settings, learning rate and seed still open) of one experiment."""
     if name == "rank":
-        return [lora_spec("rank", f"r={r}", "shakespeare_folio", r) for r in (1, 2, 4, 8, 16, 32, 64)] + \
-               [full_spec("rank", "shakespeare_folio")]
+        return [lora_spec("rank", f"r={r}", "shakespeare_folio", r) for r in (1, 2, 4, 8, 16, 32, 64)] + [
+            full_spec("rank", "shakespeare_folio")
+        ]
     if name == "distance":
-        return [spec for corpus in ("shakespeare_folio", "kjv", "devils_dictionary")
-                for spec in (lora_spec("distance", "lora r=8", corpus, 8), full_spec("distance", corpus))]
+        return [
+            spec
+            for corpus in ("shakespeare_folio", "kjv", "devils_dictionary")
+            for spec in (lora_spec("distance", "lora r=8", corpus, 8), full_spec("distance", corpus))
+        ]
     if name == "placement":  # about 98k trainable parameters each
-        placed = [("c_attn r=16", 16, ("attn.c_attn",)), ("attn.c_proj r=32", 32, ("attn.c_proj",)),
-                  ("mlp r=6", 6, ("mlp.c_fc", "mlp.c_proj")), ("all r=4", 4, ALL_LINEAR)]
-        scaled = [lora_spec("placement", f"{kind} r={r}", "shakespeare_folio", r, ("attn.c_attn",),
-                            use_rslora=kind == "rslora", alpha=16.0)  # the same alpha, two scalings
-                  for r in (8, 64, 256) for kind in ("alpha/r", "rslora")]
-        return [lora_spec("placement", label, "shakespeare_folio", r, targets) for label, r, targets in placed] + scaled
+        placed = [
+            ("c_attn r=16", 16, ("attn.c_attn",)),
+            ("attn.c_proj r=32", 32, ("attn.c_proj",)),
+            ("mlp r=6", 6, ("mlp.c_fc", "mlp.c_proj")),
+            ("all r=4", 4, ALL_LINEAR),
+        ]
+        scaled = [
+            lora_spec(
+                "placement",
+                f"{kind} r={r}",
+                "shakespeare_folio",
+                r,
+                ("attn.c_attn",),
+                use_rslora=kind == "rslora",
+                alpha=16.0,
+            )  # the same alpha, two scalings
+            for r in (8, 64, 256)
+            for kind in ("alpha/r", "rslora")
+        ]
+        return [
+            lora_spec("placement", label, "shakespeare_folio", r, targets) for label, r, targets in placed
+        ] + scaled
     if name == "base":
         bases = [("shipped base", str(SHIPPED_BASE))] + ([("weak base", weak_base)] if weak_base else [])
         return [lora_spec("base", label, "shakespeare_folio", 8, base=path) for label, path in bases]
@@ -101,10 +133,10 @@ def run_one(spec: RunSpec, device: str) -> dict:
     """Train one run and measure it; returns the spec's fields and the measurements."""
     from ..io.checkpoint import load_model
     from ..io.data import load_corpus
-    from ..training.evaluate import bits_per_byte
-    from ..training.finetune import fit
     from ..lora.config import LoraConfig
     from ..lora.model import add_lora
+    from ..training.evaluate import bits_per_byte
+    from ..training.finetune import fit
     from ..training.loop import TrainSettings
 
     started = time.perf_counter()
@@ -114,21 +146,40 @@ def run_one(spec: RunSpec, device: str) -> dict:
     def bpb(model, corpus):
         return bits_per_byte(model, corpus.val, batch_size=spec.batch_size, max_windows=spec.eval_windows)
 
-    before, modern_before = bpb(base, target), bpb(base, modern)  # before training: full fine-tuning changes base
+    before, modern_before = (
+        bpb(base, target),
+        bpb(base, modern),
+    )  # before training: full fine-tuning changes base
     if spec.method == "lora":
-        config = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets,
-                            use_rslora=spec.use_rslora)
+        config = LoraConfig(
+            r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets, use_rslora=spec.use_rslora
+        )
         model = add_lora(base, config, seed=spec.seed)
     else:
         model = base
-    settings = TrainSettings(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, min_lr=spec.lr / 10,
-                             warmup_steps=20, weight_decay=0.0, eval_interval=spec.steps,
-                             eval_windows=spec.eval_windows, seed=spec.seed, log_interval=spec.steps)
+    settings = TrainSettings(
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        min_lr=spec.lr / 10,
+        warmup_steps=20,
+        weight_decay=0.0,
+        eval_interval=spec.steps,
+        eval_windows=spec.eval_windows,
+        seed=spec.seed,
+        log_interval=spec.steps,
+    )
     result = fit(model, target, settings, progress=False)
-    return {**asdict(spec), "target_before": before, "target_after": result.evals[-1]["val_bits_per_byte"],
-            "modern_before": modern_before, "modern_after": bpb(model, modern),
-            "trainable_params": model.num_parameters(trainable_only=True),
-            "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - started}
+    return {
+        **asdict(spec),
+        "target_before": before,
+        "target_after": result.evals[-1]["val_bits_per_byte"],
+        "modern_before": modern_before,
+        "modern_after": bpb(model, modern),
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _worker(args):
@@ -142,11 +193,16 @@ def _worker(args):
 def run_all(specs: list[RunSpec], results_path: Path, device: str, workers: int, say=print) -> list[dict]:
     """Run every spec not yet in ``results_path`` (JSON lines), ``workers`` at a time; return all results."""
     done = load_results(results_path)
-    finished = {RunSpec(**{k: v for k, v in row.items() if k in RunSpec.__dataclass_fields__}).key()
-                for row in done if "error" not in row}
+    finished = {
+        RunSpec(**{k: v for k, v in row.items() if k in RunSpec.__dataclass_fields__}).key()
+        for row in done
+        if "error" not in row
+    }
     todo = [spec for spec in specs if spec.key() not in finished]
-    say(f"{len(specs) - len(todo)} of {len(specs)} runs already done; running {len(todo)} on {device} "
-        f"with {workers} workers")
+    say(
+        f"{len(specs) - len(todo)} of {len(specs)} runs already done; running {len(todo)} on {device} "
+        f"with {workers} workers"
+    )
     results_path.parent.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: safe with CUDA
     with context.Pool(workers) as pool, open(results_path, "a") as log:
@@ -154,7 +210,9 @@ def run_all(specs: list[RunSpec], results_path: Path, device: str, workers: int,
             log.write(json.dumps(row) + "\n")
             log.flush()
             status = row.get("error") or f"{row['target_after']:.4f} bits/byte in {row['seconds']:.0f} s"
-            say(f"  {row['experiment']} {row['label']} {row['corpus']} lr={row['lr']:g} seed={row['seed']}: {status}")
+            say(
+                f"  {row['experiment']} {row['label']} {row['corpus']} lr={row['lr']:g} seed={row['seed']}: {status}"
+            )
     return [row for row in load_results(results_path) if "error" not in row]
 
 
@@ -174,25 +232,39 @@ def best_lr(rows: list[dict], point: RunSpec) -> float:
 
 def _same_point(row: dict, point: RunSpec) -> bool:
     """Whether a result row belongs to a point: every setting equal but the learning rate and seed."""
+
     def plain(value):  # JSON turns tuples into lists
         return list(value) if isinstance(value, tuple) else value
 
-    return all(plain(row[name]) == plain(value) for name, value in asdict(point).items() if name not in ("lr", "seed"))
+    return all(
+        plain(row[name]) == plain(value)
+        for name, value in asdict(point).items()
+        if name not in ("lr", "seed")
+    )
 
 
 def summarize_point(rows: list[dict], point: RunSpec) -> dict:
     """Mean, min and max over the seeds at the point's best learning rate."""
     lr = best_lr(rows, point)
     runs = [row for row in rows if _same_point(row, point) and row["lr"] == lr]
-    summary = {"label": point.label, "corpus": point.corpus, "method": point.method, "r": point.r,
-               "best_lr": lr, "seeds": sorted(row["seed"] for row in runs),
-               "trainable_params": runs[0]["trainable_params"], "target_before": runs[0]["target_before"],
-               "modern_before": runs[0]["modern_before"]}
+    summary = {
+        "label": point.label,
+        "corpus": point.corpus,
+        "method": point.method,
+        "r": point.r,
+        "best_lr": lr,
+        "seeds": sorted(row["seed"] for row in runs),
+        "trainable_params": runs[0]["trainable_params"],
+        "target_before": runs[0]["target_before"],
+        "modern_before": runs[0]["modern_before"],
+    }
     for measure in ("target_after", "modern_after"):
         values = [row[measure] for row in runs]
         summary[measure] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
     summary["forgetting"] = summary["modern_after"]["mean"] - summary["modern_before"]
-    summary["sweep"] = {row["lr"]: row["target_after"] for row in rows if _same_point(row, point) and row["seed"] == 0}
+    summary["sweep"] = {
+        row["lr"]: row["target_after"] for row in rows if _same_point(row, point) and row["seed"] == 0
+    }
     return summary
 
 
@@ -201,25 +273,46 @@ WEAK_BASE_STEPS = 300
 
 def make_weak_base(out_dir: Path, device: str, say=print) -> Path:
     """The shipped base's shape pretrained for only WEAK_BASE_STEPS steps (once; reused after)."""
-    from ..io.checkpoint import load_checkpoint
     from ..config import GPTConfig
-    from ..training.pretrain import CHECKPOINT_NAME, pretrain
+    from ..io.checkpoint import load_checkpoint
     from ..training.loop import TrainSettings
+    from ..training.pretrain import CHECKPOINT_NAME, pretrain
 
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():
         shipped = load_checkpoint(SHIPPED_BASE).metadata
-        settings = TrainSettings(**{**shipped["settings"], "steps": WEAK_BASE_STEPS, "warmup_steps": 50,
-                                    "eval_interval": WEAK_BASE_STEPS})
+        settings = TrainSettings(
+            **{
+                **shipped["settings"],
+                "steps": WEAK_BASE_STEPS,
+                "warmup_steps": 50,
+                "eval_interval": WEAK_BASE_STEPS,
+            }
+        )
         say(f"pretraining a weak base ({WEAK_BASE_STEPS} steps) into {out_dir}")
-        pretrain("shakespeare_modern", GPTConfig.from_dict(shipped["config"]), settings, out_dir, device,
-                 progress=False)
+        pretrain(
+            "shakespeare_modern",
+            GPTConfig.from_dict(shipped["config"]),
+            settings,
+            out_dir,
+            device,
+            progress=False,
+        )
     return path
 
 
-def run_experiment(name: str, out_dir, device: str, workers: int, steps: int = 200, batch_size: int = 16,
-                   eval_windows: int = 64, weak_base: str | None = None, base: str | None = None,
-                   say=print) -> list[dict]:
+def run_experiment(
+    name: str,
+    out_dir,
+    device: str,
+    workers: int,
+    steps: int = 200,
+    batch_size: int = 16,
+    eval_windows: int = 64,
+    weak_base: str | None = None,
+    base: str | None = None,
+    say=print,
+) -> list[dict]:
     """Both phases of the protocol for one experiment; writes <out>/<name>.json and <name>.png.
 
     ``base`` replaces the shipped base in every run (for quick checks on a small model).
@@ -228,8 +321,10 @@ def run_experiment(name: str, out_dir, device: str, workers: int, steps: int = 2
     results_path = out_dir / "runs.jsonl"
     if name == "base" and weak_base is None:
         weak_base = str(make_weak_base(out_dir / "weak_base", device, say))
-    points = [replace(p, steps=steps, batch_size=batch_size, eval_windows=eval_windows)
-              for p in experiment_points(name, weak_base)]
+    points = [
+        replace(p, steps=steps, batch_size=batch_size, eval_windows=eval_windows)
+        for p in experiment_points(name, weak_base)
+    ]
     if base is not None:
         points = [p if p.label == "weak base" else replace(p, base=str(base)) for p in points]
     rows = run_all(sweep(points), results_path, device, workers, say)
@@ -238,13 +333,17 @@ def run_experiment(name: str, out_dir, device: str, workers: int, steps: int = 2
     return write_summary(name, points, rows, out_dir)
 
 
-def summarize_only(name: str, out_dir, steps: int = 200, batch_size: int = 16, eval_windows: int = 64) -> list[dict]:
+def summarize_only(
+    name: str, out_dir, steps: int = 200, batch_size: int = 16, eval_windows: int = 64
+) -> list[dict]:
     """Rebuild <name>.json and <name>.png from runs.jsonl alone (no training, no weak-base pretraining)."""
     out_dir = Path(out_dir)
     rows = [row for row in load_results(out_dir / "runs.jsonl") if "error" not in row]
     weak = next((row["base"] for row in rows if row["label"] == "weak base"), None)
-    points = [replace(p, steps=steps, batch_size=batch_size, eval_windows=eval_windows)
-              for p in experiment_points(name, weak)]
+    points = [
+        replace(p, steps=steps, batch_size=batch_size, eval_windows=eval_windows)
+        for p in experiment_points(name, weak)
+    ]
     return write_summary(name, points, rows, out_dir)
 
 
@@ -253,9 +352,14 @@ def write_summary(name: str, points: list[RunSpec], rows: list[dict], out_dir: P
     from .experiment_plots import plot_experiment
 
     summary = [summarize_point(rows, p) for p in points]
-    document = {"experiment": name, "protocol": __doc__.split("Protocol, the same for every experiment:")[1].strip(),
-                "device": sorted({row.get("device", "cuda") for row in rows}), "steps": points[0].steps,
-                "batch_size": points[0].batch_size, "points": summary}
+    document = {
+        "experiment": name,
+        "protocol": __doc__.split("Protocol, the same for every experiment:")[1].strip(),
+        "device": sorted({row.get("device", "cuda") for row in rows}),
+        "steps": points[0].steps,
+        "batch_size": points[0].batch_size,
+        "points": summary,
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     plot_experiment(name, summary, out_dir / f"{name}.png")
     return summary

@@ -143,8 +143,10 @@ class LedgerProbe:
             # the two backwards called different functions: only their peaks can be matched
             peak_1, peak_2 = (max(peak for _, peak in step.segments) for step in self.steps)
             return [("backward", _line(first.batch_size, peak_1, second.batch_size, peak_2, batch_size))]
-        return [(label, _line(first.batch_size, f_1, second.batch_size, f_2, batch_size))
-                for (label, f_1), (_, f_2) in zip(first.segments, second.segments, strict=True)]
+        return [
+            (label, _line(first.batch_size, f_1, second.batch_size, f_2, batch_size))
+            for (label, f_1), (_, f_2) in zip(first.segments, second.segments, strict=True)
+        ]
 
     def peak_segment(self, batch_size: int) -> str:
         """Where the backward's peak falls at B: the label of the segment with the highest line."""
@@ -155,9 +157,13 @@ class LedgerProbe:
         return max(0, peak - self.steps[0].gradients)
 
     def ledger(self, batch_size: int) -> MemoryLedger:
-        return MemoryLedger(weights=self.weights, gradients=self.gradients,
-                            optimizer_state=self.optimizer_state,
-                            activations=self.activations(batch_size), workspace=self.workspace(batch_size))
+        return MemoryLedger(
+            weights=self.weights,
+            gradients=self.gradients,
+            optimizer_state=self.optimizer_state,
+            activations=self.activations(batch_size),
+            workspace=self.workspace(batch_size),
+        )
 
 
 class SegmentTracer:
@@ -200,11 +206,17 @@ class SegmentTracer:
                 out = function(*args, **kwargs)
                 self.mark(name)
                 return out
+
             return call
 
-        return dataclasses.replace(ops, **{field.name: traced(field.name, getattr(ops, field.name))
-                                           for field in dataclasses.fields(ops)
-                                           if field.init and callable(getattr(ops, field.name))})
+        return dataclasses.replace(
+            ops,
+            **{
+                field.name: traced(field.name, getattr(ops, field.name))
+                for field in dataclasses.fields(ops)
+                if field.init and callable(getattr(ops, field.name))
+            },
+        )
 
 
 def probe_model(config: GPTConfig, lora_config: LoraConfig | None = None, dtype=np.float32, ops=None) -> GPT:
@@ -235,8 +247,10 @@ def probe_step(model, batch_size: int, seq_len: int) -> StepProbe:
     ``SegmentTracer``). The arrays die with this function, before the next probe.
     """
     if tracemalloc.is_tracing():
-        raise RuntimeError("the memory ledger traces a backward pass with tracemalloc: build the ledger "
-                           "before tracemalloc.start() or after tracemalloc.stop(), not inside")
+        raise RuntimeError(
+            "the memory ledger traces a backward pass with tracemalloc: build the ledger "
+            "before tracemalloc.start() or after tracemalloc.stop(), not inside"
+        )
     tracer = SegmentTracer()
     ops = getattr(model, "ops", None)
     if ops is not None:
@@ -265,8 +279,13 @@ def probe_step(model, batch_size: int, seq_len: int) -> StepProbe:
 _PROBES: dict = {}  # (config, T, lora_config, dtype, id(ops)) -> (ops, LedgerProbe); ops held: its id stays
 
 
-def ledger_probe(config: GPTConfig, seq_len: int | None = None, lora_config: LoraConfig | None = None,
-                 dtype=np.float32, ops=None) -> LedgerProbe:
+def ledger_probe(
+    config: GPTConfig,
+    seq_len: int | None = None,
+    lora_config: LoraConfig | None = None,
+    dtype=np.float32,
+    ops=None,
+) -> LedgerProbe:
     """Build the model, count its weight lines and run the step probes at B = 1 and 2 (remembered)."""
     T = config.block_size if seq_len is None else seq_len
     key = (config, T, lora_config, np.dtype(dtype).str, id(ops))
@@ -283,8 +302,15 @@ def ledger_probe(config: GPTConfig, seq_len: int | None = None, lora_config: Lor
     return _PROBES[key][1]
 
 
-def memory_ledger(config: GPTConfig, batch_size: int, seq_len: int | None = None,
-                  lora_config: LoraConfig | None = None, dtype=np.float32, *, ops=None) -> MemoryLedger:
+def memory_ledger(
+    config: GPTConfig,
+    batch_size: int,
+    seq_len: int | None = None,
+    lora_config: LoraConfig | None = None,
+    dtype=np.float32,
+    *,
+    ops=None,
+) -> MemoryLedger:
     """The ledger of one AdamW training step at (B, T) = (batch_size, seq_len or block_size).
 
     ``lora_config=None`` is full fine-tuning; ``ops`` a namespace of layer functions for the model

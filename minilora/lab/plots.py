@@ -19,7 +19,9 @@ def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot([e["step"] for e in losses], [e["loss"] / math.log(2) for e in losses], label="training batch", lw=1)
+    ax.plot(
+        [e["step"] for e in losses], [e["loss"] / math.log(2) for e in losses], label="training batch", lw=1
+    )
     if evals:
         ax.plot([e["step"] for e in evals], [e["val_bits_per_byte"] for e in evals], "o-", label="validation")
     if baseline is not None:

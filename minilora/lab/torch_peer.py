@@ -45,8 +45,11 @@ def configure(threads: int, device: str = "cpu", tf32: bool = False) -> dict:
     Returns what torch reports about itself and the device.
     """
     torch.set_num_threads(threads)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the SIMD kernels torch dispatches to
+    info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }  # the SIMD kernels torch dispatches to
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32  # False: full float32 products, as minilora's default
         torch.backends.cudnn.allow_tf32 = tf32
@@ -94,9 +97,23 @@ class TorchGPT:
     scaling: LoRA's s; decay_names: the trainable names that get weight decay.
     """
 
-    def __init__(self, spec: dict, params: dict, trainable, adapted=(), scaling: float = 1.0, lr: float = 1e-3,
-                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decay_names=(),
-                 grad_clip: float = 0.0, dtype: str = "float32", attention: str = "math", device: str = "cpu"):
+    def __init__(
+        self,
+        spec: dict,
+        params: dict,
+        trainable,
+        adapted=(),
+        scaling: float = 1.0,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_names=(),
+        grad_clip: float = 0.0,
+        dtype: str = "float32",
+        attention: str = "math",
+        device: str = "cpu",
+    ):
         if attention not in ("math", "sdpa"):
             raise ValueError(f"attention must be 'math' or 'sdpa', got {attention!r}")
         self.n_layer, self.n_head = spec["n_layer"], spec["n_head"]
@@ -111,9 +128,12 @@ class TorchGPT:
         if unknown:
             raise KeyError(f"trainable names not in params: {sorted(unknown)}")
         # torch.tensor copies: minilora and the peer update their own weights in place.
-        self.p = {name: torch.tensor(np.asarray(value), dtype=TORCH_DTYPES[dtype], device=device,
-                                     requires_grad=name in trainable)
-                  for name, value in params.items()}
+        self.p = {
+            name: torch.tensor(
+                np.asarray(value), dtype=TORCH_DTYPES[dtype], device=device, requires_grad=name in trainable
+            )
+            for name, value in params.items()
+        }
         self.trainable = [self.p[name] for name in params if name in trainable]
         decay = [self.p[name] for name in params if name in trainable and name in set(decay_names)]
         no_decay = [self.p[name] for name in params if name in trainable and name not in set(decay_names)]
@@ -130,18 +150,24 @@ class TorchGPT:
         return y
 
     def layernorm(self, name: str, x):
-        return F.layer_norm(x, (self.n_embd,), self.p[f"{name}.weight"], self.p[f"{name}.bias"], LAYERNORM_EPS)
+        return F.layer_norm(
+            x, (self.n_embd,), self.p[f"{name}.weight"], self.p[f"{name}.bias"], LAYERNORM_EPS
+        )
 
     def causal_mask(self, T: int):
         if T not in self._causal:
-            self._causal[T] = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(1)  # True above the diagonal
+            self._causal[T] = torch.ones(T, T, dtype=torch.bool, device=self.device).triu(
+                1
+            )  # True above the diagonal
         return self._causal[T]
 
     def attend(self, qkv):
         """Causal self-attention.   qkv: (B, T, 3C) -> (B, T, C)."""
         B, T, _ = qkv.shape
         H, hs = self.n_head, self.n_embd // self.n_head
-        q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))  # (B, H, T, hs)
+        q, k, v = (
+            t.view(B, T, H, hs).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2)
+        )  # (B, H, T, hs)
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -157,8 +183,10 @@ class TorchGPT:
         x = F.embedding(idx, p[WTE]) + p[WPE][:T]
         for i in range(self.n_layer):
             pre = f"transformer.h.{i}"
-            x = x + self.linear(f"{pre}.attn.c_proj", self.attend(self.linear(f"{pre}.attn.c_attn",
-                                                                             self.layernorm(f"{pre}.ln_1", x))))
+            x = x + self.linear(
+                f"{pre}.attn.c_proj",
+                self.attend(self.linear(f"{pre}.attn.c_attn", self.layernorm(f"{pre}.ln_1", x))),
+            )
             h = F.gelu(self.linear(f"{pre}.mlp.c_fc", self.layernorm(f"{pre}.ln_2", x)), approximate="tanh")
             x = x + self.linear(f"{pre}.mlp.c_proj", h)
         x = self.layernorm("transformer.ln_f", x)

@@ -27,4 +27,3 @@ def dropout_forward(x, mask):
 def dropout_backward(dout, mask):
     """The forward was out = x * mask, so dx = dout * mask."""
     return dout * mask
-

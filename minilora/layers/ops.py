@@ -13,8 +13,8 @@ made it: no backward ever has to guess who made its cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .attention import attention_backward, attention_forward, cached_attention_forward
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward

@@ -17,8 +17,10 @@ from .init import trainable_biases
 def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> list[dict]:
     """One row per adapted module: its name, weight shape, rank and adapter parameter count."""
     r = lora_config.r
-    return [{"module": name, "weight_shape": (C_in, C_out), "r": r, "adapter_params": r * (C_in + C_out)}
-            for name, (C_in, C_out) in select_target_modules(lora_config, model_config).items()]
+    return [
+        {"module": name, "weight_shape": (C_in, C_out), "r": r, "adapter_params": r * (C_in + C_out)}
+        for name, (C_in, C_out) in select_target_modules(lora_config, model_config).items()
+    ]
 
 
 def lora_trainable_count(lora_config: LoraConfig, model_config: GPTConfig) -> int:

@@ -32,8 +32,12 @@ BIASES = ("none", "all", "lora_only")
 def linear_module_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
     """Every adaptable module name with its weight shape (C_in, C_out)."""
     C = config.n_embd
-    shape = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C),  # (C_in, C_out) of each kind of module
-             "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    shape = {
+        "attn.c_attn": (C, 3 * C),
+        "attn.c_proj": (C, C),  # (C_in, C_out) of each kind of module
+        "mlp.c_fc": (C, 4 * C),
+        "mlp.c_proj": (4 * C, C),
+    }
     return {f"transformer.h.{i}.{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
 
 
@@ -108,15 +112,20 @@ def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> d
     if lora_config.layers_to_transform is not None:
         bad = [i for i in lora_config.layers_to_transform if not 0 <= i < model_config.n_layer]
         if bad:
-            raise ValueError(f"layers_to_transform {bad} out of range: the model has blocks "
-                             f"0..{model_config.n_layer - 1}")
+            raise ValueError(
+                f"layers_to_transform {bad} out of range: the model has blocks 0..{model_config.n_layer - 1}"
+            )
         keep = {f"transformer.h.{i}." for i in lora_config.layers_to_transform}
         chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
     if not chosen:
-        raise ValueError(f"target_modules {lora_config.target_modules!r} match no module; the modules "
-                         f"that can be adapted are: {', '.join(shapes)}")
+        raise ValueError(
+            f"target_modules {lora_config.target_modules!r} match no module; the modules "
+            f"that can be adapted are: {', '.join(shapes)}"
+        )
     for name, (C_in, C_out) in chosen.items():
         if lora_config.r > min(C_in, C_out):
-            raise ValueError(f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} "
-                             f"of {name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides")
+            raise ValueError(
+                f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} "
+                f"of {name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides"
+            )
     return chosen

@@ -51,8 +51,18 @@ class DoraCache(NamedTuple):
     exact_norm_gradient: bool
 
 
-def dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, scaling: float, dropout_mask=None,
-                        weight_norm=None, exact_norm_gradient: bool = False):
+def dora_linear_forward(
+    x,
+    W,
+    b,
+    lora_A,
+    lora_B,
+    magnitude,
+    scaling: float,
+    dropout_mask=None,
+    weight_norm=None,
+    exact_norm_gradient: bool = False,
+):
     """y = (m / n) * (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out).
 
     ``weight_norm`` fixes n (a gradient check of the detached backward holds it at its current
@@ -66,8 +76,16 @@ def dora_linear_forward(x, W, b, lora_A, lora_B, magnitude, scaling: float, drop
     y = u * (magnitude / weight_norm)
     if b is not None:
         y += b
-    return y, DoraCache(x=x, W=W, u=u, lora=lora, magnitude=magnitude, weight_norm=weight_norm,
-                        has_bias=b is not None, exact_norm_gradient=exact_norm_gradient)
+    return y, DoraCache(
+        x=x,
+        W=W,
+        u=u,
+        lora=lora,
+        magnitude=magnitude,
+        weight_norm=weight_norm,
+        has_bias=b is not None,
+        exact_norm_gradient=exact_norm_gradient,
+    )
 
 
 def dora_linear_backward(dout, cache: DoraCache, compute_db: bool = True):

@@ -54,12 +54,16 @@ class Adapter:
     @property
     def is_plain_lora(self) -> bool:
         """Only the two factors per module: no DoRA magnitudes, no PiSSA residuals, no trained biases."""
-        return (isinstance(self.variant, LoraVariant) and self.config.init != "pissa"
-                and len(self.trainable) == 2 * len(self.modules))
+        return (
+            isinstance(self.variant, LoraVariant)
+            and self.config.init != "pissa"
+            and len(self.trainable) == 2 * len(self.modules)
+        )
 
 
-def init_lora_factors(lora_config: LoraConfig, modules: dict, seed: int = 0, dtype=np.float32,
-                      device=None) -> dict:
+def init_lora_factors(
+    lora_config: LoraConfig, modules: dict, seed: int = 0, dtype=np.float32, device=None
+) -> dict:
     """lora_A (r, C_in) and lora_B (C_out, r) for each module, by init "default", "gaussian" or "random".
 
     ``modules`` maps module names to weight shapes (C_in, C_out); the draws come module by module,
@@ -109,8 +113,10 @@ def init_pissa_factors(lora_config: LoraConfig, weights: dict) -> tuple[dict, di
 
 def init_dora_magnitudes(weights: dict, factors: dict, scaling: float) -> dict:
     """DoRA's m for each module: the column norms n of W + s lora_A^T lora_B^T, (C_out,), so m / n = 1."""
-    return {f"{m}.{MAGNITUDE}": dora_weight_norm(W, factors[f"{m}.lora_A"], factors[f"{m}.lora_B"], scaling)
-            for m, W in weights.items()}
+    return {
+        f"{m}.{MAGNITUDE}": dora_weight_norm(W, factors[f"{m}.lora_A"], factors[f"{m}.lora_B"], scaling)
+        for m, W in weights.items()
+    }
 
 
 def trainable_biases(lora_config: LoraConfig, modules: dict, params) -> list[str]:
@@ -135,17 +141,25 @@ def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, se
     if lora_config.init == "pissa":
         factors, residuals = init_pissa_factors(lora_config, {m: base_params[f"{m}.weight"] for m in modules})
     else:
-        factors = init_lora_factors(lora_config, modules, seed=seed, dtype=reference.dtype,
-                                    device=device_of(reference))
+        factors = init_lora_factors(
+            lora_config, modules, seed=seed, dtype=reference.dtype, device=device_of(reference)
+        )
         residuals = {}
     trained = dict(factors)
     if lora_config.use_dora:  # the magnitudes start at the norms of the weight this adapter's layer uses
         weights = {m: residuals.get(f"{m}.weight", base_params[f"{m}.weight"]) for m in modules}
         trained.update(init_dora_magnitudes(weights, factors, lora_config.scaling))
-    biases = {name: base_params[name].copy()  # trained on a copy: the base stays intact
-              for name in trainable_biases(lora_config, modules, base_params)}
-    adapter = Adapter(lora_config, modules, {**trained, **residuals, **biases}, trainable=[*trained, *biases],
-                      original_biases={name: base_params[name] for name in biases})
+    biases = {
+        name: base_params[name].copy()  # trained on a copy: the base stays intact
+        for name in trainable_biases(lora_config, modules, base_params)
+    }
+    adapter = Adapter(
+        lora_config,
+        modules,
+        {**trained, **residuals, **biases},
+        trainable=[*trained, *biases],
+        original_biases={name: base_params[name] for name in biases},
+    )
     if lora_config.init == "pissa":
         adapter.pissa_start = {name: value.copy() for name, value in factors.items()}
     return adapter

@@ -55,8 +55,9 @@ def lora_forward(x, lora_A, lora_B, scaling: float, dropout_mask=None):
     delta = matmul(h, lora_B.T)  # (..., C_out)
     delta *= scaling
     # END SOLUTION
-    return delta, LoraCache(x_in=x_in, h=h, lora_A=lora_A, lora_B=lora_B, scaling=scaling,
-                            dropout_mask=dropout_mask)
+    return delta, LoraCache(
+        x_in=x_in, h=h, lora_A=lora_A, lora_B=lora_B, scaling=scaling, dropout_mask=dropout_mask
+    )
 
 
 def lora_backward(ddelta, cache: LoraCache):
@@ -114,8 +115,9 @@ def lora_delta_weight(lora_A, lora_B, scaling: float):
 def require_finite(merged):
     """``merged`` itself if every value is finite; otherwise raise, before any weight is written."""
     if not bool(get_xp(merged).isfinite(merged).all()):
-        raise FloatingPointError("merging would write NaN or infinite values into the weight; "
-                                 "nothing was changed")
+        raise FloatingPointError(
+            "merging would write NaN or infinite values into the weight; nothing was changed"
+        )
     return merged
 
 

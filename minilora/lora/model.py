@@ -159,13 +159,16 @@ class LoraGPT(GPT):
         adapter lacks counts as 0.
         """
         if len(names) != len(weights) or not names:
-            raise ValueError(f"need one weight per adapter, got {len(names)} names and {len(weights)} "
-                             "weights")
+            raise ValueError(
+                f"need one weight per adapter, got {len(names)} names and {len(weights)} weights"
+            )
         parts = [self._named(name) for name in names]
         for name, part in zip(names, parts, strict=True):
             if not part.is_plain_lora:
-                raise ValueError(f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
-                                 "only plain adapters combine exactly by concatenation")
+                raise ValueError(
+                    f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
+                    "only plain adapters combine exactly by concatenation"
+                )
         self.adapters[new_name] = combined_adapter(parts, weights, self.base_params["transformer.wte.weight"])
 
     def _named(self, name: str) -> Adapter:
@@ -193,8 +196,9 @@ class LoraGPT(GPT):
         p = adapter.config.lora_dropout
         mask = None if dropout_rng is None or p == 0 else make_dropout_mask(dropout_rng, x.shape, p, x.dtype)
         W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
-        y, layer = adapter.variant.forward(x, W, b, adapter.module_tensors(self.params, name),
-                                           adapter.config.scaling, mask)
+        y, layer = adapter.variant.forward(
+            x, W, b, adapter.module_tensors(self.params, name), adapter.config.scaling, mask
+        )
         return y, AdaptedLinearCache(variant=adapter.variant, layer=layer)
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
@@ -272,8 +276,10 @@ class LoraGPT(GPT):
             return False
         variant = adapter.variant
         unchanged = all(variant.is_noop(adapter.module_tensors(self.params, m)) for m in adapter.modules)
-        return unchanged and all(bool(self.xp.array_equal(self.params[name], original))
-                                 for name, original in adapter.original_biases.items())
+        return unchanged and all(
+            bool(self.xp.array_equal(self.params[name], original))
+            for name, original in adapter.original_biases.items()
+        )
 
 
 def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:

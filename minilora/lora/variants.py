@@ -77,8 +77,17 @@ class DoraVariant:
 
     def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
         """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out)."""
-        return dora_linear_forward(x, W, b, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE], scaling,
-                                   dropout_mask, exact_norm_gradient=self.exact_norm_gradient)
+        return dora_linear_forward(
+            x,
+            W,
+            b,
+            tensors["lora_A"],
+            tensors["lora_B"],
+            tensors[MAGNITUDE],
+            scaling,
+            dropout_mask,
+            exact_norm_gradient=self.exact_norm_gradient,
+        )
 
     def backward(self, dout, cache, compute_db: bool = True):
         """dx and {"lora_A", "lora_B", "lora_magnitude_vector", "bias"}: their gradients; W gets none."""
@@ -87,8 +96,9 @@ class DoraVariant:
 
     def merge(self, W, tensors: dict, scaling: float):
         """W' = (m / n) (W + s lora_A^T lora_B^T) (checked finite), and n, which unmerge needs."""
-        merged, weight_norm = dora_merged_weight(W, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE],
-                                                 scaling)
+        merged, weight_norm = dora_merged_weight(
+            W, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE], scaling
+        )
         return require_finite(merged), weight_norm
 
     def unmerge(self, merged, tensors: dict, scaling: float, undo=None):

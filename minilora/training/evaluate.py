@@ -29,15 +29,16 @@ def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None
     return chosen * block_size
 
 
-def bits_per_byte(model, data: np.ndarray, batch_size: int = 16, max_windows: int | None = None,
-                  progress: bool = False) -> float:
+def bits_per_byte(
+    model, data: np.ndarray, batch_size: int = 16, max_windows: int | None = None, progress: bool = False
+) -> float:
     """Mean next-byte cross-entropy of ``model`` on ``data`` (1-D token ids), in bits."""
     T = model.config.block_size
     starts = window_starts(len(data), T, max_windows)
     total_nats = 0.0
     batches = range(0, len(starts), batch_size)
     for i in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-        positions = starts[i:i + batch_size, None] + np.arange(T)  # (B, T)
+        positions = starts[i : i + batch_size, None] + np.arange(T)  # (B, T)
         x = data[positions].astype(np.int64)
         y = data[positions + 1].astype(np.int64)
         _, loss, _ = model.forward(x, y)

@@ -12,17 +12,23 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..backend import resolve_device
 from ..fast import accelerate
-from ..io.checkpoint import atomic_write_bytes, load_model, resolve_checkpoint_path, save_checkpoint, weights_fingerprint
+from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
+from ..io.checkpoint import (
+    atomic_write_bytes,
+    load_model,
+    resolve_checkpoint_path,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from ..io.data import load_corpus
-from .evaluate import bits_per_byte
+from ..io.provenance import provenance
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
-from ..io.provenance import provenance
+from .evaluate import bits_per_byte
 from .loop import TrainSettings, train_loop, train_step
 
 METRICS_NAME = "finetune_metrics.json"
@@ -38,12 +44,25 @@ def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) 
     if loraplus_ratio <= 0:
         raise ValueError(f"loraplus_ratio must be > 0, got {loraplus_ratio}")
     lr_scale = {name: loraplus_ratio for name in model.trainable_names if name.endswith(".lora_B")}
-    return AdamW(model.params, model.trainable_names, lr=settings.lr, betas=ADAM_BETAS,
-                 weight_decay=settings.weight_decay, lr_scale=lr_scale)
+    return AdamW(
+        model.params,
+        model.trainable_names,
+        lr=settings.lr,
+        betas=ADAM_BETAS,
+        weight_decay=settings.weight_decay,
+        lr_scale=lr_scale,
+    )
 
 
-def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True, loraplus_ratio: float = 1.0,
-        fast: bool = True):
+def fit(
+    model,
+    corpus,
+    settings: TrainSettings,
+    save=None,
+    progress: bool = True,
+    loraplus_ratio: float = 1.0,
+    fast: bool = True,
+):
     """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult.
 
     ``fast`` hands the model its device's fast path first (``minilora.fast.accelerate``: the fast
@@ -54,8 +73,16 @@ def fit(model, corpus, settings: TrainSettings, save=None, progress: bool = True
     return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress, step=step)
 
 
-def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: TrainSettings, out_dir,
-             device: str | None = None, progress: bool = True, loraplus_ratio: float = 1.0):
+def finetune(
+    base_path,
+    corpus: str,
+    lora_config: LoraConfig | None,
+    settings: TrainSettings,
+    out_dir,
+    device: str | None = None,
+    progress: bool = True,
+    loraplus_ratio: float = 1.0,
+):
     """Fine-tune the checkpoint at ``base_path`` on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
@@ -67,12 +94,19 @@ def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: T
     model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
     base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
     data = load_corpus(corpus)
-    val_before = bits_per_byte(model, data.val, batch_size=settings.batch_size, max_windows=settings.eval_windows)
+    val_before = bits_per_byte(
+        model, data.val, batch_size=settings.batch_size, max_windows=settings.eval_windows
+    )
     metadata = {
-        "kind": "finetune", "mode": "full" if lora_config is None else "lora", "corpus": corpus,
-        "base": str(resolve_checkpoint_path(base_path)), "base_fingerprint": base_fingerprint,
-        "config": model.config.to_dict(), "settings": asdict(settings),
-        "lora_config": None if lora_config is None else lora_config.to_dict(), "loraplus_ratio": loraplus_ratio,
+        "kind": "finetune",
+        "mode": "full" if lora_config is None else "lora",
+        "corpus": corpus,
+        "base": str(resolve_checkpoint_path(base_path)),
+        "base_fingerprint": base_fingerprint,
+        "config": model.config.to_dict(),
+        "settings": asdict(settings),
+        "lora_config": None if lora_config is None else lora_config.to_dict(),
+        "loraplus_ratio": loraplus_ratio,
         "provenance": provenance(device, settings.seed),
     }
 
@@ -81,17 +115,24 @@ def finetune(base_path, corpus: str, lora_config: LoraConfig | None, settings: T
         if lora_config is None:
             save_checkpoint(out_dir / FULL_CHECKPOINT, model.params, {**metadata, **state})
         else:
-            save_adapter(model, out_dir, extra={"training": {**state, "corpus": corpus, "base": metadata["base"]}})
+            save_adapter(
+                model, out_dir, extra={"training": {**state, "corpus": corpus, "base": metadata["base"]}}
+            )
 
     result = fit(model, data, settings, save, progress, loraplus_ratio)
     saved = out_dir / (FULL_CHECKPOINT if lora_config is None else ADAPTER_WEIGHTS)
     metrics = {
         **metadata,
-        "trainable_params": model.num_parameters(trainable_only=True), "all_params": model.num_parameters(),
-        "summary": model_summary_line(model), "val_bits_per_byte_before": val_before,
-        "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"], "saved": str(saved),
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "all_params": model.num_parameters(),
+        "summary": model_summary_line(model),
+        "val_bits_per_byte_before": val_before,
+        "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
+        "saved": str(saved),
         "saved_bytes": saved.stat().st_size,
-        "base_weights_bytes": sum(int(base.params[name].nbytes) for name in base.params),  # float32, in memory
+        "base_weights_bytes": sum(
+            int(base.params[name].nbytes) for name in base.params
+        ),  # float32, in memory
         "result": result.to_dict(),
     }
     atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())

@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-import numpy as np
-
 from ..backend import device_rng, host_rng, synchronize
 from ..io.checkpoint import all_finite
 from ..io.data import get_batch
@@ -90,8 +88,17 @@ def train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropo
     return loss
 
 
-def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, start_step: int = 0,
-               progress: bool = True, report: bool = True, step=train_step) -> TrainResult:
+def train_loop(
+    model,
+    optimizer,
+    corpus,
+    settings: TrainSettings,
+    save=None,
+    start_step: int = 0,
+    progress: bool = True,
+    report: bool = True,
+    step=train_step,
+) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
     ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
@@ -103,12 +110,21 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
     xp = model.xp
     result = TrainResult()
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
-    bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc="train",
-               unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, settings.steps),
+        initial=start_step,
+        total=settings.steps,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for step_index in bar:
         lr = cosine_lr(step_index, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
         x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step_index))  # (B, T) each
-        loss = step(model, optimizer, x, y, lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step_index))
+        loss = step(
+            model, optimizer, x, y, lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step_index)
+        )
         done = step_index + 1
         if done % settings.log_interval == 0 or done == settings.steps or step_index == start_step:
             loss_value = float(loss)  # syncs the device
@@ -126,18 +142,24 @@ def train_loop(model, optimizer, corpus, settings: TrainSettings, save=None, sta
                 bar.write(f"step {done}: val {val:.4f} bits/byte")
             if save is not None:
                 if not all_finite({name: model.params[name] for name in model.trainable_names}):
-                    raise TrainingDiverged(_diverged_message("a parameter became NaN or infinite", step_index, save))
+                    raise TrainingDiverged(
+                        _diverged_message("a parameter became NaN or infinite", step_index, save)
+                    )
                 save(done, val)
             eval_seconds += time.perf_counter() - eval_started
     bar.close()
     synchronize(xp)
     result.wall_seconds = time.perf_counter() - started
     train_seconds = result.wall_seconds - eval_seconds
-    result.tokens_per_second = (settings.steps - start_step) * B * T / train_seconds if train_seconds > 0 else 0.0
+    result.tokens_per_second = (
+        (settings.steps - start_step) * B * T / train_seconds if train_seconds > 0 else 0.0
+    )
     return result
 
 
 def _diverged_message(what: str, step: int, save) -> str:
     kept = "the last good checkpoint is intact" if save is not None else "no checkpoint was written"
-    return (f"training stopped at step {step}: {what}; {kept}. Try a lower learning rate (--lr) "
-            "or gradient clipping (--grad-clip).")
+    return (
+        f"training stopped at step {step}: {what}; {kept}. Try a lower learning rate (--lr) "
+        "or gradient clipping (--grad-clip)."
+    )

@@ -12,13 +12,19 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..backend import resolve_device, to_device
-from ..fast import accelerate
-from ..io.checkpoint import CheckpointError, atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
 from ..config import GPTConfig
+from ..fast import accelerate
+from ..io.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_params_fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..io.data import load_corpus
+from ..io.provenance import provenance
 from ..model import GPT, init_params, parameter_shapes
 from ..optim import AdamW
-from ..io.provenance import provenance
 from .loop import TrainSettings, train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -26,8 +32,16 @@ RESULTS_NAME = "pretrain_results.json"
 ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT practice for small-batch language-model training
 
 
-def pretrain(corpus: str, config: GPTConfig, settings: TrainSettings, out_dir, device: str | None = None,
-             resume: bool = False, settings_overrides: dict | None = None, progress: bool = True):
+def pretrain(
+    corpus: str,
+    config: GPTConfig,
+    settings: TrainSettings,
+    out_dir,
+    device: str | None = None,
+    resume: bool = False,
+    settings_overrides: dict | None = None,
+    progress: bool = True,
+):
     """Train a base model; returns (model, TrainResult).
 
     With ``resume``, the corpus, config, settings, weights and optimiser state come from
@@ -43,7 +57,9 @@ def pretrain(corpus: str, config: GPTConfig, settings: TrainSettings, out_dir, d
         checkpoint = load_checkpoint(checkpoint_path)
         meta = checkpoint.metadata
         if meta.get("kind") != "pretrain":
-            raise CheckpointError(f"{checkpoint_path} is not a pretraining checkpoint (kind {meta.get('kind')!r})")
+            raise CheckpointError(
+                f"{checkpoint_path} is not a pretraining checkpoint (kind {meta.get('kind')!r})"
+            )
         corpus, config = meta["corpus"], GPTConfig.from_dict(meta["config"])
         settings = TrainSettings(**meta["settings"])
         check_params_fit(checkpoint.params, parameter_shapes(config), checkpoint_path)
@@ -54,12 +70,18 @@ def pretrain(corpus: str, config: GPTConfig, settings: TrainSettings, out_dir, d
     settings = replace(settings, **(settings_overrides or {}))
     data = load_corpus(corpus)
     model = GPT(config, params)
-    optimizer = AdamW(params, model.trainable_names, lr=settings.lr, betas=ADAM_BETAS,
-                      weight_decay=settings.weight_decay)
+    optimizer = AdamW(
+        params, model.trainable_names, lr=settings.lr, betas=ADAM_BETAS, weight_decay=settings.weight_decay
+    )
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    metadata = {"kind": "pretrain", "corpus": corpus, "config": config.to_dict(), "settings": asdict(settings),
-                "provenance": provenance(device, settings.seed)}
+    metadata = {
+        "kind": "pretrain",
+        "corpus": corpus,
+        "config": config.to_dict(),
+        "settings": asdict(settings),
+        "provenance": provenance(device, settings.seed),
+    }
 
     def save(step: int, val_bits_per_byte: float) -> None:
         state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}

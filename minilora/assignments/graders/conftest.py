@@ -30,8 +30,13 @@ def pytest_runtest_makereport(item, call):
     points = marker.args[0] if marker else 0
     if report.when == "setup" and report.failed or report.when == "call":
         error = call.excinfo.typename if call.excinfo else ""
-        RESULTS[item.nodeid] = {"name": item.name, "points": points, "earned": points if report.passed else 0,
-                                "outcome": report.outcome, "error": error}
+        RESULTS[item.nodeid] = {
+            "name": item.name,
+            "points": points,
+            "earned": points if report.passed else 0,
+            "outcome": report.outcome,
+            "error": error,
+        }
 
 
 def pytest_sessionfinish(session):

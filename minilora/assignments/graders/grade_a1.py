@@ -23,14 +23,20 @@ def test_linear_forward_on_a_fixed_input(student, rng):
 @pytest.mark.points(3)
 def test_linear_backward_matches_finite_differences(student, rng):
     m = student["linear"]
-    inputs = {"x": rng.standard_normal((2, 3, 4)), "W": rng.standard_normal((4, 5)), "b": rng.standard_normal(5)}
+    inputs = {
+        "x": rng.standard_normal((2, 3, 4)),
+        "W": rng.standard_normal((4, 5)),
+        "b": rng.standard_normal(5),
+    }
     check_layer(m.linear_forward, m.linear_backward, inputs, ("x", "W", "b")).assert_ok(TOL)
 
 
 @pytest.mark.points(1)
 def test_linear_backward_skips_the_frozen_weight_gradient(student, rng):
     m = student["linear"]
-    out, cache = m.linear_forward(rng.standard_normal((2, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3))
+    out, cache = m.linear_forward(
+        rng.standard_normal((2, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    )
     dx, dW, db = m.linear_backward(np.ones_like(out), cache, compute_dW=False)
     assert dW is None and dx.shape == (2, 4) and np.allclose(db, 2.0)
 
@@ -45,7 +51,9 @@ def test_gelu_forward_on_a_fixed_input(student):
 @pytest.mark.points(2)
 def test_gelu_backward_matches_finite_differences(student, rng):
     m = student["gelu"]
-    check_layer(m.gelu_forward, m.gelu_backward, {"x": 2 * rng.standard_normal((3, 7))}, ("x",)).assert_ok(TOL)
+    check_layer(m.gelu_forward, m.gelu_backward, {"x": 2 * rng.standard_normal((3, 7))}, ("x",)).assert_ok(
+        TOL
+    )
 
 
 @pytest.mark.points(1)

@@ -17,13 +17,19 @@ def rng():
 def test_layernorm_forward_on_a_fixed_input(student, rng):
     x, w, b = 3 + 2 * rng.standard_normal((2, 3, 8)), rng.standard_normal(8), rng.standard_normal(8)
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
-    np.testing.assert_allclose(student["layernorm"].layernorm_forward(x, w, b)[0], expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        student["layernorm"].layernorm_forward(x, w, b)[0], expected, rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.points(3)
 def test_layernorm_backward_matches_finite_differences(student, rng):
     m = student["layernorm"]
-    inputs = {"x": 3 + 2 * rng.standard_normal((2, 3, 8)), "w": 1 + rng.standard_normal(8), "b": rng.standard_normal(8)}
+    inputs = {
+        "x": 3 + 2 * rng.standard_normal((2, 3, 8)),
+        "w": 1 + rng.standard_normal(8),
+        "b": rng.standard_normal(8),
+    }
     check_layer(m.layernorm_forward, m.layernorm_backward, inputs, ("x", "w", "b")).assert_ok(TOL)
 
 

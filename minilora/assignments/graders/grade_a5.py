@@ -15,8 +15,11 @@ def rng():
 
 
 def inputs(rng, r=3):
-    return {"x": rng.standard_normal((2, 4, 6)), "lora_A": rng.standard_normal((r, 6)),
-            "lora_B": rng.standard_normal((5, r))}
+    return {
+        "x": rng.standard_normal((2, 4, 6)),
+        "lora_A": rng.standard_normal((r, 6)),
+        "lora_B": rng.standard_normal((5, r)),
+    }
 
 
 @pytest.mark.points(1)
@@ -29,8 +32,12 @@ def test_lora_forward_on_a_fixed_input(student, rng):
 @pytest.mark.points(3)
 def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
     m = student["layer"]
-    check_layer(lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5), m.lora_backward, inputs(rng),
-                ("x", "lora_A", "lora_B")).assert_ok(TOL)
+    check_layer(
+        lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5),
+        m.lora_backward,
+        inputs(rng),
+        ("x", "lora_A", "lora_B"),
+    ).assert_ok(TOL)
 
 
 @pytest.mark.points(1)
@@ -49,4 +56,6 @@ def test_merged_weight_gives_the_adapted_layer_output(student, rng):
     adapted, _ = m.lora_linear_forward(x, W, b, A, B, 2.5)
     merged, _ = linear_forward(x, m.merge_weight(W, A, B, 2.5), b)
     np.testing.assert_allclose(merged, adapted, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(merged - linear_forward(x, W, b)[0], 2.5 * x @ A.T @ B.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        merged - linear_forward(x, W, b)[0], 2.5 * x @ A.T @ B.T, rtol=1e-10, atol=1e-12
+    )

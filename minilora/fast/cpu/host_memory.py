@@ -22,7 +22,11 @@ import ctypes
 import ctypes.util
 from functools import cache
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameter numbers, from glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = (
+    -1,
+    -3,
+    -8,
+)  # mallopt parameter numbers, from glibc's <malloc.h>
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
 NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
 
@@ -40,4 +44,6 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_ARENA_MAX, 1))
-    return all([bool(mallopt(parameter, value)) for parameter, value in settings])  # mallopt returns 1 on success
+    return all(
+        [bool(mallopt(parameter, value)) for parameter, value in settings]
+    )  # mallopt returns 1 on success

@@ -88,8 +88,9 @@ def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, b
     return loss, grads
 
 
-def sharded_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None,
-                       shards: int | None = None):
+def sharded_train_step(
+    model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None, shards: int | None = None
+):
     """``training.loop.train_step`` with the forward and backward split into ``shards`` threads.
 
     ``shards`` defaults to ``cpu_threads()``; a batch too small to split runs the reference step.

@@ -25,8 +25,10 @@ from functools import cache
 OP_N, OP_T = 0, 1  # cublasOperation_t
 DEFAULT_MATH, TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
 WORKSPACE_BYTES = 32 * 1024 * 1024  # NVIDIA's recommended cuBLAS workspace on Hopper
-GEMM_SYMBOLS = {"float32": ("cublasSgemmStridedBatched", ctypes.c_float),
-                "float64": ("cublasDgemmStridedBatched", ctypes.c_double)}
+GEMM_SYMBOLS = {
+    "float32": ("cublasSgemmStridedBatched", ctypes.c_float),
+    "float64": ("cublasDgemmStridedBatched", ctypes.c_double),
+}
 
 
 class CublasError(RuntimeError):
@@ -60,14 +62,33 @@ def _blas():
     handle = ctypes.c_void_p()
     _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
     workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)  # kept alive with the handle
-    _check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr), ctypes.c_size_t(WORKSPACE_BYTES)),
-           "cublasSetWorkspace")
+    _check(
+        lib.cublasSetWorkspace_v2(
+            handle, ctypes.c_void_p(workspace.data.ptr), ctypes.c_size_t(WORKSPACE_BYTES)
+        ),
+        "cublasSetWorkspace",
+    )
     for name, scalar in GEMM_SYMBOLS.values():
         getattr(lib, name).argtypes = [
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.POINTER(scalar), ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
-            ctypes.POINTER(scalar), ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.POINTER(scalar),
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_longlong,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_longlong,
+            ctypes.POINTER(scalar),
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_longlong,
+            ctypes.c_int,
+        ]
     return lib, handle, workspace
 
 
@@ -78,7 +99,9 @@ def use_tf32(enabled: bool) -> None:
     """Let float32 products use TF32 tensor cores (True) or keep full float32 (False, the default)."""
     global _tf32_enabled
     lib, handle, _ = _blas()
-    _check(lib.cublasSetMathMode(handle, TF32_TENSOR_OP_MATH if enabled else DEFAULT_MATH), "cublasSetMathMode")
+    _check(
+        lib.cublasSetMathMode(handle, TF32_TENSOR_OP_MATH if enabled else DEFAULT_MATH), "cublasSetMathMode"
+    )
     _tf32_enabled = enabled
 
 
@@ -111,8 +134,16 @@ def _batch_stride(x) -> int:
 
 def supports(a, b) -> bool:
     """Whether ``matmul`` handles these operands (else ``product`` uses cupy.matmul)."""
-    return (a.dtype == b.dtype and a.dtype.name in GEMM_SYMBOLS and a.ndim >= 2 and b.ndim >= 2
-            and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2]) and a.shape[-1] == b.shape[-2] and a.size and b.size)
+    return (
+        a.dtype == b.dtype
+        and a.dtype.name in GEMM_SYMBOLS
+        and a.ndim >= 2
+        and b.ndim >= 2
+        and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2])
+        and a.shape[-1] == b.shape[-2]
+        and a.size
+        and b.size
+    )
 
 
 def matmul(a, b):
@@ -132,15 +163,35 @@ def matmul(a, b):
     a3, op_a, ld_a = _as_operand(a3)
     b3, op_b, ld_b = _as_operand(b3)
     lib, handle, _ = _blas()
-    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)), "cublasSetStream")
+    _check(
+        lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)), "cublasSetStream"
+    )
     name, scalar = GEMM_SYMBOLS[a.dtype.name]
     one, zero = scalar(1.0), scalar(0.0)
     # column-major: out^T (n, rows) = op(b)^T-view (n, k) times op(a)^T-view (k, rows), batch by batch
-    _check(getattr(lib, name)(
-        handle, op_b, op_a, n, rows, k, ctypes.byref(one),
-        ctypes.c_void_p(b3.data.ptr), ld_b, _batch_stride(b3),
-        ctypes.c_void_p(a3.data.ptr), ld_a, _batch_stride(a3),
-        ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), n, rows * n, batch), name)
+    _check(
+        getattr(lib, name)(
+            handle,
+            op_b,
+            op_a,
+            n,
+            rows,
+            k,
+            ctypes.byref(one),
+            ctypes.c_void_p(b3.data.ptr),
+            ld_b,
+            _batch_stride(b3),
+            ctypes.c_void_p(a3.data.ptr),
+            ld_a,
+            _batch_stride(a3),
+            ctypes.byref(zero),
+            ctypes.c_void_p(out.data.ptr),
+            n,
+            rows * n,
+            batch,
+        ),
+        name,
+    )
     return out.reshape(*batch_shape, m, n)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from ...backend import device_rng
 from ...optim import clip_grad_norm
+from . import use_cublas
 from .optim import fused_clip_grad_norm, optimizer_step
 
 
@@ -69,10 +70,13 @@ class GraphedStep:
         if model.xp is not cupy:
             raise ValueError("GraphedStep needs a model on the GPU (device='cuda')")
         if not can_capture(model):
-            raise ValueError("GraphedStep cannot capture dropout (a graph would replay one mask forever); "
-                             "train with dropout 0 or without the graph")
+            raise ValueError(
+                "GraphedStep cannot capture dropout (a graph would replay one mask forever); "
+                "train with dropout 0 or without the graph"
+            )
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the capture reuses the warm-up's memory), got {warmup}")
+        use_cublas()  # CuPy's own matmul refuses to run while a stream captures; our cuBLAS handle does not
         self.cupy = cupy
         self.model = model
         self.optimizer = optimizer
@@ -88,7 +92,9 @@ class GraphedStep:
     def __call__(self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
         """The ``train_step`` signature; the model, optimiser and clip must be the ones captured."""
         if model is not self.model or optimizer is not self.optimizer or grad_clip != self.grad_clip:
-            raise ValueError("this GraphedStep was built for another model, optimiser or grad_clip; make a new one")
+            raise ValueError(
+                "this GraphedStep was built for another model, optimiser or grad_clip; make a new one"
+            )
         return self.replay(x, y, lr)
 
     def replay(self, x, y, lr: float | None = None):
@@ -96,10 +102,15 @@ class GraphedStep:
         caller = self.cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # the step starts after the caller's earlier work
         with self.stream:  # the upload, the step and the optimiser, in this stream's order
-            ids = self.model.check_token_ids(x, "idx"), self.model.check_token_ids(y, "targets")  # host range check
+            ids = (
+                self.model.check_token_ids(x, "idx"),
+                self.model.check_token_ids(y, "targets"),
+            )  # host range check
             loss, grads = self._forward_backward(*ids)
             optimizer_step(self.optimizer, grads, lr)  # after the graph, in stream order; default memory pool
-        caller.wait_event(self.stream.record())  # the caller's later work (reading the loss) waits for the step
+        caller.wait_event(
+            self.stream.record()
+        )  # the caller's later work (reading the loss) waits for the step
         return loss
 
     def _forward_backward(self, x, y):

@@ -20,12 +20,18 @@ def fused_adamw_step(optimizer: AdamW, grads: dict, lr: float | None = None) -> 
     lr, t = optimizer.begin_step(grads, lr)
     names = optimizer.names
     adamw_step_fused(
-        [optimizer.params[name] for name in names], [grads[name] for name in names],
+        [optimizer.params[name] for name in names],
+        [grads[name] for name in names],
         [optimizer.buffer("exp_avg", name) for name in names],
         [optimizer.buffer("exp_avg_sq", name) for name in names],
         [lr * optimizer.lr_scale.get(name, 1.0) for name in names],
         [name in optimizer.decay_names for name in names],
-        optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.weight_decay, t)
+        optimizer.beta1,
+        optimizer.beta2,
+        optimizer.eps,
+        optimizer.weight_decay,
+        t,
+    )
 
 
 def optimizer_step(optimizer, grads: dict, lr: float | None = None) -> None:

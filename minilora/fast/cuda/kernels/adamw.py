@@ -53,9 +53,20 @@ __global__ void adamw_multi_tensor(const unsigned long long* pointers, const lon
 _KERNELS = KernelModule(_SOURCE, ("adamw_multi_tensor",))
 
 
-def adamw_step_fused(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, lrs: list, decay: list,
-                     beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                     grad_scale=None) -> None:
+def adamw_step_fused(
+    params: list,
+    grads: list,
+    exp_avgs: list,
+    exp_avg_sqs: list,
+    lrs: list,
+    decay: list,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale=None,
+) -> None:
     """One AdamW step, in place on params, exp_avgs and exp_avg_sqs (as torch.optim.AdamW).
 
     params, grads, exp_avgs, exp_avg_sqs: matching lists of CuPy arrays of one dtype (params and
@@ -78,13 +89,32 @@ def adamw_step_fused(params: list, grads: list, exp_avgs: list, exp_avg_sqs: lis
         return
     bias_correction1 = 1.0 - beta1**step
     sqrt_bias_correction2 = math.sqrt(1.0 - beta2**step)
-    per_tensor = np.array([[lr / bias_correction1 for lr in lrs],
-                           [1.0 - lr * weight_decay if weight_decay and d else 1.0 for lr, d in zip(lrs, decay)]],
-                          dtype=dtype)  # (2, n_tensors)
+    per_tensor = np.array(
+        [
+            [lr / bias_correction1 for lr in lrs],
+            [1.0 - lr * weight_decay if weight_decay and d else 1.0 for lr, d in zip(lrs, decay)],
+        ],
+        dtype=dtype,
+    )  # (2, n_tensors)
     scale = NULL if grad_scale is None else cupy.ascontiguousarray(grad_scale, dtype=dtype)
     real = dtype.type
     _KERNELS.get("adamw_multi_tensor", dtype)(
-        (table.n_chunks,), (CHUNK_THREADS,),
-        (table.pointers, table.sizes, table.chunk_tensor, table.chunk_start, cupy.asarray(per_tensor), scale,
-         table.n_tensors, CHUNK, real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2), real(eps),
-         real(sqrt_bias_correction2)))
+        (table.n_chunks,),
+        (CHUNK_THREADS,),
+        (
+            table.pointers,
+            table.sizes,
+            table.chunk_tensor,
+            table.chunk_start,
+            cupy.asarray(per_tensor),
+            scale,
+            table.n_tensors,
+            CHUNK,
+            real(beta1),
+            real(1.0 - beta1),
+            real(beta2),
+            real(1.0 - beta2),
+            real(eps),
+            real(sqrt_bias_correction2),
+        ),
+    )

@@ -61,8 +61,9 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     if dropout_mask is not None:
         dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
     y = matmul(att if dropout_mask is None else att * dropout_mask, v)  # (B, H, T, hs)
-    cache = CudaAttentionCache(q=q, k=k, v=v, att=att if lse is None else None, lse=lse, dropout_mask=dropout_mask,
-                               scale=scale)
+    cache = CudaAttentionCache(
+        q=q, k=k, v=v, att=att if lse is None else None, lse=lse, dropout_mask=dropout_mask, scale=scale
+    )
     return merge_heads(y), cache  # (B, T, C)
 
 

@@ -67,7 +67,9 @@ def _rows(att) -> int:
 def causal_softmax(att, lse=None) -> None:
     """att (B, H, T, T), contiguous: scores -> causal softmax, in place; lse (B, H, T) if given."""
     T = att.shape[-1]
-    launch_rows(_KERNELS.get("causal_softmax", att.dtype), _rows(att), T, (att, NULL if lse is None else lse, T))
+    launch_rows(
+        _KERNELS.get("causal_softmax", att.dtype), _rows(att), T, (att, NULL if lse is None else lse, T)
+    )
 
 
 def causal_probs_from_lse(att, lse) -> None:
@@ -79,5 +81,9 @@ def causal_probs_from_lse(att, lse) -> None:
 def causal_softmax_backward(att, grad, mask=None) -> None:
     """grad (B, H, T, T) = d loss / d (att * mask) -> d loss / d scores, in place; all contiguous."""
     T = att.shape[-1]
-    launch_rows(_KERNELS.get("causal_softmax_backward", att.dtype), _rows(att), T,
-                (att, grad, NULL if mask is None else mask, T))
+    launch_rows(
+        _KERNELS.get("causal_softmax_backward", att.dtype),
+        _rows(att),
+        T,
+        (att, grad, NULL if mask is None else mask, T),
+    )

@@ -41,13 +41,15 @@ def _backward_kernel():
 
     # The flat index i walks the (N, V) output row by row: row = i / V, column = i - row * V.
     return cupy.ElementwiseKernel(
-        "T p, raw int64 targets, T dloss, int64 n_cols, int64 n_rows", "T dlogits",
+        "T p, raw int64 targets, T dloss, int64 n_cols, int64 n_rows",
+        "T dlogits",
         """
         const long long row = i / n_cols;
         const T onehot = (i - row * n_cols == targets[row]) ? T(1) : T(0);
         dlogits = (p - onehot) * (dloss / T(n_rows));
         """,
-        "minilora_cross_entropy_backward")
+        "minilora_cross_entropy_backward",
+    )
 
 
 def cross_entropy_forward(logits, targets):
@@ -60,8 +62,12 @@ def cross_entropy_forward(logits, targets):
     targets = cupy.ascontiguousarray(targets, dtype=cupy.int64).reshape(-1)  # (N,)
     probs = cupy.empty_like(rows)
     row_loss = cupy.empty(rows.shape[0], dtype=rows.dtype)  # (N,)
-    launch_rows(_KERNELS.get("softmax_cross_entropy_forward", rows.dtype), rows.shape[0], V,
-                (rows, targets, probs, row_loss, V))
+    launch_rows(
+        _KERNELS.get("softmax_cross_entropy_forward", rows.dtype),
+        rows.shape[0],
+        V,
+        (rows, targets, probs, row_loss, V),
+    )
     return row_loss.mean(), CrossEntropyCache(probs=probs, targets=targets, logits_shape=logits_shape)
 
 

@@ -14,10 +14,12 @@ from typing import NamedTuple
 from ....layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 
 # The two formulas of minilora.layers.gelu, as device functions the kernels below share.
-_PREAMBLE = f"""
+_PREAMBLE = (
+    f"""
 #define GELU_K {GELU_SQRT_2_OVER_PI!r}
 #define GELU_C {GELU_CUBIC!r}
-""" + r"""
+"""
+    + r"""
 // u = sqrt(2/pi) (x + 0.044715 x^3), the argument of the tanh
 template <typename Real>
 __device__ __forceinline__ Real gelu_inner(Real x) {
@@ -31,6 +33,7 @@ __device__ __forceinline__ Real gelu_slope(Real x, Real t) {
     return Real(0.5) * (Real(1) + t) + Real(0.5) * x * (Real(1) - t * t) * du_dx;
 }
 """
+)
 
 
 class FusedGeluCache(NamedTuple):

@@ -54,8 +54,10 @@ def global_grad_norm(grads: list):
     partial = cupy.zeros(max(table.n_chunks, 1), dtype=cupy.float64)  # one partial sum per block
     if table.n_chunks > 0:
         _KERNELS.get("chunk_sum_of_squares", dtype)(
-            (table.n_chunks,), (CHUNK_THREADS,),
-            (table.pointers, table.sizes, table.chunk_tensor, table.chunk_start, CHUNK, partial))
+            (table.n_chunks,),
+            (CHUNK_THREADS,),
+            (table.pointers, table.sizes, table.chunk_tensor, table.chunk_start, CHUNK, partial),
+        )
     norm = cupy.empty((), dtype=dtype)
     _KERNELS.get("sqrt_of_sum", dtype)((1,), (MAX_THREADS,), (partial, len(partial), norm))
     return norm

@@ -22,7 +22,9 @@ TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8
 ROWS_PER_SLAB = 128  # rows summed by one column-sum block
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: more rows make the slabs taller
 
-_SOURCE = f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n" + r"""
+_SOURCE = (
+    f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n"
+    + r"""
 // One block per row; passes 1, 2 and 3 of the module docstring, the first two ending in block sums.
 template <typename Real>
 __global__ void layernorm_forward(const Real* x, const Real* w, const Real* b, Real* out, Real* xhat,
@@ -106,6 +108,7 @@ __global__ void layernorm_backward_params(const Real* dout, const Real* xhat, Re
     }
 }
 """
+)
 _KERNELS = KernelModule(_SOURCE, ("layernorm_forward", "layernorm_backward_dx", "layernorm_backward_params"))
 
 
@@ -119,9 +122,15 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
     w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
     b_c = NULL if b is None else cupy.ascontiguousarray(b, dtype=x.dtype)
-    launch_rows(_KERNELS.get("layernorm_forward", x.dtype), rows.shape[0], C,
-                (rows, w_c, b_c, out, xhat, rstd, C, x.dtype.type(eps)))
-    return out.reshape(x.shape), LayerNormCache(xhat=xhat.reshape(x.shape), rstd=rstd, w=w, has_bias=b is not None)
+    launch_rows(
+        _KERNELS.get("layernorm_forward", x.dtype),
+        rows.shape[0],
+        C,
+        (rows, w_c, b_c, out, xhat, rstd, C, x.dtype.type(eps)),
+    )
+    return out.reshape(x.shape), LayerNormCache(
+        xhat=xhat.reshape(x.shape), rstd=rstd, w=w, has_bias=b is not None
+    )
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
@@ -150,6 +159,9 @@ def _column_sums(g, xhat, has_bias: bool):
     db_part = cupy.empty((n_slabs, C), dtype=g.dtype) if has_bias else None
     if n_slabs > 0 and C > 0:
         kernel = _KERNELS.get("layernorm_backward_params", g.dtype)
-        kernel((math.ceil(C / TILE_COLUMNS), n_slabs), (TILE_COLUMNS, ROW_LANES),
-               (g, xhat, dw_part, NULL if db_part is None else db_part, N, C, rows_per_slab))
+        kernel(
+            (math.ceil(C / TILE_COLUMNS), n_slabs),
+            (TILE_COLUMNS, ROW_LANES),
+            (g, xhat, dw_part, NULL if db_part is None else db_part, N, C, rows_per_slab),
+        )
     return dw_part.sum(axis=0), None if db_part is None else db_part.sum(axis=0)

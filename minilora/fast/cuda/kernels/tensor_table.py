@@ -46,9 +46,11 @@ def tensor_table(*lists) -> TensorTable:
             raise ValueError(f"lists of {len(first)} and {len(arrays)} tensors")
         for t, array in enumerate(arrays):
             if not array.flags.c_contiguous or array.dtype != first[0].dtype or array.size != first[t].size:
-                raise ValueError(f"tensor {t}: need C-contiguous {first[0].dtype} arrays of {first[t].size} "
-                                 f"elements, got {array.dtype} {tuple(array.shape)} (contiguous: "
-                                 f"{array.flags.c_contiguous})")
+                raise ValueError(
+                    f"tensor {t}: need C-contiguous {first[0].dtype} arrays of {first[t].size} "
+                    f"elements, got {array.dtype} {tuple(array.shape)} (contiguous: "
+                    f"{array.flags.c_contiguous})"
+                )
     pointers = tuple(tuple(array.data.ptr for array in arrays) for arrays in lists)
     return _build(pointers, tuple(int(array.size) for array in first))
 
