@@ -37,3 +37,19 @@ def test_release_writes_the_stub_modules_and_a_notebook(tmp_path):
     assert (tmp_path / "student" / "attention.py").is_file()
     notebook = nbformat.read(tmp_path / "a3.ipynb", as_version=4)
     assert "Causal self-attention" in notebook.cells[0].source
+
+
+@pytest.mark.parametrize("assignment_id", sorted(ASSIGNMENTS))
+def test_a_student_copy_imports_nothing_from_the_fast_path(assignment_id, tmp_path):
+    """A blank hole must stay a hole on a GPU too: no student file may reach a fused kernel."""
+    import ast
+
+    release(assignment_id, tmp_path)
+    for path in (tmp_path / "student").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        ]
+        assert imported, f"{path.name} imports nothing: the parse found no imports"
+        assert not [name for name in imported if name and name.startswith("minilora.fast")], path.name

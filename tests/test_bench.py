@@ -16,6 +16,7 @@ import pytest
 from minilora.backend import count_matmuls
 from minilora.cli import bench_command
 from minilora.config import GPTConfig, get_preset
+from minilora.fast.cpu.ops import CPU_OPS
 from minilora.lab.bench import (
     BENCH_BATCH_SIZES,
     DEFAULT_LORA,
@@ -27,6 +28,7 @@ from minilora.lab.bench import (
     step_flops,
 )
 from minilora.lab.memory import memory_ledger
+from minilora.layers import REFERENCE_OPS
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
@@ -103,7 +105,10 @@ def check_fields(result, settings):
     assert result["mfu"] == pytest.approx(result["achieved_gflops"] / result["matmul_peak_gflops"])
     assert len(result["runs_tokens_per_s"]) == settings.repeats
     assert result["peak_rss_bytes"] > 0 and result["peak_device_bytes"] is None  # CPU
-    ledger = memory_ledger(config, B, T, settings.lora_config)
+    ops = (
+        REFERENCE_OPS if settings.reference else CPU_OPS
+    )  # the ledger probes the layer functions the bench ran
+    ledger = memory_ledger(config, B, T, settings.lora_config, ops=ops)
     assert result["memory"]["ledger"] == ledger.to_dict()
     assert result["memory"]["traced_step_peak_bytes"] > 0
     assert set(result["openblas_env"]) == set(OPENBLAS_ENV_VARS)

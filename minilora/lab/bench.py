@@ -425,7 +425,9 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
             tracemalloc.stop()
 
     flops = step_flops(config, B, T, lora_config)
-    ledger = memory_ledger(config, B, T, lora_config, dtype=np.dtype(settings.dtype))
+    # The ledger's probes run on the CPU: with the CPU's own layer functions there, with the reference's for a GPU.
+    ledger_ops = model.ops if xp is np else None
+    ledger = memory_ledger(config, B, T, lora_config, dtype=np.dtype(settings.dtype), ops=ledger_ops)
     result = {
         "preset": settings.preset,
         "mode": settings.mode,

@@ -188,10 +188,15 @@ class LoraGPT(GPT):
             return None
         return self.adapter
 
+    def _adapting(self, name: str) -> Adapter | None:
+        """The adapter that applies to module ``name`` now, or None: the forward and backward both ask this."""
+        adapter = self._live_adapter()
+        return adapter if adapter is not None and name in adapter.modules else None
+
     def linear_forward(self, name: str, x, dropout_rng=None):
         """y = the active adapter's variant applied to module ``name`` (the base layer where none applies)."""
-        adapter = self._live_adapter()
-        if adapter is None or name not in adapter.modules:
+        adapter = self._adapting(name)
+        if adapter is None:
             return super().linear_forward(name, x, dropout_rng)
         p = adapter.config.lora_dropout
         mask = None if dropout_rng is None or p == 0 else make_dropout_mask(dropout_rng, x.shape, p, x.dtype)
@@ -203,7 +208,7 @@ class LoraGPT(GPT):
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """dx of module ``name``; the adapter's gradients go into ``grads`` under the module's names."""
-        if not isinstance(cache, AdaptedLinearCache):  # the forward ran the base layer here
+        if self._adapting(name) is None:  # the forward ran the base layer here
             return super().linear_backward(name, dout, cache, grads)
         train_bias = self.is_trainable(f"{name}.bias")  # a frozen bias's gradient is not even summed
         dx, layer_grads = cache.variant.backward(dout, cache.layer, compute_db=train_bias)

@@ -24,13 +24,13 @@ def inputs(rng, r=3):
 
 @pytest.mark.points(1)
 def test_lora_forward_on_a_fixed_input(student, rng):
-    x, A, B = inputs(rng).values()
-    delta, _ = student["layer"].lora_forward(x, A, B, 2.5)
-    np.testing.assert_allclose(delta, 2.5 * x @ A.T @ B.T, rtol=1e-12, atol=1e-12)
+    x, lora_A, lora_B = inputs(rng).values()
+    delta, _ = student["layer"].lora_forward(x, lora_A, lora_B, 2.5)
+    np.testing.assert_allclose(delta, 2.5 * x @ lora_A.T @ lora_B.T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.points(3)
-def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
+def test_lora_backward_with_nonzero_lora_B_matches_finite_differences(student, rng):
     m = student["layer"]
     check_layer(
         lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5),
@@ -41,21 +41,21 @@ def test_lora_backward_with_nonzero_B_matches_finite_differences(student, rng):
 
 
 @pytest.mark.points(1)
-def test_at_zero_B_only_B_gets_a_gradient(student, rng):
-    x, A, B = inputs(rng).values()
-    _, cache = student["layer"].lora_forward(x, A, np.zeros_like(B), 2.0)
-    _, dA, dB = student["layer"].lora_backward(rng.standard_normal((2, 4, 5)), cache)
-    assert np.all(dA == 0) and np.count_nonzero(dB) == dB.size
+def test_at_zero_lora_B_only_lora_B_gets_a_gradient(student, rng):
+    x, lora_A, lora_B = inputs(rng).values()
+    _, cache = student["layer"].lora_forward(x, lora_A, np.zeros_like(lora_B), 2.0)
+    _, dlora_A, dlora_B = student["layer"].lora_backward(rng.standard_normal((2, 4, 5)), cache)
+    assert np.all(dlora_A == 0) and np.count_nonzero(dlora_B) == dlora_B.size
 
 
 @pytest.mark.points(2)
 def test_merged_weight_gives_the_adapted_layer_output(student, rng):
     m = student["layer"]
-    x, A, B = inputs(rng).values()
+    x, lora_A, lora_B = inputs(rng).values()
     W, b = rng.standard_normal((6, 5)), rng.standard_normal(5)
-    adapted, _ = m.lora_linear_forward(x, W, b, A, B, 2.5)
-    merged, _ = linear_forward(x, m.merge_weight(W, A, B, 2.5), b)
+    adapted, _ = m.lora_linear_forward(x, W, b, lora_A, lora_B, 2.5)
+    merged, _ = linear_forward(x, m.merge_weight(W, lora_A, lora_B, 2.5), b)
     np.testing.assert_allclose(merged, adapted, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
-        merged - linear_forward(x, W, b)[0], 2.5 * x @ A.T @ B.T, rtol=1e-10, atol=1e-12
+        merged - linear_forward(x, W, b)[0], 2.5 * x @ lora_A.T @ lora_B.T, rtol=1e-10, atol=1e-12
     )
