@@ -154,3 +154,34 @@ def test_cross_entropy_is_stable_for_huge_logits():
     loss, cache = cross_entropy_forward(logits, np.array([0]))
     assert np.isfinite(float(loss)) and float(loss) == pytest.approx(0.0, abs=1e-12)
     assert np.all(np.isfinite(cross_entropy_backward(1.0, cache)))
+
+
+def test_a_cache_made_before_reloading_a_layer_module_still_goes_back_through_its_backward():
+    """A notebook's importlib.reload makes new cache classes; a backward reads attributes, never types.
+
+    The reload is simulated by executing each module's file again as a new module, which leaves the
+    real modules (and the other tests) untouched.
+    """
+    import importlib.util
+
+    import minilora.layers.gelu as gelu
+    import minilora.layers.layernorm as layernorm
+
+    def reloaded(module):
+        spec = importlib.util.spec_from_file_location(f"{module.__name__}_reloaded", module.__file__)
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        return fresh
+
+    rng = np.random.default_rng(7)
+    x, w, b = rng.standard_normal((3, 8)), rng.standard_normal(8), rng.standard_normal(8)
+    dout = rng.standard_normal((3, 8))
+    gelu_cache, ln_cache = gelu.gelu_forward(x)[1], layernorm.layernorm_forward(x, w, b)[1]
+    new_gelu, new_layernorm = reloaded(gelu), reloaded(layernorm)
+    assert new_gelu.GeluCache is not gelu.GeluCache  # the cache class was made anew
+    np.testing.assert_array_equal(
+        new_gelu.gelu_backward(dout, gelu_cache), gelu.gelu_backward(dout, gelu_cache)
+    )
+    want = layernorm.layernorm_backward(dout, ln_cache)
+    for got, expected in zip(new_layernorm.layernorm_backward(dout, ln_cache), want):
+        np.testing.assert_array_equal(got, expected)
