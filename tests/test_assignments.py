@@ -3,7 +3,9 @@ and every planted bug loses points on a numeric check."""
 
 import pytest
 
+import minilora
 from minilora.assignments.catalog import ASSIGNMENTS
+from minilora.assignments.grading import grade
 from minilora.assignments.pipeline import planted_bugs, problems, verify
 from minilora.assignments.release import release, student_copy
 
@@ -53,3 +55,62 @@ def test_a_student_copy_imports_nothing_from_the_fast_path(assignment_id, tmp_pa
         ]
         assert imported, f"{path.name} imports nothing: the parse found no imports"
         assert not [name for name in imported if name and name.startswith("minilora.fast")], path.name
+
+
+def test_release_refuses_to_overwrite_a_student_folder_unless_forced(tmp_path):
+    import json
+
+    release("a1", tmp_path)
+    work = tmp_path / "student" / "gelu.py"
+    work.write_text("# a student's work\n")
+    with pytest.raises(FileExistsError, match="--force"):
+        release("a1", tmp_path)
+    assert work.read_text() == "# a student's work\n"  # nothing was touched
+    release("a1", tmp_path, force=True)
+    assert "NotImplementedError" in work.read_text()
+    record = json.loads((tmp_path / "release.json").read_text())
+    assert record["assignment"] == "a1" and record["minilora_version"] == minilora.__version__
+
+
+def test_grading_a_folder_without_student_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no student/ folder"):
+        grade("a1", tmp_path)
+
+
+def part(score, name):
+    (found,) = [p for p in score.parts if p["name"] == name]
+    return found
+
+
+def test_a_broken_file_costs_only_its_own_parts_and_a_failure_says_what_was_wrong(tmp_path):
+    release("a1", tmp_path, solved=True)
+    (tmp_path / "student" / "gelu.py").write_text("def gelu_forward(x:\n")  # a syntax error
+    cross_entropy = tmp_path / "student" / "cross_entropy.py"
+    cross_entropy.write_text(cross_entropy.read_text().replace("* (dloss / N)", "* dloss"))  # forgot the mean
+    score = grade("a1", tmp_path)
+    assert part(score, "test_linear_backward_matches_finite_differences")["earned"] == 3
+    assert part(score, "test_gelu_forward_on_a_fixed_input")["earned"] == 0
+    assert (
+        "gelu.py does not import: SyntaxError" in part(score, "test_gelu_forward_on_a_fixed_input")["message"]
+    )
+    failed = part(score, "test_cross_entropy_backward_matches_finite_differences")
+    assert failed["earned"] == 0 and failed["error"] == "GradCheckError"
+    assert "logits" in failed["message"] and "GradCheckError: " in score.table()
+
+
+def test_an_endless_loop_loses_its_part_and_the_grader_goes_on(tmp_path, monkeypatch):
+    from minilora.assignments.graders.conftest import PART_SECONDS_ENV_VAR
+
+    monkeypatch.setenv(PART_SECONDS_ENV_VAR, "2")
+    release("a1", tmp_path, solved=True)
+    gelu = tmp_path / "student" / "gelu.py"
+    gelu.write_text(
+        gelu.read_text().replace(
+            "    xp = get_xp(x)\n", "    xp = get_xp(x)\n    while True:\n        pass\n", 1
+        )
+    )
+    score = grade("a1", tmp_path)
+    stuck = part(score, "test_gelu_forward_on_a_fixed_input")
+    assert stuck["earned"] == 0 and stuck["error"] == "PartTimeout"
+    assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1
+    assert part(score, "test_cross_entropy_backward_matches_finite_differences")["earned"] == 2

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import get_assignment
+from .release import student_folder
 
 GRADERS_DIR = Path(__file__).resolve().parent / "graders"
 
@@ -17,7 +18,9 @@ GRADERS_DIR = Path(__file__).resolve().parent / "graders"
 @dataclass
 class Score:
     assignment: str
-    parts: list  # {"name", "points", "earned", "outcome", "error"}
+    parts: (
+        list  # {"name", "points", "earned", "outcome", "error" (exception type), "message" (its first line)}
+    )
 
     @property
     def earned(self) -> int:
@@ -28,11 +31,13 @@ class Score:
         return sum(part["points"] for part in self.parts)
 
     def table(self) -> str:
-        lines = [
-            f"{part['name']:<60} {part['earned']}/{part['points']}  {part['outcome']}"
-            + (f" ({part['error']})" if part["error"] else "")
-            for part in self.parts
-        ]
+        """One line per part (points, outcome), the failure's type and first message line under it."""
+        lines = []
+        for part in self.parts:
+            lines.append(f"{part['name']:<60} {part['earned']}/{part['points']}  {part['outcome']}")
+            if part["error"]:
+                message = part.get("message", "")
+                lines.append(f"    {part['error']}" + (f": {message}" if message else ""))
         return "\n".join(lines + [f"{'total':<60} {self.earned}/{self.total}"])
 
 
@@ -44,6 +49,7 @@ def grader_path(assignment_id: str) -> Path:
 def grade(assignment_id: str, submission_dir, timeout: float = 900) -> Score:
     """Score the release folder ``submission_dir`` (holding student/) with the assignment's grader."""
     submission = Path(submission_dir).resolve()
+    student_folder(submission)  # a clear error for a path that is not a release, before pytest runs
     with tempfile.TemporaryDirectory() as tmp:
         score_file = Path(tmp) / "score.json"
         command = [

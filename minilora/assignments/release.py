@@ -10,14 +10,17 @@ every hole's code: the reference in the release's own layout, which must score f
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
 
+from ..version import __version__
 from .catalog import get_assignment
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
 STUDENT_DIR = "student"
+RELEASE_RECORD = "release.json"  # which assignment, from which minilora version, solved or not
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (a\d+): (.*)$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
 RELATIVE_IMPORT = re.compile(r"^(\s*from )(\.+)(\w[\w.]*)?( import .*)$")
@@ -57,11 +60,20 @@ def module_name(relative_path: str) -> str:
     return Path(relative_path).stem
 
 
-def release(assignment_id: str, out_dir, solved: bool = False) -> Path:
-    """Write <out>/student/<file>.py for each of the assignment's files, and <out>/<id>.ipynb."""
+def release(assignment_id: str, out_dir, solved: bool = False, force: bool = False) -> Path:
+    """Write <out>/student/<file>.py for each of the assignment's files, <out>/<id>.ipynb and <out>/release.json.
+
+    A folder that already holds a student/ with files is refused unless ``force``: it may be a
+    student's work.
+    """
     assignment = get_assignment(assignment_id)
     out_dir = Path(out_dir)
     student = out_dir / STUDENT_DIR
+    if student.is_dir() and any(student.iterdir()) and not force:
+        raise FileExistsError(
+            f"{student} already holds files (perhaps a student's work): choose another --out, or pass "
+            "--force to overwrite them"
+        )
     student.mkdir(parents=True, exist_ok=True)
     holes = []
     for relative in assignment.sources:
@@ -80,6 +92,13 @@ def release(assignment_id: str, out_dir, solved: bool = False) -> Path:
     if not holes:
         raise ValueError(f"assignment {assignment_id} has no holes in {assignment.sources}")
     write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb")
+    record = {
+        "assignment": assignment_id,
+        "minilora_version": __version__,
+        "solved": solved,
+        "files": [Path(relative).name for relative in assignment.sources],
+    }
+    (out_dir / RELEASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
 
 
@@ -106,14 +125,61 @@ def write_notebook(assignment, holes, path: Path) -> None:
     nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
 
 
-def load_student(release_dir) -> dict:
-    """Import every module of a release's student/ folder under a unique name: {file stem: module}."""
-    modules = {}
-    for path in sorted((Path(release_dir) / STUDENT_DIR).glob("*.py")):
-        name = f"student_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        modules[path.stem] = module
-    return modules
+class StudentImportError(ImportError):
+    """A student's file does not import; the message names the file and the first line of the error."""
+
+
+class StudentModules:
+    """The modules of a release's student/ folder by file stem, each imported when first asked for.
+
+    Importing one file at a time keeps the others gradable: a syntax error in gelu.py costs the GELU
+    parts only. The modules get unique names (``student_<stem>``), so they never shadow minilora's.
+    """
+
+    def __init__(self, release_dir):
+        self.folder = student_folder(release_dir)
+        self._modules, self._errors = {}, {}
+
+    def __getitem__(self, stem: str):
+        if stem in self._errors:
+            raise self._errors[stem]
+        if stem not in self._modules:
+            path = self.folder / f"{stem}.py"
+            if not path.is_file():
+                raise StudentImportError(f"{path} is missing: hand back every file of student/")
+            try:
+                self._modules[stem] = _import_file(path, f"student_{stem}")
+            except Exception as err:  # a student's file may raise anything while it imports
+                first_line = (str(err).splitlines() or [""])[0]
+                self._errors[stem] = StudentImportError(
+                    f"student/{stem}.py does not import: {type(err).__name__}: {first_line}"
+                )
+                raise self._errors[stem] from err
+        return self._modules[stem]
+
+    def __iter__(self):
+        return iter(sorted(path.stem for path in self.folder.glob("*.py")))
+
+
+def student_folder(release_dir) -> Path:
+    """The student/ folder of a release, or a clear error when the path is not a release."""
+    folder = Path(release_dir) / STUDENT_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no {STUDENT_DIR}/ folder in {release_dir}: pass the release folder that holds {STUDENT_DIR}/ "
+            "(the one `minilora assignment release` wrote), not the student/ folder itself"
+        )
+    return folder
+
+
+def load_student(release_dir) -> StudentModules:
+    """The student's modules of a release, by file stem: ``load_student('.')['gelu']``."""
+    return StudentModules(release_dir)
+
+
+def _import_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -33,6 +33,8 @@ EXPECTED_ERRORS = (
     KeyError,
     FloatingPointError,
     RuntimeError,
+    FileExistsError,
+    FileNotFoundError,
 )
 
 

@@ -26,6 +26,9 @@ def add_assignment_parser(subparsers) -> None:
         if action == "release":
             sub.add_argument("--out", required=True, help="the folder to write")
             sub.add_argument("--solved", action="store_true", help="keep the reference code in the holes")
+            sub.add_argument(
+                "--force", action="store_true", help="overwrite a student/ folder that holds files"
+            )
         if action == "grade":
             sub.add_argument("--submission", required=True, help="a release folder (holding student/)")
     parser.set_defaults(run=run_assignment_command)
@@ -38,7 +41,7 @@ def run_assignment_command(args) -> None:
     from ..assignments.release import release
 
     if args.action == "release":
-        out = release(args.assignment, args.out, solved=args.solved)
+        out = release(args.assignment, args.out, solved=args.solved, force=args.force)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
     elif args.action == "grade":
         print(grade(args.assignment, args.submission).table())
