@@ -76,6 +76,66 @@ BUGS = [
         "return scaling * matmul(lora_A.T, lora_B.T)",
         "return matmul(lora_A.T, lora_B.T)",
     ),
+    # The classes a grader used to miss: overflow at large inputs, float32 silently promoted to float64,
+    # a dropout mask forgotten on the way back, a frozen weight's gradient product made anyway.
+    (
+        "a1",
+        "cross_entropy.py",
+        "unshifted_softmax",
+        "shifted = logits - logits.max(axis=-1, keepdims=True)",
+        "shifted = logits",
+    ),
+    (
+        "a1",
+        "gelu.py",
+        "float64_result",
+        "out = 0.5 * x * (1.0 + t)",
+        'out = 0.5 * x.astype("float64") * (1.0 + t)',
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "one_pass_variance",
+        "var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)",
+        "var = (x**2).mean(axis=-1, keepdims=True) - mean**2",
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "float64_rstd",
+        "rstd = 1.0 / xp.sqrt(var + eps)",
+        'rstd = 1.0 / xp.sqrt(var.astype("float64") + eps)',
+    ),
+    (
+        "a3",
+        "attention.py",
+        "unshifted_softmax",
+        "att = xp.exp(scores - scores.max(axis=-1, keepdims=True))",
+        "att = xp.exp(scores)",
+    ),
+    (
+        "a3",
+        "attention.py",
+        "mask_forgotten_in_backward",
+        "datt = datt_used if mask is None else datt_used * mask",
+        "datt = datt_used",
+    ),
+    ("a4", "model.py", "frozen_head_weight_gradient", "compute_dW=train_wte", "compute_dW=True"),
+    (
+        "a4",
+        "model.py",
+        "embedding_dropout_forgotten",
+        "dx = ops.dropout_backward(dx, cache.embedding_dropout)",
+        "dx = dx",
+    ),
+    ("a5", "layer.py", "mask_forgotten_in_dx", "dx *= cache.dropout_mask", "dx *= 1.0"),
+    (
+        "a5",
+        "layer.py",
+        "float64_low_rank_activation",
+        "h = matmul(x_in, lora_A.T)",
+        'h = matmul(x_in.astype("float64"), lora_A.T.astype("float64"))',
+    ),
 ]
 
 

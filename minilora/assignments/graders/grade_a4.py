@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from minilora.backend import count_matmuls
 from minilora.config import GPTConfig
 from minilora.gradcheck import check_model
 from minilora.model import GPT as ReferenceGPT
@@ -50,3 +51,23 @@ def test_frozen_parameters_get_no_gradients(student):
     idx, targets = batch()
     grads = model.backward(model.forward(idx, targets)[2])
     assert set(grads) == {name for name in params() if name.startswith("transformer.h.1.")}
+
+
+@pytest.mark.points(1)
+def test_a_frozen_head_and_frozen_weights_get_no_weight_gradient_product(student):
+    """LoRA's saving: a frozen weight passes gradient to its input, but its (C_in, C_out) product is never made."""
+    frozen = [
+        name for name in params() if not name.startswith("transformer.h.1.")
+    ]  # wte and its tied head too
+    model = student["model"].GPT(CONFIG, params(), frozen=frozen)
+    idx, targets = batch()
+    _, _, cache = model.forward(idx, targets)
+    with count_matmuls() as log:
+        model.backward(cache)
+    C, V = CONFIG.n_embd, CONFIG.vocab_size
+    assert log.outputs_of_shape((C, V)) == 0, (
+        "the frozen tied head's weight gradient x^T dlogits was computed"
+    )
+    weight_shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    made = sum(log.outputs_of_shape(shape) for shape in weight_shapes)
+    assert made == len(weight_shapes), f"{made} weight-gradient products; only block 1's four weights train"

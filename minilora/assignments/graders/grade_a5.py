@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minilora.gradcheck import check_layer
-from minilora.layers import linear_forward
+from minilora.layers import linear_forward, make_dropout_mask
 
 TOL = 1e-7
 
@@ -59,3 +59,33 @@ def test_merged_weight_gives_the_adapted_layer_output(student, rng):
     np.testing.assert_allclose(
         merged - linear_forward(x, W, b)[0], 2.5 * x @ lora_A.T @ lora_B.T, rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.points(2)
+def test_lora_with_a_dropout_mask_matches_its_formula_and_finite_differences(student, rng):
+    """lora_dropout drops the adapter input: delta = s (drop(x) lora_A^T) lora_B^T; dx goes back through the mask."""
+    m = student["layer"]
+    x, lora_A, lora_B = inputs(rng).values()
+    mask = make_dropout_mask(np.random.default_rng(2), x.shape, 0.4, np.float64)
+    delta, _ = m.lora_forward(x, lora_A, lora_B, 2.5, mask)
+    np.testing.assert_allclose(delta, 2.5 * (x * mask) @ lora_A.T @ lora_B.T, rtol=1e-12, atol=1e-12)
+    check_layer(
+        lambda x, lora_A, lora_B: m.lora_forward(x, lora_A, lora_B, 2.5, mask),
+        m.lora_backward,
+        {"x": x, "lora_A": lora_A, "lora_B": lora_B},
+        ("x", "lora_A", "lora_B"),
+    ).assert_ok(TOL)
+
+
+@pytest.mark.points(1)
+def test_lora_keeps_float32_and_takes_a_layer_without_bias(student, rng):
+    m = student["layer"]
+    x, lora_A, lora_B = (value.astype(np.float32) for value in inputs(rng).values())
+    delta, cache = m.lora_forward(x, lora_A, lora_B, 2.5)
+    assert delta.dtype == np.float32, "float32 in, float32 out"
+    assert all(g.dtype == np.float32 for g in m.lora_backward(np.ones_like(delta), cache)), (
+        "float32 in, float32 out"
+    )
+    W = rng.standard_normal((6, 5)).astype(np.float32)
+    adapted, _ = m.lora_linear_forward(x, W, None, lora_A, lora_B, 2.5)
+    np.testing.assert_allclose(adapted, x @ W + 2.5 * x @ lora_A.T @ lora_B.T, rtol=1e-5, atol=1e-5)
