@@ -114,3 +114,62 @@ def test_an_endless_loop_loses_its_part_and_the_grader_goes_on(tmp_path, monkeyp
     assert stuck["earned"] == 0 and stuck["error"] == "PartTimeout"
     assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1
     assert part(score, "test_cross_entropy_backward_matches_finite_differences")["earned"] == 2
+
+
+# Cheats against the grader: each must score zero on the parts it touches.
+
+CHEAT_WRITES_A_SCORE = """
+import atexit, json, os, sys
+FAKE = [{"name": "everything", "points": 99, "earned": 99, "outcome": "passed", "error": "", "message": ""}]
+def _forge():
+    print("total 15/15")  # a printed score
+    for fd in range(3, 64):  # every inherited descriptor, in case one leads to the grader
+        try:
+            os.write(fd, (json.dumps(FAKE) + "\\n").encode())
+        except OSError:
+            pass
+    for arg in sys.argv:  # the old grader passed its score file's path on the command line
+        if arg.startswith("--score"):
+            open(arg.split("=", 1)[1], "w").write(json.dumps(FAKE))
+atexit.register(_forge)
+_forge()
+"""
+
+
+def test_a_forged_score_printed_or_written_at_exit_changes_nothing(tmp_path):
+    release("a1", tmp_path)
+    linear = tmp_path / "student" / "linear.py"
+    linear.write_text(linear.read_text() + CHEAT_WRITES_A_SCORE)
+    score = grade("a1", tmp_path)
+    assert (
+        score.earned == 0
+        and score.total == 15
+        and [p["name"] for p in score.parts if p["points"] == 99] == []
+    )
+
+
+def test_disabling_the_gradient_checker_does_not_pass_a_wrong_backward(tmp_path):
+    release("a1", tmp_path, solved=True)
+    gelu = tmp_path / "student" / "gelu.py"
+    gelu.write_text(
+        gelu.read_text().replace("dx = dout * (0.5 *", "dx = 0.9 * dout * (0.5 *")
+        + "\nimport minilora.gradcheck\nminilora.gradcheck.GradCheckResult.assert_ok = lambda self, tol: None\n"
+    )
+    score = grade("a1", tmp_path)
+    assert part(score, "test_gelu_backward_matches_finite_differences")["earned"] == 0
+    assert (
+        part(score, "test_linear_backward_matches_finite_differences")["earned"] == 3
+    )  # the rest is untouched
+
+
+def test_delegating_to_the_reference_is_refused(tmp_path):
+    release("a1", tmp_path, solved=True)
+    (tmp_path / "student" / "gelu.py").write_text(
+        "from minilora.layers.gelu import gelu_forward  # the installed reference\n"
+        "from minilora.fast.cpu.ops import gelu_backward  # or its fast twin\n"
+    )
+    score = grade("a1", tmp_path)
+    forward = part(score, "test_gelu_forward_on_a_fixed_input")
+    assert forward["earned"] == 0 and "called minilora's own gelu.py:gelu_forward" in forward["message"]
+    assert part(score, "test_gelu_backward_matches_finite_differences")["earned"] == 0
+    assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1

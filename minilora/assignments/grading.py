@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,33 +47,38 @@ def grader_path(assignment_id: str) -> Path:
     return GRADERS_DIR / f"grade_{assignment_id}.py"
 
 
-def grade(assignment_id: str, submission_dir, timeout: float = 900) -> Score:
-    """Score the release folder ``submission_dir`` (holding student/) with the assignment's grader."""
+def grade(assignment_id: str, submission_dir, timeout: float = 1800) -> Score:
+    """Score the release folder ``submission_dir`` (holding student/) with the assignment's grader.
+
+    The grader runs as a pytest process that never imports the student's code (each part reaches it in
+    a child process of its own, see sandbox.py) and hands its score back through a pipe that only this
+    process holds, so nothing a submission prints, writes or leaves behind can change the score.
+    """
     submission = Path(submission_dir).resolve()
     student_folder(submission)  # a clear error for a path that is not a release, before pytest runs
-    with tempfile.TemporaryDirectory() as tmp:
-        score_file = Path(tmp) / "score.json"
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(grader_path(assignment_id)),
-            f"--submission={submission}",
-            f"--score-json={score_file}",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(GRADERS_DIR),
-            "-o",
-            "addopts=",
-            "-o",
-            "python_files=grade_*.py",
-        ]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=GRADERS_DIR)
-        if not score_file.is_file():
-            raise RuntimeError(
-                f"the grader of {assignment_id} did not run:\n{completed.stdout}\n{completed.stderr}"
-            )
-        parts = json.loads(score_file.read_text())
-    return Score(assignment_id, parts)
+    score_read, score_write = os.pipe()
+    command = [
+        sys.executable, "-m", "pytest", str(grader_path(assignment_id)), f"--submission={submission}",
+        f"--assignment={assignment_id}", f"--score-fd={score_write}", "-q", "-p", "no:cacheprovider",
+        "--rootdir", str(GRADERS_DIR), "-o", "addopts=", "-o", "python_files=grade_*.py",
+    ]  # fmt: skip
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.append(_read_all(score_read)), daemon=True)
+    reader.start()
+    try:
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=GRADERS_DIR, pass_fds=(score_write,)
+        )
+    finally:
+        os.close(score_write)
+    reader.join()
+    if not chunks or not chunks[0]:
+        raise RuntimeError(
+            f"the grader of {assignment_id} did not run:\n{completed.stdout}\n{completed.stderr}"
+        )
+    return Score(assignment_id, json.loads(chunks[0]))
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()

@@ -56,6 +56,25 @@ def student_copy(source: str, assignment_id: str, package: str, solved: bool = F
     return "\n".join(out)
 
 
+def hole_functions(assignment_id: str) -> list[str]:
+    """The names of the functions that hold the assignment's holes (the grader guards them in the child)."""
+    import ast
+
+    names = []
+    for relative in get_assignment(assignment_id).sources:
+        source = (PACKAGE_DIR / relative).read_text()
+        lines = [
+            number
+            for number, line in enumerate(source.split("\n"), start=1)
+            if (match := BEGIN.match(line)) and match.group(2) == assignment_id
+        ]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if any(node.lineno < line <= node.end_lineno for line in lines):
+                    names.append(node.name)
+    return sorted(set(names))
+
+
 def module_name(relative_path: str) -> str:
     return Path(relative_path).stem
 

@@ -1,15 +1,21 @@
-"""Grader for a4: the whole model's backward."""
+"""Grader for a4: the whole model's backward.
+
+The gradients come from the submission's model in its child process; the finite differences they
+are checked against are taken of minilora's reference model here, with the same weights and the
+same dropout masks, so a backward that matches a wrong forward of its own earns nothing.
+"""
 
 import numpy as np
 import pytest
 
-from minilora.backend import count_matmuls
+from minilora.assignments.sandbox import counted
 from minilora.config import GPTConfig
-from minilora.gradcheck import check_model
+from minilora.gradcheck import check_gradients
 from minilora.model import GPT as ReferenceGPT
 from minilora.model import init_params
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=7, dropout=0.1)
+DROPOUT_SEED = 3
 
 
 def params(seed=0):
@@ -25,19 +31,36 @@ def batch():
     return rng.integers(0, 7, (2, 5)), rng.integers(0, 7, (2, 5))
 
 
+def student_model(student, frozen=()):
+    """The submission's GPT in its child process, with the config made there too."""
+    module = student["model"]
+    return module.GPT(module.GPTConfig(**CONFIG.to_dict()), params(), frozen=list(frozen))
+
+
+def student_gradients(model, dropout=True):
+    idx, targets = batch()
+    rng = np.random.default_rng(DROPOUT_SEED) if dropout else None
+    return model.backward(model.forward(idx, targets, dropout_rng=rng)[2])
+
+
 @pytest.mark.points(4)
 def test_every_gradient_of_a_small_model_matches_finite_differences(student):
-    model = student["model"].GPT(CONFIG, params())
+    grads = student_gradients(student_model(student))
+    reference = ReferenceGPT(CONFIG, params())
     idx, targets = batch()
-    check_model(model, idx, targets, mode="elementwise", dropout_seed=3).assert_ok(1e-5)
+
+    def loss():  # the reference model's loss, with the masks the submission's forward drew
+        return float(reference.forward(idx, targets, dropout_rng=np.random.default_rng(DROPOUT_SEED))[1])
+
+    assert set(grads) == set(reference.params), "backward must return a gradient for every parameter"
+    check_gradients(loss, reference.params, grads, mode="elementwise").assert_ok(1e-5)
 
 
 @pytest.mark.points(2)
 def test_gradients_equal_the_reference_on_a_fixed_input(student):
-    idx, targets = batch()
-    ours = student["model"].GPT(CONFIG, params())
+    grads = student_gradients(student_model(student), dropout=False)
     reference = ReferenceGPT(CONFIG, params())
-    grads = ours.backward(ours.forward(idx, targets)[2])
+    idx, targets = batch()
     expected = reference.backward(reference.forward(idx, targets)[2])
     assert set(grads) == set(expected)
     for name in expected:
@@ -47,9 +70,7 @@ def test_gradients_equal_the_reference_on_a_fixed_input(student):
 @pytest.mark.points(1)
 def test_frozen_parameters_get_no_gradients(student):
     frozen = [name for name in params() if not name.startswith("transformer.h.1.")]
-    model = student["model"].GPT(CONFIG, params(), frozen=frozen)
-    idx, targets = batch()
-    grads = model.backward(model.forward(idx, targets)[2])
+    grads = student_gradients(student_model(student, frozen))
     assert set(grads) == {name for name in params() if name.startswith("transformer.h.1.")}
 
 
@@ -59,15 +80,12 @@ def test_a_frozen_head_and_frozen_weights_get_no_weight_gradient_product(student
     frozen = [
         name for name in params() if not name.startswith("transformer.h.1.")
     ]  # wte and its tied head too
-    model = student["model"].GPT(CONFIG, params(), frozen=frozen)
+    model = student_model(student, frozen)
     idx, targets = batch()
-    _, _, cache = model.forward(idx, targets)
-    with count_matmuls() as log:
-        model.backward(cache)
+    _, products = counted(model.backward, model.forward(idx, targets)[2])
+    outputs = [tuple(out) for _, _, out in products]
     C, V = CONFIG.n_embd, CONFIG.vocab_size
-    assert log.outputs_of_shape((C, V)) == 0, (
-        "the frozen tied head's weight gradient x^T dlogits was computed"
-    )
+    assert outputs.count((C, V)) == 0, "the frozen tied head's weight gradient x^T dlogits was computed"
     weight_shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
-    made = sum(log.outputs_of_shape(shape) for shape in weight_shapes)
+    made = sum(outputs.count(shape) for shape in weight_shapes)
     assert made == len(weight_shapes), f"{made} weight-gradient products; only block 1's four weights train"
