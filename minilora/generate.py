@@ -19,16 +19,16 @@ import numpy as np
 
 from .backend import host_rng, to_numpy
 from .io.tokenizer import decode, encode
-from .model import WTE
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far (``length`` of them)."""
+    """Keys and values of every layer for the positions seen so far (``length`` of them), for a GPT or a Llama."""
 
     def __init__(self, model, batch_size: int):
         config = model.config
-        shape = (batch_size, config.n_head, config.block_size, config.head_size)  # (B, H, T_max, hs)
-        xp, dtype = model.xp, model.params[WTE].dtype
+        n_kv_head = getattr(config, "n_kv_head", config.n_head)  # a Llama's grouped heads: fewer to keep
+        shape = (batch_size, n_kv_head, config.block_size, config.head_size)  # (B, H_kv, T_max, hs)
+        xp, dtype = model.xp, model.params[model.embedding_name].dtype
         self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled
@@ -67,8 +67,13 @@ def generate_ids(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
+    stop_id: int | None = None,
 ) -> np.ndarray:
-    """Extend each row of prompt_ids (B, T0) by max_new_tokens sampled tokens; returns (B, T0 + n)."""
+    """Extend each row of prompt_ids (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
+
+    With ``stop_id`` (a chat model's end-of-turn token), a row that has produced it produces it again
+    from then on, and generation ends once every row has.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -81,10 +86,14 @@ def generate_ids(
     tokens = prompt_ids
     cache = KVCache(model, prompt_ids.shape[0])
     logits = next_logits(model, tokens[:, -block_size:], cache)  # prefill; (B, V)
+    stopped = np.zeros(prompt_ids.shape[0], dtype=bool)  # (B,) rows that produced stop_id
     for step in range(max_new_tokens):
         next_ids = sample_next(to_numpy(logits), rng, temperature, top_k)  # (B,)
+        if stop_id is not None:
+            next_ids = np.where(stopped, stop_id, next_ids)
+            stopped |= next_ids == stop_id
         tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or stopped.all():
             break  # the last token needs no logits after it
         if cache.length == block_size:  # context full: restart from the most recent half
             cache = KVCache(model, tokens.shape[0])

