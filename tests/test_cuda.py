@@ -155,3 +155,26 @@ def test_gpu_lora_variants_match_cpu_float64(variant):
     assert set(grads32) == set(grads64) == set(cpu.trainable_names)
     for name in grads64:
         assert relative_gap(grads32[name], grads64[name]) < 1e-3, name
+
+
+def test_gpu_float32_llama_forward_and_backward_match_cpu_float64():
+    from minilora.llama import Llama, LlamaConfig, init_llama_params
+
+    config = LlamaConfig(
+        n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48, vocab_size=64, block_size=16
+    )
+    base = init_llama_params(config, seed=0, dtype=np.float64)
+    rng = np.random.default_rng(2)
+    for value in base.values():
+        value += 0.05 * rng.standard_normal(value.shape)
+    cpu = Llama(config, base)
+    gpu = Llama(config, {name: to_device(value.astype(np.float32), "cuda") for name, value in base.items()})
+    idx, targets = rng.integers(0, 64, (3, 16)), rng.integers(0, 64, (3, 16))
+    logits64, loss64, cache64 = cpu.forward(idx, targets)
+    logits32, loss32, cache32 = gpu.forward(idx, targets)
+    assert logits32.dtype == np.float32 and relative_gap(logits32, logits64) < FLOAT32_TOL
+    assert abs(float(loss32) - float(loss64)) < 1e-4
+    grads64, grads32 = cpu.backward(cache64), gpu.backward(cache32)
+    assert set(grads32) == set(grads64)
+    for name in grads64:
+        assert grads32[name].dtype == np.float32 and relative_gap(grads32[name], grads64[name]) < 1e-3, name
