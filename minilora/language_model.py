@@ -100,9 +100,27 @@ class LanguageModel:
             grads[bias] = db
         return dx
 
-    def check_cache_ops(self, cache) -> None:
-        """A cache goes back to the backward of the layer functions that made it."""
-        if cache.ops is not self.ops:
+    def first_position(self, T: int, kv_cache=None) -> int:
+        """Where the T new positions start: 0, or after the kv_cache.length cached ones in generation."""
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
+        return start
+
+    def loss_forward(self, logits, targets, idx):
+        """(mean cross-entropy, its cache) of the logits against targets shaped like idx; (None, None) without."""
+        if targets is None:
+            return None, None
+        targets = self.check_token_ids(targets, "targets")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
+        return self.ops.cross_entropy_forward(logits, targets)
+
+    def check_cache(self, cache) -> None:
+        """A backward needs a forward given targets, made by the layer functions the model uses now."""
+        if cache is None or cache.loss is None:
+            raise ValueError("backward needs a forward pass that was given targets")
+        if cache.ops is not self.ops:  # a cache goes back to the backward of the code that made it
             raise ValueError(
                 f"this cache was made by the {cache.ops.name!r} layer functions, but the model now "
                 f"uses {self.ops.name!r}: run the forward again after changing model.ops"

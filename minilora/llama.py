@@ -230,9 +230,7 @@ class Llama(LanguageModel):
         ops, config = self.ops, self.config
         idx = self.check_token_ids(idx, "idx")
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > config.block_size:
-            raise ValueError(f"{start} cached + {T} new positions exceed block_size={config.block_size}")
+        start = self.first_position(T, kv_cache)
         embed = self.params[EMBED]
         x, token_embedding = ops.embedding_forward(idx, embed)  # (B, T, C)
         rope = rope_tables(
@@ -247,21 +245,14 @@ class Llama(LanguageModel):
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
-        loss, loss_cache = None, None
-        if targets is not None:
-            targets = self.check_token_ids(targets, "targets")
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
-            loss, loss_cache = ops.cross_entropy_forward(logits, targets)
+        loss, loss_cache = self.loss_forward(logits, targets, idx)
         cache = LlamaCache(ops=ops, token_embedding=token_embedding, blocks=blocks, norm=norm, head=head,
                            loss=loss_cache)  # fmt: skip
         return logits, loss, cache
 
     def backward(self, cache: LlamaCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
-        if cache is None or cache.loss is None:
-            raise ValueError("backward needs a forward pass that was given targets")
-        self.check_cache_ops(cache)
+        self.check_cache(cache)
         ops, grads = self.ops, {}
         dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_embed = self.is_trainable(EMBED)

@@ -199,9 +199,7 @@ class GPT(LanguageModel):
         ops = self.ops
         idx = self.check_token_ids(idx, "idx")
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
+        start = self.first_position(T, kv_cache)
         wte, wpe = self.params[WTE], self.params[WPE]
         tok, token_embedding = ops.embedding_forward(idx, wte)  # (B, T, C)
         x = tok + wpe[start : start + T]  # position embeddings broadcast over the batch
@@ -215,12 +213,7 @@ class GPT(LanguageModel):
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
-        loss, loss_cache = None, None
-        if targets is not None:
-            targets = self.check_token_ids(targets, "targets")
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
-            loss, loss_cache = ops.cross_entropy_forward(logits, targets)
+        loss, loss_cache = self.loss_forward(logits, targets, idx)
         cache = ModelCache(
             ops=ops,
             token_embedding=token_embedding,
@@ -235,9 +228,7 @@ class GPT(LanguageModel):
 
     def backward(self, cache: ModelCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
-        if cache is None or cache.loss is None:
-            raise ValueError("backward needs a forward pass that was given targets")
-        self.check_cache_ops(cache)
+        self.check_cache(cache)
         ops, grads = self.ops, {}
         # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)
         dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
