@@ -42,7 +42,7 @@ def test_console_script_is_installed_and_lists_the_subcommands():
         assert command in help_text
 
 
-@pytest.mark.parametrize("command", ["pretrain", "eval", "generate", "baseline"])
+@pytest.mark.parametrize("command", ["pretrain", "eval", "generate", "baseline", "chat"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -66,3 +66,25 @@ def test_last_position_logits_match_transformers_own_gguf_loader(smollm2):
     # transformers un-permutes q and k into rotate-half order; minilora keeps GGUF's and rotates adjacent pairs
     assert np.abs(ours - theirs).max() <= 2e-5 * np.abs(theirs).max()
     assert int(ours.argmax()) == int(theirs.argmax())
+
+
+def test_a_chat_session_answers_keeps_the_conversation_and_refuses_an_empty_message(smollm2):
+    from minilora.lab.chat import ChatSession
+
+    path, model, tokenizer = smollm2
+    session = ChatSession(model, tokenizer, max_new_tokens=20)
+    assert session.ask("What is the capital of France?") == "The capital of France is Paris."
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    with pytest.raises(ValueError, match="empty"):
+        session.ask("   ")
+    session.max_new_tokens = model.config.block_size
+    with pytest.raises(ValueError, match="start a new chat"):
+        session.ask("And of Italy?")
+    assert len(session.messages) == 2  # the refused message was not kept
+
+
+def test_the_chat_command_answers_one_message(smollm2, capsys):
+    from minilora.cli import main
+
+    main(["chat", "--message", "What is the capital of France?", "--max-new-tokens", "20"])
+    assert capsys.readouterr().out.strip() == "The capital of France is Paris."

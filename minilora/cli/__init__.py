@@ -2,6 +2,7 @@
 
 demo_command: demo.   base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info,
 export-peft, import-peft.   experiment_command: experiment.   assignment_command: assignment.   bench_command: bench.
+chat_command: chat.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import (
     assignment_command,
     base_commands,
     bench_command,
+    chat_command,
     demo_command,
     experiment_command,
     lora_commands,
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_command.register(subparsers)
     assignment_command.register(subparsers)
     bench_command.register(subparsers)
+    chat_command.register(subparsers)
     return parser
 
 

