@@ -173,3 +173,22 @@ def test_delegating_to_the_reference_is_refused(tmp_path):
     assert forward["earned"] == 0 and "called minilora's own gelu.py:gelu_forward" in forward["message"]
     assert part(score, "test_gelu_backward_matches_finite_differences")["earned"] == 0
     assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1
+
+
+def test_a_class_is_graded_from_a_roster_into_one_csv(tmp_path, capsys):
+    import csv
+
+    from minilora.cli import main
+
+    roster = tmp_path / "roster"
+    release("a5", roster / "ada", solved=True)
+    release("a5", roster / "bob")  # handed back untouched
+    (roster / "cyd").mkdir()  # handed back the wrong folder: no student/ inside
+    out = tmp_path / "scores.csv"
+    main(["assignment", "grade", "a5", "--roster", str(roster), "--csv", str(out)])
+    rows = {row["student"]: row for row in csv.DictReader(out.open())}
+    assert rows["ada"]["earned"] == rows["ada"]["total"] == "10"
+    assert rows["bob"]["earned"] == "0" and "NotImplementedError" in rows["bob"]["messages"]
+    assert rows["cyd"]["earned"] == "0" and "no student/ folder" in rows["cyd"]["messages"]
+    assert "test_lora_forward_on_a_fixed_input" in rows["ada"]
+    assert "ada" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -82,3 +83,46 @@ def grade(assignment_id: str, submission_dir, timeout: float = 1800) -> Score:
 def _read_all(fd: int) -> bytes:
     with os.fdopen(fd, "rb") as pipe:
         return pipe.read()
+
+
+def grade_roster(assignment_id: str, roster_dir) -> dict:
+    """Grade every submission of a class: {folder name: Score, or the error that kept it from grading}.
+
+    ``roster_dir`` holds one folder per student, each a release folder with its student/ inside.
+    """
+    roster = Path(roster_dir)
+    if not roster.is_dir():
+        raise FileNotFoundError(
+            f"no roster folder {roster}: pass a folder with one release folder per student"
+        )
+    folders = sorted(path for path in roster.iterdir() if path.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{roster} holds no submission folders")
+    results = {}
+    for folder in folders:
+        try:
+            results[folder.name] = grade(assignment_id, folder)
+        except (FileNotFoundError, RuntimeError) as err:  # this student's folder, not the whole class
+            results[folder.name] = err
+    return results
+
+
+def write_scores_csv(results: dict, path) -> Path:
+    """One row per student: earned, total, the points of each part, and the failures' messages."""
+    scores = [score for score in results.values() if isinstance(score, Score)]
+    parts = list(dict.fromkeys(part["name"] for score in scores for part in score.parts))
+    path = Path(path)
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["student", "earned", "total", *parts, "messages"])
+        for student, score in results.items():
+            if not isinstance(score, Score):
+                writer.writerow([student, 0, "", *[""] * len(parts), f"not graded: {score}"])
+                continue
+            earned = {part["name"]: part["earned"] for part in score.parts}
+            messages = "; ".join(f"{part['name']}: {part['error']}: {part.get('message', '')}"
+                                 for part in score.parts if part["error"])  # fmt: skip
+            writer.writerow(
+                [student, score.earned, score.total, *[earned.get(name, "") for name in parts], messages]
+            )
+    return path

@@ -136,6 +136,22 @@ BUGS = [
         "h = matmul(x_in, lora_A.T)",
         'h = matmul(x_in.astype("float64"), lora_A.T.astype("float64"))',
     ),
+    ("a2", "layernorm.py", "forgot_eps", "rstd = 1.0 / xp.sqrt(var + eps)", "rstd = 1.0 / xp.sqrt(var)"),
+    (
+        "a3",
+        "attention.py",
+        "scale_by_head_size",
+        "scale = 1.0 / math.sqrt(q.shape[-1])",
+        "scale = 1.0 / q.shape[-1]",
+    ),
+    (
+        "a4",
+        "model.py",
+        "position_gradient_of_one_sequence",
+        "dwpe[: cache.seq_len] = dx.sum(axis=0)",
+        "dwpe[: cache.seq_len] = dx[0]",
+    ),
+    ("a5", "layer.py", "forgot_scale_in_dh", "    dh *= cache.scaling\n", ""),
 ]
 
 

@@ -30,21 +30,35 @@ def add_assignment_parser(subparsers) -> None:
                 "--force", action="store_true", help="overwrite a student/ folder that holds files"
             )
         if action == "grade":
-            sub.add_argument("--submission", required=True, help="a release folder (holding student/)")
+            source = sub.add_mutually_exclusive_group(required=True)
+            source.add_argument("--submission", help="a release folder (holding student/)")
+            source.add_argument("--roster", help="a folder holding one release folder per student")
+            sub.add_argument(
+                "--csv", default=None, help="with --roster: write the class's scores to this file"
+            )
     parser.set_defaults(run=run_assignment_command)
 
 
 def run_assignment_command(args) -> None:
     from ..assignments.catalog import ASSIGNMENTS
-    from ..assignments.grading import grade
+    from ..assignments.grading import Score, grade, grade_roster, write_scores_csv
     from ..assignments.pipeline import problems, verify
     from ..assignments.release import release
 
     if args.action == "release":
         out = release(args.assignment, args.out, solved=args.solved, force=args.force)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
-    elif args.action == "grade":
+    elif args.action == "grade" and args.submission is not None:
         print(grade(args.assignment, args.submission).table())
+    elif args.action == "grade":
+        results = grade_roster(args.assignment, args.roster)
+        for student, score in results.items():
+            print(
+                f"{student:<30} "
+                + (f"{score.earned}/{score.total}" if isinstance(score, Score) else f"not graded: {score}")
+            )
+        if args.csv:
+            print(f"wrote {write_scores_csv(results, args.csv)}")
     else:
         ids = sorted(ASSIGNMENTS) if args.assignment == "all" else [args.assignment]
         failed = []
