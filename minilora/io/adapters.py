@@ -21,7 +21,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import device_of, to_device, to_numpy
 from ..lora.config import LoraConfig
-from ..lora.model import LoraGPT, as_plain_lora
+from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
 from ..lora.variants import variant_for
 from .checkpoint import atomic_write_bytes
 
@@ -37,7 +37,7 @@ class AdapterError(ValueError):
     """An adapter file is missing, malformed, or does not fit the base; the message says how."""
 
 
-def save_adapter(model: LoraGPT, directory, allow_noop: bool = False, extra: dict | None = None) -> Path:
+def save_adapter(model: LoraModel, directory, allow_noop: bool = False, extra: dict | None = None) -> Path:
     """Write the active adapter of ``model`` to ``directory``; returns the weights file's path.
 
     A PiSSA adapter is written as the equivalent plain LoRA of rank 2r against the original base
@@ -110,7 +110,12 @@ def read_adapter(path) -> tuple[dict, dict]:
 
 
 def install_adapter(
-    lora_model: LoraGPT, adapter_name: str, lora_config: LoraConfig, tensors: dict, source, describe_key=repr
+    lora_model: LoraModel,
+    adapter_name: str,
+    lora_config: LoraConfig,
+    tensors: dict,
+    source,
+    describe_key=repr,
 ) -> None:
     """Add ``adapter_name`` with ``lora_config`` to ``lora_model`` and fill it with ``tensors`` (host arrays).
 
@@ -134,12 +139,12 @@ def install_adapter(
     if problem is not None:
         lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{source}: {problem}")
-    reference = lora_model.base_params["transformer.wte.weight"]
+    reference = lora_model.base_params[lora_model.embedding_name]
     for name, value in tensors.items():
         adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
 
 
-def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch: bool = False) -> LoraGPT:
+def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch: bool = False) -> LoraModel:
     """Load the adapter at ``path`` onto ``model`` and make it active; every key, shape and the base are checked.
 
     ``model`` is a base GPT (a new LoraGPT over its weights is returned) or a LoraGPT, which gets the
@@ -153,7 +158,9 @@ def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch
             f"{path}: the adapter was made for a model with config {document['base_config']}, "
             f"this base has {model.config.to_dict()}"
         )
-    lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
+    lora_model = (
+        model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
+    )
     fingerprint = lora_model.base_fingerprint
     if fingerprint != document["base_fingerprint"] and not allow_base_mismatch:
         raise AdapterError(

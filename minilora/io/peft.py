@@ -25,8 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import to_numpy
+from ..llama import Llama
 from ..lora.config import LoraConfig, linear_module_shapes
-from ..lora.model import LoraGPT, as_plain_lora
+from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
 from .adapters import AdapterError, install_adapter
 from .checkpoint import atomic_write_bytes
 
@@ -48,8 +49,9 @@ def minilora_key(key: str) -> str:
     return name[: -len(".weight")] if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
 
 
-def export_peft(model: LoraGPT, directory) -> Path:
+def export_peft(model: LoraModel, directory) -> Path:
     """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA)."""
+    refuse_llama(model)
     adapter = model.adapter
     config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
     if config.init == "pissa":
@@ -128,8 +130,9 @@ def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
     )
 
 
-def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
+def import_peft(model, directory, adapter_name: str = "default") -> LoraModel:
     """Load a PEFT LoRA (or DoRA) adapter onto a minilora base (a GPT or a LoraGPT) and activate it."""
+    refuse_llama(model)
     peft_config, tensors = read_peft(directory)
     adaptable = linear_module_shapes(model.config)
     modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
@@ -137,9 +140,19 @@ def import_peft(model, directory, adapter_name: str = "default") -> LoraGPT:
     if unknown:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
     lora_config = lora_config_from_peft(peft_config, modules)
-    lora_model = model if isinstance(model, LoraGPT) else LoraGPT(model.config, model.params)
+    lora_model = (
+        model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
+    )
     install_adapter(
         lora_model, adapter_name, lora_config, tensors, directory, describe_key=lambda n: repr(peft_key(n))
     )
     lora_model.set_adapter(adapter_name)
     return lora_model
+
+
+def refuse_llama(model) -> None:
+    """PEFT's files for a Llama (nn.Linear layout, fan_in_fan_out false) are not written or read yet."""
+    if isinstance(model, Llama):
+        raise AdapterError(
+            "PEFT files for a Llama model are not supported yet: save its adapter with save_adapter"
+        )

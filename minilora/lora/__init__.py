@@ -17,6 +17,6 @@ It leaves out what plugs in from above: fused kernels and other fast paths (mini
 """
 
 from .config import LoraConfig
-from .model import LoraGPT, add_lora
+from .model import LoraGPT, LoraLlama, add_lora
 
-__all__ = ["LoraConfig", "LoraGPT", "add_lora"]
+__all__ = ["LoraConfig", "LoraGPT", "LoraLlama", "add_lora"]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..config import GPTConfig
+from ..llama import LLAMA_LINEAR_MODULES, LlamaConfig, llama_parameter_shapes
 from .layer import lora_scaling
 
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -29,8 +29,12 @@ INITS = ("default", "gaussian", "random", "pissa")
 BIASES = ("none", "all", "lora_only")
 
 
-def linear_module_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
-    """Every adaptable module name with its weight shape (C_in, C_out)."""
+def linear_module_shapes(config) -> dict[str, tuple[int, int]]:
+    """Every adaptable module name with its weight shape (C_in, C_out), for a GPT's or a Llama's config."""
+    if isinstance(config, LlamaConfig):
+        shapes = llama_parameter_shapes(config)
+        return {name.removesuffix(".weight"): shapes[name] for i in range(config.n_layer)
+                for name in (f"model.layers.{i}.{m}.weight" for m in LLAMA_LINEAR_MODULES)}  # fmt: skip
     C = config.n_embd
     shape = {
         "attn.c_attn": (C, 3 * C),
@@ -38,7 +42,12 @@ def linear_module_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
         "mlp.c_fc": (C, 4 * C),
         "mlp.c_proj": (4 * C, C),
     }
-    return {f"transformer.h.{i}.{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
+    return {f"{block_prefix(config, i)}{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
+
+
+def block_prefix(config, i: int) -> str:
+    """The names of block i's modules begin with this: ``transformer.h.3.`` (GPT), ``model.layers.3.`` (Llama)."""
+    return f"model.layers.{i}." if isinstance(config, LlamaConfig) else f"transformer.h.{i}."
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> dict[str, tuple[int, int]]:
+def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tuple[int, int]]:
     """The modules to adapt, with their weight shapes; a clear error when the choice is not possible."""
     shapes = linear_module_shapes(model_config)
     chosen = {name: shape for name, shape in shapes.items() if _matches(name, lora_config.target_modules)}
@@ -115,7 +124,7 @@ def select_target_modules(lora_config: LoraConfig, model_config: GPTConfig) -> d
             raise ValueError(
                 f"layers_to_transform {bad} out of range: the model has blocks 0..{model_config.n_layer - 1}"
             )
-        keep = {f"transformer.h.{i}." for i in lora_config.layers_to_transform}
+        keep = {block_prefix(model_config, i) for i in lora_config.layers_to_transform}
         chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
     if not chosen:
         raise ValueError(

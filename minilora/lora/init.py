@@ -137,7 +137,7 @@ def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, se
     Trainable, in this order: the factors (module by module), DoRA's magnitudes, the chosen biases.
     PiSSA's residual weights sit in ``tensors`` too, frozen.
     """
-    reference = base_params["transformer.wte.weight"]
+    reference = next(iter(base_params.values()))  # the base's first parameter: its device and dtype
     if lora_config.init == "pissa":
         factors, residuals = init_pissa_factors(lora_config, {m: base_params[f"{m}.weight"] for m in modules})
     else:

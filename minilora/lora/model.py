@@ -1,6 +1,8 @@
-"""A GPT with named LoRA adapters on its linear layers: injection, real freezing, merging, switching.
+"""A model with named LoRA adapters on its linear layers: injection, real freezing, merging, switching.
 
-``add_lora(model, LoraConfig(...))`` returns a ``LoraGPT`` over the base model's weight arrays with
+``add_lora(model, LoraConfig(...))`` returns a ``LoraGPT`` (or, for a Llama, a ``LoraLlama``, whose
+modules carry PEFT's names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) over
+the base model's weight arrays with
 one adapter, "default", active. Its tensors sit in ``params`` next to the weight they adapt:
 
     transformer.h.0.attn.c_attn.weight    (C, 3C)  frozen
@@ -38,6 +40,7 @@ from typing import NamedTuple
 from ..backend import get_xp
 from ..io.checkpoint import weights_fingerprint
 from ..layers import make_dropout_mask
+from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
 from .init import Adapter, combined_adapter, create_adapter
@@ -50,8 +53,13 @@ class AdaptedLinearCache(NamedTuple):
     layer: object  # its layer cache (a LoraLinearCache or a DoraCache)
 
 
-class LoraGPT(GPT):
-    """A GPT whose ``params`` hold the frozen base and the active adapter's tensors side by side."""
+class LoraModel:
+    """A model whose ``params`` hold the frozen base and the active adapter's tensors side by side.
+
+    A mixin over a base model class: ``LoraGPT`` is a GPT and ``LoraLlama`` a Llama with adapters.
+    """
+
+    base_model_class = None  # the plain model that merge_and_unload() returns
 
     def __init__(self, config, base_params: dict):
         self.base_params = dict(base_params)
@@ -169,7 +177,7 @@ class LoraGPT(GPT):
                     f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
                     "only plain adapters combine exactly by concatenation"
                 )
-        self.adapters[new_name] = combined_adapter(parts, weights, self.base_params["transformer.wte.weight"])
+        self.adapters[new_name] = combined_adapter(parts, weights, self.base_params[self.embedding_name])
 
     def _named(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -262,13 +270,13 @@ class LoraGPT(GPT):
             W[...] = adapter.variant.unmerge(W, tensors, adapter.config.scaling, undo)
         self.merged = False
 
-    def merge_and_unload(self) -> GPT:
-        """A plain GPT with merged copies of the adapted weights: the base's parameter count and cost."""
+    def merge_and_unload(self):
+        """The plain model with merged copies of the adapted weights: the base's parameter count and cost."""
         params = {name: self.params[name] for name in self.base_params}
         if not self.merged:
             for name in self.adapted_modules:
                 params[f"{name}.weight"] = self.merged_weight(name)[0]
-        return GPT(self.config, params)
+        return self.base_model_class(self.config, params)
 
     def is_noop(self) -> bool:
         """True while the adapter cannot change the output: its update is zero and no trained bias moved.
@@ -311,15 +319,32 @@ def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
     return plain, tensors
 
 
-def add_lora(model: GPT, lora_config: LoraConfig, seed: int = 0, adapter_name: str = "default") -> LoraGPT:
-    """Wrap a base model with one freshly initialised adapter, active (see init.create_adapter).
+class LoraGPT(LoraModel, GPT):
+    """A GPT with named LoRA adapters."""
+
+    base_model_class = GPT
+
+
+class LoraLlama(LoraModel, Llama):
+    """A Llama with named LoRA adapters, on PEFT's module names (q_proj, k_proj, ..., down_proj)."""
+
+    base_model_class = Llama
+
+
+LORA_CLASSES = {GPT: LoraGPT, Llama: LoraLlama}
+
+
+def add_lora(model, lora_config: LoraConfig, seed: int = 0, adapter_name: str = "default") -> LoraModel:
+    """Wrap a base model (a GPT or a Llama) with one freshly initialised adapter, active (see init.create_adapter).
 
     The LoRA model shares the base's weight arrays (merge() changes them in place); biases the
     adapter trains and PiSSA's residual weights are copies, so training never alters the base.
     """
-    if isinstance(model, LoraGPT):
+    if isinstance(model, LoraModel):
         raise TypeError("this model already has adapters; use its add_adapter() to add another")
-    lora_model = LoraGPT(model.config, model.params)
+    if type(model) not in LORA_CLASSES:
+        raise TypeError(f"add_lora takes a GPT or a Llama, not a {type(model).__name__}")
+    lora_model = LORA_CLASSES[type(model)](model.config, model.params)
     lora_model.add_adapter(adapter_name, lora_config, seed=seed)
     lora_model.set_adapter(adapter_name)
     return lora_model
