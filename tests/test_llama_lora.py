@@ -96,3 +96,47 @@ def test_an_adapter_file_round_trips_onto_a_fresh_llama(tmp_path):
     loaded = load_adapter(base(), tmp_path / "adapter")
     assert isinstance(loaded, LoraLlama)
     np.testing.assert_array_equal(loaded.forward(idx)[0], model.forward(idx)[0])
+
+
+# PEFT's own files, both ways, on transformers' Llama holding the same weights (float64).
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_peft_loads_a_minilora_llama_adapter_and_gives_the_same_logits(tmp_path, use_dora):
+    peft = pytest.importorskip("peft")
+    from hf_llama import hf_llama
+
+    from minilora.io.peft import export_peft
+
+    model = add_lora(base(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init="random",
+                                        use_dora=use_dora), seed=5)  # fmt: skip
+    torch, hf = hf_llama(base())
+    idx, _ = batch()
+    export_peft(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(idx)).logits.numpy()
+    ours = model.forward(idx)[0]
+    assert not np.allclose(ours, base().forward(idx)[0], atol=1e-3)  # the adapter really changes the output
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_minilora_imports_a_peft_llama_adapter_and_gives_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    from hf_llama import hf_llama
+
+    from minilora.io.peft import import_peft
+
+    torch, hf = hf_llama(base())
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )  # fmt: skip  (False: lora_B random, not zero)
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    idx, _ = batch()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(idx)).logits.numpy()
+    model = import_peft(base(), tmp_path)
+    assert isinstance(model, LoraLlama) and len(model.adapted_modules) == 6
+    np.testing.assert_allclose(model.forward(idx)[0], theirs, rtol=0, atol=1e-10)

@@ -8,7 +8,10 @@ PEFT saves a LoRA adapter as ``adapter_config.json`` and ``adapter_model.safeten
     base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector (C_out,)   DoRA only
 
 which is exactly minilora's layout and math, with ``fan_in_fan_out: true`` telling PEFT that the
-base weight is stored (C_in, C_out). Exporting is renaming plus a config; importing is the reverse,
+base weight is stored (C_in, C_out). A Llama's modules are ``torch.nn.Linear`` in Hugging Face, so its
+adapters say ``fan_in_fan_out: false``; the factors have the same shapes either way
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` is (r, C_in)).
+Exporting is renaming plus a config; importing is the reverse,
 with a check of every key and shape. PEFT files carry no fingerprint of their base, so an imported
 adapter is trusted to belong to the base it is loaded onto. Only what both sides express is
 supported: no trained biases, no per-module rank or alpha patterns.
@@ -51,7 +54,6 @@ def minilora_key(key: str) -> str:
 
 def export_peft(model: LoraModel, directory) -> Path:
     """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA)."""
-    refuse_llama(model)
     adapter = model.adapter
     config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
     if config.init == "pissa":
@@ -70,7 +72,7 @@ def export_peft(model: LoraModel, directory) -> Path:
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": conv1d_layout(model),
         "bias": "none",
         "target_modules": sorted(adapter.modules),  # the exact modules: PEFT matches a full name to itself
         "layers_to_transform": None,
@@ -105,7 +107,7 @@ def read_peft(directory) -> tuple[dict, dict]:
     return config, tensors
 
 
-def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
+def lora_config_from_peft(peft_config: dict, modules: list, conv1d: bool = True) -> LoraConfig:
     """The LoraConfig of a PEFT LoRA config, refusing what minilora cannot represent."""
     if peft_config.get("peft_type") != "LORA":
         raise AdapterError(
@@ -116,9 +118,14 @@ def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
             raise AdapterError(f"PEFT's {field} (a rank or alpha per module) is not supported")
     if peft_config.get("bias", "none") != "none" or peft_config.get("modules_to_save"):
         raise AdapterError("PEFT adapters with trained biases or modules_to_save are not supported")
-    if not peft_config.get("fan_in_fan_out", False):
+    if bool(peft_config.get("fan_in_fan_out", False)) != conv1d:
         raise AdapterError(
-            "the PEFT adapter has fan_in_fan_out false, but GPT-2's Conv1D weights are (C_in, C_out)"
+            f"the PEFT adapter has fan_in_fan_out {bool(peft_config.get('fan_in_fan_out', False))}, but this "
+            + (
+                "GPT-2's Conv1D weights are (C_in, C_out): it needs true"
+                if conv1d
+                else "Llama's are nn.Linear: it needs false"
+            )
         )
     return LoraConfig(
         r=int(peft_config["r"]),
@@ -132,14 +139,13 @@ def lora_config_from_peft(peft_config: dict, modules: list) -> LoraConfig:
 
 def import_peft(model, directory, adapter_name: str = "default") -> LoraModel:
     """Load a PEFT LoRA (or DoRA) adapter onto a minilora base (a GPT or a LoraGPT) and activate it."""
-    refuse_llama(model)
     peft_config, tensors = read_peft(directory)
     adaptable = linear_module_shapes(model.config)
     modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
     unknown = [m for m in modules if m not in adaptable]
     if unknown:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
-    lora_config = lora_config_from_peft(peft_config, modules)
+    lora_config = lora_config_from_peft(peft_config, modules, conv1d_layout(model))
     lora_model = (
         model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
     )
@@ -150,9 +156,6 @@ def import_peft(model, directory, adapter_name: str = "default") -> LoraModel:
     return lora_model
 
 
-def refuse_llama(model) -> None:
-    """PEFT's files for a Llama (nn.Linear layout, fan_in_fan_out false) are not written or read yet."""
-    if isinstance(model, Llama):
-        raise AdapterError(
-            "PEFT files for a Llama model are not supported yet: save its adapter with save_adapter"
-        )
+def conv1d_layout(model) -> bool:
+    """PEFT's fan_in_fan_out for this model: true for GPT-2's Conv1D modules, false for a Llama's nn.Linear."""
+    return not isinstance(model, Llama)
