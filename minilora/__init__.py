@@ -9,12 +9,12 @@ from .generate import generate  # noqa: E402
 from .io.adapters import load_adapter, save_adapter  # noqa: E402
 from .io.checkpoint import load_model  # noqa: E402
 from .io.data import SHIPPED_BASE, load_corpus  # noqa: E402
+from .jobs.finetune import fit  # noqa: E402
 from .lora.accounting import model_summary_line  # noqa: E402
 from .lora.config import LoraConfig  # noqa: E402
 from .lora.model import LoraGPT, add_lora  # noqa: E402
 from .model import GPT, init_params  # noqa: E402
 from .training.evaluate import bits_per_byte  # noqa: E402
-from .training.finetune import fit  # noqa: E402
 from .training.loop import TrainSettings  # noqa: E402
 from .version import __version__ as __version__  # noqa: E402
 

@@ -10,13 +10,15 @@ where LoRA adds its adapter path.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from .backend import get_xp
 from .layers import REFERENCE_OPS
 
 
-class LanguageModel:
+class LanguageModel(ABC):
     """A config, a flat parameter dict checked against the config's shapes, and the frozen names."""
 
     embedding_name = ""  # set by each model: the parameter whose array tells the device and dtype
@@ -40,9 +42,9 @@ class LanguageModel:
         self.frozen = frozenset(frozen)
         self.ops = REFERENCE_OPS  # the layer functions the forward and backward call (layers/ops.py)
 
+    @abstractmethod
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter the model must hold, with its shape."""
-        raise NotImplementedError
+        """Every parameter the model must hold, with its shape (each model names its own)."""
 
     @property
     def xp(self):

@@ -195,10 +195,15 @@ def clip_grad_norm(grads: dict, max_norm: float):
     arrays = list(grads.values())
     xp = get_xp(arrays[0])
     total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))  # sqrt of the sum of every squared element
-    clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    scale_to_norm(arrays, total_norm, max_norm)
+    return total_norm
+
+
+def scale_to_norm(arrays, total_norm, max_norm: float) -> None:
+    """Multiply every array, in place, by min(1, max_norm / (total_norm + 1e-6)), total_norm their global norm."""
+    clip_coef = get_xp(total_norm).minimum(max_norm / (total_norm + 1e-6), 1.0)
     for g in arrays:
         g *= clip_coef.astype(g.dtype)
-    return total_norm
 
 
 def cosine_lr(

@@ -53,8 +53,7 @@ REFERENCE = (
     "minilora.gradcheck",
     "minilora.generate",
     "minilora.lora.*",
-    "minilora.training.loop",
-    "minilora.training.evaluate",
+    "minilora.training.*",
 )
 
 # What sits above the reference and plugs into it: the reference must not reach any of these.
@@ -63,8 +62,8 @@ ABOVE_REFERENCE = (
     "minilora.lab.*",
     "minilora.cli.*",
     "minilora.assignments.*",
-    "minilora.training.finetune",
-    "minilora.training.pretrain",
+    "minilora.jobs.finetune",
+    "minilora.jobs.pretrain",
 )
 
 TORCH_PEER = "minilora.lab.torch_peer"

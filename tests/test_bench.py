@@ -17,6 +17,7 @@ from minilora.backend import count_matmuls
 from minilora.cli import bench_command
 from minilora.config import GPTConfig, get_preset
 from minilora.fast.cpu.ops import CPU_OPS
+from minilora.jobs.finetune import ADAM_BETAS, make_optimizer
 from minilora.lab.bench import (
     BENCH_BATCH_SIZES,
     DEFAULT_LORA,
@@ -33,7 +34,6 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import clip_grad_norm
-from minilora.training.finetune import ADAM_BETAS, make_optimizer
 from minilora.training.loop import TrainSettings
 
 TINY = get_preset("tiny")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import minilora.io.checkpoint
-import minilora.training.pretrain
+import minilora.jobs.pretrain
 from minilora.config import GPTConfig
 from minilora.io.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
+from minilora.jobs.pretrain import CHECKPOINT_NAME, pretrain
 from minilora.model import init_params, parameter_shapes
 from minilora.optim import AdamW
 from minilora.training.loop import TrainingDiverged, TrainSettings
-from minilora.training.pretrain import CHECKPOINT_NAME, pretrain
 
 MICRO = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
 
@@ -112,13 +112,13 @@ def test_loss_goes_down(tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     straight, _ = run(tmp_path / "straight")
-    original_save = minilora.training.pretrain.save_checkpoint
+    original_save = minilora.jobs.pretrain.save_checkpoint
 
     def save_then_crash(path, params, metadata, optimizer_state):
         original_save(path, params, metadata, optimizer_state)
         raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
 
-    monkeypatch.setattr(minilora.training.pretrain, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(minilora.jobs.pretrain, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
     monkeypatch.undo()

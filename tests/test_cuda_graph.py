@@ -21,10 +21,10 @@ from minilora.fast import accelerate  # noqa: E402
 from minilora.fast.cuda import use_cublas  # noqa: E402
 from minilora.fast.cuda.graph import GraphedStep, cuda_train_step  # noqa: E402
 from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
+from minilora.jobs.finetune import make_optimizer  # noqa: E402
 from minilora.lora.config import LoraConfig  # noqa: E402
 from minilora.lora.model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.training.finetune import make_optimizer  # noqa: E402
 from minilora.training.loop import TrainSettings, train_step  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)

@@ -308,9 +308,9 @@ def test_optimiser_rejects_unknown_names_and_bad_hyperparameters():
 
 def test_loraplus_trains_lora_B_with_a_multiple_of_the_learning_rate():
     from minilora.config import GPTConfig
+    from minilora.jobs.finetune import make_optimizer
     from minilora.lora.config import LoraConfig
     from minilora.lora.model import add_lora
-    from minilora.training.finetune import make_optimizer
     from minilora.training.loop import TrainSettings
 
     config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=5)

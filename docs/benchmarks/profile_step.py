@@ -21,10 +21,10 @@ import numpy as np
 
 from minilora.backend import host_rng
 from minilora.fast import fast_ops
+from minilora.jobs.finetune import make_optimizer
 from minilora.lab.bench import DEFAULT_LORA, BenchSettings
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
-from minilora.training.finetune import make_optimizer
 from minilora.training.loop import DATA_STREAM, TrainSettings, train_step
 
 

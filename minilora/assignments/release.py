@@ -9,6 +9,7 @@ every hole's code: the reference in the release's own layout, which must score f
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..version import __version__
 from .catalog import get_assignment
+from .sandbox import first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
 STUDENT_DIR = "student"
@@ -58,8 +60,6 @@ def student_copy(source: str, assignment_id: str, package: str, solved: bool = F
 
 def hole_functions(assignment_id: str) -> list[str]:
     """The names of the functions that hold the assignment's holes (the grader guards them in the child)."""
-    import ast
-
     names = []
     for relative in get_assignment(assignment_id).sources:
         source = (PACKAGE_DIR / relative).read_text()
@@ -169,9 +169,8 @@ class StudentModules:
             try:
                 self._modules[stem] = _import_file(path, f"student_{stem}")
             except Exception as err:  # a student's file may raise anything while it imports
-                first_line = (str(err).splitlines() or [""])[0]
                 self._errors[stem] = StudentImportError(
-                    f"student/{stem}.py does not import: {type(err).__name__}: {first_line}"
+                    f"student/{stem}.py does not import: {type(err).__name__}: {first_line(str(err))}"
                 )
                 raise self._errors[stem] from err
         return self._modules[stem]

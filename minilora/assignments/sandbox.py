@@ -61,6 +61,12 @@ class Handle:
         self.number = number
 
 
+def first_line(text: str, limit: int = 300) -> str:
+    """The first non-blank line of a message, at most ``limit`` characters: what a score shows of a failure."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0][:limit] if lines else ""
+
+
 def encode(value):
     """Plain data -> JSON-ready structure; arrays as base64 ``.npy`` bytes; Handle -> its number."""
     if value is None or isinstance(value, (bool, str)):
@@ -213,16 +219,13 @@ class RemoteObject:
 
 
 class RemoteAttribute:
-    """``remote.name``: called, it calls ``name`` in the child; ``.value()`` fetches it as data."""
+    """``remote.name``: called, it calls ``name`` in the child and returns the result."""
 
     def __init__(self, process: StudentProcess, target: tuple, name: str):
         self._process, self._target, self._name = process, target, name
 
     def __call__(self, *args, **kwargs):
         return self._process.request(_call(self._target, self._name, args, kwargs))
-
-    def value(self):
-        return self._process.request({"op": "get", "target": list(self._target), "name": self._name})
 
 
 def _wire(value):

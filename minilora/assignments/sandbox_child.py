@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import count_matmuls
 from .release import StudentImportError, StudentModules
-from .sandbox import NUMERIC_KINDS, Handle, decode, encode
+from .sandbox import NUMERIC_KINDS, Handle, decode, encode, first_line
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # the installed minilora/
 
@@ -108,9 +108,9 @@ class Dispatcher:
         return self.keep(result)
 
 
-def first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``, as the grader's table shows it."""
+    return f"{type(err).__name__}: {first_line(str(err))}".rstrip(": ")
 
 
 def main(argv) -> None:
@@ -126,7 +126,7 @@ def main(argv) -> None:
         except StudentImportError as err:
             reply = {"error": str(err)}
         except BaseException as err:  # whatever the student's code raises is the part's failure
-            reply = {"error": first_line(err)}
+            reply = {"error": error_line(err)}
         replies.write(json.dumps(reply).encode() + b"\n")
 
 

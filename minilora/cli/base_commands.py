@@ -75,7 +75,7 @@ def add_pretrain_parser(subparsers) -> None:
 
 
 def run_pretrain(args) -> None:
-    from ..training.pretrain import pretrain
+    from ..jobs.pretrain import pretrain
 
     given = given_training_flags(args)
     shape_changes = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}

@@ -100,7 +100,7 @@ def lora_config_from_args(args) -> LoraConfig:
 
 
 def run_finetune(args) -> None:
-    from ..training.finetune import finetune
+    from ..jobs.finetune import finetune
 
     given = given_training_flags(args)
     if args.full and "lr" not in given:

@@ -56,10 +56,10 @@ from ..fast.cpu.host_memory import retain_freed_memory
 from ..fast.cuda.graph import GraphedStep
 from ..io.data import get_batch, load_corpus
 from ..io.provenance import provenance
+from ..jobs.finetune import ADAM_BETAS, make_optimizer
 from ..lora.config import LoraConfig, select_target_modules
 from ..lora.model import add_lora
 from ..model import GPT, init_params
-from ..training.finetune import ADAM_BETAS, make_optimizer
 from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
 from .memory import memory_ledger
 

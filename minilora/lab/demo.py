@@ -27,11 +27,11 @@ from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..io.checkpoint import atomic_write_bytes, load_model
 from ..io.data import SHIPPED_BASE, load_corpus
 from ..io.provenance import provenance
+from ..jobs.finetune import fit
 from ..lora.accounting import format_table, lora_parameter_table, model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..training.evaluate import bits_per_byte
-from ..training.finetune import fit
 from ..training.loop import TrainSettings
 from .plots import plot_loss_curve
 

@@ -133,10 +133,10 @@ def run_one(spec: RunSpec, device: str) -> dict:
     """Train one run and measure it; returns the spec's fields and the measurements."""
     from ..io.checkpoint import load_model
     from ..io.data import load_corpus
+    from ..jobs.finetune import fit
     from ..lora.config import LoraConfig
     from ..lora.model import add_lora
     from ..training.evaluate import bits_per_byte
-    from ..training.finetune import fit
     from ..training.loop import TrainSettings
 
     started = time.perf_counter()
@@ -275,8 +275,8 @@ def make_weak_base(out_dir: Path, device: str, say=print) -> Path:
     """The shipped base's shape pretrained for only WEAK_BASE_STEPS steps (once; reused after)."""
     from ..config import GPTConfig
     from ..io.checkpoint import load_checkpoint
+    from ..jobs.pretrain import CHECKPOINT_NAME, pretrain
     from ..training.loop import TrainSettings
-    from ..training.pretrain import CHECKPOINT_NAME, pretrain
 
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():

@@ -1,8 +1,8 @@
-"""Training: the loop and its evaluation (reference code), and the two jobs behind the commands.
+"""Training, as reference code: the loop and its evaluation.
 
 - ``loop``: ``train_step`` (forward, backward, clip, optimiser step) and ``train_loop``, which takes
   any step with the same signature (``step=``); the reference step is the default.
 - ``evaluate``: validation bits per byte.
-- ``pretrain`` and ``finetune``: the jobs of ``minilora pretrain`` and ``minilora finetune``. They sit
-  above the reference and hand ``train_loop`` the fast step for the device (``minilora.fast``).
+
+The jobs that choose a fast step and save results live above, in ``minilora.jobs``.
 """

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from minilora.assignments.release import hole_functions
-from minilora.assignments.sandbox import StudentProcess
+from minilora.assignments.sandbox import StudentProcess, first_line
 
 RESULTS = {}
 PART_SECONDS_ENV_VAR = "MINILORA_GRADE_PART_SECONDS"
@@ -43,11 +43,6 @@ def student(request):
     process.close()
 
 
-def first_line(excinfo) -> str:
-    lines = [line for line in str(excinfo.value).splitlines() if line.strip()]
-    return lines[0][:MESSAGE_CHARS] if lines else ""
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
@@ -60,7 +55,7 @@ def pytest_runtest_makereport(item, call):
             "earned": points if report.passed else 0,
             "outcome": report.outcome,
             "error": call.excinfo.typename if call.excinfo else "",
-            "message": first_line(call.excinfo) if call.excinfo else "",
+            "message": first_line(str(call.excinfo.value), MESSAGE_CHARS) if call.excinfo else "",
         }
 
 

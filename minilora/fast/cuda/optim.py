@@ -10,7 +10,7 @@ capture forbids, so a captured step clips with the reference function.
 
 from __future__ import annotations
 
-from ...optim import AdamW
+from ...optim import AdamW, scale_to_norm
 from .kernels.adamw import adamw_step_fused
 from .kernels.grad_norm import global_grad_norm
 
@@ -46,7 +46,5 @@ def fused_clip_grad_norm(grads: dict, max_norm: float):
     """Scale every gradient so that the global norm is at most ``max_norm``; returns the norm (device scalar)."""
     arrays = list(grads.values())
     total_norm = global_grad_norm(arrays)
-    clip_coef = (max_norm / (total_norm + 1e-6)).clip(max=1.0)
-    for g in arrays:
-        g *= clip_coef.astype(g.dtype)
+    scale_to_norm(arrays, total_norm, max_norm)
     return total_norm

@@ -28,8 +28,8 @@ from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
-from .evaluate import bits_per_byte
-from .loop import TrainSettings, train_loop, train_step
+from ..training.evaluate import bits_per_byte
+from ..training.loop import TrainSettings, train_loop, train_step
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"

@@ -25,7 +25,7 @@ from ..io.data import load_corpus
 from ..io.provenance import provenance
 from ..model import GPT, init_params, parameter_shapes
 from ..optim import AdamW
-from .loop import TrainSettings, train_loop
+from ..training.loop import TrainSettings, train_loop
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESULTS_NAME = "pretrain_results.json"
