@@ -110,11 +110,29 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
+    tokenizer=None,
 ) -> str:
-    """The prompt followed by max_new_tokens sampled bytes, decoded as UTF-8 text."""
+    """The prompt followed by up to max_new_tokens sampled tokens, decoded as UTF-8 text.
+
+    tokenizer: None for the byte-level models (a token is a byte); or one with encode, decode and
+    eos_id (a BPETokenizer, io/bpe.py), whose end-of-sequence token ends the text early (and is
+    left out of it).
+    """
     if not prompt:
         raise ValueError("the prompt is empty: give at least one character to start from")
+    prompt_ids = encode(prompt) if tokenizer is None else tokenizer.encode(prompt)
+    stop_id = None if tokenizer is None else tokenizer.eos_id
     ids = generate_ids(
-        model, encode(prompt)[None, :].astype(np.int64), max_new_tokens, temperature, top_k, seed
+        model,
+        np.asarray(prompt_ids, dtype=np.int64)[None, :],
+        max_new_tokens,
+        temperature,
+        top_k,
+        seed,
+        stop_id,
     )
-    return decode(ids[0])
+    if tokenizer is None:
+        return decode(ids[0])
+    new = ids[0, len(prompt_ids) :]  # (n,)
+    stops = np.flatnonzero(new == stop_id)
+    return tokenizer.decode(ids[0, : len(prompt_ids) + (stops[0] if stops.size else len(new))])

@@ -22,6 +22,7 @@ class LanguageModel(ABC):
     """A config, a flat parameter dict checked against the config's shapes, and the frozen names."""
 
     embedding_name = ""  # set by each model: the parameter whose array tells the device and dtype
+    context_in_weights = True  # whether a parameter's shape depends on block_size (a position table)
 
     def __init__(self, config, params: dict, frozen=()):
         self.config = config

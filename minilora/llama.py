@@ -151,6 +151,7 @@ class Llama(LanguageModel):
     """A Llama-family model: its config, its flat parameter dict, and which parameters are frozen."""
 
     embedding_name = EMBED
+    context_in_weights = False  # RoPE computes its angles: the same weights serve any block_size
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return llama_parameter_shapes(self.config)

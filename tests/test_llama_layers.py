@@ -187,6 +187,15 @@ def test_rope_scores_depend_only_on_the_relative_position(rng, pairing):
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
 
 
+def test_the_gguf_loader_undoes_llama_cpps_permutation(rng):
+    from minilora.io.llama_gguf import unpermute_rope_rows
+
+    for heads in (H, H_KV):
+        w = rng.standard_normal((heads * 8, C))  # nn.Linear layout (C_out, C_in), hs = 8
+        np.testing.assert_array_equal(unpermute_rope_rows(llama_cpp_permute(w, H, heads), heads), w)
+        assert not np.array_equal(llama_cpp_permute(w, H, heads), w)
+
+
 def test_rope_pairings_are_the_same_map_up_to_llama_cpp_permutation(rng):
     hs = 8
     # GGUF dimension 2j + s holds Hugging Face dimension s * hs/2 + j: pair j = (j, j + hs/2) -> (2j, 2j + 1)

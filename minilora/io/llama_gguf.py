@@ -12,8 +12,13 @@ Hugging Face name the Llama model uses and to minilora's (C_in, C_out) layout:
     output_norm.weight        -> model.norm.weight
     output.weight             -> lm_head.weight (transposed), when the head is not tied
 
-llama.cpp's converter stored q's and k's rows in the order of GGML's adjacent-pair RoPE, so the
-model is built with ``rope_pairing="adjacent"``; with it, the logits are those of the original model.
+llama.cpp's converter stored q's and k's rows in the order of GGML's adjacent-pair RoPE. The model
+can be built either way, with the same logits:
+
+- ``rope_pairing="half"`` (the default) undoes that permutation, so the weights are exactly Hugging
+  Face's and RoPE rotates the pairs (j, j + hs/2). An adapter trained on this model is an adapter of
+  Hugging Face's SmolLM2: its PEFT export loads onto transformers' model as it is.
+- ``rope_pairing="adjacent"`` keeps the file's order and rotates the pairs (2j, 2j + 1), as llama.cpp.
 """
 
 from __future__ import annotations
@@ -54,13 +59,26 @@ def llama_parameter_name(gguf_name: str) -> tuple[str, bool]:
     raise GGUFError(f"the GGUF tensor {gguf_name!r} has no place in a Llama model")
 
 
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's permutation of a q or k projection (C_out, C_in): rows back to rotate-half order.
+
+    Within each head of hs rows, the file's row 2j + s holds Hugging Face's row s * hs/2 + j (the
+    converter reshaped the rows to (heads, 2, hs/2) and swapped the last two axes); this swaps back.
+    """
+    C_out = weight.shape[0]
+    hs = C_out // n_heads
+    return weight.reshape(n_heads, hs // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
 def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtype=np.float32,
-                    device: str | None = None) -> Llama:  # fmt: skip
+                    device: str | None = None, rope_pairing: str = "half") -> Llama:  # fmt: skip
     """The Llama model of a llama GGUF file, in ``dtype`` on ``device``.
 
     ``block_size`` caps the context (the key/value cache of generation is that long); by default
-    the file's context length.
+    the file's context length. ``rope_pairing``: see the module docstring.
     """
+    if rope_pairing not in ("half", "adjacent"):
+        raise ValueError(f"rope_pairing must be 'half' or 'adjacent', got {rope_pairing!r}")
     values, tensors = load_gguf(path)
     if values["rope_dim"] != values["head_size"]:
         raise GGUFError(f"RoPE on {values['rope_dim']} of {values['head_size']} channels is not supported")
@@ -68,12 +86,16 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
         n_layer=int(values["n_layer"]), n_head=int(values["n_head"]), n_kv_head=int(values["n_kv_head"]),
         n_embd=int(values["n_embd"]), ffn_hidden=int(values["n_inner"]), vocab_size=int(values["vocab_size"]),
         block_size=int(block_size or values["block_size"]), rope_theta=float(values["rope_theta"]),
-        rms_eps=float(values["rms_norm_eps"]), rope_pairing="adjacent",
+        rms_eps=float(values["rms_norm_eps"]), rope_pairing=rope_pairing,
         tie_embeddings=bool(values["tie_word_embeddings"]),
     )  # fmt: skip
+    heads = {"attn_q.weight": config.n_head, "attn_k.weight": config.n_kv_head}
     params = {}
     for gguf_name, array in tensors.items():
         name, transposed = llama_parameter_name(gguf_name)
+        n_heads = heads.get(gguf_name.split(".", 2)[-1])
+        if rope_pairing == "half" and n_heads is not None:
+            array = unpermute_rope_rows(array, n_heads)
         array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
         params[name] = to_device(array, device)
     return Llama(config, params)

@@ -42,3 +42,20 @@ def decode(ids) -> str:
             f"vocabulary 0..{VOCAB_SIZE - 1}"
         )
     return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """The byte-level tokenizer as an object with BPETokenizer's interface (io/bpe.py), for code that
+    takes either: encode, decode, vocab_size and the bytes each id stands for (one, always)."""
+
+    vocab_size = VOCAB_SIZE
+    eos_id = None  # no end-of-sequence token: text ends when the budget does
+
+    def encode(self, text: str) -> np.ndarray:
+        return encode(text)
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        return np.ones(VOCAB_SIZE, dtype=np.int64)  # (V,)

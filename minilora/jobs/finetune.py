@@ -4,6 +4,10 @@ LoRA mode trains only the adapter and saves only the adapter (``<out>/adapter.sa
 ``adapter_config.json``), a few hundred kilobytes against the base's megabytes. Full mode trains
 every weight and saves a whole checkpoint. Both write ``<out>/finetune_metrics.json`` with the
 validation bits per byte before and after, the trainable parameter count, throughput and sizes.
+
+The base is the shipped byte-level GPT, a checkpoint, or SmolLM2-135M-Instruct (io/bases.py); for
+SmolLM2 the corpus is first encoded with its BPE tokenizer, and bits per byte divide by the bytes
+the scored tokens spell, so the numbers compare across the two kinds of model.
 """
 
 from __future__ import annotations
@@ -15,14 +19,9 @@ from pathlib import Path
 from ..backend import resolve_device
 from ..fast import accelerate
 from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
-from ..io.checkpoint import (
-    atomic_write_bytes,
-    load_model,
-    resolve_checkpoint_path,
-    save_checkpoint,
-    weights_fingerprint,
-)
-from ..io.data import load_corpus
+from ..io.bases import load_base
+from ..io.checkpoint import atomic_write_bytes, save_checkpoint, weights_fingerprint
+from ..io.data import load_corpus, tokenize_corpus
 from ..io.provenance import provenance
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
@@ -74,7 +73,7 @@ def fit(
 
 
 def finetune(
-    base_path,
+    base_spec,
     corpus: str,
     lora_config: LoraConfig | None,
     settings: TrainSettings,
@@ -82,26 +81,35 @@ def finetune(
     device: str | None = None,
     progress: bool = True,
     loraplus_ratio: float = 1.0,
+    block_size: int | None = None,
 ):
-    """Fine-tune the checkpoint at ``base_path`` on ``corpus``; LoRA unless ``lora_config`` is None.
+    """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
-    evaluation, atomically.
+    evaluation, atomically. ``block_size``: the training windows of SmolLM2 (a GPT's is its own).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
-    base = load_model(base_path, device)
+    loaded = load_base(base_spec, device, block_size)
+    if lora_config is None and not loaded.is_byte_level:
+        raise ValueError(
+            f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
+            "fine-tune it with LoRA (leave out --full)"
+        )
+    base = loaded.model
     model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
     base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
     data = load_corpus(corpus)
+    if not loaded.is_byte_level:
+        data = tokenize_corpus(data, loaded.tokenizer)
     val_before = bits_per_byte(
-        model, data.val, batch_size=settings.batch_size, max_windows=settings.eval_windows
+        model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
     )
     metadata = {
         "kind": "finetune",
         "mode": "full" if lora_config is None else "lora",
         "corpus": corpus,
-        "base": str(resolve_checkpoint_path(base_path)),
+        "base": loaded.name,
         "base_fingerprint": base_fingerprint,
         "config": model.config.to_dict(),
         "settings": asdict(settings),
@@ -130,9 +138,8 @@ def finetune(
         "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
         "saved": str(saved),
         "saved_bytes": saved.stat().st_size,
-        "base_weights_bytes": sum(
-            int(base.params[name].nbytes) for name in base.params
-        ),  # float32, in memory
+        "base_weights_bytes": sum(int(value.nbytes) for value in base.params.values()),  # float32, in memory
+        "train_tokens": int(data.train.size),
         "result": result.to_dict(),
     }
     atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())

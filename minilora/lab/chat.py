@@ -1,7 +1,6 @@
 """Chatting with SmolLM2-135M-Instruct through minilora's own Llama: the chat template, greedy or
 sampled decoding with the key/value cache, and the end-of-turn token.
 
-``smollm2_continue`` continues plain text instead (``minilora generate --base smollm2``).
 ``ChatSession`` keeps the conversation (a list of {"role", "content"} messages) and answers one user
 message at a time: the whole conversation is rendered with the model's chat template, encoded with
 its BPE tokenizer, and extended until the model ends its turn (``<|im_end|>``) or the token budget
@@ -15,11 +14,9 @@ import numpy as np
 
 from ..generate import generate_ids
 from ..io.bpe import BPETokenizer
-from ..io.llama_gguf import llama_from_gguf
-from ..io.smollm2 import chat_prompt, fetch_smollm2
+from ..io.smollm2 import chat_prompt
 
 END_OF_TURN = "<|im_end|>"
-CONTEXT = 2048  # positions of the key/value cache (SmolLM2 was trained on 8192)
 
 
 class ChatSession:
@@ -53,23 +50,3 @@ class ChatSession:
         answer = self.tokenizer.decode(ids[0, prompt.shape[1] :]).removesuffix(END_OF_TURN).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
-
-
-def smollm2_session(device: str | None = None, **settings) -> ChatSession:
-    """A chat with SmolLM2-135M-Instruct (fetched and verified on first use), held in float32."""
-    path = fetch_smollm2()
-    model = llama_from_gguf(path, block_size=CONTEXT, device=device)
-    return ChatSession(model, BPETokenizer.from_gguf(path), **settings)
-
-
-def smollm2_continue(prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                     seed: int = 0, device: str | None = None) -> str:  # fmt: skip
-    """The prompt continued by SmolLM2 as plain text, without the chat template: (prompt + continuation)."""
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one character to start from")
-    session = smollm2_session(device)
-    ids = np.array([session.tokenizer.encode(prompt)])
-    out = generate_ids(
-        session.model, ids, max_new_tokens, temperature, top_k, seed, stop_id=session.end_of_turn
-    )
-    return session.tokenizer.decode(out[0])

@@ -5,6 +5,11 @@ byte-level tokenizer a token is a byte, so this is bits per byte, the number of 
 arithmetic coder driven by the model would spend per byte of text. Uniform guessing over 256 byte
 values costs 8 bits; gzip manages roughly 2.5 to 3 on English prose.
 
+With a subword tokenizer (SmolLM2's BPE) a token stands for several bytes, and bits per token would
+not compare across tokenizers. The sum of the targets' nats is then divided by the number of bytes
+those target tokens spell (``token_bytes``: (V,) bytes per id), which is again the coder's bits per
+byte of the text scored, and comparable with the byte-level models' numbers.
+
 The text is cut into non-overlapping windows of block_size inputs (plus the byte after each, as its
 last target), so every scored byte is predicted from the bytes before it in its window; the
 incomplete window at the end is left out.
@@ -30,12 +35,20 @@ def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None
 
 
 def bits_per_byte(
-    model, data: np.ndarray, batch_size: int = 16, max_windows: int | None = None, progress: bool = False
+    model,
+    data: np.ndarray,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+    progress: bool = False,
+    token_bytes: np.ndarray | None = None,
 ) -> float:
-    """Mean next-byte cross-entropy of ``model`` on ``data`` (1-D token ids), in bits."""
+    """Cross-entropy of ``model`` on ``data`` (1-D token ids) in bits per byte of the scored text.
+
+    token_bytes: (V,) the bytes each token id spells; None for byte-level ids (one byte each).
+    """
     T = model.config.block_size
     starts = window_starts(len(data), T, max_windows)
-    total_nats = 0.0
+    total_nats, total_bytes = 0.0, 0
     batches = range(0, len(starts), batch_size)
     for i in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
         positions = starts[i : i + batch_size, None] + np.arange(T)  # (B, T)
@@ -43,4 +56,5 @@ def bits_per_byte(
         y = data[positions + 1].astype(np.int64)
         _, loss, _ = model.forward(x, y)
         total_nats += float(loss) * y.size  # the loss is a mean over the batch's B*T targets
-    return total_nats / (len(starts) * T) / math.log(2)
+        total_bytes += y.size if token_bytes is None else int(token_bytes[y].sum())
+    return total_nats / total_bytes / math.log(2)

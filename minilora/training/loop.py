@@ -136,7 +136,7 @@ def train_loop(
         if done % settings.eval_interval == 0 or done == settings.steps:
             synchronize(xp)
             eval_started = time.perf_counter()
-            val = bits_per_byte(model, corpus.val, batch_size=B, max_windows=settings.eval_windows)
+            val = bits_per_byte(model, corpus.val, B, settings.eval_windows, token_bytes=corpus.token_bytes)
             result.evals.append({"step": done, "val_bits_per_byte": val})
             if report:
                 bar.write(f"step {done}: val {val:.4f} bits/byte")

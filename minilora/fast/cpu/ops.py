@@ -18,6 +18,7 @@ from ...layers import REFERENCE_OPS, AttentionCache, CrossEntropyCache, GeluCach
 from ...layers.attention import causal_bias, merge_heads, split_heads
 from ...layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 from ...layers.layernorm import LAYERNORM_EPS
+from . import llama_ops
 
 
 def gelu_forward(x):
@@ -162,4 +163,8 @@ CPU_OPS = replace(
     attention_backward=attention_backward,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
+    rmsnorm_forward=llama_ops.rmsnorm_forward,
+    rmsnorm_backward=llama_ops.rmsnorm_backward,
+    swiglu_forward=llama_ops.swiglu_forward,
+    swiglu_backward=llama_ops.swiglu_backward,
 )

@@ -1,0 +1,60 @@
+"""Base models by name or path, each with the tokenizer its ids belong to: what ``--base`` accepts.
+
+- nothing given: the shipped Shakespeare base (data/shakespeare_base.safetensors), byte-level;
+- ``"smollm2"``: SmolLM2-135M-Instruct, fetched and verified on first use (smollm2.py), read from
+  its GGUF file into minilora's Llama in Hugging Face's layout (llama_gguf.py), held in float32,
+  with its byte-level BPE tokenizer (bpe.py);
+- any other value: a minilora checkpoint file, or a run directory holding one, byte-level.
+
+``Base.name`` is what a run records as its base (an adapter's ``training.base``): the word
+``smollm2`` or the checkpoint's path. An adapter is tied to its base's weights by the fingerprint in
+its file, so it loads onto the same base however that base is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checkpoint import load_model, resolve_checkpoint_path
+from .data import SHIPPED_BASE
+from .tokenizer import ByteTokenizer
+
+SMOLLM2 = "smollm2"
+SMOLLM2_CONTEXT = 2048  # positions for generation and chat (SmolLM2 was trained on 8192)
+
+
+@dataclass(frozen=True)
+class Base:
+    name: str  # "smollm2", or the checkpoint file's path
+    model: object  # a GPT or a Llama, float32
+    tokenizer: object  # ByteTokenizer or BPETokenizer: encode, decode, token_byte_lengths
+
+    @property
+    def is_byte_level(self) -> bool:
+        return isinstance(self.tokenizer, ByteTokenizer)
+
+
+def load_base(spec: str | None = None, device: str | None = None, block_size: int | None = None) -> Base:
+    """The base named by ``spec`` (see the module docstring) on ``device``.
+
+    ``block_size`` sets SmolLM2's context (the length of training windows, of the key/value cache);
+    a checkpoint's context is fixed by its position table, so there it must be left out.
+    """
+    if spec == SMOLLM2:
+        from .bpe import BPETokenizer
+        from .llama_gguf import llama_from_gguf
+        from .smollm2 import fetch_smollm2
+
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        path = fetch_smollm2()
+        model = llama_from_gguf(path, block_size=block_size or SMOLLM2_CONTEXT, device=device)
+        return Base(SMOLLM2, model, BPETokenizer.from_gguf(path))
+    path = resolve_checkpoint_path(SHIPPED_BASE if spec is None else spec)
+    model = load_model(path, device)
+    if block_size is not None and block_size != model.config.block_size:
+        raise ValueError(
+            f"a block size of {block_size} was asked for, but {path} is a GPT whose context is fixed "
+            f"at {model.config.block_size} positions by its position table (only --base smollm2 takes one)"
+        )
+    return Base(str(path), model, ByteTokenizer())
