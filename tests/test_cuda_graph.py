@@ -65,6 +65,30 @@ def test_graph_replays_match_eager_reference_steps(fast):
         )
 
 
+def test_the_fast_llama_step_is_a_graph_and_trains_like_the_reference_step():
+    from minilora.llama import Llama, LlamaConfig, init_llama_params
+
+    config = LlamaConfig(
+        n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48, vocab_size=64, block_size=16
+    )
+    lora = LoraConfig(r=4, target_modules=("q_proj", "v_proj", "down_proj"), init="random")
+    models = [
+        add_lora(Llama(config, init_llama_params(config, seed=1, device="cuda")), lora, seed=2) for _ in "ab"
+    ]
+    optimizers = [make_optimizer(m, TrainSettings(lr=1e-2, weight_decay=0.1)) for m in models]
+    step = accelerate(models[1], optimizers[1], grad_clip=1.0, graph_warmup=1)
+    assert isinstance(step, GraphedStep) and models[1].ops is CUDA_OPS
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        x, y = rng.integers(0, 64, (3, 16)), rng.integers(0, 64, (3, 16))
+        want = float(train_step(models[0], optimizers[0], x, y, None, 1.0))
+        assert float(step(models[1], optimizers[1], x, y, None, 1.0)) == pytest.approx(want, rel=1e-5)
+    assert step.graph is not None
+    for name in models[0].trainable_names:
+        np.testing.assert_allclose(to_numpy(models[1].params[name]), to_numpy(models[0].params[name]),
+                                   rtol=1e-4, atol=1e-6, err_msg=name)  # fmt: skip
+
+
 def test_graph_refuses_dropout_and_bad_batches():
     model, optimizer = lora_model_and_optimizer()
     dropout_model = GPT(

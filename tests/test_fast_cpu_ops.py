@@ -13,6 +13,7 @@ import pytest
 from minilora import layers as ref
 from minilora.config import get_preset
 from minilora.fast import accelerate, fast_ops
+from minilora.fast.cpu import llama_ops
 from minilora.fast.cpu import ops as fast
 from minilora.fast.cpu.ops import CPU_OPS
 from minilora.gradcheck import check_layer
@@ -106,6 +107,34 @@ def test_cross_entropy_matches_the_reference(rng, spread):
     check_layer(fast.cross_entropy_forward, fast.cross_entropy_backward, inputs, ("logits",)).assert_ok(1e-7)
 
 
+@pytest.mark.parametrize("scale", [1.0, 50.0])  # 50: sigmoid saturates at both ends, exp(50) is huge
+def test_swiglu_matches_the_reference(rng, scale):
+    g, u = scale * rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 5, 6))
+    out, cache = llama_ops.swiglu_forward(g, u)
+    want, want_cache = ref.swiglu_forward(g, u)
+    assert_same(out, want)
+    assert_same_cache(cache, want_cache)
+    dout = rng.standard_normal(g.shape)
+    for got, expected in zip(llama_ops.swiglu_backward(dout, cache), ref.swiglu_backward(dout, want_cache)):
+        assert_same(got, expected)
+    inputs = {"g": g / scale, "u": u}
+    check_layer(llama_ops.swiglu_forward, llama_ops.swiglu_backward, inputs, ("g", "u")).assert_ok(1e-7)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e3])
+def test_rmsnorm_matches_the_reference(rng, magnitude):
+    x, w = magnitude * rng.standard_normal((2, 4, 9)), rng.standard_normal(9)
+    out, cache = llama_ops.rmsnorm_forward(x, w, 1e-5)
+    want, want_cache = ref.rmsnorm_forward(x, w, 1e-5)
+    assert_same(out, want)
+    assert_same_cache(cache, want_cache)
+    dout = rng.standard_normal(x.shape)
+    for got, expected in zip(llama_ops.rmsnorm_backward(dout, cache), ref.rmsnorm_backward(dout, want_cache)):
+        assert_same(got, expected)
+    inputs = {"x": x / magnitude, "w": w, "eps": 1e-5}
+    check_layer(llama_ops.rmsnorm_forward, llama_ops.rmsnorm_backward, inputs, ("x", "w")).assert_ok(1e-7)
+
+
 def test_cpu_ops_swap_pairs_and_leave_the_rest_to_the_reference():
     assert fast_ops(np) is CPU_OPS and CPU_OPS.name == "cpu"
     swapped = {
@@ -113,7 +142,7 @@ def test_cpu_ops_swap_pairs_and_leave_the_rest_to_the_reference():
     }
     assert swapped == {"name"} | {
         f"{layer}_{way}"
-        for layer in ("gelu", "layernorm", "attention", "cross_entropy")
+        for layer in ("gelu", "layernorm", "attention", "cross_entropy", "swiglu", "rmsnorm")
         for way in ("forward", "backward")
     }
 

@@ -23,21 +23,32 @@ def add_bench_parser(subparsers) -> None:
         "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE minilora bench ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="medium", help="model size")
+    parser.add_argument(
+        "--preset",
+        choices=[*sorted(PRESETS), "smollm2"],
+        default="medium",
+        help="model size; smollm2: SmolLM2-135M-Instruct's LoRA step, the peer transformers + PEFT",
+    )
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8, help="rank of the update")
     lora.add_argument("--alpha", type=float, default=16.0, help="lora_alpha")
     lora.add_argument(
         "--targets",
-        default="c_attn,attn.c_proj",
-        help="comma-separated module names matched by suffix, or all-linear",
+        default=None,
+        help="comma-separated module names matched by suffix, or all-linear "
+        "(default: c_attn,attn.c_proj; for smollm2 q_proj,v_proj)",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--batch-size", type=int, default=None, help="B (default: tiny 16, small 16, medium 16, gpt2s 8)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="B (default: tiny 16, small 16, medium 16, gpt2s 8, smollm2 4)",
     )
-    run.add_argument("--seq-len", type=int, default=None, help="T (default: the preset's block size)")
+    run.add_argument(
+        "--seq-len", type=int, default=None, help="T (default: the preset's block size; smollm2 256 tokens)"
+    )
     run.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     run.add_argument("--steps", type=int, default=5, help="timed steps per run")
     run.add_argument("--repeats", type=int, default=3, help="runs (alternating with the peer's)")
@@ -89,8 +100,8 @@ def add_bench_parser(subparsers) -> None:
         "--peer-attention",
         choices=("math", "sdpa"),
         default="math",
-        help="math: explicit full T x T softmax attention, as minilora; sdpa: "
-        "F.scaled_dot_product_attention (causal kernel)",
+        help="math: explicit full T x T softmax attention, as minilora (for smollm2 transformers' eager); "
+        "sdpa: F.scaled_dot_product_attention (causal kernel)",
     )
     parser.add_argument("--out", default=None, help="also append the JSON line to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -103,14 +114,42 @@ def add_bench_parser(subparsers) -> None:
     parser.set_defaults(run=run_bench_command)
 
 
-def settings_from_args(args):
-    from ..lab.bench import BenchSettings
+def lora_config_from_args(args, default_targets: str):
     from ..lora.config import LoraConfig
 
-    targets = (
-        args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    targets = args.targets or default_targets
+    targets = targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(","))
+    return None if args.full else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
+
+
+def smollm2_settings_from_args(args):
+    from ..lab.bench_smollm2 import SmolLM2BenchSettings
+
+    if args.full or args.dtype != "float32":
+        raise ValueError("--preset smollm2 times a float32 LoRA step: leave out --full and --dtype")
+    given = {"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads}
+    return SmolLM2BenchSettings(
+        lora_config=lora_config_from_args(args, "q_proj,v_proj"),
+        device=args.device,
+        warmup=args.warmup,
+        steps=args.steps,
+        repeats=args.repeats,
+        seed=args.seed,
+        corpus=args.corpus,
+        peer=None if args.peer == "none" else args.peer,
+        peer_threads=args.peer_threads,
+        peer_attention="eager" if args.peer_attention == "math" else args.peer_attention,
+        cuda_graph=not args.no_cuda_graph,
+        tf32=args.tf32,
+        reference=args.reference,
+        **{name: value for name, value in given.items() if value is not None},
     )
-    lora_config = None if args.full else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
+
+
+def settings_from_args(args):
+    from ..lab.bench import BenchSettings
+
+    lora_config = lora_config_from_args(args, "c_attn,attn.c_proj")
     return BenchSettings(
         preset=args.preset,
         lora_config=lora_config,
@@ -136,10 +175,15 @@ def settings_from_args(args):
 
 
 def run_bench_command(args) -> None:
-    from ..lab.bench import run_bench
-
     log = None if args.quiet else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
-    result = run_bench(settings_from_args(args), log=log)
+    if args.preset == "smollm2":
+        from ..lab.bench_smollm2 import run_smollm2_bench
+
+        result = run_smollm2_bench(smollm2_settings_from_args(args), log=log)
+    else:
+        from ..lab.bench import run_bench
+
+        result = run_bench(settings_from_args(args), log=log)
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:

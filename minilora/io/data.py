@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import chat_data
+from .chat_data import DEVILS_DICTIONARY_CHAT
+
 SHIPPED_CORPORA = ("shakespeare_modern", "shakespeare_folio", "kjv", "devils_dictionary")
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ (editable install)
 SHIPPED_BASE = DATA_DIR / "shakespeare_base.safetensors"  # the pretrained base model, see data/README.md
@@ -54,14 +57,16 @@ def load_corpus(name_or_path: str) -> Corpus:
     if name_or_path in SHIPPED_CORPORA:
         name = name_or_path
         return Corpus(name, read_shipped(name, "train"), read_shipped(name, "val"))
+    if name_or_path == DEVILS_DICTIONARY_CHAT or name_or_path.endswith(".jsonl"):
+        return load_chat_corpus(name_or_path)
     path = Path(name_or_path)
     if not path.exists():
-        shipped = ", ".join(SHIPPED_CORPORA)
+        shipped = ", ".join((*SHIPPED_CORPORA, DEVILS_DICTIONARY_CHAT))
         if path.suffix or path.name != name_or_path:  # "x.txt", "dir/x", "./x" name files
             raise CorpusError(f"no such file: {name_or_path!r} (nor a shipped corpus: {shipped})")
         raise CorpusError(
             f"unknown corpus {name_or_path!r}: shipped corpora are {shipped}, "
-            "or give the path of a UTF-8 text file"
+            "or give the path of a UTF-8 text file (or of conversations, *.jsonl)"
         )
     if not path.is_file():
         raise CorpusError(f"{name_or_path!r} is not a file")
@@ -76,6 +81,23 @@ def load_corpus(name_or_path: str) -> Corpus:
         ) from err
     train, val = split_text(read_only(raw), name_or_path)
     return Corpus(path.stem, train, val)
+
+
+def load_chat_corpus(name_or_path: str) -> Corpus:
+    """Conversations in the chat format as a corpus (io/chat_data.py): the Devil's Dictionary's, or a file's."""
+    if name_or_path == DEVILS_DICTIONARY_CHAT:
+        train = chat_data.dictionary_conversations(
+            read_shipped("devils_dictionary", "train").tobytes().decode()
+        )
+        val = chat_data.dictionary_conversations(read_shipped("devils_dictionary", "val").tobytes().decode())
+        name = DEVILS_DICTIONARY_CHAT
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise CorpusError(f"no such file of conversations: {name_or_path!r}")
+        train, val = chat_data.split_conversations(chat_data.read_conversations(path))
+        name = path.stem
+    return Corpus(name, read_only(chat_data.render(train)), read_only(chat_data.render(val)))
 
 
 @functools.cache  # read-only arrays, safe to share: each file is decompressed once per process

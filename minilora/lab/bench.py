@@ -277,11 +277,11 @@ def load_torch_peer():
         raise
 
 
-def _stats(values) -> dict:
+def spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-class _Timed:
+class Timed:
     """Step times of one model, in runs."""
 
     def __init__(self):
@@ -291,7 +291,7 @@ class _Timed:
         return [t for run in self.runs for t in run]
 
 
-def _threads_context(threads: int | None):
+def blas_threads(threads: int | None):
     """BLAS threads outside the sharded forward/backward (the peak matmul, clipping, AdamW)."""
     if threads is None:
         return nullcontext()
@@ -307,7 +307,7 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
     """
     log = log or (lambda message: None)
     device = resolve_device(settings.device)
-    with _threads_context(settings.threads):
+    with blas_threads(settings.threads):
         return _run(settings, device, log)
 
 
@@ -385,10 +385,10 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
             loss = peer.step(*batch(step))
             if step == 0:
                 peer_record["loss_first"] = float(loss)
-        peer_record["peak_rss_increase_bytes"] = _increase(peak_rss_bytes(), peer_record.pop("_rss_before"))
+        peer_record["peak_rss_increase_bytes"] = increase(peak_rss_bytes(), peer_record.pop("_rss_before"))
         peer_record["peak_device_bytes"] = peer.peak_device_bytes()
 
-    timed, peer_timed = _Timed(), _Timed()
+    timed, peer_timed = Timed(), Timed()
     step = settings.warmup
     for run in range(settings.repeats):
         log(
@@ -442,7 +442,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         "warmup_steps": settings.warmup,
         "steps": settings.steps,
         "repeats": settings.repeats,
-        **_throughput(timed, B * T, flops["total"], peak),
+        **throughput(timed, B * T, flops["total"], peak),
         "flops_per_step": flops["total"],
         "flops": flops,
         "matmul_peak_gflops": peak,
@@ -452,9 +452,9 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         "memory": {
             "ledger": ledger.to_dict(),
             "rss_before_model_bytes": rss_before,
-            "peak_rss_increase_bytes": _increase(peak_rss, rss_before) if peak_reset else None,
+            "peak_rss_increase_bytes": increase(peak_rss, rss_before) if peak_reset else None,
             "peak_rss_increase_over_ledger": _ratio(
-                _increase(peak_rss, rss_before) if peak_reset else None, ledger.total
+                increase(peak_rss, rss_before) if peak_reset else None, ledger.total
             ),
             "traced_step_peak_bytes": traced,
             "traced_step_over_ledger": _ratio(traced, ledger.per_step),
@@ -478,7 +478,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         "provenance": provenance(device, settings.seed),
     }
     if peer is not None:
-        peer_record.update(_throughput(peer_timed, B * T, flops["total"], peak))
+        peer_record.update(throughput(peer_timed, B * T, flops["total"], peak))
         peer_record["loss_last"] = float(peer_loss)
         peer_record["first_loss_rel_diff"] = abs(peer_record["loss_first"] - loss_first) / abs(loss_first)
         peer_record["mfu_vs_own_peak"] = peer_record["achieved_gflops"] / peer_record["matmul_peak_gflops"]
@@ -487,7 +487,7 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
             mine / theirs
             for mine, theirs in zip(result["runs_tokens_per_s"], peer_record["runs_tokens_per_s"])
         ]
-        result["ratio"] = {**_stats(ratios), "runs": ratios}
+        result["ratio"] = {**spread(ratios), "runs": ratios}
     return result
 
 
@@ -549,12 +549,12 @@ def _lora_fields(lora_config: LoraConfig | None) -> dict:
     }
 
 
-def _throughput(timed: _Timed, tokens: int, flops: int, peak_gflops: float) -> dict:
+def throughput(timed: Timed, tokens: int, flops: int, peak_gflops: float) -> dict:
     steps = timed.all_steps()
     median = statistics.median(steps)
     achieved = flops / median / 1e9
     return {
-        "step_time_s": _stats(steps),
+        "step_time_s": spread(steps),
         "tokens_per_s": tokens / median,
         "runs_tokens_per_s": [tokens / statistics.median(run) for run in timed.runs],
         "achieved_gflops": achieved,
@@ -562,7 +562,7 @@ def _throughput(timed: _Timed, tokens: int, flops: int, peak_gflops: float) -> d
     }
 
 
-def _increase(after, before):
+def increase(after, before):
     return None if after is None or before is None else after - before
 
 

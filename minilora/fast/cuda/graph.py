@@ -43,7 +43,8 @@ def can_capture(model) -> bool:
     """Whether a model's training step can be captured: it lives on a GPU and uses no dropout."""
     lora_config = getattr(model, "lora_config", None)  # LoraGPT's active adapter (None when it has none)
     lora_dropout = lora_config.lora_dropout if lora_config is not None else 0.0
-    return model.xp.__name__ == "cupy" and model.config.dropout == 0 and lora_dropout == 0
+    dropout = getattr(model.config, "dropout", 0.0)  # a Llama has none
+    return model.xp.__name__ == "cupy" and dropout == 0 and lora_dropout == 0
 
 
 def cuda_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
