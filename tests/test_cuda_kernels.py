@@ -32,6 +32,7 @@ from minilora import layers as ref  # noqa: E402
 from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
 from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
+from minilora.fast.cuda.kernels import llama as fused_llama  # noqa: E402
 from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
 from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
@@ -75,13 +76,80 @@ def test_cuda_ops_swap_whole_pairs_for_the_kernels():
     }
     assert swapped == {"name"} | {
         f"{layer}_{way}"
-        for layer in ("gelu", "layernorm", "attention", "cross_entropy")
+        for layer in ("gelu", "layernorm", "attention", "cross_entropy", "rmsnorm", "swiglu", "gqa_attention")
         for way in ("forward", "backward")
     }
     assert (
         CUDA_OPS.gelu_forward is gelu_forward
         and CUDA_OPS.attention_backward is fused_attention.attention_backward
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape", [(3, 5, 7), (300, 576), (1, 64)]
+)  # C = 1 would test cancellation in 1 - xhat^2
+def test_rmsnorm(shape, dtype):
+    rng = np.random.default_rng(8)
+    C, n_rows = shape[-1], math.prod(shape[:-1])
+    x, x64 = inputs(2.0 * rng.standard_normal(shape), dtype)
+    w, w64 = inputs(1.0 + 0.1 * rng.standard_normal(C), dtype)
+    dout, dout64 = inputs(rng.standard_normal(shape), dtype)
+    out, cache = fused_llama.rmsnorm_forward(x, w, 1e-5)
+    want_out, want_cache = ref.rmsnorm_forward(x64, w64, 1e-5)
+    gpu_out, gpu_cache = reference_on_gpu(ref.rmsnorm_forward, x, w, 1e-5)
+    for want, want_c in ((want_out, want_cache), (gpu_out, gpu_cache)):
+        assert_close(out, want, dtype, n_terms=C)
+        assert_close(cache.xhat, want_c.xhat, dtype, n_terms=C)
+        assert_close(cache.rstd, want_c.rstd, dtype, n_terms=C)
+    want_grads = ref.rmsnorm_backward(dout64, want_cache)
+    for got in (fused_llama.rmsnorm_backward(dout, cache), fused_llama.rmsnorm_backward(dout, gpu_cache)):
+        assert_close(got[0], want_grads[0], dtype, n_terms=C)  # dx
+        assert_close(got[1], want_grads[1], dtype, n_terms=n_rows)  # dw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spread", [1.0, 60.0])  # 60: sigmoid saturates, exp(60) overflows float32
+def test_swiglu(spread, dtype):
+    rng = np.random.default_rng(9)
+    g, g64 = inputs(spread * rng.standard_normal((4, 7, 33)), dtype)
+    u, u64 = inputs(rng.standard_normal((4, 7, 33)), dtype)
+    dout, dout64 = inputs(rng.standard_normal((4, 7, 33)), dtype)
+    out, cache = fused_llama.swiglu_forward(g, u)
+    want_out, want_cache = ref.swiglu_forward(g64, u64)
+    assert_close(out, want_out, dtype)
+    assert_close(cache.sig, want_cache.sig, dtype)
+    for got, want in zip(fused_llama.swiglu_backward(dout, cache), ref.swiglu_backward(dout64, want_cache)):
+        assert bool(cupy.isfinite(got).all())
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("B", "H", "H_kv", "T", "p"), [(2, 9, 3, 17, 0.0), (1, 4, 4, 64, 0.0), (2, 6, 2, 12, 0.3)]
+)
+def test_gqa_attention(B, H, H_kv, T, p, dtype):
+    rng = np.random.default_rng(10)
+    hs = 8
+    q, q64 = inputs(2.0 * rng.standard_normal((B, H, T, hs)), dtype)
+    k, k64 = inputs(2.0 * rng.standard_normal((B, H_kv, T, hs)), dtype)
+    v, v64 = inputs(rng.standard_normal((B, H_kv, T, hs)), dtype)
+    mask64 = ref.make_dropout_mask(rng, (B, H, T, T), p, np.float64) if p else None
+    mask = None if mask64 is None else to_device(mask64.astype(dtype), "cuda")
+    dout, dout64 = inputs(rng.standard_normal((B, H, T, hs)), dtype)
+    y, cache = fused_llama.gqa_attention_forward(q, k, v, mask)
+    want_y, want_cache = ref.gqa_attention_forward(q64, k64, v64, mask64)
+    assert_close(y, want_y, dtype, n_terms=T)
+    assert_close(cache.att, want_cache.att, dtype, n_terms=T)
+    want_grads = ref.gqa_attention_backward(dout64, want_cache)
+    gpu_cache = reference_on_gpu(ref.gqa_attention_forward, q, k, v, mask)[1]
+    for got in (
+        fused_llama.gqa_attention_backward(dout, cache),
+        fused_llama.gqa_attention_backward(dout, gpu_cache),
+    ):
+        for name, g, want in zip("qkv", got, want_grads):
+            assert g.shape == want.shape, name
+            assert_close(g, want, dtype, n_terms=T * H // H_kv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -135,6 +135,25 @@ def test_rmsnorm_matches_the_reference(rng, magnitude):
     check_layer(llama_ops.rmsnorm_forward, llama_ops.rmsnorm_backward, inputs, ("x", "w")).assert_ok(1e-7)
 
 
+@pytest.mark.parametrize(("H", "H_kv", "p"), [(6, 2, 0.0), (4, 4, 0.0), (6, 3, 0.25)])
+def test_gqa_attention_matches_the_reference(rng, H, H_kv, p):
+    B, T, hs = 2, 7, 4
+    q, k, v = (30.0 * rng.standard_normal((B, heads, T, hs)) for heads in (H, H_kv, H_kv))
+    mask = ref.make_dropout_mask(rng, (B, H, T, T), p, np.float64) if p else None
+    out, cache = llama_ops.gqa_attention_forward(q, k, v, mask)
+    want, want_cache = ref.gqa_attention_forward(q, k, v, mask)
+    assert_same(out, want)
+    assert_same_cache(cache, want_cache)
+    dout = rng.standard_normal(out.shape)
+    got = llama_ops.gqa_attention_backward(dout, cache)
+    for g, expected in zip(got, ref.gqa_attention_backward(dout, want_cache)):
+        assert_same(g, expected)
+    inputs = {"q": q / 30, "k": k / 30, "v": v, "dropout_mask": mask}
+    check_layer(
+        llama_ops.gqa_attention_forward, llama_ops.gqa_attention_backward, inputs, ("q", "k", "v")
+    ).assert_ok(1e-7)
+
+
 def test_cpu_ops_swap_pairs_and_leave_the_rest_to_the_reference():
     assert fast_ops(np) is CPU_OPS and CPU_OPS.name == "cpu"
     swapped = {
@@ -142,7 +161,7 @@ def test_cpu_ops_swap_pairs_and_leave_the_rest_to_the_reference():
     }
     assert swapped == {"name"} | {
         f"{layer}_{way}"
-        for layer in ("gelu", "layernorm", "attention", "cross_entropy", "swiglu", "rmsnorm")
+        for layer in ("gelu", "layernorm", "attention", "cross_entropy", "swiglu", "rmsnorm", "gqa_attention")
         for way in ("forward", "backward")
     }
 
@@ -167,6 +186,33 @@ def test_a_model_with_the_cpu_ops_computes_the_reference_logits_loss_and_gradien
     (want_logits, want_loss, want_grads), (logits, loss, grads) = results
     assert_same(logits, want_logits)
     assert loss == pytest.approx(want_loss, rel=TOL)
+    assert set(grads) == set(want_grads)
+    for name in want_grads:
+        assert_same(grads[name], want_grads[name])
+
+
+def test_a_lora_llama_with_the_cpu_ops_computes_the_reference_loss_and_gradients():
+    from minilora.llama import Llama, LlamaConfig, init_llama_params
+    from minilora.lora.config import LoraConfig
+    from minilora.lora.model import add_lora
+
+    config = LlamaConfig(
+        n_layer=2, n_head=6, n_kv_head=2, n_embd=24, ffn_hidden=40, vocab_size=50, block_size=9
+    )
+    models = []
+    for _ in range(2):
+        params = init_llama_params(config, seed=4, dtype=np.float64)
+        models.append(
+            add_lora(
+                Llama(config, params), LoraConfig(r=2, target_modules="all-linear", init="random"), seed=5
+            )
+        )
+    models[1].ops = CPU_OPS
+    idx, targets = np.random.default_rng(6).integers(0, 50, (2, 3, 9))
+    (want_logits, want_loss, want_cache), (logits, loss, cache) = (m.forward(idx, targets) for m in models)
+    assert_same(logits, want_logits)
+    assert float(loss) == pytest.approx(float(want_loss), rel=TOL)
+    want_grads, grads = models[0].backward(want_cache), models[1].backward(cache)
     assert set(grads) == set(want_grads)
     for name in want_grads:
         assert_same(grads[name], want_grads[name])

@@ -7,7 +7,8 @@
 - any other value: a minilora checkpoint file, or a run directory holding one, byte-level.
 
 ``Base.name`` is what a run records as its base (an adapter's ``training.base``): the word
-``smollm2`` or the checkpoint's path. An adapter is tied to its base's weights by the fingerprint in
+``smollm2``, ``data/shakespeare_base.safetensors`` for the shipped base (wherever the checkout is),
+or the checkpoint's path as given. An adapter is tied to its base's weights by the fingerprint in
 its file, so it loads onto the same base however that base is named.
 """
 
@@ -25,7 +26,7 @@ SMOLLM2_CONTEXT = 2048  # positions for generation and chat (SmolLM2 was trained
 
 @dataclass(frozen=True)
 class Base:
-    name: str  # "smollm2", or the checkpoint file's path
+    name: str  # see the module docstring
     model: object  # a GPT or a Llama, float32
     tokenizer: object  # ByteTokenizer or BPETokenizer: encode, decode, token_byte_lengths
 
@@ -51,10 +52,11 @@ def load_base(spec: str | None = None, device: str | None = None, block_size: in
         model = llama_from_gguf(path, block_size=block_size or SMOLLM2_CONTEXT, device=device)
         return Base(SMOLLM2, model, BPETokenizer.from_gguf(path))
     path = resolve_checkpoint_path(SHIPPED_BASE if spec is None else spec)
+    name = f"data/{SHIPPED_BASE.name}" if spec is None else str(path)
     model = load_model(path, device)
     if block_size is not None and block_size != model.config.block_size:
         raise ValueError(
             f"a block size of {block_size} was asked for, but {path} is a GPT whose context is fixed "
             f"at {model.config.block_size} positions by its position table (only --base smollm2 takes one)"
         )
-    return Base(str(path), model, ByteTokenizer())
+    return Base(name, model, ByteTokenizer())

@@ -48,5 +48,13 @@ def provenance(device: str, seed: int | None = None) -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """The command as typed, the program's directory left out: it names a machine, not the run."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":  # python -m minilora (or -m minilora.cli)
+        program = "minilora"
+    return " ".join([program, *sys.argv[1:]])

@@ -275,10 +275,6 @@ def _build_peer(settings, device, config, params, adapter_dir, optimizer, log):
     log(
         f"peer: torch {info['torch']}, transformers + PEFT, {settings.peer_attention}, {info['threads']} threads"
     )
-    import peft
-    import transformers
-
-    record = {"name": "transformers+peft", **info, "transformers": transformers.__version__,
-              "peft": peft.__version__, "attention": settings.peer_attention, "matmul_peak_gflops": peak,
-              "_rss_before": rss_before}  # fmt: skip
+    record = {"name": "transformers+peft", **info, **module.versions(), "attention": settings.peer_attention,
+              "matmul_peak_gflops": peak, "_rss_before": rss_before}  # fmt: skip
     return peer, record

@@ -28,6 +28,10 @@ from .torch_peer import TORCH_DTYPES, peak_device_bytes, synchronize
 EMBED = "model.embed_tokens.weight"
 
 
+def versions() -> dict:
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
 class PeftLlama:
     """transformers' Llama holding ``params`` with the PEFT adapter at ``adapter_dir``, trained by AdamW.
 

@@ -35,3 +35,29 @@ def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_finetune_runs(runs: dict, path, title: str) -> Path:
+    """Validation bits/byte against training tokens for several ``finetune_metrics.json`` documents.
+
+    runs: label -> the metrics dict ``minilora finetune`` writes; the curve starts at the value
+    before training (0 tokens). Tokens, not steps, on the x axis: runs with other batches compare.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for label, metrics in runs.items():
+        tokens_per_step = metrics["settings"]["batch_size"] * metrics["config"]["block_size"]
+        evals = metrics["result"]["evals"]
+        xs = [0] + [e["step"] * tokens_per_step for e in evals]
+        ys = [metrics["val_bits_per_byte_before"]] + [e["val_bits_per_byte"] for e in evals]
+        ax.plot(xs, ys, "o-", label=label)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

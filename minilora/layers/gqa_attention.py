@@ -48,7 +48,7 @@ def to_heads(x, n_head: int):
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)  # (B, n_head, T, hs)
 
 
-def _group(x, n_kv_head: int):
+def group_heads(x, n_kv_head: int):
     """(B, H, T, d) -> (B, H_kv, G*T, d): the G heads of each group stacked along the rows (a reshape).
 
     Head h = j*G + g is group j's g-th head, so rows g*T .. g*T + T - 1 of group j are its T positions.
@@ -57,13 +57,13 @@ def _group(x, n_kv_head: int):
     return x.reshape(B, n_kv_head, (H // n_kv_head) * T, d)
 
 
-def _ungroup(x, n_head: int):
-    """(B, H_kv, G*T, d) -> (B, H, T, d), the inverse of _group (a reshape)."""
+def ungroup_heads(x, n_head: int):
+    """(B, H_kv, G*T, d) -> (B, H, T, d), the inverse of group_heads (a reshape)."""
     B, H_kv, GT, d = x.shape
     return x.reshape(B, n_head, GT * H_kv // n_head, d)
 
 
-def _check_heads(q, k, v):
+def check_heads(q, k, v):
     """H, H_kv from the shapes, after checking that they fit together; raises ValueError."""
     H, H_kv = q.shape[1], k.shape[1]
     if k.shape != v.shape:
@@ -83,17 +83,19 @@ def grouped_scaled_dot_product_attention(q, k, v, dropout_mask=None):
     (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
     """
     xp = get_xp(q)
-    H, H_kv = _check_heads(q, k, v)
+    H, H_kv = check_heads(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # scaling q (T hs values) is cheaper than scaling q k^T (T^2 values)
-    scores = matmul(_group(q, H_kv), k.swapaxes(-1, -2))  # (B, H_kv, G*T_q, T_k), a group's heads share k
-    scores = _ungroup(scores, H)  # (B, H, T_q, T_k), one score matrix per query head
+    scores = matmul(
+        group_heads(q, H_kv), k.swapaxes(-1, -2)
+    )  # (B, H_kv, G*T_q, T_k), a group's heads share k
+    scores = ungroup_heads(scores, H)  # (B, H, T_q, T_k), one score matrix per query head
     scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys
     att = xp.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax is shift-invariant: no overflow
     att = att / att.sum(axis=-1, keepdims=True)  # (B, H, T_q, T_k), rows sum to 1
     att_used = att if dropout_mask is None else att * dropout_mask
-    y = matmul(_group(att_used, H_kv), v)  # (B, H_kv, G*T_q, hs), a group's heads share v
-    return _ungroup(y, H), q, att, scale  # y: (B, H, T_q, hs)
+    y = matmul(group_heads(att_used, H_kv), v)  # (B, H_kv, G*T_q, hs), a group's heads share v
+    return ungroup_heads(y, H), q, att, scale  # y: (B, H, T_q, hs)
 
 
 def gqa_attention_forward(q, k, v, dropout_mask=None):
@@ -122,15 +124,15 @@ def gqa_attention_backward(dout, cache: GQAAttentionCache):
     """
     q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask
     H, H_kv = q.shape[1], k.shape[1]
-    dy = _group(dout, H_kv)  # (B, H_kv, G*T, hs)
+    dy = group_heads(dout, H_kv)  # (B, H_kv, G*T, hs)
     att_used = att if mask is None else att * mask
-    datt_used = _ungroup(matmul(dy, v.swapaxes(-1, -2)), H)  # (B, H, T, T)
-    dv = matmul(_group(att_used, H_kv).swapaxes(-1, -2), dy)  # (B, H_kv, T, hs), summed over the group
+    datt_used = ungroup_heads(matmul(dy, v.swapaxes(-1, -2)), H)  # (B, H, T, T)
+    dv = matmul(group_heads(att_used, H_kv).swapaxes(-1, -2), dy)  # (B, H_kv, T, hs), summed over the group
     datt = datt_used if mask is None else datt_used * mask
     ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T), the softmax's backward
-    ds = _group(ds, H_kv)  # (B, H_kv, G*T, T)
-    dq = _ungroup(matmul(ds, k), H) * cache.scale  # (B, H, T, hs), through q_scaled = q * scale
-    dk = matmul(ds.swapaxes(-1, -2), _group(q, H_kv))  # (B, H_kv, T, hs), summed over the group
+    ds = group_heads(ds, H_kv)  # (B, H_kv, G*T, T)
+    dq = ungroup_heads(matmul(ds, k), H) * cache.scale  # (B, H, T, hs), through q_scaled = q * scale
+    dk = matmul(ds.swapaxes(-1, -2), group_heads(q, H_kv))  # (B, H_kv, T, hs), summed over the group
     return dq, dk, dv
 
 

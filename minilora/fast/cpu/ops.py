@@ -167,4 +167,6 @@ CPU_OPS = replace(
     rmsnorm_backward=llama_ops.rmsnorm_backward,
     swiglu_forward=llama_ops.swiglu_forward,
     swiglu_backward=llama_ops.swiglu_backward,
+    gqa_attention_forward=llama_ops.gqa_attention_forward,
+    gqa_attention_backward=llama_ops.gqa_attention_backward,
 )

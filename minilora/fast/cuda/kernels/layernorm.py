@@ -144,11 +144,11 @@ def layernorm_backward(dout, cache: LayerNormCache):
     w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
     dx = cupy.empty_like(g)
     launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), g.shape[0], C, (g, xhat, rstd, w, dx, C))
-    dw, db = _column_sums(g, xhat, cache.has_bias)
+    dw, db = column_sums(g, xhat, cache.has_bias)
     return dx.reshape(dout.shape), dw, db
 
 
-def _column_sums(g, xhat, has_bias: bool):
+def column_sums(g, xhat, has_bias: bool):
     """dw = sum over rows of g * xhat, db = sum over rows of g (None without a bias), each (C,)."""
     import cupy
 
