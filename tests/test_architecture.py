@@ -1,8 +1,9 @@
 """The layout's rule, checked from the source: the reference never imports the fast path, and nothing cycles.
 
 llm.c keeps the clean reference (``train_gpt2.c``) apart from the code that specialises it; minilora
-does the same inside one package (minilora/fast/__init__.py describes the seams). These tests read every ``.py`` file under ``minilora/`` with ``ast`` (nothing is imported, so
-they run without CuPy or PyTorch) and build the import graph:
+does the same inside one package (minilora/fast/__init__.py describes the seams). These tests read
+every ``.py`` file under ``minilora/`` with ``ast`` (nothing is imported, so they run
+without CuPy or PyTorch) and build the import graph:
 
 - a node is a module; a package's ``__init__.py`` is the package's module (``minilora.training``);
 - an edge is one import statement, with its file and line. Imports inside a function (lazy imports)
