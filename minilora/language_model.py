@@ -16,6 +16,8 @@ import numpy as np
 
 from .backend import get_xp
 from .layers import REFERENCE_OPS
+from .layers.quantized_linear import QuantizedLinearCache, quantized_linear_backward, quantized_linear_forward
+from .quant.weight import QuantizedWeight
 
 
 class LanguageModel(ABC):
@@ -49,14 +51,20 @@ class LanguageModel(ABC):
 
     @property
     def xp(self):
-        return get_xp(self.params[self.embedding_name])
+        embedding = self.params[self.embedding_name]
+        return embedding.xp if isinstance(embedding, QuantizedWeight) else get_xp(embedding)
 
     @property
     def trainable_names(self) -> list[str]:
-        return [name for name in self.params if name not in self.frozen]
+        return [name for name in self.params if self.is_trainable(name)]
 
     def is_trainable(self, name: str) -> bool:
-        return name in self.params and name not in self.frozen
+        """Not frozen, and not held quantized (blocks have no gradient: they are frozen by construction)."""
+        return (
+            name in self.params
+            and name not in self.frozen
+            and not isinstance(self.params[name], QuantizedWeight)
+        )
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         names = self.trainable_names if trainable_only else self.params
@@ -89,11 +97,16 @@ class LanguageModel(ABC):
     # LoRA overrides these two to add its adapter path; dropout_rng serves its dropout.
 
     def linear_forward(self, name: str, x, dropout_rng=None):
-        return self.ops.linear_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
+        W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+        if isinstance(W, QuantizedWeight):  # a frozen base held in blocks (QLoRA)
+            return quantized_linear_forward(x, W, b)
+        return self.ops.linear_forward(x, W, b)
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
         weight, bias = f"{name}.weight", f"{name}.bias"
+        if isinstance(cache, QuantizedLinearCache):  # frozen, so its only gradient is dx
+            return quantized_linear_backward(dout, cache)
         dx, dW, db = self.ops.linear_backward(
             dout, cache, compute_dW=self.is_trainable(weight), compute_db=self.is_trainable(bias)
         )

@@ -30,6 +30,13 @@ import numpy as np
 from .backend import to_device
 from .language_model import LanguageModel
 from .layers import ROPE_PAIRINGS, LayerOps, merge_heads, rope_tables, to_heads
+from .layers.quantized_linear import (
+    QuantizedLinearCache,
+    quantized_embedding_forward,
+    quantized_linear_backward,
+    quantized_linear_forward,
+)
+from .quant.weight import QuantizedWeight
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm"
@@ -233,16 +240,21 @@ class Llama(LanguageModel):
         B, T = idx.shape
         start = self.first_position(T, kv_cache)
         embed = self.params[EMBED]
-        x, token_embedding = ops.embedding_forward(idx, embed)  # (B, T, C)
-        rope = rope_tables(
-            T, config.head_size, start, config.rope_theta, embed.dtype, self.xp
-        )  # (T, hs/2) each
+        if isinstance(embed, QuantizedWeight):  # a quantized table: its rows dequantized, frozen, in the
+            dtype = self.params[f"{NORM}.weight"].dtype  # dtype the model computes in (its norms')
+            x, token_embedding = quantized_embedding_forward(idx, embed, dtype), None  # (B, T, C)
+        else:
+            x, token_embedding = ops.embedding_forward(idx, embed)  # (B, T, C)
+        rope = rope_tables(T, config.head_size, start, config.rope_theta, x.dtype, self.xp)  # (T, hs/2) each
         blocks = []
         for i in range(config.n_layer):
             x, block = self._block_forward(i, x, rope, dropout_rng, kv_cache)
             blocks.append(block)
         x, norm = self._norm_forward(NORM, x)
-        logits, head = ops.linear_forward(x, self._head_weight())  # (B, T, V)
+        if self.config.tie_embeddings and isinstance(embed, QuantizedWeight):
+            logits, head = quantized_linear_forward(x, embed)  # (B, T, V) = x deq(table)^T, slab by slab
+        else:
+            logits, head = ops.linear_forward(x, self._head_weight())  # (B, T, V)
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
@@ -257,7 +269,9 @@ class Llama(LanguageModel):
         ops, grads = self.ops, {}
         dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_embed = self.is_trainable(EMBED)
-        if self.config.tie_embeddings:
+        if isinstance(cache.head, QuantizedLinearCache):  # the tied head of a quantized table
+            dx = quantized_linear_backward(dlogits, cache.head)
+        elif self.config.tie_embeddings:
             dx, dW_head, _ = ops.linear_backward(
                 dlogits, cache.head, compute_dW=train_embed, compute_db=False
             )

@@ -53,6 +53,7 @@ REFERENCE = (
     "minilora.gradcheck",
     "minilora.generate",
     "minilora.lora.*",
+    "minilora.quant.*",
     "minilora.training.*",
 )
 

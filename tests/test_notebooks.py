@@ -25,6 +25,7 @@ EXPECTED = [
     "04_loss_vs_rank",
     "05_merging_and_latency",
     "06_what_the_adapter_learned",
+    "09_a_real_llm",
 ]
 
 

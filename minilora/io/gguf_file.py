@@ -40,8 +40,9 @@ llama.cpp's converter reorders the rows of attn_q and attn_k within each head: t
 that Hugging Face's rotate-half RoPE turns together, (i, i + hs/2), is stored as rows (2i, 2i + 1).
 These weights therefore need GGML's RoPE, which rotates adjacent pairs.
 
-What this leaves out: writing GGUF, architectures other than llama, keeping the weights quantised
-(everything becomes float32: 538 MB for SmolLM2-135M).
+What this leaves out: writing GGUF, architectures other than llama. ``load_gguf`` makes everything
+float32 (538 MB for SmolLM2-135M); ``load_gguf_blocks`` keeps the quantised tensors' bytes, which
+minilora.quant multiplies by without dequantising them whole.
 """
 
 import os
@@ -119,6 +120,30 @@ def llama_config(metadata: dict) -> dict:
     config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     config["name"] = metadata.get("general.name", "")
     return config
+
+
+def load_gguf_blocks(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str | None, np.ndarray]]]:
+    """Like load_gguf, but quantized tensors stay as the file stores them.
+
+    Each tensor is (format, array): ("q4_1" or "q8_0", its raw bytes (rows, bytes per row) uint8), or
+    (None, float32 values) for the float tensors. minilora.quant reads the blocks.
+    """
+    reader = open_gguf(path)
+    config = llama_config(metadata_of(reader))
+    tensors = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind in ("Q4_1", "Q8_0"):
+            tensors[tensor.name] = (kind.lower(), np.array(tensor.data, dtype=np.uint8))  # a copy off the map
+        elif kind == "F32":
+            tensors[tensor.name] = (
+                None,
+                np.array(tensor.data, dtype=np.float32).reshape(tuple(reversed(tensor.shape))),
+            )
+        else:
+            raise GGUFError(f"tensor {tensor.name} is {kind}: only F32, Q4_1 and Q8_0 are read as blocks")
+    config["tie_word_embeddings"] = "output.weight" not in tensors
+    return config, tensors
 
 
 def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..backend import to_device
 from ..llama import EMBED, HEAD, NORM, Llama, LlamaConfig
-from .gguf_file import GGUFError, load_gguf
+from ..quant import quantize_nf4, quantized_from_gguf
+from .gguf_file import GGUFError, load_gguf, load_gguf_blocks
 
 BLOCK_TENSORS = {  # GGUF's name in a block -> (the Llama parameter in that block, transposed?)
     "attn_norm.weight": ("input_layernorm.weight", False),
@@ -70,16 +71,25 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, hs // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
+QUANTIZE = ("gguf", "nf4")  # keep the file's Q4_1 / Q8_0 blocks, or re-quantize to NF4 (QLoRA's format)
+
+
 def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtype=np.float32,
-                    device: str | None = None, rope_pairing: str = "half") -> Llama:  # fmt: skip
+                    device: str | None = None, rope_pairing: str = "half",
+                    quantize: str | None = None) -> Llama:  # fmt: skip
     """The Llama model of a llama GGUF file, in ``dtype`` on ``device``.
 
     ``block_size`` caps the context (the key/value cache of generation is that long); by default
-    the file's context length. ``rope_pairing``: see the module docstring.
+    the file's context length. ``rope_pairing``: see the module docstring. ``quantize`` keeps every
+    matrix (the projections and the token embedding) held quantized, frozen, for QLoRA: "gguf" in
+    the file's own blocks (no re-quantization), "nf4" re-quantized from them to NF4; the norms stay
+    float32. None (the default) dequantizes everything to ``dtype``.
     """
     if rope_pairing not in ("half", "adjacent"):
         raise ValueError(f"rope_pairing must be 'half' or 'adjacent', got {rope_pairing!r}")
-    values, tensors = load_gguf(path)
+    if quantize not in (None, *QUANTIZE):
+        raise ValueError(f"quantize must be None or one of {QUANTIZE}, got {quantize!r}")
+    values, tensors = load_gguf_blocks(path) if quantize == "gguf" else load_gguf(path)
     if values["rope_dim"] != values["head_size"]:
         raise GGUFError(f"RoPE on {values['rope_dim']} of {values['head_size']} channels is not supported")
     config = LlamaConfig(
@@ -93,9 +103,29 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
     params = {}
     for gguf_name, array in tensors.items():
         name, transposed = llama_parameter_name(gguf_name)
+        block_format, array = array if quantize == "gguf" else (None, array)
         n_heads = heads.get(gguf_name.split(".", 2)[-1])
         if rope_pairing == "half" and n_heads is not None:
-            array = unpermute_rope_rows(array, n_heads)
-        array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
-        params[name] = to_device(array, device)
+            array = unpermute_rope_rows(array, n_heads)  # whole rows: a row of blocks moves as one
+        if quantize is None or array.ndim == 1 and block_format is None:
+            array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
+            params[name] = to_device(array, device)
+            continue
+        layout = "linear" if transposed else "table"  # stored (C_out, C_in), or the (V, C) embedding
+        rows, cols = (
+            (array.shape[0], array.shape[1]) if block_format is None else _stored_shape(values, gguf_name)
+        )
+        weight = (quantize_nf4(array, layout) if quantize == "nf4"
+                  else quantized_from_gguf(array, block_format, rows, cols, layout))  # fmt: skip
+        params[name] = weight.map_arrays(lambda a: to_device(a, device))
     return Llama(config, params)
+
+
+def _stored_shape(values: dict, gguf_name: str) -> tuple[int, int]:
+    """(rows, cols) of a block tensor, from the config: the raw bytes do not say how many values a row holds."""
+    C, F, V = int(values["n_embd"]), int(values["n_inner"]), int(values["vocab_size"])
+    C_kv = int(values["n_kv_head"]) * int(values["head_size"])
+    shapes = {"token_embd.weight": (V, C), "output.weight": (V, C), "attn_q.weight": (C, C),
+              "attn_k.weight": (C_kv, C), "attn_v.weight": (C_kv, C), "attn_output.weight": (C, C),
+              "ffn_gate.weight": (F, C), "ffn_up.weight": (F, C), "ffn_down.weight": (C, F)}  # fmt: skip
+    return shapes[gguf_name] if gguf_name in shapes else shapes[gguf_name.split(".", 2)[-1]]

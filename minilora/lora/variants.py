@@ -23,9 +23,12 @@ the making of every adapter's tensors.
 
 from __future__ import annotations
 
+from ..layers.quantized_linear import QuantizedLinearCache
+from ..quant.weight import QuantizedWeight
 from .config import LoraConfig
 from .dora import dora_linear_backward, dora_linear_forward, dora_merged_weight
 from .layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight, require_finite
+from .qlora import qlora_linear_backward, qlora_linear_forward
 
 FACTORS = ("lora_A", "lora_B")
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's m
@@ -45,16 +48,28 @@ class LoraVariant:
     suffixes = FACTORS  # the adapter's tensors per module
 
     def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
-        """y = x W + b + s (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out)."""
-        return lora_linear_forward(x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask)
+        """y = x W + b + s (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out).
+
+        With W held quantized this is QLoRA (qlora.py): the same adapter beside the dequantized product.
+        """
+        layer = qlora_linear_forward if isinstance(W, QuantizedWeight) else lora_linear_forward
+        return layer(x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask)
 
     def backward(self, dout, cache, compute_db: bool = True):
         """dx and {"lora_A": dlora_A, "lora_B": dlora_B, "bias": db}; W is frozen, so dW is never formed."""
+        if isinstance(cache.base, QuantizedLinearCache):  # QLoRA: the quantized base's bias is frozen too
+            dx, dlora_A, dlora_B = qlora_linear_backward(dout, cache)
+            return dx, {"lora_A": dlora_A, "lora_B": dlora_B}
         dx, _, db, dlora_A, dlora_B = lora_linear_backward(dout, cache, compute_db=compute_db)  # dW: None
         return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B}, db)
 
     def merge(self, W, tensors: dict, scaling: float):
-        """W' = W + s lora_A^T lora_B^T (a new array, checked finite); unmerge needs nothing more."""
+        """W' = W + s lora_A^T lora_B^T (a new array, checked finite); unmerge needs nothing more.
+
+        A quantized W is dequantized first: the merged weight is dense (float32).
+        """
+        if isinstance(W, QuantizedWeight):
+            W = W.dequantize().T if W.layout == "linear" else W.dequantize()
         return merge_weight(W, tensors["lora_A"], tensors["lora_B"], scaling), None
 
     def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
@@ -77,6 +92,10 @@ class DoraVariant:
 
     def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
         """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out)."""
+        if isinstance(W, QuantizedWeight):
+            raise ValueError(
+                "DoRA on a quantized base is not supported (it needs W's column norms): use plain LoRA"
+            )
         return dora_linear_forward(
             x,
             W,

@@ -1,0 +1,13 @@
+"""Frozen weights kept quantized: GGUF's Q4_1 and Q8_0 blocks as a file ships them, and NF4 with
+double quantization as in the QLoRA paper (Dettmers et al., 2023), each dequantized on the fly.
+
+``QuantizedWeight`` (weight.py) holds one matrix as its blocks; the formats are plain functions
+(gguf_blocks.py, nf4.py); the layer pair that multiplies by such a weight is
+``minilora.layers.quantized_linear``.
+"""
+
+from .gguf_blocks import quantized_from_gguf
+from .nf4 import NF4_CODEBOOK, quantize_nf4
+from .weight import QuantizedWeight
+
+__all__ = ["NF4_CODEBOOK", "QuantizedWeight", "quantize_nf4", "quantized_from_gguf"]
