@@ -144,3 +144,19 @@ def test_the_peft_export_loads_onto_transformers_smollm2_with_the_same_logits(sm
     with theirs_model.disable_adapter(), torch.no_grad():
         plain = theirs_model(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(plain - theirs).max() > 100 * np.abs(ours - theirs).max()  # the adapter made a difference
+
+
+def test_qlora_on_the_files_own_blocks_trains_an_adapter_that_the_float32_base_takes(tmp_path, capsys):
+    from minilora.cli import main
+
+    argv = ["finetune", "--base", "smollm2", "--quantized", "gguf", "--block-size", "16", "--steps", "1",
+            "--batch-size", "1", "--eval-interval", "1", "--eval-windows", "1", "--targets", "q_proj",
+            "--r", "2", "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "finetune_metrics.json").read_text())
+    assert metrics["quantized"] == "gguf" and metrics["base_weights_bytes"] < 0.72 * 134_515_008
+    assert "held quantized (gguf)" in capsys.readouterr().out
+    # the blocks dequantize to the float32 base's very numbers: the same fingerprint, so it loads there
+    assert main(["eval", "--base", "smollm2", "--adapter", str(tmp_path), "--max-windows", "1"]) == 0
+    assert main(["finetune", "--quantized", "nf4", "--steps", "1", "--out", str(tmp_path / "gpt")]) == 1
+    assert "not a GPT checkpoint's" in capsys.readouterr().err

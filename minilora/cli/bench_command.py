@@ -74,6 +74,10 @@ def add_bench_parser(subparsers) -> None:
     )
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")
     run.add_argument(
+        "--quantized", choices=("gguf", "nf4"), default=None,
+        help="smollm2 only: QLoRA, the frozen matrices in blocks (gguf: the file's Q4_1 and Q8_0; nf4)",
+    )  # fmt: skip
+    run.add_argument(
         "--tf32",
         action="store_true",
         help="on a GPU, float32 products on TF32 tensor cores, for minilora and the peer (not the default)",
@@ -142,6 +146,7 @@ def smollm2_settings_from_args(args):
         cuda_graph=not args.no_cuda_graph,
         tf32=args.tf32,
         reference=args.reference,
+        quantized=args.quantized,
         **{name: value for name, value in given.items() if value is not None},
     )
 
@@ -149,6 +154,8 @@ def smollm2_settings_from_args(args):
 def settings_from_args(args):
     from ..lab.bench import BenchSettings
 
+    if args.quantized is not None:
+        raise ValueError("--quantized applies to --preset smollm2")
     lora_config = lora_config_from_args(args, "c_attn,attn.c_proj")
     return BenchSettings(
         preset=args.preset,

@@ -81,6 +81,11 @@ def add_finetune_parser(subparsers) -> None:
         "--block-size", type=int, default=None,
         help=f"tokens per training window of --base smollm2 (default {SMOLLM2_BLOCK_SIZE}); a GPT's is its own",
     )  # fmt: skip
+    parser.add_argument(
+        "--quantized", choices=("gguf", "nf4"), default=None,
+        help="QLoRA on --base smollm2: keep its frozen matrices in blocks, the file's own (gguf: Q4_1 and Q8_0) "
+        "or re-quantized to NF4 (default: dequantized to float32)",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
@@ -129,15 +134,17 @@ def run_finetune(args) -> None:
         progress=not args.quiet,
         loraplus_ratio=args.loraplus_ratio,
         block_size=block_size,
+        quantized=args.quantized,
     )
     print(metrics["summary"])
     print(
         f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
         f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s"
     )
+    held = "in float32" if args.quantized is None else f"held quantized ({args.quantized})"
     print(
         f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
-        f"{metrics['base_weights_bytes']:,} bytes in float32)"
+        f"{metrics['base_weights_bytes']:,} bytes {held})"
     )
 
 

@@ -21,6 +21,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import device_of, to_device, to_numpy
 from ..lora.config import LoraConfig
+from ..lora.init import dense_reference
 from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
 from ..lora.variants import variant_for
 from .checkpoint import atomic_write_bytes
@@ -139,7 +140,7 @@ def install_adapter(
     if problem is not None:
         lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{source}: {problem}")
-    reference = lora_model.base_params[lora_model.embedding_name]
+    reference = dense_reference(lora_model.base_params)
     for name, value in tensors.items():
         adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
 

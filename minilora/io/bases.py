@@ -35,11 +35,14 @@ class Base:
         return isinstance(self.tokenizer, ByteTokenizer)
 
 
-def load_base(spec: str | None = None, device: str | None = None, block_size: int | None = None) -> Base:
+def load_base(spec: str | None = None, device: str | None = None, block_size: int | None = None,
+              quantized: str | None = None) -> Base:  # fmt: skip
     """The base named by ``spec`` (see the module docstring) on ``device``.
 
     ``block_size`` sets SmolLM2's context (the length of training windows, of the key/value cache);
     a checkpoint's context is fixed by its position table, so there it must be left out.
+    ``quantized`` keeps SmolLM2's matrices frozen in blocks (QLoRA): "gguf", the file's own Q4_1 and
+    Q8_0; "nf4", re-quantized to NF4 (io/llama_gguf.py).
     """
     if spec == SMOLLM2:
         from .bpe import BPETokenizer
@@ -49,8 +52,14 @@ def load_base(spec: str | None = None, device: str | None = None, block_size: in
         if block_size is not None and block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         path = fetch_smollm2()
-        model = llama_from_gguf(path, block_size=block_size or SMOLLM2_CONTEXT, device=device)
+        model = llama_from_gguf(
+            path, block_size=block_size or SMOLLM2_CONTEXT, device=device, quantize=quantized
+        )
         return Base(SMOLLM2, model, BPETokenizer.from_gguf(path))
+    if quantized is not None:
+        raise ValueError(
+            f"a quantized base ({quantized}) is SmolLM2's (--base smollm2), not a GPT checkpoint's"
+        )
     path = resolve_checkpoint_path(SHIPPED_BASE if spec is None else spec)
     name = f"data/{SHIPPED_BASE.name}" if spec is None else str(path)
     model = load_model(path, device)

@@ -82,15 +82,19 @@ def finetune(
     progress: bool = True,
     loraplus_ratio: float = 1.0,
     block_size: int | None = None,
+    quantized: str | None = None,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
     evaluation, atomically. ``block_size``: the training windows of SmolLM2 (a GPT's is its own).
+    ``quantized``: SmolLM2's frozen matrices held in blocks, "gguf" or "nf4" (QLoRA).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
-    loaded = load_base(base_spec, device, block_size)
+    if quantized is not None and lora_config is None:
+        raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
+    loaded = load_base(base_spec, device, block_size, quantized)
     if lora_config is None and not loaded.is_byte_level:
         raise ValueError(
             f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
@@ -110,6 +114,7 @@ def finetune(
         "mode": "full" if lora_config is None else "lora",
         "corpus": corpus,
         "base": loaded.name,
+        "quantized": quantized,
         "base_fingerprint": base_fingerprint,
         "config": model.config.to_dict(),
         "settings": asdict(settings),
@@ -138,7 +143,7 @@ def finetune(
         "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
         "saved": str(saved),
         "saved_bytes": saved.stat().st_size,
-        "base_weights_bytes": sum(int(value.nbytes) for value in base.params.values()),  # float32, in memory
+        "base_weights_bytes": sum(int(value.nbytes) for value in base.params.values()),  # as held in memory
         "train_tokens": int(data.train.size),
         "result": result.to_dict(),
     }

@@ -83,6 +83,7 @@ class SmolLM2BenchSettings:
     cuda_graph: bool = True
     tf32: bool = False
     reference: bool = False  # time the reference layers and train_step instead of the fast path
+    quantized: str | None = None  # QLoRA: the frozen matrices in blocks, "gguf" or "nf4" (no peer then)
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "warmup", "steps", "repeats"):
@@ -90,6 +91,10 @@ class SmolLM2BenchSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.peer not in (None, "torch"):
             raise ValueError(f"unknown peer {self.peer!r}; the only peer is 'torch'")
+        if self.quantized is not None and self.peer is not None:
+            raise ValueError(
+                "the peer has no quantized base here (PEFT delegates that to bitsandbytes): no --peer"
+            )
 
 
 def load_peft_peer():
@@ -128,7 +133,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
     pool = None if xp is np else xp.get_default_memory_pool()
     rss_before = current_rss_bytes()
     log(f"loading SmolLM2-135M-Instruct on {device}")
-    base = load_base("smollm2", device, block_size=T)
+    base = load_base("smollm2", device, block_size=T, quantized=settings.quantized)
     data = tokenize_corpus(load_corpus(settings.corpus), base.tokenizer).val
     model = add_lora(base.model, settings.lora_config, seed=settings.seed)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
@@ -216,6 +221,8 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         "tokens_per_step": B * T,
         "params_total": model.num_parameters(),
         "params_trainable": model.num_parameters(trainable_only=True),
+        "quantized": settings.quantized,
+        "base_weights_bytes": sum(int(value.nbytes) for value in base.model.params.values()),
         "steps": settings.steps,
         "repeats": settings.repeats,
         **throughput(timed, B * T, flops, peak),

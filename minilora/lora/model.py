@@ -43,7 +43,7 @@ from ..layers import make_dropout_mask
 from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
-from .init import Adapter, combined_adapter, create_adapter
+from .init import Adapter, combined_adapter, create_adapter, dense_reference
 
 
 class AdaptedLinearCache(NamedTuple):
@@ -177,7 +177,7 @@ class LoraModel:
                     f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
                     "only plain adapters combine exactly by concatenation"
                 )
-        self.adapters[new_name] = combined_adapter(parts, weights, self.base_params[self.embedding_name])
+        self.adapters[new_name] = combined_adapter(parts, weights, dense_reference(self.base_params))
 
     def _named(self, name: str) -> Adapter:
         if name not in self.adapters:

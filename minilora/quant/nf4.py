@@ -64,7 +64,13 @@ def quantize_nf4(weight, layout: str = "linear") -> QuantizedWeight:
     absmax_q = (
         xp.rint(groups / xp.where(scale == 0, 1, scale)[:, None]).astype(np.int8).reshape(-1)[: flat.size]
     )
-    arrays = {"codes": packed, "absmax_q": absmax_q, "scale": scale.astype(np.float32), "mean": mean}
+    arrays = {
+        "codes": packed,
+        "absmax_q": absmax_q,
+        "scale": scale.astype(np.float32),
+        "mean": mean,
+        "codebook": codebook,
+    }  # fmt: skip  (the codebook travels with the blocks: no copy per use)
     return QuantizedWeight("nf4", rows, cols, layout, arrays, dequantize_nf4)
 
 
@@ -77,5 +83,5 @@ def dequantize_nf4(arrays: dict, rows, cols: int):
     constant = rows[:, None] * nb + xp.arange(nb)  # (n, nb) index of each block's absmax
     absmax = arrays["absmax_q"][constant].astype(np.float32) * arrays["scale"][constant // GROUP]
     absmax += arrays["mean"]
-    values = xp.asarray(NF4_CODEBOOK)[codes] * absmax[..., None]
+    values = arrays["codebook"][codes] * absmax[..., None]
     return values.reshape(len(rows), cols)
