@@ -250,6 +250,72 @@ plt.show()
 assert metrics["val_bits_per_byte_after"] < metrics["val_bits_per_byte_before"] - 0.3
 
 # %% [markdown]
+# ## QLoRA: the same adapter beside 4-bit blocks
+#
+# The GGUF file stores the projections in Q4_1: blocks of 32 values, each a float16 scale d, a
+# float16 minimum m and 32 four-bit integers q, value = d * q + m. `quantize="gguf"` keeps those
+# blocks as they are and dequantizes a slab of rows at a time inside the layer; LoRA's path beside
+# it is unchanged. Here is the first block of block 0's q_proj, decoded by hand from its 20 bytes:
+
+# %%
+from minilora.io.llama_gguf import llama_from_gguf  # noqa: E402
+from minilora.io.smollm2 import fetch_smollm2  # noqa: E402
+
+held = llama_from_gguf(fetch_smollm2(), block_size=64, quantize="gguf")
+q_proj = held.params["model.layers.0.self_attn.q_proj.weight"]
+print(
+    q_proj.format,
+    "stored",
+    (q_proj.rows, q_proj.cols),
+    "logical",
+    q_proj.shape,
+    q_proj.arrays["blocks"].shape,
+)
+raw = q_proj.arrays["blocks"][0, 0]  # 20 bytes
+d, m = raw[0:2].view(np.float16).astype(np.float32)[0], raw[2:4].view(np.float16).astype(np.float32)[0]
+q = np.concatenate([raw[4:] & 0x0F, raw[4:] >> 4]).astype(np.float32)  # low nibbles, then high
+print(f"d = {d:.5f}, m = {m:.5f}, q = {q[:8].astype(int)} ...")
+assert np.array_equal(d * q + m, q_proj.dequantize(0, 1)[0, :32])
+
+stored = sum(int(value.nbytes) for value in held.params.values())
+print(f"{stored / 1e6:.1f} MB held, {stored / held.num_parameters():.3f} bytes per parameter (float32: 4)")
+quantized_logits = held.forward(idx)[0]
+full_logits = model.forward(idx)[0]
+print("largest logit difference:", np.abs(quantized_logits - full_logits).max())
+assert stored / held.num_parameters() < 0.72
+assert np.abs(quantized_logits - full_logits).max() <= 1e-5 * np.abs(full_logits).max()
+
+# %% [markdown]
+# What each method keeps for the whole run, for LoRA and QLoRA with the Folio adapter (all linear
+# layers, r = 8): weights, and for what trains, its gradient and AdamW's two moments (4 bytes each).
+# The step's activations come on top; the measured peaks of a 4 x 256-token step on this project's
+# CPU are in `docs/benchmarks/smollm2.jsonl` (series "cpu, qlora").
+
+# %%
+N, adapter = model.num_parameters(), 2_442_240
+nf4_bytes_per_param = 0.517  # 4 + 8/64 + 32/(64*256) bits; see minilora/quant/nf4.py
+methods = {
+    "full fine-tuning": (4 * N, 12 * N),
+    "LoRA": (4 * N, 16 * adapter),
+    "QLoRA (file's blocks)": (stored, 16 * adapter),
+    "QLoRA (NF4)": (nf4_bytes_per_param * N, 16 * adapter),
+}
+fig, ax = plt.subplots(figsize=(7, 3.2))
+names = list(methods)
+weights_mb = [methods[k][0] / 1e6 for k in names]
+training_mb = [methods[k][1] / 1e6 for k in names]
+ax.barh(names, weights_mb, label="weights")
+ax.barh(names, training_mb, left=weights_mb, label="gradients + AdamW state")
+ax.set_xlabel("MB held for the whole run")
+ax.invert_yaxis()
+ax.legend()
+plt.show()
+for name, (w, t) in methods.items():
+    print(f"{name:<22} {w / 1e6:8.1f} MB weights + {t / 1e6:7.1f} MB training state")
+assert methods["QLoRA (NF4)"][0] < methods["QLoRA (file's blocks)"][0] < methods["LoRA"][0] / 5
+assert sum(methods["full fine-tuning"]) > 15 * sum(methods["QLoRA (file's blocks)"])
+
+# %% [markdown]
 # ## What to take away
 #
 # - A 135M-parameter Llama is the same kind of object as the 4.9M GPT: a flat dict of arrays and

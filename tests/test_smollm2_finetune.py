@@ -160,3 +160,5 @@ def test_qlora_on_the_files_own_blocks_trains_an_adapter_that_the_float32_base_t
     assert main(["eval", "--base", "smollm2", "--adapter", str(tmp_path), "--max-windows", "1"]) == 0
     assert main(["finetune", "--quantized", "nf4", "--steps", "1", "--out", str(tmp_path / "gpt")]) == 1
     assert "not a GPT checkpoint's" in capsys.readouterr().err
+    assert main(["eval", "--quantized", "gguf", "--max-windows", "1"]) == 1  # the shipped GPT base
+    assert "not a GPT checkpoint's" in capsys.readouterr().err

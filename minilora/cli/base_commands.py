@@ -117,6 +117,13 @@ def add_checkpoint_flag(parser: argparse.ArgumentParser, *names: str) -> None:
 
 def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--quantized",
+        choices=("gguf", "nf4"),
+        default=None,
+        help="hold SmolLM2's frozen matrices quantized, as finetune --quantized trained on "
+        "(gguf: the file's Q4_1 and Q8_0 blocks; nf4: re-quantized)",
+    )
+    parser.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -165,7 +172,7 @@ def load_for_inference(args, block_size: int | None = None):
     """The --checkpoint's base (io/bases.py) with its adapters. Returns (base, model, adapter names)."""
     from ..io.bases import load_base
 
-    base = load_base(args.checkpoint, args.device, block_size)
+    base = load_base(args.checkpoint, args.device, block_size, args.quantized)
     model, names = with_adapters(base.model, args)
     return base, model, names
 

@@ -34,7 +34,7 @@ def run_chat_command(args) -> None:
     from ..lab.chat import ChatSession
 
     print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
-    base = load_base(args.base, args.device)
+    base = load_base(args.base, args.device, quantized=args.quantized)
     model, _ = with_adapters(base.model, args)
     session = ChatSession(model, base.tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed)  # fmt: skip

@@ -80,7 +80,7 @@ def train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropo
     return, so the step's activations are freed before the next step allocates its own.
     """
     dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
-    _, loss, cache = model.forward(x, y, dropout_rng=dropout_rng)
+    loss, cache = model.forward(x, y, dropout_rng=dropout_rng)[1:]  # the logits are not kept: freed here
     grads = model.backward(cache)
     if grad_clip > 0:
         clip_grad_norm(grads, grad_clip)

@@ -74,7 +74,7 @@ def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, b
     def run_shard(shard: int):
         start, stop = bounds[shard]
         rng = None if dropout_key is None else device_rng(xp, *dropout_key, shard)
-        _, loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)
+        loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)[1:]  # logits freed now
         weight = (stop - start) / B  # this shard's share of the mean over the whole batch
         return loss * weight, model.backward(cache, dloss=weight)
 

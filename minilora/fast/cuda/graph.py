@@ -50,7 +50,7 @@ def can_capture(model) -> bool:
 def cuda_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
     """``train_step`` on the GPU, launched eagerly, with the fused clipping and AdamW update."""
     dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
-    _, loss, cache = model.forward(x, y, dropout_rng=dropout_rng)
+    loss, cache = model.forward(x, y, dropout_rng=dropout_rng)[1:]  # the logits are freed at once
     grads = model.backward(cache)
     if grad_clip > 0:
         fused_clip_grad_norm(grads, grad_clip)
