@@ -9,10 +9,13 @@ from minilora.assignments.grading import grade
 from minilora.assignments.pipeline import planted_bugs, problems, verify
 from minilora.assignments.release import release, student_copy
 
+VERIFY_SEED = 20261202  # CI verifies on fixed inputs; `minilora assignment verify` draws fresh ones
+
 
 @pytest.mark.parametrize("assignment_id", sorted(ASSIGNMENTS))
 def test_reference_scores_full_marks_blank_scores_zero_and_planted_bugs_lose_points(assignment_id):
-    scores = verify(assignment_id)
+    scores = verify(assignment_id, seed=VERIFY_SEED)
+    assert {score.seed for score in scores.values()} == {VERIFY_SEED}
     for name, score in scores.items():
         print(f"{assignment_id} {name}: {score.earned}/{score.total}")
     assert len(planted_bugs(assignment_id)) >= 2
@@ -112,7 +115,7 @@ def test_an_endless_loop_loses_its_part_and_the_grader_goes_on(tmp_path, monkeyp
     score = grade("a1", tmp_path)
     stuck = part(score, "test_gelu_forward_on_a_fixed_input")
     assert stuck["earned"] == 0 and stuck["error"] == "PartTimeout"
-    assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1
+    assert part(score, "test_linear_forward_on_drawn_inputs")["earned"] == 1
     assert part(score, "test_cross_entropy_backward_matches_finite_differences")["earned"] == 2
 
 
@@ -172,7 +175,7 @@ def test_delegating_to_the_reference_is_refused(tmp_path):
     forward = part(score, "test_gelu_forward_on_a_fixed_input")
     assert forward["earned"] == 0 and "called minilora's own gelu.py:gelu_forward" in forward["message"]
     assert part(score, "test_gelu_backward_matches_finite_differences")["earned"] == 0
-    assert part(score, "test_linear_forward_on_a_fixed_input")["earned"] == 1
+    assert part(score, "test_linear_forward_on_drawn_inputs")["earned"] == 1
 
 
 def test_a_class_is_graded_from_a_roster_into_one_csv(tmp_path, capsys):
@@ -190,5 +193,15 @@ def test_a_class_is_graded_from_a_roster_into_one_csv(tmp_path, capsys):
     assert rows["ada"]["earned"] == rows["ada"]["total"] == "10"
     assert rows["bob"]["earned"] == "0" and "NotImplementedError" in rows["bob"]["messages"]
     assert rows["cyd"]["earned"] == "0" and "no student/ folder" in rows["cyd"]["messages"]
-    assert "test_lora_forward_on_a_fixed_input" in rows["ada"]
+    assert "test_lora_forward_on_drawn_inputs" in rows["ada"]
     assert "ada" in capsys.readouterr().out
+
+
+def test_each_grading_run_draws_fresh_inputs_and_its_seed_draws_them_again(tmp_path):
+    release("a1", tmp_path / "reference", solved=True)
+    first, second = (grade("a1", tmp_path / "reference") for _ in range(2))
+    assert first.seed != second.seed  # 2**31 seeds: a repeat would be a one-in-two-billion event
+    assert first.earned == second.earned == first.total  # the reference holds on any inputs
+    assert f"inputs drawn with seed {first.seed}" in first.table()
+    again = grade("a1", tmp_path / "reference", seed=first.seed)
+    assert again.seed == first.seed and again.parts == first.parts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ class Score:
     parts: (
         list  # {"name", "points", "earned", "outcome", "error" (exception type), "message" (its first line)}
     )
+    seed: int | None = None  # the inputs' seed: grading again with it draws the same inputs
 
     @property
     def earned(self) -> int:
@@ -40,7 +42,12 @@ class Score:
             if part["error"]:
                 message = part.get("message", "")
                 lines.append(f"    {part['error']}" + (f": {message}" if message else ""))
-        return "\n".join(lines + [f"{'total':<60} {self.earned}/{self.total}"])
+        lines.append(f"{'total':<60} {self.earned}/{self.total}")
+        if self.seed is not None:
+            lines.append(
+                f"inputs drawn with seed {self.seed} (grade with --seed {self.seed} to draw them again)"
+            )
+        return "\n".join(lines)
 
 
 def grader_path(assignment_id: str) -> Path:
@@ -48,8 +55,10 @@ def grader_path(assignment_id: str) -> Path:
     return GRADERS_DIR / f"grade_{assignment_id}.py"
 
 
-def grade(assignment_id: str, submission_dir, timeout: float = 1800) -> Score:
+def grade(assignment_id: str, submission_dir, timeout: float = 1800, seed: int | None = None) -> Score:
     """Score the release folder ``submission_dir`` (holding student/) with the assignment's grader.
+
+    The inputs are drawn from ``seed``, a fresh random one by default (it is kept in the Score).
 
     The grader runs as a pytest process that never imports the student's code (each part reaches it in
     a child process of its own, see sandbox.py) and hands its score back through a pipe that only this
@@ -57,10 +66,11 @@ def grade(assignment_id: str, submission_dir, timeout: float = 1800) -> Score:
     """
     submission = Path(submission_dir).resolve()
     student_folder(submission)  # a clear error for a path that is not a release, before pytest runs
+    seed = secrets.randbelow(2**31) if seed is None else int(seed)
     score_read, score_write = os.pipe()
     command = [
         sys.executable, "-m", "pytest", str(grader_path(assignment_id)), f"--submission={submission}",
-        f"--assignment={assignment_id}", f"--score-fd={score_write}", "-q", "-p", "no:cacheprovider",
+        f"--assignment={assignment_id}", f"--score-fd={score_write}", f"--seed={seed}", "-q", "-p", "no:cacheprovider",
         "--rootdir", str(GRADERS_DIR), "-o", "addopts=", "-o", "python_files=grade_*.py",
     ]  # fmt: skip
     chunks = []
@@ -77,7 +87,8 @@ def grade(assignment_id: str, submission_dir, timeout: float = 1800) -> Score:
         raise RuntimeError(
             f"the grader of {assignment_id} did not run:\n{completed.stdout}\n{completed.stderr}"
         )
-    return Score(assignment_id, json.loads(chunks[0]))
+    document = json.loads(chunks[0])
+    return Score(assignment_id, document["parts"], document["seed"])
 
 
 def _read_all(fd: int) -> bytes:
@@ -85,10 +96,11 @@ def _read_all(fd: int) -> bytes:
         return pipe.read()
 
 
-def grade_roster(assignment_id: str, roster_dir) -> dict:
+def grade_roster(assignment_id: str, roster_dir, seed: int | None = None) -> dict:
     """Grade every submission of a class: {folder name: Score, or the error that kept it from grading}.
 
     ``roster_dir`` holds one folder per student, each a release folder with its student/ inside.
+    Each student gets inputs of a fresh seed (kept in the CSV), or all of them those of ``seed``.
     """
     roster = Path(roster_dir)
     if not roster.is_dir():
@@ -101,7 +113,7 @@ def grade_roster(assignment_id: str, roster_dir) -> dict:
     results = {}
     for folder in folders:
         try:
-            results[folder.name] = grade(assignment_id, folder)
+            results[folder.name] = grade(assignment_id, folder, seed=seed)
         except (FileNotFoundError, RuntimeError) as err:  # this student's folder, not the whole class
             results[folder.name] = err
     return results
@@ -114,15 +126,22 @@ def write_scores_csv(results: dict, path) -> Path:
     path = Path(path)
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["student", "earned", "total", *parts, "messages"])
+        writer.writerow(["student", "earned", "total", *parts, "messages", "seed"])
         for student, score in results.items():
             if not isinstance(score, Score):
-                writer.writerow([student, 0, "", *[""] * len(parts), f"not graded: {score}"])
+                writer.writerow([student, 0, "", *[""] * len(parts), f"not graded: {score}", ""])
                 continue
             earned = {part["name"]: part["earned"] for part in score.parts}
             messages = "; ".join(f"{part['name']}: {part['error']}: {part.get('message', '')}"
                                  for part in score.parts if part["error"])  # fmt: skip
             writer.writerow(
-                [student, score.earned, score.total, *[earned.get(name, "") for name in parts], messages]
+                [
+                    student,
+                    score.earned,
+                    score.total,
+                    *[earned.get(name, "") for name in parts],
+                    messages,
+                    score.seed,
+                ]
             )
     return path

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,21 +37,26 @@ def apply_patch(release_dir: Path, patch: Path) -> None:
         raise RuntimeError(f"{patch.name} no longer applies to the reference: {completed.stderr.strip()}")
 
 
-def verify(assignment_id: str) -> dict:
-    """Grade the reference, the blank release and every planted bug; returns the scores by name."""
+def verify(assignment_id: str, seed: int | None = None) -> dict:
+    """Grade the reference, the blank release and every planted bug; returns the scores by name.
+
+    All are graded on the inputs of one ``seed`` (a fresh one by default, kept in each Score), so a
+    planted bug that slips through can be graded again on the very inputs that missed it.
+    """
+    seed = secrets.randbelow(2**31) if seed is None else seed
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         release(assignment_id, tmp / "reference", solved=True)
         release(assignment_id, tmp / "blank")
         scores = {
-            "reference": grade(assignment_id, tmp / "reference"),
-            "blank": grade(assignment_id, tmp / "blank"),
+            "reference": grade(assignment_id, tmp / "reference", seed=seed),
+            "blank": grade(assignment_id, tmp / "blank", seed=seed),
         }
         for patch in planted_bugs(assignment_id):
             target = tmp / patch.stem
             release(assignment_id, target, solved=True)
             apply_patch(target, patch)
-            scores[patch.stem] = grade(assignment_id, target)
+            scores[patch.stem] = grade(assignment_id, target, seed=seed)
     return scores
 
 

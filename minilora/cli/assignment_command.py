@@ -29,6 +29,11 @@ def add_assignment_parser(subparsers) -> None:
             sub.add_argument(
                 "--force", action="store_true", help="overwrite a student/ folder that holds files"
             )
+        if action in ("grade", "verify"):
+            sub.add_argument(
+                "--seed", type=int, default=None,
+                help="draw the inputs from this seed (default: a fresh one, printed with the score)",
+            )  # fmt: skip
         if action == "grade":
             source = sub.add_mutually_exclusive_group(required=True)
             source.add_argument("--submission", help="a release folder (holding student/)")
@@ -49,9 +54,9 @@ def run_assignment_command(args) -> None:
         out = release(args.assignment, args.out, solved=args.solved, force=args.force)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
     elif args.action == "grade" and args.submission is not None:
-        print(grade(args.assignment, args.submission).table())
+        print(grade(args.assignment, args.submission, seed=args.seed).table())
     elif args.action == "grade":
-        results = grade_roster(args.assignment, args.roster)
+        results = grade_roster(args.assignment, args.roster, seed=args.seed)
         for student, score in results.items():
             print(
                 f"{student:<30} "
@@ -63,7 +68,8 @@ def run_assignment_command(args) -> None:
         ids = sorted(ASSIGNMENTS) if args.assignment == "all" else [args.assignment]
         failed = []
         for assignment_id in ids:
-            scores = verify(assignment_id)
+            scores = verify(assignment_id, seed=args.seed)
+            print(f"{assignment_id}: inputs drawn with seed {scores['reference'].seed}")
             for name, score in scores.items():
                 print(f"{assignment_id} {name}: {score.earned}/{score.total}")
             failed += problems(assignment_id, scores)

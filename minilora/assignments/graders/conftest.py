@@ -7,11 +7,18 @@ code does there reaches this process except the data it returns. Each part's rec
 failure's type and the first line of its message (a gradient check names the tensor, the index and
 both values there; the student's own exceptions come through as "NotImplementedError: a1: ..."). A
 part whose calls run past PART_SECONDS is stopped and scores zero; the parts after it still run.
+
+Inputs are drawn afresh for every grading run: each part's ``rng`` is a stream of the run's seed
+(``--seed``, chosen by ``grading.grade`` and printed with the score) and the part's name, so no
+submission can be fitted to one fixed set of numbers, a run can be reproduced from its seed, and
+no part's numbers depend on which parts ran before it.
 """
 
 import json
 import os
+import zlib
 
+import numpy as np
 import pytest
 
 from minilora.assignments.release import hole_functions
@@ -28,6 +35,7 @@ def pytest_addoption(parser):
     parser.addoption("--submission", required=True, help="the release folder that holds student/")
     parser.addoption("--assignment", required=True, help="the assignment's id, e.g. a1")
     parser.addoption("--score-fd", required=True, type=int, help="the file descriptor to write the score to")
+    parser.addoption("--seed", required=True, type=int, help="the seed this run's inputs are drawn from")
 
 
 def pytest_configure(config):
@@ -41,6 +49,12 @@ def student(request):
     process = StudentProcess(request.config.getoption("--submission"), guarded, PART_SECONDS)
     yield process
     process.close()
+
+
+@pytest.fixture
+def rng(request):
+    """This part's inputs: a generator seeded with the run's seed and the part's name."""
+    return np.random.default_rng([request.config.getoption("--seed"), zlib.crc32(request.node.name.encode())])
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -62,4 +76,4 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session):
     """The score goes to a pipe that only the process running ``grading.grade`` reads."""
     with os.fdopen(session.config.getoption("--score-fd"), "w") as score:
-        json.dump(list(RESULTS.values()), score)
+        json.dump({"seed": session.config.getoption("--seed"), "parts": list(RESULTS.values())}, score)

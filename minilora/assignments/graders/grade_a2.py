@@ -8,13 +8,8 @@ from minilora.gradcheck import check_layer
 TOL = 1e-7
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(202)
-
-
 @pytest.mark.points(1)
-def test_layernorm_forward_on_a_fixed_input(student, rng):
+def test_layernorm_forward_on_drawn_inputs(student, rng):
     x, w, b = 3 + 2 * rng.standard_normal((2, 3, 8)), rng.standard_normal(8), rng.standard_normal(8)
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
     np.testing.assert_allclose(

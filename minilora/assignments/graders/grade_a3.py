@@ -15,11 +15,6 @@ TOL = 1e-7
 B, T, C, H = 2, 5, 8, 2
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(303)
-
-
 def naive_attention(qkv, n_head, mask=None):
     """One head, one sequence and one position at a time, with Python loops: slow and obviously right."""
     B, T, C3 = qkv.shape
@@ -39,8 +34,8 @@ def naive_attention(qkv, n_head, mask=None):
     return out
 
 
-def check_backward_against_the_naive_attention(m, qkv, mask=None):
-    dout = np.random.default_rng(7).standard_normal((B, T, C))
+def check_backward_against_the_naive_attention(m, qkv, rng, mask=None):
+    dout = rng.standard_normal((B, T, C))
     _, cache = m.attention_forward(qkv, H, mask)
     dqkv = m.attention_backward(dout, cache)
     params = {"qkv": qkv.copy()}
@@ -60,13 +55,15 @@ def test_attention_forward_equals_a_naive_causal_attention(student, rng):
 
 @pytest.mark.points(3)
 def test_attention_backward_matches_finite_differences_of_causal_attention(student, rng):
-    check_backward_against_the_naive_attention(student["attention"], rng.standard_normal((B, T, 3 * C)))
+    check_backward_against_the_naive_attention(student["attention"], rng.standard_normal((B, T, 3 * C)), rng)
 
 
 @pytest.mark.points(2)
 def test_attention_backward_with_dropout_matches_finite_differences(student, rng):
-    mask = make_dropout_mask(np.random.default_rng(1), (B, H, T, T), 0.3, np.float64)
-    check_backward_against_the_naive_attention(student["attention"], rng.standard_normal((B, T, 3 * C)), mask)
+    mask = make_dropout_mask(rng, (B, H, T, T), 0.3, np.float64)
+    check_backward_against_the_naive_attention(
+        student["attention"], rng.standard_normal((B, T, 3 * C)), rng, mask
+    )
 
 
 @pytest.mark.points(1)
