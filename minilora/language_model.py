@@ -100,7 +100,10 @@ class LanguageModel(ABC):
         W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
         if isinstance(W, QuantizedWeight):  # a frozen base held in blocks (QLoRA)
             return quantized_linear_forward(x, W, b)
-        return self.ops.linear_forward(x, W, b)
+        y, cache = self.ops.linear_forward(x, W, b)
+        if not self.is_trainable(f"{name}.weight"):
+            cache = cache._replace(x=None)  # only dW reads x: a frozen weight's input is let go at once
+        return y, cache
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
