@@ -36,11 +36,13 @@
 # %%
 import json
 import math
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import Image, display
 
 import minilora
 from minilora.backend import count_matmuls
@@ -48,6 +50,7 @@ from minilora.gradcheck import check_model
 from minilora.io.bases import load_base
 from minilora.io.data import load_corpus, tokenize_corpus
 from minilora.jobs.finetune import fit
+from minilora.lab.plots import plot_finetune_runs
 from minilora.layers import (
     embedding_forward,
     gqa_attention_forward,
@@ -231,22 +234,19 @@ assert after < before
 
 # %%
 runs = Path(minilora.__file__).resolve().parent.parent / "docs" / "experiments" / "smollm2"
-fig, ax = plt.subplots(figsize=(7, 3.5))
-for name, label in (
-    ("folio_cpu.json", "CPU, 4 x 256 tokens a step"),
-    ("folio_gpu.json", "GPU, 16 x 256 tokens a step"),
-):
-    metrics = json.loads((runs / name).read_text())
-    per_step = metrics["settings"]["batch_size"] * metrics["config"]["block_size"]
-    evals = metrics["result"]["evals"]
-    tokens = [0] + [e["step"] * per_step for e in evals]
-    values = [metrics["val_bits_per_byte_before"]] + [e["val_bits_per_byte"] for e in evals]
-    ax.plot(tokens, values, "o-", label=label)
-ax.set_xlabel("training tokens")
-ax.set_ylabel("Folio validation bits/byte")
-ax.legend()
-ax.grid(alpha=0.3)
-plt.show()
+committed = {
+    "CPU, 4 x 256 tokens a step": json.loads((runs / "folio_cpu.json").read_text()),
+    "GPU, 16 x 256 tokens a step": json.loads((runs / "folio_gpu.json").read_text()),
+}
+with tempfile.TemporaryDirectory() as tmp:
+    display(
+        Image(
+            data=plot_finetune_runs(
+                committed, Path(tmp) / "folio.png", "Folio validation bits/byte"
+            ).read_bytes()
+        )
+    )
+metrics = committed["GPU, 16 x 256 tokens a step"]
 assert metrics["val_bits_per_byte_after"] < metrics["val_bits_per_byte_before"] - 0.3
 
 # %% [markdown]
@@ -309,7 +309,8 @@ ax.barh(names, training_mb, left=weights_mb, label="gradients + AdamW state")
 ax.set_xlabel("MB held for the whole run")
 ax.invert_yaxis()
 ax.legend()
-plt.show()
+display(fig)  # minilora.lab.plots draws with the file-only backend, so the figure is shown explicitly
+plt.close(fig)
 for name, (w, t) in methods.items():
     print(f"{name:<22} {w / 1e6:8.1f} MB weights + {t / 1e6:7.1f} MB training state")
 assert methods["QLoRA (NF4)"][0] < methods["QLoRA (file's blocks)"][0] < methods["LoRA"][0] / 5

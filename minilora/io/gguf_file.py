@@ -122,24 +122,23 @@ def llama_config(metadata: dict) -> dict:
     return config
 
 
-def load_gguf_blocks(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str | None, np.ndarray]]]:
+def load_gguf_blocks(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str | None, np.ndarray, tuple]]]:
     """Like load_gguf, but quantized tensors stay as the file stores them.
 
-    Each tensor is (format, array): ("q4_1" or "q8_0", its raw bytes (rows, bytes per row) uint8), or
-    (None, float32 values) for the float tensors. minilora.quant reads the blocks.
+    Each tensor is (format, array, shape), shape in NumPy order as load_gguf gives it: ("q4_1" or
+    "q8_0", its raw bytes (rows, bytes per row) uint8, (rows, values per row)), or (None, float32
+    values, their shape) for the float tensors. minilora.quant reads the blocks.
     """
     reader = open_gguf(path)
     config = llama_config(metadata_of(reader))
     tensors = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne[0] (fastest) first
         if kind in ("Q4_1", "Q8_0"):
-            tensors[tensor.name] = (kind.lower(), np.array(tensor.data, dtype=np.uint8))  # a copy off the map
+            tensors[tensor.name] = (kind.lower(), np.array(tensor.data, dtype=np.uint8), shape)  # off the map
         elif kind == "F32":
-            tensors[tensor.name] = (
-                None,
-                np.array(tensor.data, dtype=np.float32).reshape(tuple(reversed(tensor.shape))),
-            )
+            tensors[tensor.name] = (None, np.array(tensor.data, dtype=np.float32).reshape(shape), shape)
         else:
             raise GGUFError(f"tensor {tensor.name} is {kind}: only F32, Q4_1 and Q8_0 are read as blocks")
     config["tie_word_embeddings"] = "output.weight" not in tensors

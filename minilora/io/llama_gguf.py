@@ -101,31 +101,20 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
     )  # fmt: skip
     heads = {"attn_q.weight": config.n_head, "attn_k.weight": config.n_kv_head}
     params = {}
-    for gguf_name, array in tensors.items():
+    for gguf_name, entry in tensors.items():
         name, transposed = llama_parameter_name(gguf_name)
-        block_format, array = array if quantize == "gguf" else (None, array)
+        block_format, array, shape = entry if quantize == "gguf" else (None, entry, entry.shape)
         n_heads = heads.get(gguf_name.split(".", 2)[-1])
         if rope_pairing == "half" and n_heads is not None:
             array = unpermute_rope_rows(array, n_heads)  # whole rows: a row of blocks moves as one
-        if quantize is None or array.ndim == 1 and block_format is None:
+        if block_format is None and (quantize is None or array.ndim == 1):  # float32 (norms always)
             array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
             params[name] = to_device(array, device)
             continue
         layout = "linear" if transposed else "table"  # stored (C_out, C_in), or the (V, C) embedding
-        rows, cols = (
-            (array.shape[0], array.shape[1]) if block_format is None else _stored_shape(values, gguf_name)
-        )
-        weight = (quantize_nf4(array, layout) if quantize == "nf4"
-                  else quantized_from_gguf(array, block_format, rows, cols, layout))  # fmt: skip
+        if block_format is None:
+            weight = quantize_nf4(array, layout)
+        else:
+            weight = quantized_from_gguf(array, block_format, *shape, layout)
         params[name] = weight.map_arrays(lambda a: to_device(a, device))
     return Llama(config, params)
-
-
-def _stored_shape(values: dict, gguf_name: str) -> tuple[int, int]:
-    """(rows, cols) of a block tensor, from the config: the raw bytes do not say how many values a row holds."""
-    C, F, V = int(values["n_embd"]), int(values["n_inner"]), int(values["vocab_size"])
-    C_kv = int(values["n_kv_head"]) * int(values["head_size"])
-    shapes = {"token_embd.weight": (V, C), "output.weight": (V, C), "attn_q.weight": (C, C),
-              "attn_k.weight": (C_kv, C), "attn_v.weight": (C_kv, C), "attn_output.weight": (C, C),
-              "ffn_gate.weight": (F, C), "ffn_up.weight": (F, C), "ffn_down.weight": (C, F)}  # fmt: skip
-    return shapes[gguf_name] if gguf_name in shapes else shapes[gguf_name.split(".", 2)[-1]]

@@ -291,6 +291,46 @@ class Timed:
         return [t for run in self.runs for t in run]
 
 
+def warm_up_peer(peer, record: dict, batch, warmup: int) -> None:
+    """The peer's untimed steps; its first loss and the memory they took go into ``record``."""
+    for step in range(warmup):
+        loss = peer.step(*batch(step))
+        if step == 0:
+            record["loss_first"] = float(loss)
+    record["peak_rss_increase_bytes"] = increase(peak_rss_bytes(), record.pop("_rss_before"))
+    record["peak_device_bytes"] = peer.peak_device_bytes()
+
+
+def time_runs(minilora_step, peer, batch, first_step: int, steps: int, repeats: int, log):
+    """``repeats`` runs of ``steps`` steps each, minilora's run then the peer's (if any) on the same batches.
+
+    minilora_step(step) -> (seconds, loss); the peer's steps are timed here, after a device sync.
+    Returns (minilora's Timed, the peer's Timed, minilora's last loss, the peer's last loss).
+    """
+    timed, peer_timed = Timed(), Timed()
+    loss = peer_loss = None
+    step = first_step
+    for run in range(repeats):
+        log(f"run {run + 1}/{repeats}: {steps} steps" + (" each, minilora then the peer" if peer else ""))
+        times = []
+        for i in range(steps):
+            seconds, loss = minilora_step(step + i)
+            times.append(seconds)
+        timed.runs.append(times)
+        if peer is not None:
+            peer_times = []
+            for i in range(steps):
+                x, y = batch(step + i)
+                peer.synchronize()
+                started = time.perf_counter()
+                peer_loss = peer.step(x, y)
+                peer.synchronize()
+                peer_times.append(time.perf_counter() - started)
+            peer_timed.runs.append(peer_times)
+        step += steps
+    return timed, peer_timed, loss, peer_loss
+
+
 def blas_threads(threads: int | None):
     """BLAS threads outside the sharded forward/backward (the peak matmul, clipping, AdamW)."""
     if threads is None:
@@ -381,36 +421,12 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     peer = peer_record = None
     if settings.peer:
         peer, peer_record = _build_peer(settings, device, model, optimizer, initial, config, lora_config, log)
-        for step in range(settings.warmup):
-            loss = peer.step(*batch(step))
-            if step == 0:
-                peer_record["loss_first"] = float(loss)
-        peer_record["peak_rss_increase_bytes"] = increase(peak_rss_bytes(), peer_record.pop("_rss_before"))
-        peer_record["peak_device_bytes"] = peer.peak_device_bytes()
+        warm_up_peer(peer, peer_record, batch, settings.warmup)
 
-    timed, peer_timed = Timed(), Timed()
-    step = settings.warmup
-    for run in range(settings.repeats):
-        log(
-            f"run {run + 1}/{settings.repeats}: {settings.steps} steps"
-            + (" each, minilora then the peer" if peer else "")
-        )
-        times = []
-        for i in range(settings.steps):
-            seconds, loss = minilora_step(step + i)
-            times.append(seconds)
-        timed.runs.append(times)
-        if peer is not None:
-            peer_times = []
-            for i in range(settings.steps):
-                x, y = batch(step + i)
-                peer.synchronize()
-                started = time.perf_counter()
-                peer_loss = peer.step(x, y)
-                peer.synchronize()
-                peer_times.append(time.perf_counter() - started)
-            peer_timed.runs.append(peer_times)
-        step += settings.steps
+    timed, peer_timed, loss, peer_loss = time_runs(
+        minilora_step, peer, batch, settings.warmup, settings.steps, settings.repeats, log
+    )
+    step = settings.warmup + settings.repeats * settings.steps  # the next unused batch
     loss_last = float(loss)
     peak_after = matmul_peak_gflops(xp, peak_n, settings.dtype)
     peak = max(peak_before, peak_after)

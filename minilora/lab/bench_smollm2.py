@@ -46,7 +46,6 @@ from ..training.loop import DATA_STREAM, TrainSettings, train_step
 from .bench import (
     PEAK_SIZES,
     BenchError,
-    Timed,
     blas_info,
     blas_threads,
     current_rss_bytes,
@@ -57,6 +56,8 @@ from .bench import (
     reset_peak_rss,
     spread,
     throughput,
+    time_runs,
+    warm_up_peer,
 )
 
 SMOLLM2_LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"))  # PEFT's default targets
@@ -178,32 +179,11 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
             settings, device, base.model.config, initial, adapter_dir.name, optimizer, log
         )
         del initial
-        for step in range(settings.warmup):
-            loss = peer.step(*batch(step))
-            if step == 0:
-                peer_record["loss_first"] = float(loss)
-        peer_record["peak_rss_increase_bytes"] = increase(peak_rss_bytes(), peer_record.pop("_rss_before"))
-        peer_record["peak_device_bytes"] = peer.peak_device_bytes()
+        warm_up_peer(peer, peer_record, batch, settings.warmup)
 
-    timed, peer_timed = Timed(), Timed()
-    step = settings.warmup
-    for run in range(settings.repeats):
-        log(
-            f"run {run + 1}/{settings.repeats}: {settings.steps} steps"
-            + (" each, minilora then the peer" if peer else "")
-        )
-        timed.runs.append([minilora_step(step + i)[0] for i in range(settings.steps)])
-        if peer is not None:
-            times = []
-            for i in range(settings.steps):
-                x, y = batch(step + i)
-                peer.synchronize()
-                started = time.perf_counter()
-                peer.step(x, y)
-                peer.synchronize()
-                times.append(time.perf_counter() - started)
-            peer_timed.runs.append(times)
-        step += settings.steps
+    timed, peer_timed, _, _ = time_runs(
+        minilora_step, peer, batch, settings.warmup, settings.steps, settings.repeats, log
+    )
 
     lora = settings.lora_config
     result = {

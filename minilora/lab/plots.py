@@ -26,15 +26,7 @@ def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float
         ax.plot([e["step"] for e in evals], [e["val_bits_per_byte"] for e in evals], "o-", label="validation")
     if baseline is not None:
         ax.axhline(baseline, color="grey", ls="--", lw=1, label="before training")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "step", "bits per byte", title)
 
 
 def plot_finetune_runs(runs: dict, path, title: str) -> Path:
@@ -52,8 +44,13 @@ def plot_finetune_runs(runs: dict, path, title: str) -> Path:
         xs = [0] + [e["step"] * tokens_per_step for e in evals]
         ys = [metrics["val_bits_per_byte_before"]] + [e["val_bits_per_byte"] for e in evals]
         ax.plot(xs, ys, "o-", label=label)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation bits per byte")
+    return _save(fig, ax, path, "training tokens", "validation bits per byte", title)
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend the axes, then write the figure to ``path`` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
