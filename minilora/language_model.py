@@ -126,14 +126,18 @@ class LanguageModel(ABC):
             raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
         return start
 
+    def check_targets(self, targets, idx):
+        """Targets checked like token ids, shaped like idx, and moved to the model's device."""
+        targets = self.check_token_ids(targets, "targets")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
+        return targets
+
     def loss_forward(self, logits, targets, idx):
         """(mean cross-entropy, its cache) of the logits against targets shaped like idx; (None, None) without."""
         if targets is None:
             return None, None
-        targets = self.check_token_ids(targets, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
-        return self.ops.cross_entropy_forward(logits, targets)
+        return self.ops.cross_entropy_forward(logits, self.check_targets(targets, idx))
 
     def check_cache(self, cache) -> None:
         """A backward needs a forward given targets, made by the layer functions the model uses now."""

@@ -22,6 +22,7 @@ the same blocks with a key/value cache (``forward(idx, kv_cache=...)``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -145,20 +146,44 @@ class LlamaBlockCache(NamedTuple):
     down_proj: object
 
 
+class BlockCheckpoint(NamedTuple):
+    """What gradient checkpointing keeps of a block instead of its activations (recomputed in backward)."""
+
+    x: object  # (B, T, C) the block's input
+    dropout_rng: object  # a copy of the dropout generator as the block found it (same masks again), or None
+
+
+class ChunkedHeadLoss(NamedTuple):
+    """The head and the loss taken a chunk of rows at a time: only the input's gradient is kept."""
+
+    dx: object  # (B, T, C) d(loss)/d(final norm's output) for dloss = 1; the (B, T, V) logits never exist
+
+
 class LlamaCache(NamedTuple):
     ops: LayerOps  # the layer functions that made this cache
     token_embedding: object
-    blocks: list  # one LlamaBlockCache per layer
+    rope: tuple  # the (cos, sin) tables, to recompute checkpointed blocks
+    blocks: list  # one LlamaBlockCache (or BlockCheckpoint) per layer
     norm: object
-    head: object
-    loss: object  # CrossEntropyCache, or None when no targets were given
+    head: object  # the head's cache, or ChunkedHeadLoss
+    loss: object  # CrossEntropyCache, ChunkedHeadLoss, or None when no targets were given
 
 
 class Llama(LanguageModel):
-    """A Llama-family model: its config, its flat parameter dict, and which parameters are frozen."""
+    """A Llama-family model: its config, its flat parameter dict, and which parameters are frozen.
+
+    Two switches trade compute for activation memory in training (both off by default):
+    ``gradient_checkpointing`` keeps only each block's input and recomputes the block's activations
+    in the backward (one more forward of every block); ``loss_chunk_rows = n`` takes the output head
+    and the cross-entropy n rows at a time, so the (B, T, V) logits never exist whole (with a
+    frozen head; the gradient with respect to the head's input is made in the forward, chunk by
+    chunk, while each chunk's probabilities exist).
+    """
 
     embedding_name = EMBED
     context_in_weights = False  # RoPE computes its angles: the same weights serve any block_size
+    gradient_checkpointing = False
+    loss_chunk_rows: int | None = None
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return llama_parameter_shapes(self.config)
@@ -246,42 +271,109 @@ class Llama(LanguageModel):
         else:
             x, token_embedding = ops.embedding_forward(idx, embed)  # (B, T, C)
         rope = rope_tables(T, config.head_size, start, config.rope_theta, x.dtype, self.xp)  # (T, hs/2) each
+        checkpointing = self.gradient_checkpointing and targets is not None and kv_cache is None
         blocks = []
         for i in range(config.n_layer):
-            x, block = self._block_forward(i, x, rope, dropout_rng, kv_cache)
-            blocks.append(block)
+            if checkpointing:  # keep the input; the block's caches are let go as soon as it returns
+                blocks.append(BlockCheckpoint(x, copy.deepcopy(dropout_rng)))
+                x = self._block_forward(i, x, rope, dropout_rng)[0]
+            else:
+                x, block = self._block_forward(i, x, rope, dropout_rng, kv_cache)
+                blocks.append(block)
         x, norm = self._norm_forward(NORM, x)
-        if self.config.tie_embeddings and isinstance(embed, QuantizedWeight):
-            logits, head = quantized_linear_forward(x, embed)  # (B, T, V) = x deq(table)^T, slab by slab
-        else:
-            logits, head = ops.linear_forward(x, self._head_weight())  # (B, T, V)
+        if self.loss_chunk_rows is not None and targets is not None and kv_cache is None:
+            loss, head_loss = self._chunked_head_loss(x, self.check_targets(targets, idx))
+            cache = LlamaCache(ops=ops, token_embedding=token_embedding, rope=rope, blocks=blocks, norm=norm,
+                               head=head_loss, loss=head_loss)  # fmt: skip
+            return None, loss, cache
+        logits, head = self._head_forward(x)  # (B, T, V)
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
         loss, loss_cache = self.loss_forward(logits, targets, idx)
-        cache = LlamaCache(ops=ops, token_embedding=token_embedding, blocks=blocks, norm=norm, head=head,
-                           loss=loss_cache)  # fmt: skip
+        cache = LlamaCache(ops=ops, token_embedding=token_embedding, rope=rope, blocks=blocks, norm=norm,
+                           head=head, loss=loss_cache)  # fmt: skip
         return logits, loss, cache
+
+    def _head_forward(self, x):
+        """logits = x W_head.   x: (..., C) -> (..., V); a quantized tied table is read slab by slab."""
+        embed = self.params[EMBED]
+        if self.config.tie_embeddings and isinstance(embed, QuantizedWeight):
+            return quantized_linear_forward(x, embed)  # x deq(table)^T
+        return self.ops.linear_forward(x, self._head_weight())
+
+    def _head_input_gradient(self, dlogits, head):
+        """dx = dlogits W_head^T for a frozen head.   dlogits: (..., V) -> (..., C)."""
+        if isinstance(head, QuantizedLinearCache):
+            return quantized_linear_backward(dlogits, head)
+        return self.ops.linear_backward(dlogits, head, compute_dW=False, compute_db=False)[0]
+
+    def _chunked_head_loss(self, x, targets):
+        """Mean cross-entropy of the head's logits, loss_chunk_rows rows at a time, and its dx.
+
+        The loss is the model's last function and its gradient needs nothing after it, so each
+        chunk's dlogits = (p - onehot) / N is formed while the chunk's probabilities exist, and sent
+        through the frozen head at once. x: (B, T, C), targets: (B, T) -> (loss, ChunkedHeadLoss).
+        """
+        head_weight = HEAD + ".weight" if not self.config.tie_embeddings else EMBED
+        if self.is_trainable(head_weight):
+            raise ValueError(
+                f"loss_chunk_rows needs a frozen output head, but {head_weight!r} is trainable: "
+                "set loss_chunk_rows = None"
+            )
+        B, T, C = x.shape
+        N, chunk = B * T, self.loss_chunk_rows
+        rows, flat_targets = x.reshape(N, C), targets.reshape(N)
+        dx = self.xp.empty_like(rows)  # (N, C)
+        loss = 0.0
+        for r0 in range(0, N, chunk):
+            r1 = min(r0 + chunk, N)
+            weight = (r1 - r0) / N  # this chunk's share of the mean
+            logits, head = self._head_forward(rows[r0:r1])  # (n, V)
+            part, ce = self.ops.cross_entropy_forward(logits, flat_targets[r0:r1])
+            del logits  # the probabilities in ce are all the chunk keeps
+            loss = loss + weight * part
+            dx[r0:r1] = self._head_input_gradient(self.ops.cross_entropy_backward(weight, ce), head)
+        return loss, ChunkedHeadLoss(dx=dx.reshape(B, T, C))
 
     def backward(self, cache: LlamaCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
         self.check_cache(cache)
         ops, grads = self.ops, {}
-        dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         train_embed = self.is_trainable(EMBED)
-        if isinstance(cache.head, QuantizedLinearCache):  # the tied head of a quantized table
-            dx = quantized_linear_backward(dlogits, cache.head)
+        if isinstance(cache.head, ChunkedHeadLoss):  # head and loss done in the forward, chunk by chunk
+            dx = cache.head.dx * dloss
+        elif isinstance(cache.head, QuantizedLinearCache):  # the tied head of a quantized table
+            dx = quantized_linear_backward(ops.cross_entropy_backward(dloss, cache.loss), cache.head)
         elif self.config.tie_embeddings:
+            dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
             dx, dW_head, _ = ops.linear_backward(
                 dlogits, cache.head, compute_dW=train_embed, compute_db=False
             )
         else:
-            dx = self.linear_backward(HEAD, dlogits, cache.head, grads)
+            dx = self.linear_backward(HEAD, ops.cross_entropy_backward(dloss, cache.loss), cache.head, grads)
         dx = self._norm_backward(NORM, dx, cache.norm, grads)
         for i in reversed(range(self.config.n_layer)):
-            dx = self._block_backward(i, dx, cache.blocks[i], grads)
+            block = cache.blocks[i]
+            if isinstance(block, BlockCheckpoint):  # run the block again from its input, same masks
+                block = self._block_forward(i, block.x, cache.rope, copy.deepcopy(block.dropout_rng))[1]
+            dx = self._block_backward(i, dx, block, grads)
         if train_embed:
             dembed = ops.embedding_backward(dx, cache.token_embedding)  # (V, C)
             # tied: the embedding is used twice, by the lookup and by the head, so its gradient is the sum
             grads[EMBED] = dembed + dW_head.T if self.config.tie_embeddings else dembed
         return {name: grads[name] for name in self.params if name in grads}  # in parameter order
+
+
+def set_activation_memory(model, gradient_checkpointing: bool = False, loss_chunk_rows: int | None = None):
+    """Turn the Llama model's two memory switches (see ``Llama``); a model of another kind is refused."""
+    if not gradient_checkpointing and loss_chunk_rows is None:
+        return
+    if not isinstance(model, Llama):
+        raise ValueError(
+            f"gradient checkpointing and loss chunks are switches of the Llama model (--base smollm2), "
+            f"not of {type(model).__name__}"
+        )
+    if loss_chunk_rows is not None and (not isinstance(loss_chunk_rows, int) or loss_chunk_rows <= 0):
+        raise ValueError(f"loss_chunk_rows must be a positive number of positions, got {loss_chunk_rows!r}")
+    model.gradient_checkpointing, model.loss_chunk_rows = gradient_checkpointing, loss_chunk_rows

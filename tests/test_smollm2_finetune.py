@@ -107,15 +107,11 @@ def test_the_adapter_loads_for_eval_generate_and_chat(adapter_dir, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_full_fine_tuning_and_merge_of_smollm2_are_refused_in_one_line(adapter_dir, tmp_path, capsys):
+def test_full_fine_tuning_of_smollm2_is_refused_in_one_line(tmp_path, capsys):
     from minilora.cli import main
 
     assert main(["finetune", "--base", "smollm2", "--full", "--steps", "1", "--out", str(tmp_path)]) == 1
     assert "full fine-tuning of smollm2 is not supported" in capsys.readouterr().err
-    assert (
-        main(["merge", "--base", "smollm2", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m")]) == 1
-    )
-    assert "export-peft --base smollm2" in capsys.readouterr().err
     assert main(["finetune", "--block-size", "64", "--steps", "1", "--out", str(tmp_path)]) == 1
     assert "context is fixed at 256 positions" in capsys.readouterr().err
 
@@ -146,15 +142,41 @@ def test_the_peft_export_loads_onto_transformers_smollm2_with_the_same_logits(sm
     assert np.abs(plain - theirs).max() > 100 * np.abs(ours - theirs).max()  # the adapter made a difference
 
 
+def test_merging_onto_the_quantized_base_writes_a_float16_checkpoint_transformers_loads(
+    smollm2, adapter_dir, tmp_path, capsys
+):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from minilora.cli import main
+    from minilora.io.adapters import load_adapter
+
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", "smollm2", "--quantized", "--adapter", str(adapter_dir), "--out", str(out),
+            "--dtype", "float16"]  # fmt: skip
+    assert main(argv) == 0
+    assert "a Hugging Face Llama checkpoint in float16" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_size < 2.01 * 134_515_008  # two bytes a parameter
+    assert main(argv) == 1  # the folder is there now: not overwritten without --force
+    assert "choose another folder or --force" in capsys.readouterr().err
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = np.array([smollm2.tokenizer.encode("Now is the winter of our discontent")])
+    ours = load_adapter(smollm2.model, adapter_dir).forward(ids)[0]  # the float32 base with the adapter
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-2 * np.abs(ours).max()  # float16 weights: ~1e-3 relative
+
+
 def test_qlora_on_the_files_own_blocks_trains_an_adapter_that_the_float32_base_takes(tmp_path, capsys):
     from minilora.cli import main
 
     argv = ["finetune", "--base", "smollm2", "--quantized", "gguf", "--block-size", "16", "--steps", "1",
             "--batch-size", "1", "--eval-interval", "1", "--eval-windows", "1", "--targets", "q_proj",
-            "--r", "2", "--out", str(tmp_path), "--quiet"]  # fmt: skip
+            "--r", "2", "--gradient-checkpointing", "--loss-chunk-rows", "8", "--out", str(tmp_path),
+            "--quiet"]  # fmt: skip
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "finetune_metrics.json").read_text())
     assert metrics["quantized"] == "gguf" and metrics["base_weights_bytes"] < 0.72 * 134_515_008
+    assert metrics["gradient_checkpointing"] is True and metrics["loss_chunk_rows"] == 8  # the trained model's
     assert "held quantized (gguf)" in capsys.readouterr().out
     # the blocks dequantize to the float32 base's very numbers: the same fingerprint, so it loads there
     assert main(["eval", "--base", "smollm2", "--adapter", str(tmp_path), "--max-windows", "1"]) == 0

@@ -10,6 +10,7 @@ from ..backend import DEVICE_ENV_VAR, DEVICES
 from ..config import PRESETS, get_preset
 from ..io.bases import SMOLLM2
 from ..io.data import SHIPPED_CORPORA
+from ..quant import QUANTIZED_FORMATS
 from ..training.loop import TrainSettings
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
@@ -115,14 +116,30 @@ def add_checkpoint_flag(parser: argparse.ArgumentParser, *names: str) -> None:
     )
 
 
-def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+def add_quantized_flag(parser, purpose: str) -> None:
+    """--quantized [FORMAT]: SmolLM2's frozen matrices held in blocks (a bare flag keeps the file's own)."""
     parser.add_argument(
-        "--quantized",
-        choices=("gguf", "nf4"),
-        default=None,
-        help="hold SmolLM2's frozen matrices quantized, as finetune --quantized trained on "
-        "(gguf: the file's Q4_1 and Q8_0 blocks; nf4: re-quantized)",
-    )
+        "--quantized", nargs="?", const="gguf", choices=QUANTIZED_FORMATS, default=None, metavar="FORMAT",
+        help=f"{purpose}: gguf (a bare --quantized) keeps the file's own blocks (Q4_1 projections, a Q8_0 "
+        "embedding); q4_1, q8_0 or nf4 re-quantize every matrix to that format (default: float32)",
+    )  # fmt: skip
+
+
+def add_memory_flags(parser) -> None:
+    """Activation memory traded for compute in a SmolLM2 step (the Llama model's two switches)."""
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="--base smollm2: keep only each block's input and recompute its activations in the backward",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loss-chunk-rows", type=int, default=None, metavar="N",
+        help="--base smollm2: the output head and the loss N positions at a time, so the (B, T, V) logits "
+        "never exist whole (e.g. 256)",
+    )  # fmt: skip
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    add_quantized_flag(parser, "hold SmolLM2's frozen matrices quantized, as finetune --quantized trained on")
     parser.add_argument(
         "--adapter",
         action="append",

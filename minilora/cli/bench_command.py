@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRESETS
+from .base_commands import add_memory_flags, add_quantized_flag
 
 
 def add_bench_parser(subparsers) -> None:
@@ -73,10 +74,8 @@ def add_bench_parser(subparsers) -> None:
         help="n of the n x n matmul that measures the peak (default 2048 on cpu, 8192 on cuda)",
     )
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")
-    run.add_argument(
-        "--quantized", choices=("gguf", "nf4"), default=None,
-        help="smollm2 only: QLoRA, the frozen matrices in blocks (gguf: the file's Q4_1 and Q8_0; nf4)",
-    )  # fmt: skip
+    add_quantized_flag(run, "smollm2 only: QLoRA, the frozen matrices in blocks")
+    add_memory_flags(run)
     run.add_argument(
         "--tf32",
         action="store_true",
@@ -147,6 +146,8 @@ def smollm2_settings_from_args(args):
         tf32=args.tf32,
         reference=args.reference,
         quantized=args.quantized,
+        gradient_checkpointing=args.gradient_checkpointing,
+        loss_chunk_rows=args.loss_chunk_rows,
         **{name: value for name, value in given.items() if value is not None},
     )
 
@@ -154,8 +155,10 @@ def smollm2_settings_from_args(args):
 def settings_from_args(args):
     from ..lab.bench import BenchSettings
 
-    if args.quantized is not None:
-        raise ValueError("--quantized applies to --preset smollm2")
+    if args.quantized is not None or args.gradient_checkpointing or args.loss_chunk_rows is not None:
+        raise ValueError(
+            "--quantized, --gradient-checkpointing and --loss-chunk-rows apply to --preset smollm2"
+        )
     lora_config = lora_config_from_args(args, "c_attn,attn.c_proj")
     return BenchSettings(
         preset=args.preset,

@@ -13,6 +13,8 @@ from .base_commands import (
     add_checkpoint_flag,
     add_corpus_flag,
     add_device_flag,
+    add_memory_flags,
+    add_quantized_flag,
     add_training_flags,
     given_training_flags,
 )
@@ -81,11 +83,8 @@ def add_finetune_parser(subparsers) -> None:
         "--block-size", type=int, default=None,
         help=f"tokens per training window of --base smollm2 (default {SMOLLM2_BLOCK_SIZE}); a GPT's is its own",
     )  # fmt: skip
-    parser.add_argument(
-        "--quantized", choices=("gguf", "nf4"), default=None,
-        help="QLoRA on --base smollm2: keep its frozen matrices in blocks, the file's own (gguf: Q4_1 and Q8_0) "
-        "or re-quantized to NF4 (default: dequantized to float32)",
-    )  # fmt: skip
+    add_quantized_flag(parser, "QLoRA on --base smollm2: keep its frozen matrices in blocks")
+    add_memory_flags(parser)
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
@@ -135,6 +134,8 @@ def run_finetune(args) -> None:
         loraplus_ratio=args.loraplus_ratio,
         block_size=block_size,
         quantized=args.quantized,
+        gradient_checkpointing=args.gradient_checkpointing,
+        loss_chunk_rows=args.loss_chunk_rows,
     )
     print(metrics["summary"])
     print(
@@ -153,13 +154,25 @@ def add_merge_parser(subparsers) -> None:
         "merge",
         help="fold an adapter into its base: a plain checkpoint with no added latency",
         description="Merge a LoRA adapter into its base checkpoint (W + s A^T B^T) and save the result as an "
-        "ordinary checkpoint of the base's size.",
+        "ordinary checkpoint of the base's size. With --base smollm2 the result is a Hugging Face checkpoint "
+        "folder (config.json, model.safetensors) that transformers' LlamaForCausalLM loads; a quantized base "
+        "(--quantized) is dequantized first.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_checkpoint_flag(parser, "--base")
     parser.add_argument("--adapter", required=True, help="the adapter directory")
-    parser.add_argument("--out", required=True, help="the merged checkpoint file to write")
+    parser.add_argument(
+        "--out", required=True, help="the merged checkpoint file to write (a folder for --base smollm2)"
+    )
     parser.add_argument("--allow-base-mismatch", action="store_true")
+    add_quantized_flag(parser, "--base smollm2: the base the adapter was trained on, held in blocks")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16"), default="float32",
+        help="--base smollm2: the dtype of the merged weights in the file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite a merged SmolLM2 folder already there"
+    )
     add_device_flag(parser)
     parser.set_defaults(run=run_merge)
 
@@ -171,14 +184,20 @@ def run_merge(args) -> None:
     from ..io.checkpoint import save_checkpoint
     from ..io.provenance import provenance
 
-    if args.base == SMOLLM2:
-        raise ValueError(
-            "merge writes a minilora GPT checkpoint; a SmolLM2 adapter is merged in PEFT instead: "
-            "minilora export-peft --base smollm2, then PeftModel.merge_and_unload()"
-        )
-    base = load_base(args.base, args.device)
+    base = load_base(args.base, args.device, quantized=args.quantized)
     lora_model = load_adapter(base.model, args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
+    if args.base == SMOLLM2:
+        from ..io.hf_checkpoint import save_hf_llama
+
+        save_hf_llama(merged, args.out, args.dtype, overwrite=args.force)
+        print(
+            f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
+            f"(a Hugging Face Llama checkpoint in {args.dtype}, {merged.num_parameters():,} parameters)"
+        )
+        return
+    if args.dtype != "float32":
+        raise ValueError("--dtype applies to --base smollm2; a GPT checkpoint is merged in float32")
     metadata = {
         "kind": "merged",
         "config": merged.config.to_dict(),

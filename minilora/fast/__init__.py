@@ -58,8 +58,10 @@ def accelerate(
         return sharded_train_step if shards is None else partial(sharded_train_step, shards=shards)
     from .cuda import use_cublas
     from .cuda.graph import GraphedStep, can_capture, cuda_train_step
+    from .cuda.kernels.dequantize import fuse_dequantizers
 
     use_cublas()
+    fuse_dequantizers(model)  # a quantized base's blocks decoded in one kernel per slab
     if cuda_graph and can_capture(model):
         return GraphedStep(model, optimizer, grad_clip, warmup=graph_warmup)
     return cuda_train_step

@@ -42,7 +42,7 @@ def load_base(spec: str | None = None, device: str | None = None, block_size: in
     ``block_size`` sets SmolLM2's context (the length of training windows, of the key/value cache);
     a checkpoint's context is fixed by its position table, so there it must be left out.
     ``quantized`` keeps SmolLM2's matrices frozen in blocks (QLoRA): "gguf", the file's own Q4_1 and
-    Q8_0; "nf4", re-quantized to NF4 (io/llama_gguf.py).
+    Q8_0; "q4_1", "q8_0" or "nf4", every matrix re-quantized to that format (io/llama_gguf.py).
     """
     if spec == SMOLLM2:
         from .bpe import BPETokenizer

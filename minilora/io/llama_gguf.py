@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import to_device
 from ..llama import EMBED, HEAD, NORM, Llama, LlamaConfig
-from ..quant import quantize_nf4, quantized_from_gguf
+from ..quant import QUANTIZED_FORMATS, quantize_gguf_blocks, quantize_nf4, quantized_from_gguf
 from .gguf_file import GGUFError, load_gguf, load_gguf_blocks
 
 BLOCK_TENSORS = {  # GGUF's name in a block -> (the Llama parameter in that block, transposed?)
@@ -71,9 +71,6 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, hs // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-QUANTIZE = ("gguf", "nf4")  # keep the file's Q4_1 / Q8_0 blocks, or re-quantize to NF4 (QLoRA's format)
-
-
 def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtype=np.float32,
                     device: str | None = None, rope_pairing: str = "half",
                     quantize: str | None = None) -> Llama:  # fmt: skip
@@ -82,13 +79,14 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
     ``block_size`` caps the context (the key/value cache of generation is that long); by default
     the file's context length. ``rope_pairing``: see the module docstring. ``quantize`` keeps every
     matrix (the projections and the token embedding) held quantized, frozen, for QLoRA: "gguf" in
-    the file's own blocks (no re-quantization), "nf4" re-quantized from them to NF4; the norms stay
-    float32. None (the default) dequantizes everything to ``dtype``.
+    the file's own blocks (no re-quantization: SmolLM2 ships Q4_1 projections and a Q8_0 embedding);
+    "q4_1", "q8_0" or "nf4", every matrix re-quantized from the file's values to that one format.
+    The norms stay float32. None (the default) dequantizes everything to ``dtype``.
     """
     if rope_pairing not in ("half", "adjacent"):
         raise ValueError(f"rope_pairing must be 'half' or 'adjacent', got {rope_pairing!r}")
-    if quantize not in (None, *QUANTIZE):
-        raise ValueError(f"quantize must be None or one of {QUANTIZE}, got {quantize!r}")
+    if quantize not in (None, *QUANTIZED_FORMATS):
+        raise ValueError(f"quantize must be None or one of {QUANTIZED_FORMATS}, got {quantize!r}")
     values, tensors = load_gguf_blocks(path) if quantize == "gguf" else load_gguf(path)
     if values["rope_dim"] != values["head_size"]:
         raise GGUFError(f"RoPE on {values['rope_dim']} of {values['head_size']} channels is not supported")
@@ -112,8 +110,10 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
             params[name] = to_device(array, device)
             continue
         layout = "linear" if transposed else "table"  # stored (C_out, C_in), or the (V, C) embedding
-        if block_format is None:
+        if quantize == "nf4":
             weight = quantize_nf4(array, layout)
+        elif block_format is None:  # re-quantized uniformly to q4_1 or q8_0
+            weight = quantize_gguf_blocks(array, quantize, layout)
         else:
             weight = quantized_from_gguf(array, block_format, *shape, layout)
         params[name] = weight.map_arrays(lambda a: to_device(a, device))

@@ -23,6 +23,7 @@ from ..io.bases import load_base
 from ..io.checkpoint import atomic_write_bytes, save_checkpoint, weights_fingerprint
 from ..io.data import load_corpus, tokenize_corpus
 from ..io.provenance import provenance
+from ..llama import set_activation_memory
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
@@ -83,12 +84,16 @@ def finetune(
     loraplus_ratio: float = 1.0,
     block_size: int | None = None,
     quantized: str | None = None,
+    gradient_checkpointing: bool = False,
+    loss_chunk_rows: int | None = None,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
     evaluation, atomically. ``block_size``: the training windows of SmolLM2 (a GPT's is its own).
-    ``quantized``: SmolLM2's frozen matrices held in blocks, "gguf" or "nf4" (QLoRA).
+    ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the file's own),
+    "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the Llama model's
+    switches that trade compute for activation memory (llama.py).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -102,6 +107,7 @@ def finetune(
         )
     base = loaded.model
     model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
+    set_activation_memory(model, gradient_checkpointing, loss_chunk_rows)
     base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
     data = load_corpus(corpus)
     if not loaded.is_byte_level:
@@ -115,6 +121,8 @@ def finetune(
         "corpus": corpus,
         "base": loaded.name,
         "quantized": quantized,
+        "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),  # as the model holds them
+        "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
         "base_fingerprint": base_fingerprint,
         "config": model.config.to_dict(),
         "settings": asdict(settings),

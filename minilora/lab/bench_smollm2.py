@@ -40,6 +40,7 @@ from ..io.data import get_batch, load_corpus, tokenize_corpus
 from ..io.peft import export_peft
 from ..io.provenance import provenance
 from ..jobs.finetune import ADAM_BETAS, make_optimizer
+from ..llama import set_activation_memory
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..training.loop import DATA_STREAM, TrainSettings, train_step
@@ -84,7 +85,11 @@ class SmolLM2BenchSettings:
     cuda_graph: bool = True
     tf32: bool = False
     reference: bool = False  # time the reference layers and train_step instead of the fast path
-    quantized: str | None = None  # QLoRA: the frozen matrices in blocks, "gguf" or "nf4" (no peer then)
+    quantized: str | None = (
+        None  # QLoRA: the frozen matrices in blocks, "gguf", "q4_1", "q8_0" or "nf4" (no peer)
+    )
+    gradient_checkpointing: bool = False  # recompute each block in the backward (llama.py)
+    loss_chunk_rows: int | None = None  # the head and the loss this many positions at a time
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "warmup", "steps", "repeats"):
@@ -137,6 +142,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
     base = load_base("smollm2", device, block_size=T, quantized=settings.quantized)
     data = tokenize_corpus(load_corpus(settings.corpus), base.tokenizer).val
     model = add_lora(base.model, settings.lora_config, seed=settings.seed)
+    set_activation_memory(model, settings.gradient_checkpointing, settings.loss_chunk_rows)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
     adapter_dir = tempfile.TemporaryDirectory(prefix="minilora-bench-") if settings.peer else None
     if adapter_dir is not None:
@@ -202,6 +208,8 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         "params_total": model.num_parameters(),
         "params_trainable": model.num_parameters(trainable_only=True),
         "quantized": settings.quantized,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "loss_chunk_rows": settings.loss_chunk_rows,
         "base_weights_bytes": sum(int(value.nbytes) for value in base.model.params.values()),
         "steps": settings.steps,
         "repeats": settings.repeats,

@@ -6,8 +6,17 @@ double quantization as in the QLoRA paper (Dettmers et al., 2023), each dequanti
 ``minilora.layers.quantized_linear``.
 """
 
-from .gguf_blocks import quantized_from_gguf
+from .gguf_blocks import quantize_gguf_blocks, quantized_from_gguf
 from .nf4 import NF4_CODEBOOK, quantize_nf4
 from .weight import QuantizedWeight
 
-__all__ = ["NF4_CODEBOOK", "QuantizedWeight", "quantize_nf4", "quantized_from_gguf"]
+QUANTIZED_FORMATS = ("gguf", "q4_1", "q8_0", "nf4")  # a GGUF file's own blocks, or one format for all
+
+__all__ = [
+    "NF4_CODEBOOK",
+    "QUANTIZED_FORMATS",
+    "QuantizedWeight",
+    "quantize_gguf_blocks",
+    "quantize_nf4",
+    "quantized_from_gguf",
+]
