@@ -25,6 +25,8 @@ EXPECTED = [
     "04_loss_vs_rank",
     "05_merging_and_latency",
     "06_what_the_adapter_learned",
+    "07_the_same_code_on_a_gpu",
+    "08_flash_attention",
     "09_a_real_llm",
 ]
 

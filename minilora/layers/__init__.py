@@ -3,7 +3,8 @@
 Every ``name_forward(...)`` returns ``(out, cache)``; every ``name_backward(dout, cache)`` returns
 fresh gradients for the forward's inputs, in the order they were passed. Caches are named tuples.
 ``ops.REFERENCE_OPS`` gathers the GPT-2 ones into the namespace a model calls (see ops.py); the
-Llama-family ones (rmsnorm, rope, swiglu, gqa_attention) are not in it yet.
+Llama-family ones (rmsnorm, rope, swiglu, gqa_attention) are not in it yet. ``flash_attention`` is
+the tiled attention that a GPU kernel will follow; no model calls it.
 """
 
 from .attention import (
@@ -16,6 +17,12 @@ from .attention import (
 from .cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .dropout import dropout_backward, dropout_forward, make_dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .flash_attention import (
+    FlashAttentionCache,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+)
 from .gelu import GeluCache, gelu_backward, gelu_forward
 from .gqa_attention import (
     GQAAttentionCache,
@@ -47,6 +54,10 @@ __all__ = [
     "EmbeddingCache",
     "embedding_backward",
     "embedding_forward",
+    "FlashAttentionCache",
+    "flash_attention",
+    "flash_attention_backward",
+    "flash_attention_forward",
     "GeluCache",
     "gelu_backward",
     "gelu_forward",
