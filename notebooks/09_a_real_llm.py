@@ -317,6 +317,79 @@ assert methods["QLoRA (NF4)"][0] < methods["QLoRA (file's blocks)"][0] < methods
 assert sum(methods["full fine-tuning"]) > 15 * sum(methods["QLoRA (file's blocks)"])
 
 # %% [markdown]
+# That is what a run holds between steps. A step needs more: its activations, which LoRA does not
+# shrink (every block's input, attention probabilities and MLP values are kept for the backward,
+# and at 4 x 256 tokens the (B, T, V) logits alone are 200 MB). The Llama model has two switches
+# that trade compute for that memory: `gradient_checkpointing` keeps only each block's input and
+# runs the block again in the backward (one more forward), and `loss_chunk_rows` takes the head and
+# the loss a chunk of positions at a time, so the logits never exist whole. Measured here with
+# `tracemalloc` (NumPy reports its buffers to it) on one short step of 2 x 64 tokens, then the
+# committed 4 x 256 measurements (peak resident memory of the `bench` process):
+
+# %%
+import tracemalloc  # noqa: E402
+
+
+def step_peak_bytes(base_model, checkpointing, chunk_rows):
+    """Bytes a LoRA step allocates at its peak beyond the weights (forward + backward)."""
+    lora = add_lora(base_model, LoraConfig(r=8, target_modules=("q_proj", "v_proj")), seed=0)
+    lora.gradient_checkpointing, lora.loss_chunk_rows = checkpointing, chunk_rows
+    tracemalloc.start()
+    _, loss, cache = lora.forward(idx_step, targets_step)
+    lora.backward(cache)
+    del cache
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+idx_step = folio.train[:128].reshape(2, 64)  # (2, 64) Folio tokens, as in the live run
+targets_step = folio.train[1:129].reshape(2, 64)
+weights_held = {"float32": 4 * N, "Q4_1 + Q8_0": stored}
+measured = {}
+for base_name, base_model in (("float32", model), ("Q4_1 + Q8_0", held)):
+    for switches, (checkpointing, chunk_rows) in (("plain", (False, None)), ("switches on", (True, 32))):
+        measured[f"{base_name}, {switches}"] = (
+            weights_held[base_name],
+            step_peak_bytes(base_model, checkpointing, chunk_rows),
+        )
+committed = [
+    json.loads(line)
+    for line in Path("../docs/benchmarks/smollm2.jsonl").read_text().splitlines()
+    if '"series": "cpu, qlora memory switches' in line
+]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+names = list(measured)
+axes[0].barh(names, [measured[k][0] / 1e6 for k in names], label="weights")
+axes[0].barh(names, [measured[k][1] / 1e6 for k in names], left=[measured[k][0] / 1e6 for k in names],
+             label="step peak beyond the weights")  # fmt: skip
+axes[0].set_title("live: one 2 x 64 step (tracemalloc)")
+labels = [f"{r['quantized'] or 'float32'}{', switches on' if r['gradient_checkpointing'] else ''}" for r in committed]
+axes[1].barh(labels, [r["peak_rss_increase_bytes"] / 1e6 for r in committed], color="C2")
+axes[1].set_title("committed: 4 x 256 steps (peak RSS increase)")
+for ax in axes:
+    ax.set_xlabel("MB")
+    ax.invert_yaxis()
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+display(fig)
+plt.close(fig)
+for name, (weights, step) in measured.items():
+    print(f"{name:<26} {weights / 1e6:6.1f} MB weights + {step / 1e6:6.1f} MB step = {(weights + step) / 1e6:6.1f} MB")
+total = {name: sum(parts) for name, parts in measured.items()}
+ratio = total["Q4_1 + Q8_0, switches on"] / total["float32, plain"]
+print(f"QLoRA with both switches holds {ratio:.0%} of the float32 LoRA step's peak here")
+for base_name in weights_held:  # each switch pair lowers the step's own peak, on either base
+    assert measured[f"{base_name}, switches on"][1] < 0.6 * measured[f"{base_name}, plain"][1]
+assert ratio < 0.4
+by_label = dict(zip(labels, committed))
+committed_ratio = (
+    by_label["gguf, switches on"]["peak_rss_increase_bytes"] / by_label["float32"]["peak_rss_increase_bytes"]
+)
+print(f"committed 4 x 256: {committed_ratio:.0%} of the float32 LoRA step's peak")
+assert committed_ratio < 0.4
+
+# %% [markdown]
 # ## What to take away
 #
 # - A 135M-parameter Llama is the same kind of object as the 4.9M GPT: a flat dict of arrays and
