@@ -170,9 +170,17 @@ class GPT(LanguageModel):
         return x, cache
 
     def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
+        """One block backwards.   dx: (B, T, C) of the block's output -> (B, T, C) of its input.
+
+        Adds the gradients of the block's trainable parameters to ``grads``.
+
+        Derivation (a4):
+            x_mid = x + a and x_out = x_mid + m: each residual hands its gradient unchanged both to its
+            input and to its branch, so the gradient of a residual's input is the sum of the two paths.
+        """
         ops, p = self.ops, f"transformer.h.{i}"
-        # x_out = x + m: the residual hands dx unchanged to x and to the MLP branch m.
         # BEGIN SOLUTION a4: walk the block backwards; the residuals fan dx out to two paths: sum them
+        # x_out = x + m: the residual hands dx unchanged to x and to the MLP branch m.
         dm = dx if cache.mlp_dropout is None else ops.dropout_backward(dx, cache.mlp_dropout)
         dg = self.linear_backward(f"{p}.mlp.c_proj", dm, cache.mlp_proj, grads)
         df = ops.gelu_backward(dg, cache.gelu)
@@ -227,7 +235,13 @@ class GPT(LanguageModel):
         return logits, loss, cache
 
     def backward(self, cache: ModelCache, dloss: float = 1.0) -> dict:
-        """Gradients of the loss for every trainable parameter, keyed like ``params``."""
+        """Gradients of the loss for every trainable parameter, keyed like ``params``.
+
+        Derivation (a4):
+            wte is read twice, by the lookup and by the tied head (logits = h @ wte^T), so its gradient is
+            the sum of the lookup's scatter-add and the head's weight gradient, transposed; wpe was
+            broadcast over the batch, so its gradient is dx summed over the batch axis.
+        """
         self.check_cache(cache)
         ops, grads = self.ops, {}
         # BEGIN SOLUTION a4: loss, tied head, ln_f, blocks in reverse, embeddings (wte gets two gradients)

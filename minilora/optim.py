@@ -103,11 +103,23 @@ class Optimizer:
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW.
 
-    For each trainable p with gradient g, at step t:
-        p  <- p * (1 - lr * wd)                    (decoupled decay, only for decay_names)
-        m  <- b1 m + (1 - b1) g                    (first moment)
-        v  <- b2 v + (1 - b2) g^2                  (second moment)
-        p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    For each trainable p with gradient g, at step t = 1, 2, ...: first the decoupled decay, which
+    shrinks p by the factor (1 - lr * wd), only for decay_names and never through the gradient; then
+    the moments, exponential moving averages of g (m, rate b1) and of g^2 (v, rate b2), both
+    starting at zero; then the step p <- p - lr * m_hat / (sqrt(v_hat) + eps), where m_hat and v_hat
+    are m and v with the bias of their zero start divided out. A parameter's lr is lr * lr_scale.
+
+    Derivation (a6):
+        Unrolled, m_t = (1 - b1) sum_{i=1..t} b1^(t-i) g_i; for a constant gradient g this is
+        (1 - b1^t) g, so m_hat = m_t / (1 - b1^t), and likewise v_hat = v_t / (1 - b2^t). In full:
+
+            p  <- p * (1 - lr * wd)                    (decoupled decay, only for decay_names)
+            m  <- b1 m + (1 - b1) g                    (first moment)
+            v  <- b2 v + (1 - b2) g^2                  (second moment)
+            p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+        (torch's arrangement of the same update: eps is added to sqrt(v_hat), not to v.) At t = 1,
+        m_hat = g and v_hat = g^2, so every weight moves by about lr against the sign of its gradient.
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
@@ -128,22 +140,25 @@ class AdamW(Optimizer):
         self.eps = eps
 
     def step(self, grads: dict, lr: float | None = None) -> None:
+        """One update of every trainable parameter, in place; ``lr`` is this step's rate (None: self.lr)."""
         lr, t = self.begin_step(grads, lr)
-        bias_correction1 = 1.0 - self.beta1**t
-        sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
         for name in self.names:
             p, g = self.params[name], grads[name]
-            m, v = self.buffer("exp_avg", name), self.buffer("exp_avg_sq", name)
+            m, v = self.buffer("exp_avg", name), self.buffer("exp_avg_sq", name)  # zeros at t = 1
             lr_p = lr * self.lr_scale.get(name, 1.0)
+            # BEGIN SOLUTION a6: decoupled decay (decay_names only), m and v in place, the bias-corrected step
+            bias_correction1 = 1.0 - self.beta1**t
+            sqrt_bias_correction2 = math.sqrt(1.0 - self.beta2**t)
             step_size = lr_p / bias_correction1
-            if self.weight_decay and name in self.decay_names:
-                p *= 1.0 - lr_p * self.weight_decay
+            if name in self.decay_names and self.weight_decay:
+                p *= 1.0 - lr_p * self.weight_decay  # decoupled: the decay never enters m or v
             m *= self.beta1
             m += (1.0 - self.beta1) * g
             v *= self.beta2
             v += (1.0 - self.beta2) * (g * g)
             denom = get_xp(v).sqrt(v) / sqrt_bias_correction2 + self.eps
             p -= step_size * (m / denom)
+            # END SOLUTION
 
 
 class SGD(Optimizer):
@@ -194,16 +209,23 @@ def clip_grad_norm(grads: dict, max_norm: float):
     """
     arrays = list(grads.values())
     xp = get_xp(arrays[0])
+    # BEGIN SOLUTION a6: the global norm of every element of every gradient, then scale_to_norm
     total_norm = xp.sqrt(sum((g * g).sum() for g in arrays))  # sqrt of the sum of every squared element
     scale_to_norm(arrays, total_norm, max_norm)
+    # END SOLUTION
     return total_norm
 
 
 def scale_to_norm(arrays, total_norm, max_norm: float) -> None:
-    """Multiply every array, in place, by min(1, max_norm / (total_norm + 1e-6)), total_norm their global norm."""
+    """Multiply every array, in place, by min(1, max_norm / (total_norm + 1e-6)), total_norm their global norm.
+
+    ``total_norm`` is a 0-d array (or a NumPy scalar) on the arrays' device; each array keeps its dtype.
+    """
+    # BEGIN SOLUTION a6: one factor min(1, max_norm / (total_norm + 1e-6)) for all, each array scaled in place
     clip_coef = get_xp(total_norm).minimum(max_norm / (total_norm + 1e-6), 1.0)
     for g in arrays:
         g *= clip_coef.astype(g.dtype)
+    # END SOLUTION
 
 
 def cosine_lr(
@@ -211,13 +233,20 @@ def cosine_lr(
 ) -> float:
     """Learning rate at ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``.
 
-    Warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps, reaching max_lr at its last
-    step. Then, with progress going from 0 to 1 over the remaining steps,
-    lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2, and min_lr from total_steps on.
+    Warmup rises linearly over the steps 0 .. warmup_steps - 1, from max_lr / warmup_steps at step 0
+    to max_lr at its last step. Then half a cosine period takes the rate from max_lr (at step
+    warmup_steps) down to min_lr (at step total_steps), and it stays at min_lr from there on.
+
+    Derivation (a6):
+        Warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps. Then, with progress going
+        from 0 to 1 over the remaining steps, progress = (step - warmup_steps) / (total_steps -
+        warmup_steps) and lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2.
     """
+    # BEGIN SOLUTION a6: linear warmup to max_lr, half a cosine down to min_lr, then min_lr
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    # END SOLUTION

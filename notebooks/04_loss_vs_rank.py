@@ -11,33 +11,54 @@
 # %% [markdown]
 # # 4. Loss vs rank
 #
-# How much rank does an adapter need? We fine-tune the shipped base model (4.9M parameters,
-# pretrained on Shakespeare in modern spelling) on the First Folio's spelling ("haue", "vnto",
-# "selfe") with LoRA at ranks 1, 4, 16 and 64 on every linear layer, and with full fine-tuning
-# as the reference, all live, on the CPU, with the same batches in the same order. The scale is
-# deliberately tiny (40 steps of 4 windows of 128 bytes, about 20,000 bytes of text per run) so
-# that the notebook runs in under a minute; the numbers describe this budget, not LoRA in general.
+# How much rank does an adapter need, and what does it cost in forgetting? We fine-tune the shipped
+# base model (4.9M parameters, pretrained on Shakespeare in modern spelling) on the First Folio's
+# spelling ("haue", "vnto", "selfe") with LoRA on every linear layer at several ranks, and with full
+# fine-tuning as the reference. Each method is measured twice on held-out text: bits per byte on the
+# held-out Folio plays (what it **learned**) and on the held-out modern plays (what it **forgot**:
+# after minus before).
+#
+# The notebook has two parts, and every number and figure says which one it comes from:
+#
+# 1. a **live run**, trained here on the CPU at a small budget (about 15,000 bytes of text a run,
+#    about five seconds), with the whole protocol: a learning-rate sweep per method, two seeds;
+# 2. the **committed experiment**, 140 runs made on a GPU with `minilora experiment` and committed
+#    in `docs/experiments/runs.jsonl`, at 50 times the live budget, seven ranks and three seeds.
+#
+# The protocol is the same in both (`minilora.lab.experiments` describes it):
+#
+# - **one scaling rule**: `lora_alpha = 2 r`, so the scale `s = alpha / r = 2` at every rank and
+#   rank is the only thing that changes between LoRA points (rsLoRA's `alpha / sqrt(r)` is compared
+#   separately, in the committed part);
+# - **a learning rate per point, chosen the same way for each**: every method (each rank, and full
+#   fine-tuning) is trained with seed 0 at every rate of a grid of the same size, and the rate with
+#   the lowest held-out Folio loss is run again with the other seeds;
+# - **seeds**: a seed sets the adapter's initial weights and the order of the batches; a point is the
+#   mean over the seeds and its bars their spread (min to max).
 
 # %%
 # %matplotlib inline
 
 # %%
 import dataclasses
-import json
-import math
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import display
 
 import minilora as ml
+from minilora.lab.experiment_plots import plot_rank
+from minilora.lab.experiments import full_spec, load_results, lora_spec, summarize_point
+from minilora.lab.small_sweep import committed_summaries, measure, run_live, run_protocol, seed_gap
 
 # %% [markdown]
-# ## The base, on windows of 128 bytes
+# ## Part 1, live: the base on windows of 128 bytes
 #
-# The shipped base reads up to 256 positions. To halve the cost of a step we train and evaluate on
-# windows of 128: a model with the same weights and only the first 128 rows of the position table
-# computes exactly the same logits on such windows, as the check below shows.
+# The shipped base reads up to 256 positions. To halve the cost of a step, the live runs train and
+# evaluate on windows of 128: a model with the same weights and only the first 128 rows of the
+# position table computes exactly the same logits on such windows, as the check below shows.
 
 # %%
 base_256 = ml.load_model(ml.SHIPPED_BASE)
@@ -47,213 +68,289 @@ params = dict(base_256.params)
 params["transformer.wpe.weight"] = base_256.params["transformer.wpe.weight"][:T]  # (128, C)
 base = ml.GPT(config, params)
 
-folio = ml.load_corpus("shakespeare_folio")
+folio, modern = ml.load_corpus("shakespeare_folio"), ml.load_corpus("shakespeare_modern")
 window = folio.val[:T][None, :].astype(np.int64)
 assert np.array_equal(base.forward(window)[0], base_256.forward(window)[0])
 print(f"base: {base.num_parameters():,} parameters, block {config.block_size}")
 
 # %% [markdown]
-# The score is bits per byte on the held-out Folio plays (Hamlet, Macbeth, The Tempest), on the
-# same 64 windows of 128 bytes for every model: lower is better, and the base model, which has
-# never seen Folio spelling, is the starting point.
-
-# %%
-EVAL_WINDOWS = 64
-before = ml.bits_per_byte(base, folio.val, max_windows=EVAL_WINDOWS)
-print(f"base model on held-out Folio text: {before:.4f} bits/byte")
-
-# %% [markdown]
-# ## The runs
+# ## The live protocol
 #
-# Every run takes the same 40 AdamW steps on the same batches (the batch of step k depends only
-# on the seed and k), with 3 warmup steps and a cosine decay to a tenth of the peak learning rate.
+# Every run takes 30 AdamW steps of 4 windows of 128 bytes (3 warmup steps, then a cosine decay to
+# a tenth of the peak rate, no weight decay) and is scored on the same 32 windows of each held-out
+# split (4,096 bytes). Two ranks, the ends of the committed range, and full fine-tuning:
 #
-# - **LoRA**: `lora_alpha = 16` at every rank, so the scaling is `16 / r` (LoRA's recipe: fix alpha
-#   and do not retune the learning rate when r changes; notebook 1 shows why this roughly keeps a
-#   step's effect on the loss constant), learning rate 5e-3 (better than 1e-2 at every rank in a
-#   trial run).
-# - **Full fine-tuning**: every weight trains, learning rate 5e-4, the best of 1e-4, 2e-4, 3e-4,
-#   5e-4 and 1e-3 in a trial run. It is a reference, not a competitor tuned to lose.
-
-# %%
-STEPS, BATCH = 40, 4
-ranks = [1, 4, 16, 64]
-
-
-def settings(lr):
-    return ml.TrainSettings(
-        steps=STEPS,
-        batch_size=BATCH,
-        lr=lr,
-        min_lr=lr / 10,
-        warmup_steps=3,
-        weight_decay=0.0,
-        eval_interval=STEPS,
-        eval_windows=EVAL_WINDOWS,
-        log_interval=1,
-        seed=0,
-    )
-
-
-runs = {}
-for r in ranks:
-    model = ml.add_lora(base, ml.LoraConfig(r=r, lora_alpha=16, target_modules="all-linear"))
-    result = ml.fit(model, folio, settings(5e-3), progress=False)
-    runs[f"LoRA r={r}"] = {"r": r, "trainable": model.num_parameters(trainable_only=True), "result": result}
-
-full = ml.GPT(config, {name: value.copy() for name, value in params.items()})  # a copy: the base stays intact
-result = ml.fit(full, folio, settings(5e-4), progress=False)
-runs["full fine-tuning"] = {"r": None, "trainable": full.num_parameters(), "result": result}
-
-# %%
-for run in runs.values():
-    run["final"] = run["result"].evals[-1]["val_bits_per_byte"]  # held-out bits/byte after the last step
-lora_runs = [run for run in runs.values() if run["r"] is not None]
-lora_finals = {run["r"]: run["final"] for run in lora_runs}
-full_final = runs["full fine-tuning"]["final"]
-
-print(f"{'':<17} {'trainable':>10} {'% of model':>10} {'bits/byte':>10} {'learned':>8}")
-for name, run in runs.items():
-    print(
-        f"{name:<17} {run['trainable']:>10,} {100 * run['trainable'] / base.num_parameters():>10.2f} "
-        f"{run['final']:>10.4f} {before - run['final']:>8.4f}"
-    )
-
-# %% [markdown]
-# ## Loss curves
+# - LoRA r = 1 and r = 64 on every linear layer, `lora_alpha = 2 r`, rates 3e-3 and 1e-2;
+# - full fine-tuning, rates 3e-4 and 1e-3.
 #
-# The training loss of each step (in bits per byte, smoothed over 5 steps). All runs see the same
-# batches, so the curves can be compared step by step: the wiggles they share are the batches.
-
-
-# %%
-def smoothed(values, width=5):
-    return np.convolve(values, np.ones(width) / width, mode="valid")
-
-
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-for i, (name, run) in enumerate(runs.items()):
-    losses = run["result"].losses
-    steps = np.array([entry["step"] for entry in losses])
-    bits = np.array([entry["loss"] for entry in losses]) / math.log(2)
-    style = {"color": "black", "ls": "--"} if run["r"] is None else {"color": f"C{i}"}
-    axes[0].plot(steps[4:], smoothed(bits), label=name, **style)
-axes[0].axhline(before, color="grey", lw=1, ls=":", label="base, held out")
-axes[0].set(xlabel="step", ylabel="training loss, bits per byte", title="training loss (5-step average)")
-axes[0].legend(fontsize=8)
-axes[0].grid(alpha=0.3)
-
-axes[1].semilogx([run["r"] for run in lora_runs], [run["final"] for run in lora_runs], "o-", label="LoRA")
-for run in lora_runs:
-    axes[1].annotate(
-        f"{run['trainable']:,}",
-        (run["r"], run["final"]),
-        textcoords="offset points",
-        xytext=(0, 8),
-        ha="center",
-        fontsize=8,
-    )
-axes[1].axhline(
-    runs["full fine-tuning"]["final"],
-    color="black",
-    ls="--",
-    label=f"full fine-tuning ({base.num_parameters():,})",
-)
-axes[1].axhline(before, color="grey", ls=":", label="base model")
-axes[1].set_xticks(ranks, [str(r) for r in ranks])
-axes[1].set(
-    xlabel="rank r (labels: trainable parameters)",
-    ylabel="held-out bits per byte",
-    title=f"after {STEPS} steps",
-)
-axes[1].legend(fontsize=8)
-axes[1].grid(alpha=0.3)
-fig.tight_layout()
-
-# %% [markdown]
-# ## The same question at 40 times the budget: the committed experiments
-#
-# `docs/experiments/` holds a larger version of this experiment, run on a GPU with
-# `minilora experiment rank` and committed with its results: 200 steps of 16 x 256 bytes per run
-# (40 times our 20,480 bytes), a learning-rate sweep per method, three seeds at the best rate, and
-# `lora_alpha = 2 r`. Its summary, `rank.json`, gives each point's mean and the spread of the
-# seeds. It trains and scores windows of 256 bytes (ours: 128), another reason its absolute numbers
-# are lower; the useful comparison across the two is the share of full fine-tuning's improvement
-# that each rank recovers.
+# Each grid has two rates a factor 3.3 apart: the upper two of the committed grids (1e-3, 3e-3, 1e-2
+# for LoRA; 1e-4, 3e-4, 1e-3 for full fine-tuning), since 30 steps favour the larger rates. The best
+# rate of each point (seed 0) is run again with seed 1. That is 2 x 3 + 3 = 9 runs.
 
 # %%
-committed = json.loads(
-    (Path(ml.__file__).resolve().parent.parent / "docs" / "experiments" / "rank.json").read_text()
-)
-points = {point["label"]: point for point in committed["points"]}
-committed_before = points["full"]["target_before"]
-committed_full = points["full"]["target_after"]["mean"]
-committed_lora = {
-    point["r"]: point["target_after"] for point in committed["points"] if point["method"] == "lora"
+STEPS, BATCH, EVAL_WINDOWS, WARMUP = 30, 4, 32, 3
+LIVE_RANKS = (1, 64)
+LIVE_LRS = {"lora": (3e-3, 1e-2), "full": (3e-4, 1e-3)}
+LIVE_SEEDS = (0, 1)
+budget = {
+    "steps": STEPS,
+    "batch_size": BATCH,
+    "eval_windows": EVAL_WINDOWS,
+    "base": "shipped base, block 128",
 }
+live_points = [lora_spec("live", f"r={r}", "shakespeare_folio", r, **budget) for r in LIVE_RANKS] + [
+    full_spec("live", "shakespeare_folio", **budget)
+]
+assert all(point.lora_alpha == 2 * point.r for point in live_points if point.method == "lora")
+assert len({len(grid) for grid in LIVE_LRS.values()}) == 1  # the same grid size for every method
 
-
-def recovered(before, after, full_after):
-    """The share of full fine-tuning's improvement that a run achieves."""
-    return (before - after) / (before - full_after)
-
-
-print(f"{'':<10} {'live, 40 x 4 x 128':>20} {'committed, 200 x 16 x 256':>27}")
-for r in sorted(committed_lora):
-    live = f"{recovered(before, lora_finals[r], full_final):>19.0%}" if r in lora_finals else f"{'':>19}"
+started = time.perf_counter()
+before = {
+    "target": measure(base, folio, BATCH, EVAL_WINDOWS),
+    "modern": measure(base, modern, BATCH, EVAL_WINDOWS),
+}
+live_rows = run_protocol(
+    live_points,
+    LIVE_LRS,
+    LIVE_SEEDS,
+    lambda spec: run_live(spec, base, folio, modern, before, warmup_steps=WARMUP),
+)
+live_seconds = time.perf_counter() - started
+print(f"base: Folio {before['target']:.4f} bits/byte, modern {before['modern']:.4f}")
+print(f"{len(live_rows)} live runs in {live_seconds:.0f} s\n")
+print(f"{'run':<6} {'lr':>7} {'seed':>4} {'Folio after':>11} {'forgetting':>10}")
+for row in live_rows:
     print(
-        f"r = {r:<6} {live} {recovered(committed_before, committed_lora[r]['mean'], committed_full):>27.0%}"
+        f"{row['label']:<6} {row['lr']:>7g} {row['seed']:>4} {row['target_after']:>11.4f} "
+        f"{row['modern_after'] - row['modern_before']:>+10.4f}"
+    )
+
+# %% [markdown]
+# The summary of each point: the selected rate, the mean over the two seeds and their spread, read
+# from the rows by the same `summarize_point` that summarizes the committed runs.
+
+
+# %%
+def print_summaries(points):
+    print(
+        f"{'point':<6} {'trainable':>10} {'best lr':>8} {'Folio after':>12} {'spread':>7} {'forgetting':>11}"
+    )
+    for p in points:
+        spread = p["target_after"]["max"] - p["target_after"]["min"]
+        print(
+            f"{p['label']:<6} {p['trainable_params']:>10,} {p['best_lr']:>8g} {p['target_after']['mean']:>12.4f} "
+            f"{spread:>7.4f} {p['forgetting']:>+11.4f}"
+        )
+
+
+live = {point.label: summarize_point(live_rows, point) for point in live_points}
+print_summaries(live.values())
+
+
+# %% [markdown]
+# Left, what each point learned against rank; middle, the modern plays after fine-tuning (the base's
+# value is the dotted line, so the height above it is the forgetting); right, every live run, the
+# sweep included: forgetting against what it learned. A run that diverged (LoRA r = 64 at 1e-2 ends
+# far above the base) is left off the right-hand panel and counted in its title.
+
+
+# %%
+def forgetting_panel(ax, rows, title):
+    """Forgetting against held-out Folio loss for every run; diverged runs (worse than the base) are counted."""
+    kept = [row for row in rows if row["target_after"] < row["target_before"]]
+    for method, marker, color in (("lora", "o", "C0"), ("full", "s", "black")):
+        chosen = [row for row in kept if row["method"] == method]
+        ax.scatter(
+            [row["target_after"] for row in chosen],
+            [row["modern_after"] - row["modern_before"] for row in chosen],
+            marker=marker,
+            color=color,
+            s=18,
+            label="LoRA, every rank" if method == "lora" else "full fine-tuning",
+        )
+    ax.set(
+        xlabel="Folio after, bits per byte (learned: lower is better)",
+        ylabel="forgetting: modern after - before",
+        title=f"{title} (diverged, left off: {len(rows) - len(kept)})",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def finish(axes, title):
+    for ax in axes[:2]:
+        ax.set_ylabel("bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].figure.suptitle(title)
+    axes[0].figure.tight_layout()
+    display(axes[0].figure)  # experiment_plots draws with the file-only backend: shown explicitly
+    plt.close(axes[0].figure)
+
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+plot_rank(list(live.values()), axes[0], axes[1])
+forgetting_panel(axes[2], live_rows, "every live run")
+finish(axes, f"LIVE, CPU: {STEPS} steps x {BATCH} x {T} bytes, mean of {len(LIVE_SEEDS)} seeds, bars min-max")
+
+# %% [markdown]
+# ## Part 2, committed: the same protocol at 50 times the budget, on a GPU
+#
+# `docs/experiments/runs.jsonl` holds 140 runs made on an H200 with
+# `minilora experiment rank distance placement base --device cuda` (docs/experiments/README.md):
+# 200 steps of 16 x 256 bytes per run (0.8M bytes, against the live 15,360), ranks 1 to 64 with
+# `lora_alpha = 2 r`, a three-rate grid per method, three seeds at the best rate, 64 windows of
+# 256 bytes per evaluation. `committed_summaries` reads it back into the same summaries (nothing is
+# trained here). The windows are twice as long as the live ones, another reason the absolute numbers
+# are lower: compare shapes and gaps across the two parts, not values.
+
+# %%
+EXPERIMENTS = Path(ml.__file__).resolve().parent.parent / "docs" / "experiments"
+rank_points = committed_summaries("rank", EXPERIMENTS / "runs.jsonl")
+committed = {p["label"]: p for p in rank_points}
+placement = {p["label"]: p for p in committed_summaries("placement", EXPERIMENTS / "runs.jsonl")}
+committed_rows = [row for row in load_results(EXPERIMENTS / "runs.jsonl") if row["experiment"] == "rank"]
+print(
+    f"{len(committed_rows)} committed runs of the rank experiment; base: Folio "
+    f"{committed['full']['target_before']:.4f}, modern {committed['full']['modern_before']:.4f}\n"
+)
+print_summaries(rank_points)
+
+# %% [markdown]
+# The scaling rule, compared on its own: with the same `lora_alpha = 16` on `c_attn` only, LoRA's
+# `s = 16 / r` against rsLoRA's `s = 16 / sqrt(r)`, at r = 8, 64 and 256, each rule with its own
+# learning-rate sweep (committed runs of the placement experiment).
+
+# %%
+print(f"{'r':>4} {'alpha/r':>15} {'rsLoRA':>15} {'gap':>7} {'spread':>7}")
+for r in (8, 64, 256):
+    plain, rs = placement[f"alpha/r r={r}"], placement[f"rslora r={r}"]
+    gap, spread = seed_gap(plain, rs)
+    print(
+        f"{r:>4} {plain['target_after']['mean']:>8.4f} @{plain['best_lr']:<5g} "
+        f"{rs['target_after']['mean']:>8.4f} @{rs['best_lr']:<5g} {gap:>+7.4f} {spread:>7.4f}"
     )
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 3.8))
-rs = sorted(committed_lora)
-means = np.array([committed_lora[r]["mean"] for r in rs])
-below = means - np.array([committed_lora[r]["min"] for r in rs])  # the seeds' spread around the mean
-above = np.array([committed_lora[r]["max"] for r in rs]) - means
-ax.errorbar(rs, means, yerr=[below, above], fmt="o-", capsize=3, label="LoRA, committed (3 seeds, min-max)")
-ax.axhline(committed_full, color="black", ls="--", label="full fine-tuning, committed")
-ax.plot(ranks, [lora_finals[r] for r in ranks], "s-", color="C1", label="LoRA, live (this notebook)")
-ax.axhline(full_final, color="C1", ls="--", label="full fine-tuning, live")
-ax.set_xscale("log")
-ax.set_xticks(rs, [str(r) for r in rs])
-ax.set(xlabel="rank r", ylabel="held-out Folio bits per byte", title="final loss against rank at two budgets")
-ax.grid(alpha=0.3)
-ax.legend(fontsize=8)
-fig.tight_layout()
+fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+axes = axes.ravel()
+plot_rank(rank_points, axes[0], axes[1])
+for kind, marker, label in (
+    ("alpha/r", "o", "alpha/r: s = 16 / r"),
+    ("rslora", "s", "rsLoRA: s = 16 / sqrt(r)"),
+):
+    chosen = [placement[f"{kind} r={r}"] for r in (8, 64, 256)]
+    means = np.array([p["target_after"]["mean"] for p in chosen])
+    bars = [
+        means - [p["target_after"]["min"] for p in chosen],
+        [p["target_after"]["max"] for p in chosen] - means,
+    ]
+    axes[2].errorbar([8, 64, 256], means, yerr=bars, marker=marker, capsize=3, label=label)
+axes[2].set_xscale("log", base=2)
+axes[2].set_xticks([8, 64, 256], ["8", "64", "256"])
+axes[2].set(
+    xlabel="rank r (c_attn only, lora_alpha = 16)",
+    ylabel="bits per byte",
+    title="the scaling rule: Folio after",
+)
+axes[2].grid(alpha=0.3)
+axes[2].legend(fontsize=8)
+forgetting_panel(axes[3], committed_rows, "every committed run")
+finish(axes, "COMMITTED, GPU: 200 steps x 16 x 256 bytes, mean of 3 seeds, bars min-max")
+
+# %% [markdown]
+# ## The claims, with their margins
+#
+# **Rank.** r = 1 ends worse than r = 64 on the held-out Folio by more than the larger of the two
+# seed spreads, in the committed experiment and in the live run.
+
+# %%
+gap, spread = seed_gap(committed["r=1"], committed["r=64"])
+print(f"committed: r=1 - r=64 = {gap:+.4f} bits/byte, seed spread {spread:.4f}, margin {gap - spread:+.4f}")
+assert gap > spread
+live_gap, live_spread = seed_gap(live["r=1"], live["r=64"])
+print(
+    f"live:      r=1 - r=64 = {live_gap:+.4f} bits/byte, seed spread {live_spread:.4f}, "
+    f"margin {live_gap - live_spread:+.4f}"
+)
+assert live_gap > live_spread
+
+# %% [markdown]
+# **Forgetting, at each method's selected rate.** In the committed experiment, LoRA at every rank
+# forgets less of the modern plays than full fine-tuning does, by more than the seeds' spread.
+
+# %%
+margins = {}
+for label, point in committed.items():
+    if point["method"] == "lora":
+        gap, spread = seed_gap(committed["full"], point, "modern_after")
+        margins[label] = gap - spread
+        print(
+            f"committed: full - LoRA {label:<5} forgetting = {gap:+.4f}, spread {spread:.4f}, "
+            f"margin {gap - spread:+.4f}"
+        )
+assert min(margins.values()) > 0
+
+# %% [markdown]
+# At the live budget it is the other way round for r = 64, and the margin is as clear: in 30 steps
+# the sweep picks full fine-tuning's lower rate (3e-4), which moves its weights little, while LoRA
+# picks rates that move its adapter a long way.
+
+# %%
+gap, spread = seed_gap(live["r=64"], live["full"], "modern_after")
+print(f"live: LoRA r=64 - full forgetting = {gap:+.4f}, spread {spread:.4f}, margin {gap - spread:+.4f}")
+assert gap > spread
+gap, spread = seed_gap(live["full"], live["r=1"], "modern_after")
+verdict = "beyond the spread" if abs(gap) > spread else "within the spread: no claim either way"
+print(f"live: full - LoRA r=1 forgetting = {gap:+.4f}, spread {spread:.4f}, {verdict}")
+
+# %% [markdown]
+# **Forgetting, at equal learning.** The selected rates compare methods that learned different
+# amounts: full fine-tuning ends lower on the Folio, and a method that moves further from the base
+# forgets more. The right-hand panels put every run, the sweep included, on one plane. For each full
+# fine-tuning run of the committed sweep, take the LoRA runs (any rank, rate or seed) that learned at
+# least as much: none of them forgot less than it. At equal Folio loss, LoRA's advantage in
+# forgetting is gone in these runs.
+
+# %%
+for full_run in [row for row in committed_rows if row["method"] == "full" and row["seed"] == 0]:
+    as_good = [
+        row
+        for row in committed_rows
+        if row["method"] == "lora" and row["target_after"] <= full_run["target_after"]
+    ]
+    full_forgetting = full_run["modern_after"] - full_run["modern_before"]
+    least = min((row["modern_after"] - row["modern_before"] for row in as_good), default=None)
+    shown = "" if least is None else f", the least forgetting among them {least:.4f}"
+    print(
+        f"full, lr {full_run['lr']:g}: Folio {full_run['target_after']:.4f}, forgetting {full_forgetting:.4f}; "
+        f"{len(as_good)} LoRA runs learned as much{shown}"
+    )
+    assert least is None or least >= full_forgetting
 
 # %% [markdown]
 # ## What this shows, and what it does not
 #
-# Every live run learns most of what there is to learn in 40 steps: the held-out loss falls by about
-# half a bit per byte. Rank matters at the low end, with diminishing returns: rank 1 (24,576
-# trainable parameters, 0.5 % of the model) is the worst, and from rank 4 on the ranks lie within a
-# few hundredths of a bit of each other and of full fine-tuning, which trains 4.8M parameters. (On a
-# model this narrow, C = 256, rank 64 on every linear layer is already a third of the model's size.)
-# That matches the LoRA paper's finding that a small rank suffices for adapting to a task
-# (its Table 6). A new spelling is a simple change for a model that already knows the language;
-# a larger shift of domain, or a longer training run, can need more rank.
+# - **Rank matters, with diminishing returns.** With the scale fixed (`s = 2`) and a rate chosen for
+#   each rank, the committed runs fall from 2.173 bits/byte at r = 1 to 2.072 at r = 64, against 2.068
+#   for full fine-tuning: r = 1, with 0.5 % of the weights trainable, recovers 87 % of full
+#   fine-tuning's improvement, and the curve flattens after r = 8. The live run, at a 50th of the
+#   budget, shows the same order between r = 1 and r = 64, beyond its two seeds' spread.
+# - **The scaling rule matters only at large ranks.** At r = 8 and 64 (alpha = 16) alpha/r and rsLoRA
+#   end within the seeds' spread of each other, each at its own best rate; at r = 256 rsLoRA is better
+#   by 0.016 bits/byte, and alpha/r's best rate sits at the top of the grid: with `s = 16 / r` the
+#   update shrinks as r grows, which is what rsLoRA corrects. Fixing alpha at 16 for every rank, as this
+#   notebook once did, mixes a change of step size into a change of rank.
+# - **"LoRA forgets less" depends on what is held equal.** At each method's selected rate, every
+#   committed LoRA forgets less than full fine-tuning (0.24 to 0.33 against 0.35 bits/byte), but it
+#   also learned less. Matched by learning instead, no committed LoRA run that learned as much as a
+#   full fine-tuning run of the sweep forgot less than that run; and at the live budget, where the
+#   sweep picks a timid rate for full fine-tuning, LoRA forgets more (r = 64 by far, r = 1 by about a
+#   hundredth of a bit, just beyond the seeds). In these runs less forgetting comes with learning
+#   less; LoRA's dependable saving is memory and storage (notebook 3).
 #
-# The committed runs, with 40 times the data, reach a lower loss for every method, and the same
-# shape: rank 1 recovers the same share of full fine-tuning's improvement in both (close to 90 %),
-# and the curve flattens from rank 4 to 8 on. With the larger budget, rank 64 falls just short of full
-# fine-tuning instead of edging past it.
-#
-# The live runs' caveats are real: one seed, one short budget, one learning rate per method from
-# a small trial, 8,192 bytes of evaluation text. The committed seeds' spread (the bars, a hundredth
-# of a bit or less) suggests how much another seed would move the live numbers: read differences
-# of a hundredth of a bit per byte as noise.
-
-# %%
-assert all(before - run["final"] > 0.3 for run in runs.values())  # every run learned
-assert lora_finals[1] == max(lora_finals.values())  # rank 1 is the weakest
-assert all(abs(lora_finals[r] - full_final) < 0.05 for r in ranks if r >= 4)  # rank >= 4 is close to full
-assert committed_lora[1]["mean"] == max(point["mean"] for point in committed_lora.values())
-assert (
-    recovered(before, lora_finals[1], full_final) > 0.8
-)  # rank 1 recovers most of full fine-tuning's gain ...
-assert recovered(committed_before, committed_lora[1]["mean"], committed_full) > 0.8  # ... at both budgets
-print(
-    "the gap to full fine-tuning:",
-    ", ".join(f"r={r}: {after - full_final:+.3f}" for r, after in lora_finals.items()),
-)
+# The caveats: the sweep selects on the split it reports, which flatters every method alike; for
+# LoRA at ranks 1 to 16 the best committed rate is the top of the grid, so those points may be
+# slightly pessimistic; the live run has two seeds, two rates per method and 4,096 bytes of text per
+# score, so read its differences below a few hundredths of a bit per byte as noise. One base, one
+# target: docs/experiments/README.md has the other targets.

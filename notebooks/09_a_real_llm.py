@@ -364,7 +364,10 @@ axes[0].barh(names, [measured[k][0] / 1e6 for k in names], label="weights")
 axes[0].barh(names, [measured[k][1] / 1e6 for k in names], left=[measured[k][0] / 1e6 for k in names],
              label="step peak beyond the weights")  # fmt: skip
 axes[0].set_title("live: one 2 x 64 step (tracemalloc)")
-labels = [f"{r['quantized'] or 'float32'}{', switches on' if r['gradient_checkpointing'] else ''}" for r in committed]
+labels = [
+    f"{r['quantized'] or 'float32'}{', switches on' if r['gradient_checkpointing'] else ''}"
+    for r in committed
+]
 axes[1].barh(labels, [r["peak_rss_increase_bytes"] / 1e6 for r in committed], color="C2")
 axes[1].set_title("committed: 4 x 256 steps (peak RSS increase)")
 for ax in axes:
@@ -375,7 +378,9 @@ fig.tight_layout()
 display(fig)
 plt.close(fig)
 for name, (weights, step) in measured.items():
-    print(f"{name:<26} {weights / 1e6:6.1f} MB weights + {step / 1e6:6.1f} MB step = {(weights + step) / 1e6:6.1f} MB")
+    print(
+        f"{name:<26} {weights / 1e6:6.1f} MB weights + {step / 1e6:6.1f} MB step = {(weights + step) / 1e6:6.1f} MB"
+    )
 total = {name: sum(parts) for name, parts in measured.items()}
 ratio = total["Q4_1 + Q8_0, switches on"] / total["float32, plain"]
 print(f"QLoRA with both switches holds {ratio:.0%} of the float32 LoRA step's peak here")

@@ -13,7 +13,9 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.quant import quantize_nf4
 
-CONFIG = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128, vocab_size=70, block_size=16)
+CONFIG = LlamaConfig(
+    n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128, vocab_size=70, block_size=16
+)
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init="random")
 
 
@@ -26,7 +28,9 @@ def lora_llama(quantized: bool):
         for name, value in params.items():
             if value.ndim == 2:
                 layout = "table" if name == EMBED else "linear"
-                params[name] = quantize_nf4(value if layout == "table" else np.ascontiguousarray(value.T), layout)
+                params[name] = quantize_nf4(
+                    value if layout == "table" else np.ascontiguousarray(value.T), layout
+                )
     model = add_lora(Llama(CONFIG, params), LORA, seed=3)
     for name in model.trainable_names:  # a trained-looking adapter: B away from zero
         model.params[name] += (0.05 * rng.standard_normal(model.params[name].shape)).astype(np.float32)

@@ -176,7 +176,9 @@ def test_qlora_on_the_files_own_blocks_trains_an_adapter_that_the_float32_base_t
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "finetune_metrics.json").read_text())
     assert metrics["quantized"] == "gguf" and metrics["base_weights_bytes"] < 0.72 * 134_515_008
-    assert metrics["gradient_checkpointing"] is True and metrics["loss_chunk_rows"] == 8  # the trained model's
+    assert (
+        metrics["gradient_checkpointing"] is True and metrics["loss_chunk_rows"] == 8
+    )  # the trained model's
     assert "held quantized (gguf)" in capsys.readouterr().out
     # the blocks dequantize to the float32 base's very numbers: the same fingerprint, so it loads there
     assert main(["eval", "--base", "smollm2", "--adapter", str(tmp_path), "--max-windows", "1"]) == 0

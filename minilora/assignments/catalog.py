@@ -44,6 +44,20 @@ ASSIGNMENTS = {
         "LoRA's forward and its derived backward (dx, dlora_A, dlora_B), the scale, and merging into W",
         ("lora/layer.py",),
     ),
+    "a6": Assignment(
+        "a6",
+        "Training: AdamW, clipping and the learning-rate schedule",
+        "AdamW's bias correction and decoupled weight decay, global gradient clipping, warmup and cosine "
+        "decay, and a tiny GPT trained by your optimiser on your own a1-a3 layers",
+        ("optim.py", "assignments/train_tiny.py"),
+    ),
+    "a7": Assignment(
+        "a7",
+        "LoRA variants: DoRA, rsLoRA and PiSSA",
+        "DoRA's backward with its weight norm held constant and through it, rsLoRA's rank-stable scale, "
+        "and PiSSA's start from the top singular directions of W",
+        ("lora/dora.py", "lora/layer.py", "lora/init.py"),
+    ),
 }
 
 

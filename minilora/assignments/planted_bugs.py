@@ -152,12 +152,71 @@ BUGS = [
         "dwpe[: cache.seq_len] = dx[0]",
     ),
     ("a5", "layer.py", "forgot_scale_in_dh", "    dh *= cache.scaling\n", ""),
+    # a6: the optimiser's classic slips, each caught by the update or the schedule written out
+    ("a6", "optim.py", "no_bias_correction_of_m", "step_size = lr_p / bias_correction1", "step_size = lr_p"),
+    (
+        "a6",
+        "optim.py",
+        "no_bias_correction_of_v",
+        "denom = get_xp(v).sqrt(v) / sqrt_bias_correction2 + self.eps",
+        "denom = get_xp(v).sqrt(v) + self.eps",
+    ),
+    (
+        "a6",
+        "optim.py",
+        "l2_decay_through_the_gradient",
+        "p *= 1.0 - lr_p * self.weight_decay  # decoupled: the decay never enters m or v",
+        "g = g + self.weight_decay * p  # L2: through the gradient, and so through m and v",
+    ),
+    (
+        "a6",
+        "optim.py",
+        "decay_on_every_parameter",
+        "if name in self.decay_names and self.weight_decay:",
+        "if self.weight_decay:",
+    ),
+    (
+        "a6",
+        "optim.py",
+        "clipping_scales_small_gradients_up",
+        "clip_coef = get_xp(total_norm).minimum(max_norm / (total_norm + 1e-6), 1.0)",
+        "clip_coef = get_xp(total_norm).asarray(max_norm / (total_norm + 1e-6))",
+    ),
+    (
+        "a6",
+        "optim.py",
+        "warmup_starts_at_zero",
+        "return max_lr * (step + 1) / warmup_steps",
+        "return max_lr * step / warmup_steps",
+    ),
+    # a7: DoRA's two backwards, rsLoRA's scale and PiSSA's split
+    ("a7", "dora.py", "magnitude_gradient_not_divided_by_the_norm", "dm = du_dot_u / n", "dm = du_dot_u"),
+    (
+        "a7",
+        "dora.py",
+        "norm_gradient_of_the_wrong_sign",
+        "c = -du_dot_u * m / (n * n)",
+        "c = du_dot_u * m / (n * n)",
+    ),
+    ("a7", "dora.py", "norm_derivative_without_1_over_n", "dV = V * (c / n)", "dV = V * c"),
+    ("a7", "layer.py", "rslora_scale_as_alpha_over_r", "(r**0.5 if use_rslora else r)", "r"),
+    ("a7", "init.py", "pissa_without_the_scale", "root = np.sqrt(S[:r] / scaling)", "root = np.sqrt(S[:r])"),
+    (
+        "a7",
+        "init.py",
+        "pissa_singular_values_all_in_lora_A",
+        "lora_B = Vt[:r].T * root[None, :]",
+        "lora_A = lora_A * root[:, None]\n    lora_B = Vt[:r].T",
+    ),
 ]
 
 
-def write_patches() -> list[Path]:
+def write_patches(assignment_ids=None) -> list[Path]:
+    """Rewrite the patches of ``assignment_ids`` (all assignments by default); returns their paths."""
     written = []
     for assignment_id, file_name, name, old, new in BUGS:
+        if assignment_ids and assignment_id not in assignment_ids:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             release(assignment_id, tmp, solved=True)
             text = (Path(tmp) / STUDENT_DIR / file_name).read_text()
@@ -179,5 +238,7 @@ def write_patches() -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in write_patches():
+    import sys
+
+    for path in write_patches(sys.argv[1:]):  # e.g. `python -m minilora.assignments.planted_bugs a6 a7`
         print(path.name)

@@ -5,6 +5,12 @@ copy of assignment aN, each of aN's holes becomes ``raise NotImplementedError("a
 holes of other assignments keep their reference code (markers removed), and relative imports point
 at the installed minilora, so everything outside the holes is the reference. ``solved=True`` keeps
 every hole's code: the reference in the release's own layout, which must score full marks.
+
+A docstring may also hold the derivation a hole asks for: a line ``Derivation (aN):`` and the
+indented block under it (it ends at the first non-blank line indented no deeper than the header).
+The student copy of aN leaves such blocks out, so a backward's formula never sits right above its
+hole; the solved copy keeps them. A release also carries the handout (handouts/aN.md, see
+handout.py) and its notebook; a solved release adds the worked solutions for TAs (aN_solutions.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from ..version import __version__
 from .catalog import get_assignment
+from .handout import handout_path, handout_text, notebook_cells, solutions_path
 from .sandbox import first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
@@ -25,6 +32,7 @@ STUDENT_DIR = "student"
 RELEASE_RECORD = "release.json"  # which assignment, from which minilora version, solved or not
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (a\d+): (.*)$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
+DERIVATION = re.compile(r"^(\s*)Derivation \((a\d+)\):\s*$")
 RELATIVE_IMPORT = re.compile(r"^(\s*from )(\.+)(\w[\w.]*)?( import .*)$")
 
 
@@ -39,10 +47,40 @@ def absolute_imports(line: str, package: str) -> str:
     return f"{head}{'.'.join(base + ([name] if name else []))}{tail}"
 
 
+def indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def derivation_blocks(source: str, assignment_id: str) -> list[list[str]]:
+    """The ``Derivation (aN):`` blocks of one assignment in a source text: each its header and its lines."""
+    blocks, lines = [], source.split("\n")
+    for number, line in enumerate(lines):
+        match = DERIVATION.match(line)
+        if match and match.group(2) == assignment_id:
+            end = number + 1
+            while end < len(lines) and (
+                not lines[end].strip() or indent_of(lines[end]) > len(match.group(1))
+            ):
+                end += 1
+            while end > number + 1 and not lines[end - 1].strip():  # trailing blank lines are not the block's
+                end -= 1
+            blocks.append(lines[number:end])
+    return blocks
+
+
 def student_copy(source: str, assignment_id: str, package: str, solved: bool = False) -> str:
     """The text of a student's copy of one library file (see the module docstring)."""
-    out, skipping = [], False
+    out, skipping, derivation = [], False, None  # derivation: the indent of the block being left out
     for line in source.split("\n"):
+        if derivation is not None:
+            if not line.strip() or indent_of(line) > derivation:
+                continue
+            derivation = None
+            if line.strip() == '"""' and out and not out[-1].strip():
+                out.pop()  # the block ended its docstring: no blank line before the closing quotes
+                if out[-1].lstrip().startswith('"""'):  # and what is left is a one-line docstring
+                    out[-1] += '"""'
+                    continue
         begin = BEGIN.match(line)
         if begin:
             indent, tag, hint = begin.groups()
@@ -52,6 +90,10 @@ def student_copy(source: str, assignment_id: str, package: str, solved: bool = F
             continue
         if END.match(line):
             skipping = False
+            continue
+        block = DERIVATION.match(line)
+        if block and block.group(2) == assignment_id and not solved and not skipping:
+            derivation = len(block.group(1))
             continue
         if not skipping:
             out.append(absolute_imports(line, package))
@@ -80,7 +122,8 @@ def module_name(relative_path: str) -> str:
 
 
 def release(assignment_id: str, out_dir, solved: bool = False, force: bool = False) -> Path:
-    """Write <out>/student/<file>.py for each of the assignment's files, <out>/<id>.ipynb and <out>/release.json.
+    """Write <out>/student/<file>.py for each of the assignment's files, <out>/<id>.md (the handout),
+    <out>/<id>.ipynb and <out>/release.json; a solved release adds <out>/<id>_solutions.md.
 
     A folder that already holds a student/ with files is refused unless ``force``: it may be a
     student's work.
@@ -110,7 +153,16 @@ def release(assignment_id: str, out_dir, solved: bool = False, force: bool = Fal
         )
     if not holes:
         raise ValueError(f"assignment {assignment_id} has no holes in {assignment.sources}")
-    write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb")
+    handout = handout_path(assignment_id)
+    text = handout_text(assignment_id) if handout.is_file() else None
+    if text is not None:
+        (out_dir / f"{assignment_id}.md").write_text(text)
+    solutions = solutions_path(assignment_id)
+    if solved and solutions.is_file():
+        (out_dir / solutions.name).write_text(solutions.read_text())
+    elif not solved:
+        (out_dir / solutions.name).unlink(missing_ok=True)  # a student release never carries the answers
+    write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb", text)
     record = {
         "assignment": assignment_id,
         "minilora_version": __version__,
@@ -121,26 +173,39 @@ def release(assignment_id: str, out_dir, solved: bool = False, force: bool = Fal
     return out_dir
 
 
-def write_notebook(assignment, holes, path: Path) -> None:
-    """The release's notebook (nbformat, of the notebooks extra, is imported only here: grading needs none)."""
+def write_notebook(assignment, holes, path: Path, handout: str | None = None) -> None:
+    """The release's notebook: the handout's cells (its ```python blocks are the code cells), then a
+    cell that runs the grader. Without a handout, a short task cell lists the holes.
+
+    nbformat, of the notebooks extra, is imported only here: grading needs none.
+    """
     import nbformat
 
     listing = "\n".join(f"- `student/{Path(relative).name}`: {hint}" for relative, hint in holes)
-    cells = [
-        nbformat.v4.new_markdown_cell(
-            f"# {assignment.title}\n\nThis assignment teaches {assignment.teaches}.\n\n"
-            f"Open the files in `student/` and fill in each hole (it raises `NotImplementedError` with a hint):\n\n"
-            f"{listing}\n\nEverything else in those files is minilora's reference code. Run the cells below to "
-            f"check your work as you go; the last one runs the grader."
-        ),
-        nbformat.v4.new_code_cell(
-            "from minilora.assignments.release import load_student\n\n"
-            "student = load_student('.')  # your modules, by file name\nsorted(student)"
-        ),
+    if handout is None:
+        cells = [
+            nbformat.v4.new_markdown_cell(
+                f"# {assignment.title}\n\nThis assignment teaches {assignment.teaches}.\n\n"
+                f"Open the files in `student/` and fill in each hole (it raises `NotImplementedError` with a "
+                f"hint):\n\n{listing}\n\nEverything else in those files is minilora's reference code. Run "
+                f"the cells below to check your work as you go; the last one runs the grader."
+            ),
+            nbformat.v4.new_code_cell(
+                "from minilora.assignments.release import load_student\n\n"
+                "student = load_student('.')  # your modules, by file name\nsorted(student)"
+            ),
+        ]
+    else:
+        cells = [
+            nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+            for kind, source in notebook_cells(handout)
+        ]
+        cells.insert(1, nbformat.v4.new_markdown_cell(f"## The holes\n\n{listing}"))
+    cells.append(
         nbformat.v4.new_code_cell(
             f"from minilora.assignments.grading import grade\n\nprint(grade({assignment.id!r}, '.').table())"
-        ),
-    ]
+        )
+    )
     nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
 
 

@@ -20,6 +20,10 @@ a call makes the part fail with a message. What a local grader cannot prevent: t
 installed, so a student can copy a reference body into their own file, and code in the child can
 switch the child's own guard off. The numbers are still checked in the parent, so what a submission
 cannot do is score without producing the right numbers itself for inputs drawn anew in each run.
+
+Where the grader runs as root (a Gradescope container), ``MINILORA_SANDBOX_USER`` names an
+unprivileged user for the children: the student's code then cannot write the results, the installed
+library or anything else the grader owns (gradescope.py sets it; see docs/instructors.md).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this
 CPU_SECONDS = 300  # CPU time of one child (one part)
 MEMORY_BYTES = 8 * 1024**3  # address space of one child
 NUMERIC_KINDS = "biufc"  # the array dtypes that may cross: bool, integers, floats, complex
+SANDBOX_USER_ENV_VAR = "MINILORA_SANDBOX_USER"  # if set, the children run as this user (needs root)
 
 
 class SandboxError(RuntimeError):
@@ -151,6 +156,7 @@ class StudentProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(to_child_read, from_child_write),
+            **unprivileged_user(),
         )
         os.close(to_child_read)
         os.close(from_child_write)
@@ -198,6 +204,17 @@ class StudentProcess:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def unprivileged_user() -> dict:
+    """``Popen`` arguments that run a child as the user ``MINILORA_SANDBOX_USER`` names, if it is set."""
+    name = os.environ.get(SANDBOX_USER_ENV_VAR)
+    if not name:
+        return {}
+    import pwd
+
+    record = pwd.getpwnam(name)
+    return {"user": record.pw_uid, "group": record.pw_gid, "extra_groups": []}
 
 
 class RemoteObject:

@@ -8,16 +8,18 @@ def add_assignment_parser(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "assignment",
-        help="course assignments: release, grade, verify (see docs/instructors.md)",
+        help="course assignments: release, grade, verify, export (see docs/instructors.md)",
         description="Assignments are holes in minilora's own source. 'release' writes a student copy and a "
         "notebook, 'grade' scores a submission with the assignment's pytest grader, 'verify' "
-        "checks that the reference gets full marks, a blank release zero, and planted bugs lose points.",
+        "checks that the reference gets full marks, a blank release zero, and planted bugs lose points, "
+        "'export --gradescope' writes a Gradescope autograder zip.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="action")
     for action, help_text in (
         ("release", "write a student release"),
         ("grade", "grade a submission"),
         ("verify", "check the whole pipeline"),
+        ("export", "write an autograder for a course platform (Gradescope)"),
     ):
         sub = actions.add_parser(action, help=help_text)
         sub.add_argument(
@@ -28,6 +30,14 @@ def add_assignment_parser(subparsers) -> None:
             sub.add_argument("--solved", action="store_true", help="keep the reference code in the holes")
             sub.add_argument(
                 "--force", action="store_true", help="overwrite a student/ folder that holds files"
+            )
+        if action == "export":
+            sub.add_argument(
+                "--gradescope", action="store_true", required=True,
+                help="a Gradescope autograder zip (setup.sh, run_autograder, a wheel of this minilora)",
+            )  # fmt: skip
+            sub.add_argument(
+                "--out", default=None, help="the zip to write (default: <assignment>-autograder.zip)"
             )
         if action in ("grade", "verify"):
             sub.add_argument(
@@ -50,7 +60,12 @@ def run_assignment_command(args) -> None:
     from ..assignments.pipeline import problems, verify
     from ..assignments.release import release
 
-    if args.action == "release":
+    if args.action == "export":
+        from ..assignments.gradescope import export_gradescope
+
+        out = export_gradescope(args.assignment, args.out or f"{args.assignment}-autograder.zip")
+        print(f"wrote {out}: upload it as the assignment's autograder on Gradescope (docs/instructors.md)")
+    elif args.action == "release":
         out = release(args.assignment, args.out, solved=args.solved, force=args.force)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
     elif args.action == "grade" and args.submission is not None:

@@ -89,13 +89,14 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
 def attention_backward(dout, cache: AttentionCache):
     """Gradient of causal self-attention.   dout: (B, T, C) -> dqkv: (B, T, 3C).
 
-    The forward, line by line:
-      y = att_used v          ->  datt_used = dy v^T,  dv = att_used^T dy
-      att_used = att * mask   ->  datt = datt_used * mask
-      att = softmax(s)        ->  ds = att * (datt - sum_j(datt * att))   (row-wise)
-      s = q_scaled k^T        ->  dq_scaled = ds k,  dk = ds^T q_scaled
-      q_scaled = q * scale    ->  dq = dq_scaled * scale
-    Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
+    Derivation (a3):
+        The forward, line by line:
+          y = att_used v          ->  datt_used = dy v^T,  dv = att_used^T dy
+          att_used = att * mask   ->  datt = datt_used * mask
+          att = softmax(s)        ->  ds = att * (datt - sum_j(datt * att))   (row-wise)
+          s = q_scaled k^T        ->  dq_scaled = ds k,  dk = ds^T q_scaled
+          q_scaled = q * scale    ->  dq = dq_scaled * scale
+        Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
     """
     xp = get_xp(dout)
     q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask

@@ -1,7 +1,10 @@
 """Softmax and cross-entropy fused into one layer: loss = mean over positions of -log p[target].
 
-Fusing the two gives the famously simple gradient dlogits = (softmax(logits) - onehot(target)) / N
-and avoids taking the log of a probability that underflowed to zero.
+Fusing the two gives a famously simple gradient and avoids taking the log of a probability that
+underflowed to zero.
+
+Derivation (a1):
+    dlogits = (softmax(logits) - onehot(target)) / N
 """
 
 from __future__ import annotations
@@ -38,10 +41,14 @@ def cross_entropy_forward(logits, targets):
 
 
 def cross_entropy_backward(dloss, cache: CrossEntropyCache):
-    """dlogits = dloss * (probs - onehot(targets)) / N, in the logits' shape (..., V)."""
+    """Gradient of the mean cross-entropy.   dloss: a number or 0-d array -> dlogits: (..., V).
+
+    Derivation (a1):
+        dlogits = dloss * (probs - onehot(targets)) / N, in the logits' shape (..., V).
+    """
     xp = get_xp(cache.probs)
     N = cache.probs.shape[0]
-    # BEGIN SOLUTION a1: dlogits = (probs - onehot(targets)) * dloss / N
+    # BEGIN SOLUTION a1: dlogits (N, V) from the cached probs and targets, times dloss; mind the mean
     onehot = xp.zeros_like(cache.probs)  # (N, V)
     onehot[xp.arange(N), cache.targets] = 1.0
     dlogits = (cache.probs - onehot) * (dloss / N)

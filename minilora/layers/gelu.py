@@ -32,9 +32,12 @@ def gelu_forward(x):
 
 
 def gelu_backward(dout, cache: GeluCache):
-    """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    """Gradient of gelu, elementwise.   dout: (...) -> dx: (...), in x's shape and dtype.
 
-    The first term differentiates the factor x, the second the tanh (tanh' = 1 - tanh^2).
+    Derivation (a1):
+        d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+
+        The first term differentiates the factor x, the second the tanh (tanh' = 1 - tanh^2).
     """
     x, t = cache.x, cache.t
     # BEGIN SOLUTION a1: product rule on 0.5 x (1 + t); tanh' = 1 - tanh^2

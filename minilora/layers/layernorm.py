@@ -27,7 +27,7 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     by C), as in PyTorch and GPT-2.
     """
     xp = get_xp(x)
-    # BEGIN SOLUTION a2: xhat = (x - mean) * rstd; out = xhat * w (+ b)
+    # BEGIN SOLUTION a2: normalise each row (mean, biased variance, eps in the root), then w (and b)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
@@ -38,15 +38,18 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
 
 
 def layernorm_backward(dout, cache: LayerNormCache):
-    """Gradients of y = xhat * w + b.   Returns (dx, dw, db); db is None without a bias.
+    """Gradients of y = xhat * w + b.   dout: (..., C) -> dx (..., C), dw (C,), db (C,).
 
-    The forward was y = xhat * w + b, so dw = sum(dout * xhat) and db = sum(dout) over all rows,
-    and dxhat = dout * w. Since xhat = (x - mean) * rstd, where both mean and rstd depend on every
-    element of the row, the chain rule through them gives three terms:
+    Returns (dx, dw, db); db is None without a bias.
 
-        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    Derivation (a2):
+        The forward was y = xhat * w + b, so dw = sum(dout * xhat) and db = sum(dout) over all rows,
+        and dxhat = dout * w. Since xhat = (x - mean) * rstd, where both mean and rstd depend on every
+        element of the row, the chain rule through them gives three terms:
 
-    The middle term comes through the mean, the last through the variance.
+            dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+        The middle term comes through the mean, the last through the variance.
     """
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     C = xhat.shape[-1]

@@ -5,7 +5,11 @@ W has shape (C_in, C_out), the layout of the Hugging Face GPT-2 state dict (the 
 matmuls flatten them into one axis of N = B*T rows so that BLAS sees one large product.
 
 The backward can skip dW. That is LoRA's saving: a frozen weight still passes the gradient on to its
-input (dx needs W), but its own gradient, an extra (C_in x N) @ (N x C_out) product, is never formed.
+input, but its own gradient, a matrix product as costly as the forward's, is never formed.
+
+Derivation (a1):
+    dx needs W and dW needs x, which is why the cache keeps both: dW = x^T @ dout is the extra
+    (C_in x N) @ (N x C_out) product that a frozen weight skips.
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ def linear_forward(x, W, b=None):
 
 
 def linear_backward(dout, cache: LinearCache, compute_dW: bool = True, compute_db: bool = True):
-    """Gradients of y = x @ W + b.
-
-    dx = dout @ W^T                      (..., C_out) @ (C_out, C_in) -> (..., C_in)
-    dW = x^T @ dout, summed over rows    (C_in, N) @ (N, C_out) -> (C_in, C_out)
-    db = dout summed over rows           (C_out,)
+    """Gradients of y = x @ W + b.   dout: (..., C_out) -> dx (..., C_in), dW (C_in, C_out), db (C_out,).
 
     Returns (dx, dW, db); dW is None when ``compute_dW`` is False (a frozen weight) and db is None
-    when the layer has no bias or ``compute_db`` is False (a frozen bias: its column sum is skipped too).
+    when the layer has no bias or ``compute_db`` is False (a frozen bias: its gradient is skipped too).
+
+    Derivation (a1):
+        dx = dout @ W^T                      (..., C_out) @ (C_out, C_in) -> (..., C_in)
+        dW = x^T @ dout, summed over rows    (C_in, N) @ (N, C_out) -> (C_in, C_out)
+        db = dout summed over rows           (C_out,)
     """
     x, W = cache.x, cache.W
     C_in, C_out = W.shape

@@ -7,18 +7,23 @@ base. With n = ||V||, the norm of each column (over C_in), the adapted layer is
 
     y = x V * (m / n) + b = g * (x W + s (drop(x) lora_A^T) lora_B^T) + b,      g = m / n   (per output unit)
 
-Backward, with the norm treated as a constant (the paper's Section 4.3, which saves the memory and
-time of differentiating through it; PEFT does the same with ``detach``). Write
-u = x W + s h lora_B^T for the unscaled output and du = dout * g:
+There are two backwards. The default treats the norm n as a constant (the paper's Section 4.3,
+which saves the memory and time of differentiating through it; PEFT does the same with ``detach``):
+it is the exact gradient of the layer with n held at its value. ``exact_norm_gradient=True`` also
+follows the gradient through n = ||V||, which depends on lora_A and lora_B (W is frozen), so the
+two backwards give the same dm, db and dx and differ in dlora_A and dlora_B only.
 
-    dm = sum over rows of dout * u / n       (C_out,)
-    db = sum over rows of dout
-    dlora_A, dlora_B, dx: the LoRA backward of du (see layer.py), plus du W^T for dx
+Derivation (a7):
+    Write u = x W + s h lora_B^T for the unscaled output (h = drop(x) lora_A^T) and du = dout * g.
+    With n held constant:
 
-The exact gradient also flows through n = ||V||. With c = -sum_rows(dout * u) * m / n^2 (the
-derivative of the loss by n) and dn/dV = V / n, the extra term is dV = V * c / n, which reaches the
-factors as dlora_A += s lora_B^T dV^T and dlora_B += s dV^T lora_A^T. ``exact_norm_gradient=True``
-adds it; the gradients of the two factors differ, dm and dx do not.
+        dm = sum over rows of dout * u / n       (C_out,)
+        db = sum over rows of dout
+        dlora_A, dlora_B, dx: the LoRA backward of du (see layer.py), plus du W^T for dx
+
+    Through n: with c = -sum_rows(dout * u) * m / n^2 (the derivative of the loss by n) and
+    dn/dV = V / n, the extra term is dV = V * c / n, which reaches the factors as
+    dlora_A += s lora_B^T dV^T and dlora_B += s dV^T lora_A^T.
 """
 
 from __future__ import annotations
@@ -95,21 +100,24 @@ def dora_linear_backward(dout, cache: DoraCache, compute_db: bool = True):
     """
     W, m, n, lora = cache.W, cache.magnitude, cache.weight_norm, cache.lora
     C_out = W.shape[1]
+    # BEGIN SOLUTION a7: n held constant: dm and db, then du through the LoRA layer and the base path
     dout_rows = dout.reshape(-1, C_out)  # (N, C_out)
     du_dot_u = (dout_rows * cache.u.reshape(-1, C_out)).sum(axis=0)  # (C_out,) sum over rows of dout * u
     dm = du_dot_u / n  # y = u * (m / n)
     db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None  # y = ... + b
     du = dout * (m / n)  # (..., C_out)
-    dx_lora, dlora_A, dlora_B = lora_backward(du, lora)  # u = x W + delta
-    dx = matmul(du, W.T)  # the base path x W
-    dx += dx_lora
+    dx, dlora_A, dlora_B = lora_backward(du, lora)  # u = x W + delta: the adapter's path
+    dx += matmul(du, W.T)  # and the base path x W
+    # END SOLUTION
     if cache.exact_norm_gradient:
+        # BEGIN SOLUTION a7: through n = ||V||: dL/dn, then dV, then its share of dlora_A and dlora_B
         V = W + lora_delta_weight(lora.lora_A, lora.lora_B, lora.scaling).astype(W.dtype)  # (C_in, C_out)
         c = -du_dot_u * m / (n * n)  # (C_out,) dL/dn
         dV = V * (c / n)  # (C_in, C_out), through n = ||V[:, j]||
         # V = W + s lora_A^T lora_B^T, so dlora_A += s lora_B^T dV^T and dlora_B += s dV^T lora_A^T
         dlora_A += lora.scaling * matmul(lora.lora_B.T, dV.T)  # (r, C_in)
         dlora_B += lora.scaling * matmul(dV.T, lora.lora_A.T)  # (C_out, r)
+        # END SOLUTION
     return dx, db, dlora_A, dlora_B, dm
 
 

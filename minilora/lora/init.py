@@ -88,24 +88,40 @@ def init_lora_factors(
     return factors
 
 
-def init_pissa_factors(lora_config: LoraConfig, weights: dict) -> tuple[dict, dict]:
-    """PiSSA: factors from the top-r singular triplets of each W, and the residual weights.
+def pissa_factors(W, r: int, scaling: float):
+    """PiSSA's factors of one weight W (C_in, C_out), float64 NumPy: lora_A (r, C_in), lora_B (C_out, r).
 
-    W = U S V^T (W is (C_in, C_out), U (C_in, k), V (C_out, k)). With the scale s, take
-    lora_A = sqrt(S_r / s) U_r^T (r, C_in) and lora_B = V_r sqrt(S_r / s) (C_out, r), so that
-    s lora_A^T lora_B^T = U_r S_r V_r^T, the best rank-r part of W; the frozen weight becomes the
-    residual W - s lora_A^T lora_B^T, and the adapted layer starts exactly at the base. The SVD runs
-    on the host in float64. Returns (factors, residual weights), both on the weights' device and dtype.
+    They hold W's top-r singular directions: s lora_A^T lora_B^T is the best rank-r approximation of
+    W (in the Frobenius norm), and the singular values are split evenly between the two factors, so
+    that lora_A has orthogonal rows, lora_B orthogonal columns, and lora_A lora_A^T = lora_B^T lora_B.
+
+    Derivation (a7):
+        W = U S V^T (U (C_in, k), V (C_out, k), S descending). With U_r, S_r, V_r the first r, take
+        lora_A = sqrt(S_r / s) U_r^T and lora_B = V_r sqrt(S_r / s): then s lora_A^T lora_B^T =
+        U_r S_r V_r^T (Eckart-Young: the best rank-r part), and both Gram matrices are S_r / s.
+    """
+    # BEGIN SOLUTION a7: the SVD of W, its top r singular triplets, shared evenly by the two factors
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)  # U (C_in, k), S (k,), Vt (k, C_out)
+    root = np.sqrt(S[:r] / scaling)  # (r,)
+    lora_A = root[:, None] * U[:, :r].T  # (r, C_in)
+    lora_B = Vt[:r].T * root[None, :]  # (C_out, r)
+    # END SOLUTION
+    return lora_A, lora_B
+
+
+def init_pissa_factors(lora_config: LoraConfig, weights: dict) -> tuple[dict, dict]:
+    """PiSSA: factors from the top-r singular triplets of each W (``pissa_factors``), and the residuals.
+
+    The frozen weight becomes the residual W - s lora_A^T lora_B^T, so the adapted layer starts
+    exactly at the base. The SVD runs on the host in float64. Returns (factors, residual weights),
+    both on the weights' device and dtype.
     """
     r, s = lora_config.r, lora_config.scaling
     factors, residuals = {}, {}
     for name, W in weights.items():
         device, dtype = device_of(W), W.dtype
         W64 = to_numpy(W).astype(np.float64)
-        U, S, Vt = np.linalg.svd(W64, full_matrices=False)  # U (C_in, k), S (k,), Vt (k, C_out)
-        root = np.sqrt(S[:r] / s)  # (r,)
-        lora_A = root[:, None] * U[:, :r].T  # (r, C_in)
-        lora_B = Vt[:r].T * root[None, :]  # (C_out, r)
+        lora_A, lora_B = pissa_factors(W64, r, s)  # (r, C_in), (C_out, r)
         factors[f"{name}.lora_A"] = to_device(lora_A.astype(dtype), device)
         factors[f"{name}.lora_B"] = to_device(lora_B.astype(dtype), device)
         residuals[f"{name}.weight"] = to_device((W64 - s * lora_A.T @ lora_B.T).astype(dtype), device)

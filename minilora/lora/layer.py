@@ -6,20 +6,24 @@ A frozen linear layer y = x W + b (W of shape (C_in, C_out), GPT-2's layout) is 
 
 with lora_A of shape (r, C_in) and lora_B of shape (C_out, r), PEFT's layout (so that
 lora_A^T lora_B^T is a (C_in, C_out) matrix like W), a small rank r, and the scaling
-s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023). The update
+s = lora_alpha / r (or rsLoRA's rank-stabilised scale, Kalajdzievski 2023: see lora_scaling). The update
 lora_A^T lora_B^T has rank at most r and only r (C_in + C_out) numbers instead of C_in C_out.
 lora_B starts at zero, so training starts exactly at the base model.
 
-Backward. Write h = drop(x) lora_A^T, shape (..., r), and delta = s h lora_B^T. Given dout = dL/dy:
+The backward returns dx, dlora_A and dlora_B. The frozen W still carries gradient to x, but its own
+weight gradient, a (C_in, C_out) product as costly as the forward's, is never formed.
 
-    dlora_B = s dout^T h             (C_out, N) @ (N, r)       -> (C_out, r)
-    dh      = s dout lora_B          (..., C_out) @ (C_out, r) -> (..., r)
-    dlora_A = dh^T drop(x)           (r, N) @ (N, C_in)        -> (r, C_in)
-    dx      = dout W^T + drop'(dh lora_A)   the base path plus the adapter path
+Derivation (a5):
+    Write h = drop(x) lora_A^T, shape (..., r), and delta = s h lora_B^T. Given dout = dL/dy:
 
-where drop' multiplies by the same dropout mask. The frozen W still carries gradient to x (first
-term of dx), but dW = x^T dout, a (C_in, N) @ (N, C_out) product, is never formed. At lora_B = 0,
-dh = 0 and hence dlora_A = 0: on the first step only lora_B moves.
+        dlora_B = s dout^T h             (C_out, N) @ (N, r)       -> (C_out, r)
+        dh      = s dout lora_B          (..., C_out) @ (C_out, r) -> (..., r)
+        dlora_A = dh^T drop(x)           (r, N) @ (N, C_in)        -> (r, C_in)
+        dx      = dout W^T + drop'(dh lora_A)   the base path plus the adapter path
+
+    where drop' multiplies by the same dropout mask. The first term of dx is the frozen W's path;
+    dW = x^T dout, a (C_in, N) @ (N, C_out) product, is never formed. At lora_B = 0, dh = 0 and hence
+    dlora_A = 0: on the first step only lora_B moves.
 
 Merging folds the update into the weight, W' = W + s lora_A^T lora_B^T, for inference with no
 extra cost. (Shapes: N rows of the flattened batch, C_in and C_out the layer's sides, r the rank.)
@@ -34,8 +38,20 @@ from ..layers import LinearCache, linear_backward, linear_forward
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """s = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA (which keeps updates stable as r grows)."""
+    """The scale s of the update s lora_A^T lora_B^T: lora_alpha / r, or rsLoRA's with ``use_rslora``.
+
+    rsLoRA's scale keeps the size of the update the same for every rank when its r rank-one terms
+    (column i of lora_A^T times row i of lora_B^T) are independent, of zero mean and equal variance,
+    and it equals lora_alpha / r at r = 1. With lora_alpha / r, large ranks learn slower and slower.
+
+    Derivation (a7):
+        A sum of r independent zero-mean terms has r times one term's variance, so the update's
+        entries grow as sqrt(r); s = lora_alpha / sqrt(r) cancels that, while lora_alpha / r
+        shrinks the update as 1 / sqrt(r).
+    """
+    # BEGIN SOLUTION a7: lora_alpha / r, or rsLoRA's rank-stabilised scale
     return lora_alpha / (r**0.5 if use_rslora else r)
+    # END SOLUTION
 
 
 class LoraCache(NamedTuple):
@@ -61,13 +77,14 @@ def lora_forward(x, lora_A, lora_B, scaling: float, dropout_mask=None):
 
 
 def lora_backward(ddelta, cache: LoraCache):
-    """Gradients of delta = s * (drop(x) lora_A^T) lora_B^T.
+    """Gradients of delta = s * (drop(x) lora_A^T) lora_B^T.   ddelta: (..., C_out).
 
-    Returns (dx, dlora_A, dlora_B); the formulas and shapes are in the module docstring.
+    Returns (dx, dlora_A, dlora_B), shaped like x (..., C_in), lora_A (r, C_in) and lora_B (C_out, r):
+    the adapter's path only (``lora_linear_backward`` adds the base layer's).
     """
     r, C_in = cache.lora_A.shape
     C_out = cache.lora_B.shape[0]
-    # BEGIN SOLUTION a5: dlora_B = s ddelta^T h; dh = s ddelta lora_B; dlora_A = dh^T x_in; dx = dh lora_A
+    # BEGIN SOLUTION a5: dlora_B, then dh (the gradient of h), dlora_A, and dx back through the mask
     ddelta_rows = ddelta.reshape(-1, C_out)  # (N, C_out)
     dlora_B = matmul(ddelta_rows.T, cache.h.reshape(-1, r))  # (C_out, r)
     dlora_B *= cache.scaling
