@@ -22,14 +22,8 @@ from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params  # noqa:
 from minilora.lora.config import LoraConfig  # noqa: E402
 from minilora.lora.model import add_lora  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
-from minilora.quant import quantize_gguf_blocks, quantize_nf4  # noqa: E402
+from minilora.quant import quantize_weight as quantize  # noqa: E402
 from minilora.training.loop import train_step  # noqa: E402
-
-
-def quantize(weight, block_format, layout="linear"):
-    if block_format == "nf4":
-        return quantize_nf4(weight, layout)
-    return quantize_gguf_blocks(weight, block_format, layout)
 
 
 @pytest.mark.parametrize("block_format", sorted(FUSED_DEQUANTIZERS))

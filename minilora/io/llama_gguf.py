@@ -29,7 +29,7 @@ import numpy as np
 
 from ..backend import to_device
 from ..llama import EMBED, HEAD, NORM, Llama, LlamaConfig
-from ..quant import QUANTIZED_FORMATS, quantize_gguf_blocks, quantize_nf4, quantized_from_gguf
+from ..quant import QUANTIZED_FORMATS, quantize_weight, quantized_from_gguf
 from .gguf_file import GGUFError, load_gguf, load_gguf_blocks
 
 BLOCK_TENSORS = {  # GGUF's name in a block -> (the Llama parameter in that block, transposed?)
@@ -110,10 +110,8 @@ def llama_from_gguf(path: str | os.PathLike, block_size: int | None = None, dtyp
             params[name] = to_device(array, device)
             continue
         layout = "linear" if transposed else "table"  # stored (C_out, C_in), or the (V, C) embedding
-        if quantize == "nf4":
-            weight = quantize_nf4(array, layout)
-        elif block_format is None:  # re-quantized uniformly to q4_1 or q8_0
-            weight = quantize_gguf_blocks(array, quantize, layout)
+        if block_format is None:  # re-quantized from the file's values to one format
+            weight = quantize_weight(array, quantize, layout)
         else:
             weight = quantized_from_gguf(array, block_format, *shape, layout)
         params[name] = weight.map_arrays(lambda a: to_device(a, device))

@@ -12,11 +12,20 @@ from .weight import QuantizedWeight
 
 QUANTIZED_FORMATS = ("gguf", "q4_1", "q8_0", "nf4")  # a GGUF file's own blocks, or one format for all
 
+
+def quantize_weight(weight, format: str, layout: str = "linear") -> QuantizedWeight:
+    """A stored (rows, cols) float matrix quantized to ``format``: "q4_1", "q8_0" or "nf4"."""
+    if format == "nf4":
+        return quantize_nf4(weight, layout)
+    return quantize_gguf_blocks(weight, format, layout)
+
+
 __all__ = [
     "NF4_CODEBOOK",
     "QUANTIZED_FORMATS",
     "QuantizedWeight",
     "quantize_gguf_blocks",
     "quantize_nf4",
+    "quantize_weight",
     "quantized_from_gguf",
 ]
