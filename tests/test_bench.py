@@ -310,3 +310,55 @@ def test_the_torch_peer_runs_on_the_gpu_with_the_same_first_loss():
     assert peer["tf32"] is False and peer["gpu"]
     assert peer["first_loss_rel_diff"] < 1e-5  # same weights and batch, float32 on both sides
     assert peer["peak_device_bytes"] > 0 and result["ratio"]["median"] > 0
+
+
+def test_the_peer_under_bf16_autocast_keeps_float32_masters_and_a_loss_near_float32():
+    pytest.importorskip("torch")
+    model, _, exact = peer_pair(LoraConfig(r=4, target_modules="all-linear", init="random"))
+    torch_peer = load_torch_peer()
+    mixed = torch_peer.TorchGPT(
+        {
+            "n_layer": TINY.n_layer,
+            "n_head": TINY.n_head,
+            "n_embd": TINY.n_embd,
+            "vocab_size": TINY.vocab_size,
+        },
+        {name: value.astype(np.float32) for name, value in model.params.items()},
+        model.trainable_names,
+        adapted=tuple(model.adapted_modules),
+        scaling=exact.scaling,
+        autocast="bfloat16",
+    )
+    idx, targets = batch(TINY, 4, 64, seed=1)
+    exact_loss = float(exact.loss_and_grads(idx, targets)[0])
+    mixed_loss = float(mixed.step(idx, targets))
+    # bf16 keeps 8 bits of mantissa: the loss moves by about 2^-8 relative, not by float32's 1e-7.
+    assert 1e-6 < abs(mixed_loss - exact_loss) / exact_loss < 2e-2
+    assert all(t.dtype == torch_peer.torch.float32 for t in mixed.trainable)
+    with pytest.raises(ValueError, match="autocast"):
+        torch_peer.TorchGPT(
+            {"n_layer": 1, "n_head": 1, "n_embd": 4, "vocab_size": 8}, {}, (), autocast="int8"
+        )
+
+
+@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+def test_the_gpu_peer_runs_bf16_autocast_sdpa_and_compile():
+    pytest.importorskip("torch")
+    settings = BenchSettings(
+        preset="tiny",
+        device="cuda",
+        batch_size=2,
+        warmup=3,
+        steps=1,
+        repeats=1,
+        peak_size=1024,
+        corpus=None,
+        peer="torch",
+        peer_attention="sdpa",
+        peer_autocast="bfloat16",
+        peer_compile=True,
+    )
+    peer = run_bench(settings)["peer"]
+    assert peer["autocast"] == "bfloat16" and peer["compile"] is True
+    assert peer["autocast_matmul_peak_gflops"] > 0
+    assert 0 < peer["first_loss_rel_diff"] < 2e-2  # bf16 products: near, not equal to, minilora's float32

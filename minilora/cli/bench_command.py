@@ -106,6 +106,15 @@ def add_bench_parser(subparsers) -> None:
         help="math: explicit full T x T softmax attention, as minilora (for smollm2 transformers' eager); "
         "sdpa: F.scaled_dot_product_attention (causal kernel)",
     )
+    peer.add_argument(
+        "--peer-autocast",
+        choices=("none", "bfloat16"),
+        default="none",
+        help="bfloat16: the peer's forward under torch.autocast (bf16 products, float32 master weights)",
+    )
+    peer.add_argument(
+        "--peer-compile", action="store_true", help="the peer's forward through torch.compile (gpt2 presets)"
+    )
     parser.add_argument("--out", default=None, help="also append the JSON line to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
@@ -130,6 +139,10 @@ def smollm2_settings_from_args(args):
 
     if args.full or args.dtype != "float32":
         raise ValueError("--preset smollm2 times a float32 LoRA step: leave out --full and --dtype")
+    if args.peer_autocast != "none" or args.peer_compile:
+        raise ValueError(
+            "--peer-autocast and --peer-compile apply to the GPT presets, not to --preset smollm2"
+        )
     given = {"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads}
     return SmolLM2BenchSettings(
         lora_config=lora_config_from_args(args, "q_proj,v_proj"),
@@ -175,6 +188,8 @@ def settings_from_args(args):
         peer=None if args.peer == "none" else args.peer,
         peer_threads=args.peer_threads,
         peer_attention=args.peer_attention,
+        peer_autocast=None if args.peer_autocast == "none" else args.peer_autocast,
+        peer_compile=args.peer_compile,
         threads=args.threads,
         peak_size=args.peak_size,
         trace_memory=not args.no_trace_memory,

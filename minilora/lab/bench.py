@@ -142,6 +142,8 @@ class BenchSettings:
     peer: str | None = None  # "torch": time minilora.lab.torch_peer side by side
     peer_threads: int = 2  # torch.set_num_threads
     peer_attention: str = "math"  # the peer's attention: "math" (full T x T, as minilora) or "sdpa"
+    peer_autocast: str | None = None  # the peer's forward under torch.autocast: None or "bfloat16"
+    peer_compile: bool = False  # the peer's forward through torch.compile
     threads: int | None = (
         None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
     )
@@ -497,7 +499,8 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         peer_record.update(throughput(peer_timed, B * T, flops["total"], peak))
         peer_record["loss_last"] = float(peer_loss)
         peer_record["first_loss_rel_diff"] = abs(peer_record["loss_first"] - loss_first) / abs(loss_first)
-        peer_record["mfu_vs_own_peak"] = peer_record["achieved_gflops"] / peer_record["matmul_peak_gflops"]
+        own_peak = peer_record["autocast_matmul_peak_gflops"] or peer_record["matmul_peak_gflops"]
+        peer_record["mfu_vs_own_peak"] = peer_record["achieved_gflops"] / own_peak
         result["peer"] = peer_record
         ratios = [
             mine / theirs
@@ -511,8 +514,13 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
     log("loading the PyTorch peer, minilora.lab.torch_peer")
     module = load_torch_peer()
     info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
-    peak = module.matmul_peak_gflops(
-        settings.peak_size or PEAK_SIZES[device], dtype=settings.dtype, device=device
+    peak_n = settings.peak_size or PEAK_SIZES[device]
+    peak = module.matmul_peak_gflops(peak_n, dtype=settings.dtype, device=device)
+    # Under autocast the products run in bf16 (or fp16): its MFU is against that peak, measured here too.
+    autocast_peak = (
+        None
+        if settings.peer_autocast is None
+        else module.matmul_peak_gflops(peak_n, dtype=settings.peer_autocast, device=device)
     )
     reset_peak_rss()
     rss_before = current_rss_bytes()
@@ -538,16 +546,22 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
         dtype=settings.dtype,
         attention=settings.peer_attention,
         device=device,
+        autocast=settings.peer_autocast,
+        compile=settings.peer_compile,
     )
     log(
         f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
-        f"attention {settings.peer_attention}: {settings.warmup} warm-up steps"
+        f"attention {settings.peer_attention}, autocast {settings.peer_autocast}, "
+        f"compile {settings.peer_compile}: {settings.warmup} warm-up steps"
     )
     record = {
         "name": "torch",
         **info,
         "attention": settings.peer_attention,
+        "autocast": settings.peer_autocast,
+        "compile": settings.peer_compile,
         "matmul_peak_gflops": peak,
+        "autocast_matmul_peak_gflops": autocast_peak,
         "_rss_before": rss_before,
     }
     return peer, record

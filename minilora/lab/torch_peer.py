@@ -18,7 +18,11 @@ It is what a PyTorch user would write for the same model, with nothing compiled:
   same lr, betas, eps and weight decay on the same parameters (matrices decayed, embeddings, biases
   and LayerNorm gains not), all with torch's defaults otherwise;
 - on a GPU (``device="cuda"``) the same code runs on CUDA tensors with TF32 turned off, so both
-  sides multiply in full float32; the loss is returned without a host sync, as in a training loop.
+  sides multiply in full float32; the loss is returned without a host sync, as in a training loop;
+- what a PyTorch user on a GPU actually runs is two switches away: ``autocast="bfloat16"`` wraps
+  the forward in ``torch.autocast`` (products in bf16 with float32 accumulation, the parameters and
+  AdamW's state stay float32), and ``compile=True`` hands the forward to ``torch.compile``
+  (kernels fused by Inductor; the first steps compile, so warm up before timing).
 
 The interface takes and returns NumPy arrays and plain values: it imports nothing from minilora, so
 the peer stays an independent implementation.
@@ -36,7 +40,8 @@ import torch.nn.functional as F
 WTE = "transformer.wte.weight"
 WPE = "transformer.wpe.weight"
 LAYERNORM_EPS = 1e-5
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def configure(threads: int, device: str = "cpu", tf32: bool = False) -> dict:
@@ -75,8 +80,8 @@ def peak_device_bytes(device: str, reset: bool = False):
 def matmul_peak_gflops(n: int, repeats: int = 5, dtype: str = "float32", device: str = "cpu") -> float:
     """Best GFLOP/s of an (n, n) @ (n, n) product through torch.matmul, after a warm-up."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype]).to(device)
-    b = torch.randn(n, n, generator=gen, dtype=TORCH_DTYPES[dtype]).to(device)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
     out = torch.empty(n, n, dtype=TORCH_DTYPES[dtype], device=device)
     torch.matmul(a, b, out=out)
     best = math.inf
@@ -94,7 +99,9 @@ class TorchGPT:
 
     spec: {"n_layer", "n_head", "n_embd", "vocab_size"}; params: name -> NumPy array (copied);
     trainable: the names that get gradients; adapted: module names with lora_A/lora_B in params;
-    scaling: LoRA's s; decay_names: the trainable names that get weight decay.
+    scaling: LoRA's s; decay_names: the trainable names that get weight decay; autocast: None
+    (products in ``dtype``) or "bfloat16"/"float16" (``torch.autocast`` around the forward);
+    compile: the forward through ``torch.compile``.
     """
 
     def __init__(
@@ -113,9 +120,13 @@ class TorchGPT:
         dtype: str = "float32",
         attention: str = "math",
         device: str = "cpu",
+        autocast: str | None = None,
+        compile: bool = False,
     ):
         if attention not in ("math", "sdpa"):
             raise ValueError(f"attention must be 'math' or 'sdpa', got {attention!r}")
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}")
         self.n_layer, self.n_head = spec["n_layer"], spec["n_head"]
         self.n_embd, self.vocab_size = spec["n_embd"], spec["vocab_size"]
         self.adapted = frozenset(adapted)
@@ -123,6 +134,8 @@ class TorchGPT:
         self.grad_clip = grad_clip
         self.attention = attention
         self.device = device
+        self.autocast = AUTOCAST_DTYPES[autocast]
+        self._forward = torch.compile(self.forward) if compile else self.forward
         trainable = set(trainable)
         unknown = trainable - set(params)
         if unknown:
@@ -195,7 +208,8 @@ class TorchGPT:
 
     def step(self, idx: np.ndarray, targets: np.ndarray):
         """One training step on NumPy (B, T) batches: forward, backward, clipping, AdamW. Returns the loss."""
-        loss = self.forward(*self._to_device(idx, targets))
+        with torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self._forward(*self._to_device(idx, targets))
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
