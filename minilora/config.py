@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .validate import check_bool, check_float, check_int
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -21,13 +23,12 @@ class GPTConfig:
 
     def __post_init__(self):
         for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{field} must be a positive integer, got {value!r}")
+            object.__setattr__(self, field, check_int(f"GPTConfig.{field}", getattr(self, field), minimum=1))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        dropout = check_float("GPTConfig.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        object.__setattr__(self, "dropout", dropout)
+        object.__setattr__(self, "bias", check_bool("GPTConfig.bias", self.bias))
 
     @property
     def head_size(self) -> int:
@@ -38,9 +39,11 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> GPTConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"a GPTConfig must be a mapping of its fields, got {type(values).__name__}")
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")
+            raise ValueError(f"unknown GPTConfig fields {sorted(map(str, unknown))}")
         return cls(**values)
 
 

@@ -118,7 +118,7 @@ def test_peft_loads_a_minilora_llama_adapter_and_gives_the_same_logits(tmp_path,
         theirs = peft_model(input_ids=torch.tensor(idx)).logits.numpy()
     ours = model.forward(idx)[0]
     assert not np.allclose(ours, base().forward(idx)[0], atol=1e-3)  # the adapter really changes the output
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)  # float64: measured 4e-15
 
 
 def test_minilora_imports_a_peft_llama_adapter_and_gives_the_same_logits(tmp_path):
@@ -139,4 +139,4 @@ def test_minilora_imports_a_peft_llama_adapter_and_gives_the_same_logits(tmp_pat
         theirs = peft_model(input_ids=torch.tensor(idx)).logits.numpy()
     model = import_peft(base(), tmp_path)
     assert isinstance(model, LoraLlama) and len(model.adapted_modules) == 6
-    np.testing.assert_allclose(model.forward(idx)[0], theirs, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(model.forward(idx)[0], theirs, rtol=0, atol=1e-12)  # float64: measured 2e-15

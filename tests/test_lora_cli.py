@@ -123,6 +123,8 @@ def test_finetune_writes_the_adapter_its_config_and_metrics(adapter, base_dir):
         "adapter.safetensors",
         "adapter_config.json",
         "finetune_metrics.json",
+        "finetune_state.json",  # what --resume continues from: the adapter and its optimiser state
+        "finetune_state.safetensors",
     ]
     metrics = json.loads((out / "finetune_metrics.json").read_text())
     for key in (
@@ -238,7 +240,7 @@ def test_finetune_all_linear_with_lora_only_biases(base_dir, tmp_path):
             "transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj",
         ),
         (["--layers", "3"], "layers_to_transform [3] out of range"),
-        (["--alpha", "0"], "lora_alpha must be > 0"),
+        (["--alpha", "0"], "LoraConfig.lora_alpha must be in (0, inf), got 0.0"),
     ],
 )
 def test_bad_lora_settings_exit_1_with_a_clear_message(flags, message, base_dir, tmp_path, capsys):

@@ -20,9 +20,12 @@ F = torch.nn.functional
 from minilora.config import GPTConfig  # noqa: E402
 from minilora.model import GPT, WPE, WTE, init_params  # noqa: E402
 
-LOGITS_TOL = 1e-6  # max |minilora - torch| / max |torch|
-LOSS_TOL = 1e-6
-GRAD_TOL = 1e-6
+# Measured in float64: logits 8e-16, loss 0, gradients 2e-15 relative. The tolerances keep a margin
+# of about 500 and no more, so that a wrong constant (GELU's 0.044716 for 0.044715 moves the logits by
+# 4e-7) fails here instead of hiding under a float32-sized tolerance.
+LOGITS_TOL = 1e-12  # max |minilora - torch| / max |torch|
+LOSS_TOL = 1e-12
+GRAD_TOL = 1e-12
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 B, T = 2, 12  # T < block_size: the position rows T.. must get exactly zero gradient, in both models

@@ -98,7 +98,9 @@ def test_the_adapter_loads_for_eval_generate_and_chat(adapter_dir, capsys):
         main(["eval", *common, "--corpus", "shakespeare_folio", "--max-windows", "2", "--batch-size", "2"])
         == 0
     )
-    assert re.search(r"with adapter 'folio': \d\.\d{4} bits/byte \([\d,]+ tokens\)", capsys.readouterr().out)
+    assert re.search(
+        r"with adapter 'folio': \d\.\d{4} bits/byte \([\d,]+ bytes in 2 windows\)", capsys.readouterr().out
+    )
     assert (
         main(["generate", *common, "--prompt", "KING.", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     )

@@ -8,9 +8,11 @@ chat_command: chat.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..backend import BackendError
+from ..fast.distributed.world import abort_on_error, current_world
 from ..io.adapters import AdapterError
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
@@ -24,6 +26,7 @@ from . import (
     experiment_command,
     lora_commands,
 )
+from .arg_types import OneLineErrorParser
 
 EXPECTED_ERRORS = (
     AdapterError,
@@ -37,11 +40,12 @@ EXPECTED_ERRORS = (
     RuntimeError,
     FileExistsError,
     FileNotFoundError,
+    OSError,  # a full disk or a read-only folder: atomic writes name the path (io/checkpoint.py)
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU)."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -55,15 +59,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help, unless X is None or False or the help already names its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser):
+    """Every parser below ``parser`` (subcommands, and their own subcommands), depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield child
+                yield from subcommand_parsers(child)
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The deepest subcommand's parser that ``args`` went through (``minilora assignment release``'s)."""
+    for action in parser._actions:
+        if (
+            isinstance(action, argparse._SubParsersAction)
+            and getattr(args, action.dest, None) in action.choices
+        ):
+            return chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The parsed command line; an unknown option is reported by the subcommand it was given to."""
+    parser = build_parser()
+    for child in subcommand_parsers(parser):
+        child.formatter_class = DefaultsHelpFormatter
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
-        args.run(args)
+        world = current_world()  # under mpirun every rank runs this command
+        if not world.is_writer:  # rank 0 alone speaks; errors still reach stderr
+            sys.stdout = open(os.devnull, "w")  # for the rest of this process
+        with abort_on_error(world, args.command):  # under mpirun: one rank's failure ends the job
+            args.run(args)
     except EXPECTED_ERRORS as err:
         print(f"minilora {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"minilora {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        print(f"minilora {args.command}: interrupted; checkpoints written before are intact", file=sys.stderr)
         return 130
     return 0
 

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
+
+# What each action imports beyond minilora's own dependencies, and the extra that installs it.
+EXTRAS_NEEDED = {
+    "release": (("nbformat", "notebooks"),),  # the student notebook
+    "grade": (("pytest", "dev"),),  # the graders are pytest files
+    "verify": (("nbformat", "notebooks"), ("pytest", "dev")),  # releases, then grades
+}
+
+
+def require_extras(action: str) -> None:
+    """Refuse, in one line naming the extra to install, an action whose modules are missing."""
+    for module, extra in EXTRAS_NEEDED.get(action, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise RuntimeError(
+                f"'assignment {action}' needs {module}, from minilora's {extra} extra: "
+                f"pip install 'minilora[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+            ) from None
+
 
 def add_assignment_parser(subparsers) -> None:
     from ..assignments.catalog import ASSIGNMENTS
@@ -60,6 +81,7 @@ def run_assignment_command(args) -> None:
     from ..assignments.pipeline import problems, verify
     from ..assignments.release import release
 
+    require_extras(args.action)
     if args.action == "export":
         from ..assignments.gradescope import export_gradescope
 

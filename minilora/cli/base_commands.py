@@ -12,9 +12,16 @@ from ..io.bases import SMOLLM2
 from ..io.data import SHIPPED_CORPORA
 from ..quant import QUANTIZED_FORMATS
 from ..training.loop import TrainSettings
+from .arg_types import non_negative_float, non_negative_int, positive_float, positive_int, probability
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 SMOLLM2_EVAL_BLOCK_SIZE = 256  # the windows finetune trains and scores SmolLM2 on (lora_commands.py)
+TRAINING_FLAG_TYPES = {  # the argparse type of each TrainSettings flag: bad values fail as they are typed
+    **dict.fromkeys(("steps", "batch_size", "eval_interval", "eval_windows", "log_interval"), positive_int),
+    **dict.fromkeys(("warmup_steps", "seed"), non_negative_int),
+    "lr": positive_float,
+    **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), non_negative_float),
+}
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +39,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainSettings)
     for f in fields(TrainSettings):
         training.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=type(getattr(defaults, f.name)),
+            type=TRAINING_FLAG_TYPES[f.name],
             default=None,
             help=f"(default {getattr(defaults, f.name)})",
         )
@@ -63,18 +70,28 @@ def add_pretrain_parser(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size")
     model = parser.add_argument_group("model shape (each replaces the preset's value)")
     for name in MODEL_FLAGS:
-        kind = float if name == "dropout" else int
+        kind = probability if name == "dropout" else positive_int
         model.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
     add_training_flags(parser, TrainSettings())
     parser.add_argument("--out", default="runs/pretrain", help="directory for the checkpoint and results")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the checkpoint in --out; training flags given here override its settings",
-    )
+    add_resume_flags(parser, "the checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
     parser.set_defaults(run=run_pretrain)
+
+
+def add_resume_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--resume and --overwrite: what to do with a run already in --out (without either, it is refused)."""
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from {what}; training flags given here override its settings (--steps is the total)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out: its files are removed before training starts",
+    )
 
 
 def run_pretrain(args) -> None:
@@ -96,6 +113,7 @@ def run_pretrain(args) -> None:
         resume=args.resume,
         settings_overrides=given if args.resume else None,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     final = result.evals[-1]["val_bits_per_byte"] if result.evals else float("nan")
     print(
@@ -132,7 +150,7 @@ def add_memory_flags(parser) -> None:
         help="--base smollm2: keep only each block's input and recompute its activations in the backward",
     )  # fmt: skip
     parser.add_argument(
-        "--loss-chunk-rows", type=int, default=None, metavar="N",
+        "--loss-chunk-rows", type=positive_int, default=None, metavar="N",
         help="--base smollm2: the output head and the loss N positions at a time, so the (B, T, V) logits "
         "never exist whole (e.g. 256)",
     )  # fmt: skip
@@ -207,20 +225,21 @@ def add_eval_parser(subparsers) -> None:
     add_corpus_flag(parser, "shakespeare_modern")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument(
-        "--block-size", type=int, default=None,
+        "--block-size", type=positive_int, default=None,
         help=f"window length of --base smollm2, in tokens (default {SMOLLM2_EVAL_BLOCK_SIZE}, as finetune trains)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument(
-        "--max-windows", type=int, default=None, help="evaluate this many windows, spread evenly"
+        "--max-windows", type=positive_int, default=None, help="evaluate this many windows, spread evenly"
     )
     add_device_flag(parser)
     parser.set_defaults(run=run_eval)
 
 
 def run_eval(args) -> None:
+    from ..fast.cpu.inference import cpu_inference
     from ..io.data import load_corpus, tokenize_corpus
-    from ..training.evaluate import bits_per_byte
+    from ..training.evaluate import bits_per_byte, bytes_scored, window_starts
 
     block_size = args.block_size
     if block_size is None and args.checkpoint == SMOLLM2:
@@ -229,12 +248,15 @@ def run_eval(args) -> None:
     corpus = load_corpus(args.corpus)
     corpus = corpus if base.is_byte_level else tokenize_corpus(corpus, base.tokenizer)
     data = getattr(corpus, args.split)
-    size = f"{len(data):,} bytes" if base.is_byte_level else f"{len(data):,} tokens"
+    T = model.config.block_size
+    windows = len(window_starts(len(data), T, args.max_windows))
+    size = f"{bytes_scored(data, T, args.max_windows, corpus.token_bytes):,} bytes in {windows:,} windows"
     chosen = [args.use] if args.use is not None else names
     for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
         if name is not None:
             model.set_adapter(name)
-        bpb = bits_per_byte(model, data, args.batch_size, args.max_windows, True, corpus.token_bytes)
+        with cpu_inference(model):  # on the CPU, training's policy: fast layers, one-threaded BLAS
+            bpb = bits_per_byte(model, data, args.batch_size, args.max_windows, True, corpus.token_bytes)
         label = "" if name is None else f" with adapter {name!r}"
         print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({size})")
 
@@ -249,24 +271,45 @@ def add_generate_parser(subparsers) -> None:
     )
     add_checkpoint_flag(parser, "--checkpoint", "--base")
     add_adapter_flags(parser)
-    parser.add_argument("--prompt", default="ROMEO:\n", help="text to continue; \\n is a newline")
-    parser.add_argument("--max-new-tokens", type=int, default=300, help="tokens (bytes) to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompt", default="ROMEO:\\n",
+        help="text to continue (\\n is a newline), @PATH for a UTF-8 file's text, or - for standard input",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=non_negative_int, default=300, help="tokens (bytes) to generate"
+    )
+    parser.add_argument(
+        "--temperature", type=non_negative_float, default=0.8, help="0 picks the most likely token"
+    )
+    parser.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     add_device_flag(parser)
     parser.set_defaults(run=run_generate)
 
 
 def run_generate(args) -> None:
+    from ..fast import accelerate_generation
+    from ..fast.cpu.inference import cpu_inference
     from ..generate import generate
+    from .prompt_text import printable, read_prompt
 
-    prompt = args.prompt.replace("\\n", "\n")  # a typed backslash-n means a newline
+    prompt = read_prompt(args.prompt)  # before the model loads: a bad path fails at once
     base, model, _ = load_for_inference(args)
-    text = generate(
-        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, base.tokenizer
-    )
-    print(text)
+    decoder = accelerate_generation(model)  # on a GPU, the step as a CUDA graph; else the reference
+    with cpu_inference(model):  # on the CPU, training's policy: fast layers, one-threaded BLAS
+        text = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.seed,
+            base.tokenizer,
+            decoder,
+        )
+    print(printable(text))  # control bytes shown escaped, never sent to the terminal
 
 
 def add_baseline_parser(subparsers) -> None:
@@ -278,7 +321,9 @@ def add_baseline_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_corpus_flag(parser, "shakespeare_modern")
-    parser.add_argument("--order", type=int, default=4, help="n of the n-gram (context of n - 1 bytes)")
+    parser.add_argument(
+        "--order", type=positive_int, default=4, help="n of the n-gram (context of n - 1 bytes)"
+    )
     parser.set_defaults(run=run_baseline)
 
 

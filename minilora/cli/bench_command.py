@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRESETS
+from .arg_types import non_negative_int, positive_float, positive_int
 from .base_commands import add_memory_flags, add_quantized_flag
 
 
@@ -33,7 +34,7 @@ def add_bench_parser(subparsers) -> None:
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8, help="rank of the update")
-    lora.add_argument("--alpha", type=float, default=16.0, help="lora_alpha")
+    lora.add_argument("--alpha", type=positive_float, default=16.0, help="lora_alpha")
     lora.add_argument(
         "--targets",
         default=None,
@@ -43,18 +44,21 @@ def add_bench_parser(subparsers) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="B (default: tiny 16, small 16, medium 16, gpt2s 8, smollm2 4)",
     )
     run.add_argument(
-        "--seq-len", type=int, default=None, help="T (default: the preset's block size; smollm2 256 tokens)"
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="T (default: the preset's block size; smollm2 256 tokens)",
     )
-    run.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    run.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    run.add_argument("--repeats", type=int, default=3, help="runs (alternating with the peer's)")
+    run.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
+    run.add_argument("--steps", type=positive_int, default=5, help="timed steps per run")
+    run.add_argument("--repeats", type=positive_int, default=3, help="runs (alternating with the peer's)")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=non_negative_int, default=0)
     run.add_argument(
         "--corpus",
         default="shakespeare_modern",
@@ -62,14 +66,14 @@ def add_bench_parser(subparsers) -> None:
     )
     run.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads: the batch is split into this many shards, one per thread; "
         "default: $MINILORA_CPU_THREADS or the cores this process may use",
     )
     run.add_argument(
         "--peak-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="n of the n x n matmul that measures the peak (default 2048 on cpu, 8192 on cuda)",
     )
@@ -98,7 +102,7 @@ def add_bench_parser(subparsers) -> None:
         default="none",
         help="torch: time the PyTorch peer (minilora.lab.torch_peer) in the same run",
     )
-    peer.add_argument("--peer-threads", type=int, default=2, help="torch.set_num_threads")
+    peer.add_argument("--peer-threads", type=positive_int, default=2, help="torch.set_num_threads")
     peer.add_argument(
         "--peer-attention",
         choices=("math", "sdpa"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .arg_types import non_negative_float, non_negative_int, positive_int
 from .base_commands import add_adapter_flags, add_device_flag, with_adapters
 
 
@@ -21,10 +22,10 @@ def add_chat_parser(subparsers) -> None:
     parser.add_argument("--base", choices=("smollm2",), default="smollm2", help="the chat model")
     add_adapter_flags(parser)
     parser.add_argument("--message", default=None, help="one message to answer (default: read stdin)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="longest answer, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=positive_int, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     add_device_flag(parser)
     parser.set_defaults(run=run_chat_command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .arg_types import non_negative_int, positive_int
 from .base_commands import add_device_flag
 
 
@@ -18,9 +19,18 @@ def add_demo_parser(subparsers) -> None:
         "loss_curve.png and the adapter to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", default="runs/demo", help="output directory")
-    parser.add_argument("--steps", type=int, default=None, help="LoRA training steps (default: the demo's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default="runs/demo", help="output directory, the demo's own: a second run replaces its files"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="LoRA training steps (default: the demo's)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in seconds (4 steps of 2 sequences, short samples): checks an install, learns little",
+    )
     add_device_flag(parser)
     parser.set_defaults(run=run_demo_command)
 
@@ -28,9 +38,9 @@ def add_demo_parser(subparsers) -> None:
 def run_demo_command(args) -> None:
     from dataclasses import replace
 
-    from ..lab.demo import DemoSettings, run_demo
+    from ..lab.demo import QUICK_DEMO, DemoSettings, run_demo
 
-    settings = DemoSettings(seed=args.seed)
+    settings = replace(QUICK_DEMO if args.quick else DemoSettings(), seed=args.seed)
     if args.steps is not None:
         settings = replace(settings, steps=args.steps)
     run_demo(args.out, args.device, settings)

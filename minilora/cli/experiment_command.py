@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .arg_types import positive_int
 from .base_commands import add_device_flag
 
 
@@ -25,10 +26,10 @@ def add_experiment_parser(subparsers) -> None:
         help="which experiments ('memory' plots the memory ledger; it trains nothing)",
     )
     parser.add_argument("--out", default="docs/experiments", help="output directory")
-    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--workers", type=positive_int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="fine-tuning steps per run")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--eval-windows", type=positive_int, default=64)
     parser.add_argument("--base", default=None, help="replace the shipped base (for quick checks)")
     parser.add_argument(
         "--summarize-only",
@@ -74,6 +75,7 @@ def write_memory_ledger(out_dir) -> None:
     from ..lab.memory import ledger_table
     from ..lora.config import LoraConfig
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # first: a bad path fails before a minute of probing
     rows = ledger_table(BENCH_BATCH_SIZES, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")))
     (Path(out_dir) / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_memory_ledger(rows, Path(out_dir) / "memory.png")

@@ -8,6 +8,7 @@ from dataclasses import replace
 from ..io.bases import SMOLLM2
 from ..lora.config import BIASES, INITS, LoraConfig
 from ..training.loop import TrainSettings
+from .arg_types import positive_float, positive_int, probability
 from .base_commands import (
     SMOLLM2_EVAL_BLOCK_SIZE,
     add_checkpoint_flag,
@@ -15,6 +16,7 @@ from .base_commands import (
     add_device_flag,
     add_memory_flags,
     add_quantized_flag,
+    add_resume_flags,
     add_training_flags,
     given_training_flags,
 )
@@ -45,7 +47,7 @@ def add_finetune_parser(subparsers) -> None:
     lora.add_argument(
         "--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r"
     )
-    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument("--lora-dropout", type=probability, default=0.0)
     lora.add_argument(
         "--targets",
         default="c_attn",
@@ -68,7 +70,7 @@ def add_finetune_parser(subparsers) -> None:
     )
     lora.add_argument(
         "--loraplus-ratio",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="LoRA+: train lora_B with this multiple of the learning rate (e.g. 16)",
     )
@@ -80,12 +82,13 @@ def add_finetune_parser(subparsers) -> None:
     )
     add_training_flags(parser, FINETUNE_DEFAULTS)
     parser.add_argument(
-        "--block-size", type=int, default=None,
+        "--block-size", type=positive_int, default=None,
         help=f"tokens per training window of --base smollm2 (default {SMOLLM2_BLOCK_SIZE}); a GPT's is its own",
     )  # fmt: skip
     add_quantized_flag(parser, "QLoRA on --base smollm2: keep its frozen matrices in blocks")
     add_memory_flags(parser)
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
+    add_resume_flags(parser, "the run in --out (finetune_state.safetensors; its base, corpus and LoRA flags)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
     parser.set_defaults(run=run_finetune)
@@ -136,6 +139,9 @@ def run_finetune(args) -> None:
         quantized=args.quantized,
         gradient_checkpointing=args.gradient_checkpointing,
         loss_chunk_rows=args.loss_chunk_rows,
+        resume=args.resume,
+        settings_overrides=given_training_flags(args) if args.resume else None,
+        overwrite=args.overwrite,
     )
     print(metrics["summary"])
     print(
@@ -181,9 +187,11 @@ def run_merge(args) -> None:
     from ..backend import resolve_device
     from ..io.adapters import load_adapter
     from ..io.bases import load_base
-    from ..io.checkpoint import save_checkpoint
+    from ..io.checkpoint import save_checkpoint, sidecar_path
     from ..io.provenance import provenance
 
+    if args.base != SMOLLM2:
+        sidecar_path(args.out)  # a name its own JSON sidecar would overwrite is refused before the work
     base = load_base(args.base, args.device, quantized=args.quantized)
     lora_model = load_adapter(base.model, args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
@@ -247,6 +255,9 @@ def add_peft_parsers(subparsers) -> None:
     add_checkpoint_flag(export, "--base")
     export.add_argument("--adapter", required=True, help="the minilora adapter directory")
     export.add_argument("--out", required=True, help="the PEFT adapter directory to write")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace a PEFT adapter already in --out (refused otherwise)"
+    )
     export.add_argument("--allow-base-mismatch", action="store_true")
     add_device_flag(export)
     export.set_defaults(run=run_export_peft)
@@ -270,7 +281,7 @@ def run_export_peft(args) -> None:
 
     base = load_base(args.base, args.device)
     model = load_adapter(base.model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
-    path = export_peft(model, args.out)
+    path = export_peft(model, args.out, overwrite=args.overwrite)
     print(f"wrote {path} and its adapter_config.json ({len(model.adapted_modules)} adapted modules)")
 
 

@@ -9,10 +9,16 @@ array code that never imports this package. It names two seams, and this package
 - ``train_loop(..., step=...)``, the callable that does one batch's work: on the CPU
   ``cpu.sharded_step.sharded_train_step`` (the batch split across cores), on a GPU
   ``cuda.graph.GraphedStep`` (the step replayed as a CUDA graph) or, with dropout,
-  ``cuda.graph.cuda_train_step``.
+  ``cuda.graph.cuda_train_step``; under ``mpirun`` with several ranks, ``distributed.mpi_step.MpiStep``
+  (CPU) or ``distributed.nccl_step.NcclGraphedStep`` (GPU): the batch split across processes.
 
-``accelerate(model, optimizer, grad_clip)`` makes both choices for the model's device and returns the
-step. Every fast variant is tested against the reference it replaces.
+- ``generate(..., decoder=...)``, the function that extends a prompt's ids: on a GPU
+  ``cuda.decode.cuda_generate_ids`` (the one-token step replayed as a CUDA graph, sampling on the
+  device).
+
+``accelerate(model, optimizer, grad_clip)`` makes the first two choices for the model's device and
+returns the step; ``accelerate_generation(model)`` returns the decoder. Every fast variant is tested
+against the reference it replaces.
 """
 
 from __future__ import annotations
@@ -46,10 +52,18 @@ def accelerate(
     """Hand ``model`` its device's fast layer functions and return the fast ``step`` for ``train_loop``.
 
     CPU: ``shards`` threads (None: one per core). GPU: a CUDA graph captured after ``graph_warmup``
-    eager steps, unless ``cuda_graph`` is False or the model has dropout. The step is bound to this
-    model, optimiser and clip: make a new one when any of them changes.
+    eager steps, unless ``cuda_graph`` is False or the model has dropout. Started by ``mpirun`` with
+    several ranks (distributed/world.py), the step is data parallel over them instead. The step is
+    bound to this model, optimiser and clip: make a new one when any of them changes.
     """
     model.ops = fast_ops(model.xp)
+    from .distributed.world import current_world
+
+    world = current_world()
+    if world.size > 1:
+        from .distributed.launch import distributed_step
+
+        return distributed_step(model, optimizer, grad_clip, world, graph_warmup)
     if model.xp is np:
         from .cpu.host_memory import retain_freed_memory
         from .cpu.sharded_step import sharded_train_step
@@ -65,3 +79,18 @@ def accelerate(
     if cuda_graph and can_capture(model):
         return GraphedStep(model, optimizer, grad_clip, warmup=graph_warmup)
     return cuda_train_step
+
+
+def accelerate_generation(model):
+    """The ``decoder=`` for ``generate`` on the model's device: the GPU's for a GPT on a GPU, else the reference.
+
+    ``cuda.decode.cuda_generate_ids`` takes a GPT, with or without a LoRA adapter, in float32 or
+    float64; a Llama, a quantized base or a model on the CPU gets ``generate.generate_ids``.
+    """
+    from ..generate import generate_ids
+
+    if model.xp is np:
+        return generate_ids
+    from .cuda.decode import can_decode, cuda_generate_ids
+
+    return cuda_generate_ids if can_decode(model) else generate_ids

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import device_of, to_device, to_numpy
@@ -25,6 +25,8 @@ from ..lora.init import dense_reference
 from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
 from ..lora.variants import variant_for
 from .checkpoint import atomic_write_bytes
+from .json_text import parse_json_object
+from .safetensors_read import read_tensors
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,8 +43,8 @@ class AdapterError(ValueError):
 def save_adapter(model: LoraModel, directory, allow_noop: bool = False, extra: dict | None = None) -> Path:
     """Write the active adapter of ``model`` to ``directory``; returns the weights file's path.
 
-    A PiSSA adapter is written as the equivalent plain LoRA of rank 2r against the original base
-    (lora_model.as_plain_lora), so that it loads onto that base like any other adapter.
+    A PiSSA adapter is written as the equivalent plain LoRA of rank 2r (at most min(C_in, C_out))
+    against the original base (lora_model.as_plain_lora), so that it loads onto that base like any other adapter.
     ``extra`` adds entries to the JSON document (training metrics, provenance).
     """
     if model.merged:
@@ -75,7 +77,8 @@ def save_adapter(model: LoraModel, directory, allow_noop: bool = False, extra: d
     text = json.dumps(document, indent=2, sort_keys=True)
     directory = Path(directory)
     weights = directory / ADAPTER_WEIGHTS
-    host_tensors = {name: to_numpy(value) for name, value in tensors.items()}
+    # C order: safetensors' NumPy writer stores a transposed (Fortran-order) array's buffer as is
+    host_tensors = {name: np.ascontiguousarray(to_numpy(value)) for name, value in tensors.items()}
     atomic_write_bytes(weights, safetensors_bytes(host_tensors, metadata={METADATA_KEY: text}))
     atomic_write_bytes(directory / ADAPTER_CONFIG, (text + "\n").encode())
     return weights
@@ -87,18 +90,10 @@ def read_adapter(path) -> tuple[dict, dict]:
     weights = path / ADAPTER_WEIGHTS if path.is_dir() else path
     if not weights.is_file():
         raise AdapterError(f"adapter not found: {weights}")
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(f"adapter {weights} is truncated or corrupt: {err}") from err
+    tensors, header = read_tensors(weights, AdapterError, "adapter")  # BF16 as float32; F8 refused, by name
     if METADATA_KEY not in header:
         raise AdapterError(f"{weights} is not a minilora adapter (no {METADATA_KEY!r} metadata)")
-    try:
-        document = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{weights}: the adapter's metadata is not valid JSON ({err})") from err
+    document = parse_json_object(header[METADATA_KEY], f"{weights}: the adapter's metadata", AdapterError)
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
             f"{weights}: unsupported adapter format {document.get('format')!r} "
@@ -107,6 +102,16 @@ def read_adapter(path) -> tuple[dict, dict]:
     missing = [key for key in REQUIRED_FIELDS if key not in document]
     if missing:
         raise AdapterError(f"{weights}: the adapter's metadata lacks {missing}")
+    for key, kind in (
+        ("lora_config", dict),
+        ("base_config", dict),
+        ("base_fingerprint", str),
+        ("variant", str),
+    ):
+        if not isinstance(document[key], kind):
+            raise AdapterError(
+                f"{weights}: the adapter's {key} must be a {kind.__name__}, got {document[key]!r}"
+            )
     return tensors, document
 
 
@@ -141,8 +146,8 @@ def install_adapter(
         lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{source}: {problem}")
     reference = dense_reference(lora_model.base_params)
-    for name, value in tensors.items():
-        adapter.tensors[name] = to_device(value.astype(reference.dtype), device_of(reference))
+    for name, value in tensors.items():  # each in the dtype add_adapter gave it (float32 over float16)
+        adapter.tensors[name] = to_device(value.astype(adapter.tensors[name].dtype), device_of(reference))
 
 
 def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch: bool = False) -> LoraModel:

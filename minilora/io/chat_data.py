@@ -21,9 +21,8 @@ of the text here), and bits per byte score the whole rendered conversation.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-
-import regex
 
 from .smollm2 import chat_prompt
 
@@ -31,8 +30,8 @@ DEVILS_DICTIONARY_CHAT = "devils_dictionary_chat"
 QUESTION = "What does the Devil's Dictionary say about {word}?"
 # An entry starts a line with its headword in capitals, a comma, its part of speech and a full stop:
 # "ABRUPT, adj.  Sudden, ..."; it runs until the next such line.
-ENTRY_START = regex.compile(r"^(?=[A-Z][A-Z'\- ]*, [a-z][a-z. ]*\.)", regex.MULTILINE)
-HEADWORD = regex.compile(r"([A-Z][A-Z'\- ]*), ")
+ENTRY_START = re.compile(r"^(?=[A-Z][A-Z'\- ]*, [a-z][a-z. ]*\.)", re.MULTILINE)
+HEADWORD = re.compile(r"([A-Z][A-Z'\- ]*), ")
 VAL_PERCENT = 10
 
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import get_xp, to_numpy
+from .json_text import parse_json_object
+from .safetensors_read import read_tensors
 
 METADATA_KEY = "minilora"
 FORMAT_VERSION = 1
@@ -46,31 +48,59 @@ def write_all(fd: int, payload: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary file an atomic write of ``path`` goes through: ``.<name>.tmp-<pid>`` beside it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)")  # temp_path's names, for cleaning up
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the new one, nothing else."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, nothing else.
+
+    An OSError (a full disk, a read-only folder) names ``path``, which os.write and os.fsync do not.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            write_all(fd, payload)
-            os.fsync(fd)  # the bytes are on disk before the name points at them
+            try:
+                write_all(fd, payload)
+                os.fsync(fd)  # the bytes are on disk before the name points at them
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # and the rename itself is on disk
-    finally:
-        os.close(directory)
+            if tmp.exists():
+                tmp.unlink()
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename itself is on disk
+        finally:
+            os.close(directory)
+    except OSError as err:
+        message = f"cannot write {path}: {err.strerror or err}"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
+
+
+def sidecar_path(path) -> Path:
+    """The readable JSON beside a checkpoint: ``x.safetensors`` -> ``x.json``; refused for ``x.json`` itself."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if sidecar == path:
+        raise CheckpointError(
+            f"{path}: a checkpoint named .json would be overwritten by its own JSON sidecar; "
+            "name it .safetensors"
+        )
+    return sidecar
 
 
 def save_checkpoint(path, params: dict, metadata: dict, optimizer_state: dict | None = None) -> None:
     """Save parameters, optional optimiser state and JSON-able metadata to ``path`` atomically."""
+    sidecar = sidecar_path(path)  # checked before anything is written
     tensors = {f"params.{name}": to_numpy(value) for name, value in params.items()}
     if optimizer_state is not None:
         tensors.update({f"optim.{key}": to_numpy(value) for key, value in optimizer_state["buffers"].items()})
@@ -78,7 +108,7 @@ def save_checkpoint(path, params: dict, metadata: dict, optimizer_state: dict | 
     document = json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, sort_keys=True)
     path = Path(path)
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata={METADATA_KEY: document}))
-    atomic_write_bytes(path.with_suffix(".json"), (document + "\n").encode())
+    atomic_write_bytes(sidecar, (document + "\n").encode())
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -86,26 +116,39 @@ def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from err
+    tensors, header = read_tensors(
+        path, CheckpointError, "checkpoint"
+    )  # BF16 as float32; F8 refused, by name
     if METADATA_KEY not in header:
         raise CheckpointError(
             f"{path} is a safetensors file but not a minilora checkpoint (no {METADATA_KEY!r} metadata)"
         )
-    try:
-        metadata = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path}: its metadata is not valid JSON ({err})") from err
+    metadata = parse_json_object(header[METADATA_KEY], f"checkpoint {path}'s metadata", CheckpointError)
     params = {key[len("params.") :]: value for key, value in tensors.items() if key.startswith("params.")}
     buffers = {key[len("optim.") :]: value for key, value in tensors.items() if key.startswith("optim.")}
     optimizer = None
     if "optimizer_step_count" in metadata:
         optimizer = {"step_count": metadata["optimizer_step_count"], "buffers": buffers}
     return Checkpoint(params=params, optimizer=optimizer, metadata=metadata)
+
+
+BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.")  # a GPT block's parameters: transformer.h.<i>.
+
+
+def check_blocks_present(n_layer: int, names, source) -> None:
+    """Raise CheckpointError unless ``names`` hold the blocks 0 .. n_layer - 1 of a GPT, and no others.
+
+    A config's n_layer sizes everything built from it (parameter_shapes is a dict of 12 n_layer
+    names), so a file claiming n_layer = 3,000,000 beside two blocks of tensors would cost minutes
+    and gigabytes before check_params_fit could object. This costs one pass over the names present.
+    """
+    blocks = {int(match.group(1)) for name in names if (match := BLOCK_NAME.match(name))}
+    if len(blocks) != n_layer or (blocks and (min(blocks) != 0 or max(blocks) != n_layer - 1)):
+        held = f"blocks {sorted(blocks)[:3]}{'...' if len(blocks) > 3 else ''}" if blocks else "no blocks"
+        raise CheckpointError(
+            f"{source}: its config claims n_layer={n_layer}, but its tensors hold {len(blocks)} "
+            f"({held}, named transformer.h.<i>.)"
+        )
 
 
 def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
@@ -121,6 +164,24 @@ def check_params_fit(params: dict, expected_shapes: dict, source) -> None:
     unexpected = sorted(set(params) - set(expected_shapes))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected parameters {unexpected}")
+
+
+def check_optimizer_state(state: dict | None, names, kinds, source) -> None:
+    """Raise CheckpointError unless ``state`` holds every buffer of ``kinds`` for every name in ``names``.
+
+    A resumed optimiser missing a buffer would start it from zero without a word, and the resumed
+    run would no longer be the run that was saved. ``kinds``: the optimiser's ``state_names``.
+    """
+    if state is None:
+        raise CheckpointError(f"{source} holds no optimiser state, so it cannot be resumed exactly")
+    missing = [
+        f"{kind}.{name}" for kind in kinds for name in names if f"{kind}.{name}" not in state["buffers"]
+    ]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{source} lacks the optimiser state {missing[0]!r}{more}, so it cannot be resumed exactly"
+        )
 
 
 def all_finite(params: dict) -> bool:
@@ -162,6 +223,7 @@ def load_model(path, device: str | None = None, dtype=np.float32):
     if "config" not in checkpoint.metadata:
         raise CheckpointError(f"{path} has no model config in its metadata")
     config = GPTConfig.from_dict(checkpoint.metadata["config"])
+    check_blocks_present(config.n_layer, checkpoint.params, path)  # before anything sized by the config
     shapes = parameter_shapes(config)
     check_params_fit(checkpoint.params, shapes, path)
     return GPT(config, {name: to_device(checkpoint.params[name].astype(dtype), device) for name in shapes})

@@ -2,7 +2,8 @@
 
 A corpus is a training and a validation array of token ids; with the byte-level tokenizer the ids
 are simply the UTF-8 bytes of the text, so loading is reading and checking a file. The shipped
-corpora (built by data/build_corpora.py, described in data/README.md) come with fixed splits; any
+corpora (built by data/build_corpora.py, described in data/README.md) come with fixed splits, and are
+read from the checkout's data/ or, in a regular install, from the wheel's copy of it; any
 other UTF-8 text file is split by one stated rule. A batch is B windows of T consecutive tokens at
 random offsets, and the target of each position is the token that follows it. What this leaves out:
 streaming corpora larger than memory, epochs and sampling without replacement, padding.
@@ -21,7 +22,9 @@ from . import chat_data
 from .chat_data import DEVILS_DICTIONARY_CHAT
 
 SHIPPED_CORPORA = ("shakespeare_modern", "shakespeare_folio", "kjv", "devils_dictionary")
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ (editable install)
+PACKAGE_DATA_DIR = Path(__file__).resolve().parents[1] / "_data"  # a wheel's copy of data/ (setup.py)
+CHECKOUT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ (editable install)
+DATA_DIR = PACKAGE_DATA_DIR if PACKAGE_DATA_DIR.is_dir() else CHECKOUT_DATA_DIR
 SHIPPED_BASE = DATA_DIR / "shakespeare_base.safetensors"  # the pretrained base model, see data/README.md
 VAL_PERCENT = 10  # share of a user's text file that becomes validation, see split_text
 
@@ -106,8 +109,8 @@ def read_shipped(name: str, split: str) -> np.ndarray:
     path = DATA_DIR / f"{name}.{split}.txt.xz"
     if not path.is_file():
         raise CorpusError(
-            f"shipped corpus file missing: {path} (install minilora from a source checkout "
-            "with `pip install -e .`, or rebuild with `python data/build_corpora.py`)"
+            f"shipped corpus file missing: {path} (reinstall minilora: `pip install .` or "
+            "`pip install -e .` from a source checkout; there, `python data/build_corpora.py` rebuilds it)"
         )
     return read_only(lzma.decompress(path.read_bytes()))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import to_numpy
@@ -33,8 +32,14 @@ from ..lora.config import LoraConfig, linear_module_shapes
 from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
 from .adapters import AdapterError, install_adapter
 from .checkpoint import atomic_write_bytes
+from .json_text import read_json_object
+from .run_folder import write_folder_whole
+from .safetensors_read import read_tensors
 
 PEFT_CONFIG = "adapter_config.json"
+# PEFT starts that replace the base's weights (PiSSA, OLoRA, CorDA's residuals, LoftQ's quantized base)
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+KEEPS_THE_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")  # only the factors differ
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -52,8 +57,13 @@ def minilora_key(key: str) -> str:
     return name[: -len(".weight")] if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
 
 
-def export_peft(model: LoraModel, directory) -> Path:
-    """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA)."""
+def export_peft(model: LoraModel, directory, overwrite: bool = False) -> Path:
+    """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA).
+
+    The two files are written into a temporary folder renamed whole into ``directory``
+    (run_folder.write_folder_whole), so new weights never meet an old config. A non-empty
+    ``directory`` is refused unless ``overwrite`` (and it holds only a PEFT adapter's files).
+    """
     adapter = model.adapter
     config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
     if config.init == "pissa":
@@ -82,29 +92,28 @@ def export_peft(model: LoraModel, directory) -> Path:
         "modules_to_save": None,
         "init_lora_weights": True,
     }
-    directory = Path(directory)
     host = {peft_key(name): to_numpy(value) for name, value in tensors.items()}
-    atomic_write_bytes(directory / PEFT_WEIGHTS, safetensors_bytes(host, metadata={"format": "pt"}))
-    atomic_write_bytes(
-        directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    )
-    return directory / PEFT_WEIGHTS
+
+    def write(folder: Path) -> None:
+        atomic_write_bytes(folder / PEFT_WEIGHTS, safetensors_bytes(host, metadata={"format": "pt"}))
+        atomic_write_bytes(
+            folder / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+        )
+
+    write_folder_whole(directory, write, (PEFT_WEIGHTS, PEFT_CONFIG), overwrite)
+    return Path(directory) / PEFT_WEIGHTS
 
 
 def read_peft(directory) -> tuple[dict, dict]:
-    """PEFT's config dict and its tensors under minilora's names (host arrays)."""
+    """PEFT's config dict and its tensors under minilora's names (host arrays; BF16 read as float32)."""
     directory = Path(directory)
     config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterError(f"not a PEFT adapter directory: {path} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-        with safe_open(str(weights_path), framework="numpy") as f:
-            tensors = {minilora_key(key): f.get_tensor(key) for key in f.keys()}
-    except (json.JSONDecodeError, SafetensorError, OSError) as err:
-        raise AdapterError(f"PEFT adapter {directory} is unreadable: {err}") from err
-    return config, tensors
+    config = read_json_object(config_path, AdapterError)
+    tensors, _ = read_tensors(weights_path, AdapterError, "PEFT adapter")
+    return config, {minilora_key(key): value for key, value in tensors.items()}
 
 
 def lora_config_from_peft(peft_config: dict, modules: list, conv1d: bool = True) -> LoraConfig:
@@ -127,13 +136,25 @@ def lora_config_from_peft(peft_config: dict, modules: list, conv1d: bool = True)
                 else "Llama's are nn.Linear: it needs false"
             )
         )
-    return LoraConfig(
-        r=int(peft_config["r"]),
-        lora_alpha=float(peft_config["lora_alpha"]),
-        lora_dropout=float(peft_config.get("lora_dropout", 0.0)),
+    missing = [key for key in ("r", "lora_alpha") if key not in peft_config]
+    if missing:
+        raise AdapterError(f"the PEFT config lacks {missing}")
+    init = peft_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"the PEFT adapter has init_lora_weights {init!r}, which changed the base's weights as it "
+            "started: on the original base it computes something else. Convert it in PEFT first "
+            "(save_pretrained with path_initial_model_for_weight_conversion), then import that"
+        )
+    if init not in KEEPS_THE_BASE:
+        raise AdapterError(f"the PEFT adapter's init_lora_weights {init!r} is not one minilora knows")
+    return LoraConfig(  # each value is checked by LoraConfig: r 4.9 or use_rslora "false" are refused
+        r=peft_config["r"],
+        lora_alpha=peft_config["lora_alpha"],
+        lora_dropout=peft_config.get("lora_dropout", 0.0),
         target_modules=tuple(modules),
-        use_rslora=bool(peft_config.get("use_rslora", False)),
-        use_dora=bool(peft_config.get("use_dora", False)),
+        use_rslora=peft_config.get("use_rslora", False),
+        use_dora=peft_config.get("use_dora", False),
     )
 
 
@@ -145,7 +166,10 @@ def import_peft(model, directory, adapter_name: str = "default") -> LoraModel:
     unknown = [m for m in modules if m not in adaptable]
     if unknown:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
-    lora_config = lora_config_from_peft(peft_config, modules, conv1d_layout(model))
+    try:
+        lora_config = lora_config_from_peft(peft_config, modules, conv1d_layout(model))
+    except ValueError as err:  # AdapterError or LoraConfig's own: say which file it is about
+        raise AdapterError(f"{Path(directory) / PEFT_CONFIG}: {err}") from None
     lora_model = (
         model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
     )

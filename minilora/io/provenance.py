@@ -15,10 +15,17 @@ import numpy as np
 
 from ..version import __version__
 
+SOURCE = Path(__file__).resolve().parents[2]  # a checkout's root, or site-packages' parent once installed
 
-def git_commit() -> str | None:
-    """The commit of the source checkout minilora runs from, with '-dirty' for local edits; None outside git."""
-    source = Path(__file__).resolve().parents[2]
+
+def git_commit(source: Path = SOURCE) -> str | None:
+    """The commit of the source checkout minilora runs from, with '-dirty' for local edits; None outside git.
+
+    Only a checkout's own root counts: an installed copy may sit inside some other repository (a
+    virtual environment in a clone), whose commit says nothing about the code that ran.
+    """
+    if not (source / ".git").exists():  # a folder, or a file in a worktree
+        return None
     try:
         commit = subprocess.run(
             ["git", "-C", str(source), "rev-parse", "HEAD"],

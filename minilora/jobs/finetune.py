@@ -3,7 +3,8 @@
 LoRA mode trains only the adapter and saves only the adapter (``<out>/adapter.safetensors`` and
 ``adapter_config.json``), a few hundred kilobytes against the base's megabytes. Full mode trains
 every weight and saves a whole checkpoint. Both write ``<out>/finetune_metrics.json`` with the
-validation bits per byte before and after, the trainable parameter count, throughput and sizes.
+validation bits per byte before and after, the trainable parameter count, throughput and sizes,
+and ``<out>/finetune_state.safetensors``, from which ``resume`` continues the run exactly.
 
 The base is the shipped byte-level GPT, a checkpoint, or SmolLM2-135M-Instruct (io/bases.py); for
 SmolLM2 the corpus is first encoded with its BPE tokenizer, and bits per byte divide by the bytes
@@ -13,16 +14,26 @@ the scored tokens spell, so the numbers compare across the two kinds of model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..backend import resolve_device
+from ..backend import resolve_device, to_device
 from ..fast import accelerate
-from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
+from ..fast.distributed.world import current_world, from_writer
+from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from ..io.bases import load_base
-from ..io.checkpoint import atomic_write_bytes, save_checkpoint, weights_fingerprint
+from ..io.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_params_fit,
+    load_checkpoint,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from ..io.data import load_corpus, tokenize_corpus
 from ..io.provenance import provenance
+from ..io.run_folder import claim_run_folder
 from ..llama import set_activation_memory
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
@@ -30,9 +41,15 @@ from ..lora.model import add_lora
 from ..optim import AdamW
 from ..training.evaluate import bits_per_byte
 from ..training.loop import TrainSettings, train_loop, train_step
+from .resume import check_kind, check_resumable, resuming_line
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"
+STATE_NAME = (
+    "finetune_state.safetensors"  # what resuming needs: trainable tensors, optimiser state, arguments
+)
+RUN_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_CHECKPOINT, "checkpoint.json", STATE_NAME,
+             "finetune_state.json", METRICS_NAME)  # fmt: skip
 ADAM_BETAS = (0.9, 0.999)  # PEFT / transformers' Trainer default for fine-tuning
 
 
@@ -86,74 +103,132 @@ def finetune(
     quantized: str | None = None,
     gradient_checkpointing: bool = False,
     loss_chunk_rows: int | None = None,
+    resume: bool = False,
+    settings_overrides: dict | None = None,
+    overwrite: bool = False,
+    say=print,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
 
     Returns (model, metrics dict). The adapter (or the full checkpoint) is saved after every
-    evaluation, atomically. ``block_size``: the training windows of SmolLM2 (a GPT's is its own).
-    ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the file's own),
-    "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the Llama model's
-    switches that trade compute for activation memory (llama.py).
+    evaluation, atomically, and with it ``<out>/finetune_state.safetensors``: the trainable tensors,
+    the optimiser state and the run's arguments. ``resume`` continues from that file exactly as
+    pretraining does (every argument but ``out_dir``, ``device`` and ``settings_overrides`` comes
+    from it); without it, a folder that holds a run is refused unless ``overwrite``. The folder is
+    locked for the whole run (io/run_folder.py). ``block_size``: the training windows of SmolLM2 (a
+    GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
+    file's own), "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the
+    Llama model's switches that trade compute for activation memory (llama.py).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
-    if quantized is not None and lora_config is None:
-        raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
-    loaded = load_base(base_spec, device, block_size, quantized)
-    if lora_config is None and not loaded.is_byte_level:
-        raise ValueError(
-            f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
-            "fine-tune it with LoRA (leave out --full)"
-        )
-    base = loaded.model
-    model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
-    set_activation_memory(model, gradient_checkpointing, loss_chunk_rows)
-    base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
-    data = load_corpus(corpus)
-    if not loaded.is_byte_level:
-        data = tokenize_corpus(data, loaded.tokenizer)
-    val_before = bits_per_byte(
-        model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
-    )
-    metadata = {
-        "kind": "finetune",
-        "mode": "full" if lora_config is None else "lora",
-        "corpus": corpus,
-        "base": loaded.name,
-        "quantized": quantized,
-        "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),  # as the model holds them
-        "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
-        "base_fingerprint": base_fingerprint,
-        "config": model.config.to_dict(),
-        "settings": asdict(settings),
-        "lora_config": None if lora_config is None else lora_config.to_dict(),
-        "loraplus_ratio": loraplus_ratio,
-        "provenance": provenance(device, settings.seed),
-    }
-
-    def save(step: int, val_bits_per_byte: float) -> None:
-        state = {"step": step, "val_bits_per_byte": val_bits_per_byte}
-        if lora_config is None:
-            save_checkpoint(out_dir / FULL_CHECKPOINT, model.params, {**metadata, **state})
-        else:
-            save_adapter(
-                model, out_dir, extra={"training": {**state, "corpus": corpus, "base": metadata["base"]}}
+    state_path = out_dir / STATE_NAME
+    world = current_world()  # under mpirun: every rank trains, rank 0 alone writes (fast/distributed)
+    progress = progress and world.is_writer
+    claim = claim_run_folder(out_dir, RUN_FILES, resume, overwrite) if world.is_writer else nullcontext()
+    with claim:
+        state = load_checkpoint(state_path) if resume else None
+        if state is not None:
+            run = check_kind(state, state_path, "finetune")
+            base_spec, corpus, block_size, quantized = (
+                run[k] for k in ("base_spec", "corpus", "block_size", "quantized")
             )
+            lora_config = None if run["lora_config"] is None else LoraConfig.from_dict(run["lora_config"])
+            settings, loraplus_ratio = TrainSettings(**run["settings"]), run["loraplus_ratio"]
+            gradient_checkpointing, loss_chunk_rows = run["gradient_checkpointing"], run["loss_chunk_rows"]
+        settings = replace(settings, **(settings_overrides or {}))
+        if quantized is not None and lora_config is None:
+            raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
+        loaded = load_base(base_spec, device, block_size, quantized)
+        if lora_config is None and not loaded.is_byte_level:
+            raise ValueError(
+                f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
+                "fine-tune it with LoRA (leave out --full)"
+            )
+        base = loaded.model
+        model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
+        set_activation_memory(model, gradient_checkpointing, loss_chunk_rows)
+        base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
+        if state is not None and run["base_fingerprint"] != base_fingerprint:
+            raise CheckpointError(f"{state_path} was trained on another base than {loaded.name} holds now")
+        data = load_corpus(corpus)
+        if not loaded.is_byte_level:
+            data = tokenize_corpus(data, loaded.tokenizer)
+        val_before = (
+            run["val_bits_per_byte_before"]
+            if state is not None
+            else bits_per_byte(
+                model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
+            )
+        )
+        metadata = {
+            "kind": "finetune",
+            "mode": "full" if lora_config is None else "lora",
+            "corpus": corpus,
+            "base": loaded.name,
+            "base_spec": None if base_spec is None else str(base_spec),  # as given (None: the shipped base)
+            "block_size": block_size,
+            "quantized": quantized,
+            # the memory switches as the model holds them
+            "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),
+            "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
+            "base_fingerprint": base_fingerprint,
+            "config": model.config.to_dict(),
+            "settings": asdict(settings),
+            "lora_config": None if lora_config is None else lora_config.to_dict(),
+            "loraplus_ratio": loraplus_ratio,
+            "val_bits_per_byte_before": val_before,
+            "provenance": provenance(device, settings.seed),
+        }
+        optimizer = make_optimizer(model, settings, loraplus_ratio)
+        start_step = 0
+        if state is not None:
+            start_step = check_resumable(state, state_path, optimizer, settings.steps)
+            trainable = {name: tuple(model.params[name].shape) for name in model.trainable_names}
+            check_params_fit(state.params, trainable, state_path)
+            for name in trainable:  # in place: the adapter (or the model) and the optimiser hold these arrays
+                model.params[name][...] = to_device(state.params[name], device)
+            optimizer.load_state_dict(state.optimizer)
+            if world.is_writer:
+                say(resuming_line(start_step, settings.steps, state_path))
 
-    result = fit(model, data, settings, save, progress, loraplus_ratio)
-    saved = out_dir / (FULL_CHECKPOINT if lora_config is None else ADAPTER_WEIGHTS)
-    metrics = {
-        **metadata,
-        "trainable_params": model.num_parameters(trainable_only=True),
-        "all_params": model.num_parameters(),
-        "summary": model_summary_line(model),
-        "val_bits_per_byte_before": val_before,
-        "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
-        "saved": str(saved),
-        "saved_bytes": saved.stat().st_size,
-        "base_weights_bytes": sum(int(value.nbytes) for value in base.params.values()),  # as held in memory
-        "train_tokens": int(data.train.size),
-        "result": result.to_dict(),
-    }
-    atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
+        def save(step: int, val_bits_per_byte: float) -> None:
+            progress_state = {"step": step, "val_bits_per_byte": val_bits_per_byte}
+            if lora_config is None:
+                save_checkpoint(out_dir / FULL_CHECKPOINT, model.params, {**metadata, **progress_state})
+            else:
+                training = {**progress_state, "corpus": corpus, "base": metadata["base"]}
+                save_adapter(model, out_dir, extra={"training": training})
+            trainable = {name: model.params[name] for name in model.trainable_names}
+            save_checkpoint(state_path, trainable, {**metadata, **progress_state}, optimizer.state_dict())
+
+        step = accelerate(model, optimizer, settings.grad_clip)
+        result = train_loop(
+            model,
+            optimizer,
+            data,
+            settings,
+            save if world.is_writer else None,
+            start_step,
+            progress,
+            report=progress,
+            step=step,
+            saved_step=start_step if state is not None else None,
+            saved_in=out_dir,
+        )
+        saved = out_dir / (FULL_CHECKPOINT if lora_config is None else ADAPTER_WEIGHTS)
+        metrics = {
+            **metadata,
+            "trainable_params": model.num_parameters(trainable_only=True),
+            "all_params": model.num_parameters(),
+            "summary": model_summary_line(model),
+            "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
+            "saved": str(saved),
+            "saved_bytes": from_writer(world, lambda: saved.stat().st_size),  # rank 0 wrote it
+            "base_weights_bytes": sum(int(v.nbytes) for v in base.params.values()),  # as held in memory
+            "train_tokens": int(data.train.size),
+            "result": result.to_dict(),
+        }
+        if world.is_writer:
+            atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
     return model, metrics

@@ -8,27 +8,26 @@ config, the training settings and the corpus name, so ``resume`` needs nothing e
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..backend import resolve_device, to_device
 from ..config import GPTConfig
 from ..fast import accelerate
-from ..io.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_params_fit,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..fast.distributed.world import current_world
+from ..io.checkpoint import atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
 from ..io.data import load_corpus
 from ..io.provenance import provenance
+from ..io.run_folder import claim_run_folder
 from ..model import GPT, init_params, parameter_shapes
 from ..optim import AdamW
 from ..training.loop import TrainSettings, train_loop
+from .resume import check_kind, check_resumable, resuming_line
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESULTS_NAME = "pretrain_results.json"
+RUN_FILES = (CHECKPOINT_NAME, "checkpoint.json", RESULTS_NAME)  # what marks a folder as holding a run
 ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT practice for small-batch language-model training
 
 
@@ -41,54 +40,77 @@ def pretrain(
     resume: bool = False,
     settings_overrides: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    say=print,
 ):
     """Train a base model; returns (model, TrainResult).
 
     With ``resume``, the corpus, config, settings, weights and optimiser state come from
     ``<out_dir>/checkpoint.safetensors`` (``config``, ``settings`` and ``corpus`` are ignored), and
     ``settings_overrides`` may change settings such as ``steps`` (anything but ``steps`` changes
-    the run, so it is no longer an exact continuation).
+    the run, so it is no longer an exact continuation). Without it, a folder that holds a run is
+    refused unless ``overwrite``. The folder is locked for the whole run (io/run_folder.py).
+    ``say`` prints the "resuming from step N" line.
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    start_step, optimizer_state = 0, None
-    if resume:
-        checkpoint = load_checkpoint(checkpoint_path)
-        meta = checkpoint.metadata
-        if meta.get("kind") != "pretrain":
-            raise CheckpointError(
-                f"{checkpoint_path} is not a pretraining checkpoint (kind {meta.get('kind')!r})"
-            )
-        corpus, config = meta["corpus"], GPTConfig.from_dict(meta["config"])
-        settings = TrainSettings(**meta["settings"])
-        check_params_fit(checkpoint.params, parameter_shapes(config), checkpoint_path)
-        params = {name: to_device(checkpoint.params[name], device) for name in parameter_shapes(config)}
-        start_step, optimizer_state = meta["step"], checkpoint.optimizer
-    else:
-        params = init_params(config, seed=settings.seed, device=device)
-    settings = replace(settings, **(settings_overrides or {}))
-    data = load_corpus(corpus)
-    model = GPT(config, params)
-    optimizer = AdamW(
-        params, model.trainable_names, lr=settings.lr, betas=ADAM_BETAS, weight_decay=settings.weight_decay
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    metadata = {
-        "kind": "pretrain",
-        "corpus": corpus,
-        "config": config.to_dict(),
-        "settings": asdict(settings),
-        "provenance": provenance(device, settings.seed),
-    }
+    world = current_world()  # under mpirun: every rank trains, rank 0 alone writes (fast/distributed)
+    progress = progress and world.is_writer
+    claim = claim_run_folder(out_dir, RUN_FILES, resume, overwrite) if world.is_writer else nullcontext()
+    with claim:
+        checkpoint = load_checkpoint(checkpoint_path) if resume else None
+        if checkpoint is not None:
+            meta = check_kind(checkpoint, checkpoint_path, "pretrain")
+            corpus, config = meta["corpus"], GPTConfig.from_dict(meta["config"])
+            settings = TrainSettings(**meta["settings"])
+            check_params_fit(checkpoint.params, parameter_shapes(config), checkpoint_path)
+            params = {name: to_device(checkpoint.params[name], device) for name in parameter_shapes(config)}
+        else:
+            params = init_params(config, seed=settings.seed, device=device)
+        settings = replace(settings, **(settings_overrides or {}))
+        model = GPT(config, params)
+        optimizer = AdamW(
+            params,
+            model.trainable_names,
+            lr=settings.lr,
+            betas=ADAM_BETAS,
+            weight_decay=settings.weight_decay,
+        )
+        start_step = 0
+        if checkpoint is not None:
+            start_step = check_resumable(checkpoint, checkpoint_path, optimizer, settings.steps)
+            optimizer.load_state_dict(checkpoint.optimizer)
+            if world.is_writer:
+                say(resuming_line(start_step, settings.steps, checkpoint_path))
+        data = load_corpus(corpus)
+        metadata = {
+            "kind": "pretrain",
+            "corpus": corpus,
+            "config": config.to_dict(),
+            "settings": asdict(settings),
+            "provenance": provenance(device, settings.seed),
+        }
 
-    def save(step: int, val_bits_per_byte: float) -> None:
-        state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
-        save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
+        def save(step: int, val_bits_per_byte: float) -> None:
+            state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
+            save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
 
-    step = accelerate(model, optimizer, settings.grad_clip)  # the device's fast layer functions and step
-    result = train_loop(model, optimizer, data, settings, save, start_step, progress, step=step)
-    summary = {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
-    atomic_write_bytes(out_dir / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+        step = accelerate(model, optimizer, settings.grad_clip)  # the device's fast layer functions and step
+        result = train_loop(
+            model,
+            optimizer,
+            data,
+            settings,
+            save if world.is_writer else None,
+            start_step,
+            progress,
+            report=world.is_writer,
+            step=step,
+            saved_step=start_step if checkpoint is not None else None,
+            saved_in=out_dir,
+        )
+        summary = {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
+        if world.is_writer:
+            atomic_write_bytes(out_dir / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     return model, result

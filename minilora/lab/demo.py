@@ -8,7 +8,9 @@ forgotten). It counts Folio spellings in text sampled before and after, merges t
 checks that the merged model computes the same logits, and times generation with the base, the
 unmerged adapter and the merged model, which should cost the same as the base.
 
-Everything is written to the output directory: results.json, loss_curve.png and the adapter.
+Everything is written to the output directory: results.json, loss_curve.png and the adapter. The
+demo owns that directory: running it again replaces those files (each written atomically) without
+asking, unlike ``pretrain`` and ``finetune``, which refuse a folder holding a run.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import resolve_device, synchronize, to_numpy
-from ..generate import generate
+from ..fast import accelerate_generation, fast_ops
+from ..fast.cpu.inference import one_blas_thread
+from ..generate import generate, generate_ids
 from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
 from ..io.checkpoint import atomic_write_bytes, load_model
 from ..io.data import SHIPPED_BASE, load_corpus
@@ -75,47 +80,79 @@ class DemoSettings:
     seed: int = 0
 
 
+QUICK_DEMO = DemoSettings(steps=4, batch_size=2, eval_windows=2, samples=1, sample_chars=40, timing_tokens=10)
+"""``minilora demo --quick``: every stage of the demo in seconds, to check an install (CI runs it)."""
+
+
 def folio_spellings_per_1000(text: str) -> float:
     """How many Folio-only spellings occur per 1,000 characters of text."""
     return 1000 * len(_FOLIO_PATTERN.findall(text)) / max(1, len(text))
 
 
-def samples_of(model, settings: DemoSettings) -> list[str]:
+def samples_of(model, settings: DemoSettings, decoder=generate_ids) -> list[str]:
     """Seeded continuations of the prompt (seeds 0, 1, ...), without the prompt itself."""
     return [
-        generate(model, settings.prompt, settings.sample_chars, temperature=0.8, top_k=None, seed=seed)[
-            len(settings.prompt) :
-        ]
+        generate(
+            model,
+            settings.prompt,
+            settings.sample_chars,
+            temperature=0.8,
+            top_k=None,
+            seed=seed,
+            decoder=decoder,
+        )[len(settings.prompt) :]
         for seed in range(settings.samples)
     ]
 
 
-def time_generation(model, settings: DemoSettings, repeats: int = 3) -> float:
+def time_generation(model, settings: DemoSettings, repeats: int = 3, decoder=generate_ids) -> float:
     """Median seconds to generate ``timing_tokens`` bytes (after a warm-up run)."""
-    generate(model, settings.prompt, 8, seed=0)
+    generate(model, settings.prompt, 8, seed=0, decoder=decoder)
     times = []
     for _ in range(repeats):
         synchronize(model.xp)
         started = time.perf_counter()
-        generate(model, settings.prompt, settings.timing_tokens, seed=0)
+        generate(model, settings.prompt, settings.timing_tokens, seed=0, decoder=decoder)
         synchronize(model.xp)
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 
 
+@contextmanager
+def timed(phases: dict, name: str, xp):
+    """Add the seconds the block takes, its device work finished, to ``phases[name]``."""
+    started = time.perf_counter()
+    yield
+    synchronize(xp)
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+
+@one_blas_thread()  # on the CPU, training's thread policy for every stage, evaluation and sampling too
 def run_demo(
     out_dir,
     device: str | None = None,
     settings: DemoSettings = DemoSettings(),
     base_path=SHIPPED_BASE,
     say=print,
+    fast_generation: bool = True,
 ) -> dict:
-    """Run the demo, printing as it goes through ``say``; returns (and writes) the results."""
+    """Run the demo, printing as it goes through ``say``; returns (and writes) the results.
+
+    fast_generation: generate through the device's fast decoder (``minilora.fast.accelerate_generation``:
+    on a GPU the one-token step as a CUDA graph); False keeps the reference generation.
+    """
     started = time.perf_counter()
+    phases = {}  # seconds per phase of the demo, reported in results.json
     device = resolve_device(device)
     out_dir = Path(out_dir)
-    base = load_model(base_path, device)
-    folio, modern = load_corpus("shakespeare_folio"), load_corpus("shakespeare_modern")
+    with timed(phases, "load", np):
+        base = load_model(base_path, device)
+        base.ops = fast_ops(base.xp)  # the device's fast layer functions, as training hands the adapted model
+        folio, modern = load_corpus("shakespeare_folio"), load_corpus("shakespeare_modern")
+    xp = base.xp
+
+    def decoder(model):
+        return accelerate_generation(model) if fast_generation else generate_ids
 
     def bpb(model, corpus):
         return bits_per_byte(
@@ -126,15 +163,18 @@ def run_demo(
         f"base model: {base_path.name if isinstance(base_path, Path) else base_path}, "
         f"{base.num_parameters():,} parameters, on {device}"
     )
-    before = {"folio": bpb(base, folio), "modern": bpb(base, modern)}
+    with timed(phases, "evaluate", xp):
+        before = {"folio": bpb(base, folio), "modern": bpb(base, modern)}
     say(
         f"held-out Folio plays (Hamlet, Macbeth, The Tempest): {before['folio']:.4f} bits/byte; "
         f"the same plays in modern spelling: {before['modern']:.4f}"
     )
-    samples_before = samples_of(base, settings)
+    with timed(phases, "generate samples", xp):
+        samples_before = samples_of(base, settings, decoder(base))
 
     lora_config = settings.lora_config
-    model = add_lora(base, lora_config, seed=settings.seed)
+    with timed(phases, "add adapter", xp):
+        model = add_lora(base, lora_config, seed=settings.seed)
     say("\n" + format_table(lora_parameter_table(lora_config, base.config)))
     say(model_summary_line(model))
     train_settings = TrainSettings(
@@ -153,14 +193,17 @@ def run_demo(
         f"\nLoRA fine-tuning on the Folio training plays: {settings.steps} steps of {settings.batch_size} x "
         f"{base.config.block_size} bytes"
     )
-    result = fit(model, folio, train_settings)
-    after = {"folio": bpb(model, folio), "modern": bpb(model, modern)}
+    with timed(phases, "train (with its evaluations)", xp):
+        result = fit(model, folio, train_settings)
+    with timed(phases, "evaluate", xp):
+        after = {"folio": result.evals[-1]["val_bits_per_byte"], "modern": bpb(model, modern)}  # loop's last
     say(
         f"Folio: {before['folio']:.4f} -> {after['folio']:.4f} bits/byte (learned); "
         f"modern: {before['modern']:.4f} -> {after['modern']:.4f} (forgotten)"
     )
 
-    adapter_file = save_adapter(model, out_dir / "adapter")
+    with timed(phases, "save adapter", xp):
+        adapter_file = save_adapter(model, out_dir / "adapter")
     sizes = {
         "adapter_bytes": adapter_file.stat().st_size,
         "base_file_bytes": Path(base_path).stat().st_size,
@@ -171,7 +214,8 @@ def run_demo(
         f"(float16), {sizes['base_float32_bytes']:,} in float32"
     )
 
-    samples_after = samples_of(model, settings)
+    with timed(phases, "generate samples", xp):
+        samples_after = samples_of(model, settings, decoder(model))
     spelling = {
         "before": folio_spellings_per_1000("".join(samples_before)),
         "after": folio_spellings_per_1000("".join(samples_after)),
@@ -187,16 +231,18 @@ def run_demo(
         f"(the Folio text itself: {spelling['folio_training_text']:.2f})"
     )
 
-    idx = folio.val[: base.config.block_size][None, :].astype(np.int64)
-    logits_unmerged = to_numpy(model.forward(idx)[0]).astype(np.float64)
-    merged = model.merge_and_unload()
-    logits_merged = to_numpy(merged.forward(idx)[0]).astype(np.float64)
+    with timed(phases, "merge check", xp):
+        idx = folio.val[: base.config.block_size][None, :].astype(np.int64)
+        logits_unmerged = to_numpy(model.forward(idx)[0]).astype(np.float64)
+        merged = model.merge_and_unload()
+        logits_merged = to_numpy(merged.forward(idx)[0]).astype(np.float64)
     merge_error = float(np.max(np.abs(logits_merged - logits_unmerged)) / np.max(np.abs(logits_unmerged)))
-    timing = {
-        "base": time_generation(base, settings),
-        "lora_unmerged": time_generation(model, settings),
-        "merged": time_generation(merged, settings),
-    }
+    with timed(phases, "time generation", xp):
+        timing = {
+            "base": time_generation(base, settings, decoder=decoder(base)),
+            "lora_unmerged": time_generation(model, settings, decoder=decoder(model)),
+            "merged": time_generation(merged, settings, decoder=decoder(merged)),
+        }
     say(
         f"\nmerged vs unmerged logits: max relative difference {merge_error:.1e}; "
         f"merged model: {merged.num_parameters():,} parameters, as the base"
@@ -207,17 +253,24 @@ def run_demo(
         )
     )
 
-    plot_loss_curve(
-        result.losses,
-        result.evals,
-        out_dir / "loss_curve.png",
-        title=f"LoRA r={settings.lora_config.r} on the Folio plays",
-        baseline=before["folio"],
-    )
+    with timed(phases, "plot", xp):
+        plot_loss_curve(
+            result.losses,
+            [{"step": 0, "val_bits_per_byte": before["folio"]}, *result.evals],  # step 0: the base
+            out_dir / "loss_curve.png",
+            title=f"LoRA r={settings.lora_config.r} on the Folio plays",
+            eval_label="Folio validation (learned)",
+            others={
+                "modern plays validation (forgotten)": [
+                    {"step": 0, "val_bits_per_byte": before["modern"]},
+                    {"step": settings.steps, "val_bits_per_byte": after["modern"]},
+                ]
+            },
+        )
     results = {
         "settings": asdict(settings),
         "device": device,
-        "base": str(base_path),
+        "base": f"data/{SHIPPED_BASE.name}" if Path(base_path) == SHIPPED_BASE else str(base_path),
         "trainable_params": model.num_parameters(trainable_only=True),
         "all_params": model.num_parameters(),
         "summary": model_summary_line(model),
@@ -230,12 +283,15 @@ def run_demo(
         "generation_seconds": timing,
         **sizes,
         "training": result.to_dict(),
+        "phase_seconds": phases,
         "wall_seconds": time.perf_counter() - started,
         "provenance": provenance(device, settings.seed),
     }
     atomic_write_bytes(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     say(
         f"\nwrote {out_dir / 'results.json'}, {out_dir / 'loss_curve.png'} and {out_dir / 'adapter' / ADAPTER_WEIGHTS} "
-        f"in {results['wall_seconds']:.0f} s"
+        f"in {results['wall_seconds']:.0f} s ("
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+        + ")"
     )
     return results

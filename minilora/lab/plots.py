@@ -11,10 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float | None = None) -> Path:
-    """Training loss and validation bits/byte against step; ``baseline`` draws a reference line.
+def plot_loss_curve(
+    losses: list, evals: list, path, title: str, eval_label: str = "validation", others: dict | None = None
+) -> Path:
+    """Training loss and validation bits/byte against step; ``others`` draws more validation curves.
 
-    losses: [{"step", "loss"}] in nats per byte (converted to bits); evals: [{"step", "val_bits_per_byte"}].
+    losses: [{"step", "loss"}] in nats per byte (converted to bits); evals: [{"step", "val_bits_per_byte"}];
+    others: label -> evals of another held-out set (the demo's forgetting on the modern plays).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,9 +26,9 @@ def plot_loss_curve(losses: list, evals: list, path, title: str, baseline: float
         [e["step"] for e in losses], [e["loss"] / math.log(2) for e in losses], label="training batch", lw=1
     )
     if evals:
-        ax.plot([e["step"] for e in evals], [e["val_bits_per_byte"] for e in evals], "o-", label="validation")
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", ls="--", lw=1, label="before training")
+        ax.plot([e["step"] for e in evals], [e["val_bits_per_byte"] for e in evals], "o-", label=eval_label)
+    for label, other in (others or {}).items():
+        ax.plot([e["step"] for e in other], [e["val_bits_per_byte"] for e in other], "s--", label=label)
     return _save(fig, ax, path, "step", "bits per byte", title)
 
 

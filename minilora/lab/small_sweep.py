@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fast import fast_ops
-from ..io.data import DATA_DIR
+from ..io.data import CHECKOUT_DATA_DIR
 from ..jobs.finetune import fit
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
@@ -34,7 +34,7 @@ from ..training.evaluate import bits_per_byte
 from ..training.loop import TrainSettings
 from .experiments import RunSpec, best_lr, experiment_points, load_results, summarize_point
 
-REPOSITORY = DATA_DIR.parent  # runs.jsonl records each base relative to the repository
+REPOSITORY = CHECKOUT_DATA_DIR.parent  # runs.jsonl records each base relative to the repository
 
 
 def measure(model, corpus, batch_size: int, eval_windows: int) -> float:

@@ -151,7 +151,8 @@ class TorchGPT:
         decay = [self.p[name] for name in params if name in trainable and name in set(decay_names)]
         no_decay = [self.p[name] for name in params if name in trainable and name not in set(decay_names)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        groups = [g for g in groups if g["params"]]  # none for a model that only generates
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
         self._causal = {}
 
     def linear(self, name: str, x):
@@ -205,6 +206,54 @@ class TorchGPT:
         x = self.layernorm("transformer.ln_f", x)
         logits = x @ p[WTE].T  # tied head, (B, T, V)
         return F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1))
+
+    def cached_logits(self, idx, start: int, keys, values):
+        """Logits after the last of the new ids idx (B, t) at positions start.., through the key/value cache.
+
+        keys, values: (n_layer, B, H, T_max, hs) tensors, filled at start..start+t-1 here. Attention
+        is ``F.scaled_dot_product_attention`` over the cached prefix (causal within a prefill from 0).
+        """
+        p = self.p
+        B, T = idx.shape
+        H, hs = self.n_head, self.n_embd // self.n_head
+        end = start + T
+        x = F.embedding(idx, p[WTE]) + p[WPE][start:end]
+        for i in range(self.n_layer):
+            pre = f"transformer.h.{i}"
+            qkv = self.linear(f"{pre}.attn.c_attn", self.layernorm(f"{pre}.ln_1", x))
+            q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv.split(self.n_embd, dim=2))
+            keys[i, :, :, start:end], values[i, :, :, start:end] = k, v
+            y = F.scaled_dot_product_attention(q, keys[i, :, :, :end], values[i, :, :, :end], is_causal=T > 1)
+            x = x + self.linear(f"{pre}.attn.c_proj", y.transpose(1, 2).reshape(B, T, self.n_embd))
+            h = F.gelu(self.linear(f"{pre}.mlp.c_fc", self.layernorm(f"{pre}.ln_2", x)), approximate="tanh")
+            x = x + self.linear(f"{pre}.mlp.c_proj", h)
+        return self.layernorm("transformer.ln_f", x[:, -1]) @ p[WTE].T  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0, seed: int = 0):
+        """(B, T0 + max_new_tokens) ids: the prompt extended with a key/value cache, eager, within one block.
+
+        Greedy at temperature 0, else ``torch.multinomial`` of softmax(logits / temperature) on the
+        device. The ids stay on the device until the end: no host sync per token.
+        """
+        B, T0 = prompt_ids.shape
+        T_max, H, hs = T0 + max_new_tokens, self.n_head, self.n_embd // self.n_head
+        dtype = self.p[WTE].dtype
+        keys = torch.empty(self.n_layer, B, H, T_max, hs, dtype=dtype, device=self.device)
+        values = torch.empty_like(keys)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        ids = torch.empty(B, T_max, dtype=torch.int64, device=self.device)
+        ids[:, :T0] = torch.from_numpy(prompt_ids).to(self.device)
+        logits = self.cached_logits(ids[:, :T0], 0, keys, values)  # the prefill
+        for t in range(T0, T_max):
+            if temperature == 0:
+                ids[:, t] = logits.argmax(dim=-1)
+            else:
+                probs = (logits / temperature).softmax(dim=-1)
+                ids[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if t + 1 < T_max:
+                logits = self.cached_logits(ids[:, t : t + 1], t, keys, values)
+        return ids.cpu().numpy()
 
     def step(self, idx: np.ndarray, targets: np.ndarray):
         """One training step on NumPy (B, T) batches: forward, backward, clipping, AdamW. Returns the loss."""

@@ -16,12 +16,13 @@ tensors themselves are made in init.py).
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass
-
-import numpy as np
+from functools import partial
 
 from ..llama import LLAMA_LINEAR_MODULES, LlamaConfig, llama_parameter_shapes
+from ..validate import check_bool, check_float, check_int
 from .layer import lora_scaling
 
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -64,18 +65,19 @@ class LoraConfig:
     dora_exact_gradient: bool = False  # DoRA: differentiate through the weight norm (the paper does not)
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (list, tuple)):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if isinstance(self.layers_to_transform, int):
-            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-        elif self.layers_to_transform is not None:
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
-        if not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+        set_field = partial(object.__setattr__, self)
+        set_field("target_modules", checked_target_modules(self.target_modules))
+        set_field("layers_to_transform", checked_layers(self.layers_to_transform))
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        set_field("r", int(self.r))
+        set_field("lora_alpha", check_float("LoraConfig.lora_alpha", self.lora_alpha, 0.0, low_open=True))
+        set_field(
+            "lora_dropout",
+            check_float("LoraConfig.lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True),
+        )
+        for flag in ("use_rslora", "use_dora", "dora_exact_gradient"):
+            set_field(flag, check_bool(f"LoraConfig.{flag}", getattr(self, flag)))
         if self.init not in INITS:
             raise ValueError(f"unknown LoRA init {self.init!r}; choose one of {INITS}")
         if self.bias not in BIASES:
@@ -84,8 +86,6 @@ class LoraConfig:
             raise ValueError("use_dora with init='pissa' is not supported: choose one variant")
         if self.dora_exact_gradient and not self.use_dora:
             raise ValueError("dora_exact_gradient needs use_dora=True")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: name at least one module, e.g. ('c_attn',)")
 
     @property
     def scaling(self) -> float:
@@ -100,10 +100,38 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> LoraConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"a LoraConfig must be a mapping of its fields, got {type(values).__name__}")
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown LoraConfig fields {sorted(unknown)}")
+            raise ValueError(f"unknown LoraConfig fields {sorted(map(str, unknown))}")
         return cls(**values)
+
+
+def checked_target_modules(targets) -> tuple[str, ...] | str:
+    """target_modules as a tuple of names, or one string that is "all-linear" or a valid regular expression."""
+    if isinstance(targets, (str, list, tuple)) and not targets:
+        raise ValueError("target_modules is empty: name at least one module, e.g. ('c_attn',)")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"LoraConfig.target_modules {targets!r} is not a valid regular expression: {err}"
+            ) from None
+        return targets
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"LoraConfig.target_modules must be a string or a list of names, got {targets!r}")
+    return tuple(targets)
+
+
+def checked_layers(layers) -> tuple[int, ...] | None:
+    """layers_to_transform as a tuple of block indices (one int is one block), or None for every block."""
+    if layers is None:
+        return None
+    if isinstance(layers, (list, tuple)):
+        return tuple(check_int("LoraConfig.layers_to_transform entry", i, minimum=0) for i in layers)
+    return (check_int("LoraConfig.layers_to_transform", layers, minimum=0),)
 
 
 def _matches(name: str, targets) -> bool:
@@ -137,4 +165,11 @@ def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tu
                 f"rank r={lora_config.r} is larger than min(C_in, C_out) = {min(C_in, C_out)} "
                 f"of {name} (weight {C_in} x {C_out}): a rank-r update needs r <= both sides"
             )
+    sides = {min(shape) for shape in chosen.values()}
+    if lora_config.init == "pissa" and 2 * lora_config.r > min(sides) and len(sides) > 1:
+        raise ValueError(
+            f"PiSSA with r={lora_config.r} on modules whose smaller sides differ {sorted(sides)} cannot be "
+            f"saved exactly as a plain LoRA (its change has rank up to 2r); choose r <= {min(sides) // 2}, "
+            "or modules of one size"
+        )
     return chosen

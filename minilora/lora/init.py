@@ -14,6 +14,9 @@ An adapter of rank r on a module with weight W (C_in, C_out) holds lora_A (r, C_
                      so that m / n = 1 at the start (see dora.py);
     bias             trained copies of the chosen biases (the base's own arrays are never written).
 
+Every trainable tensor is held in at least float32 (``adapter_dtype``): over a float16 base, Adam's
+epsilon of 1e-8 would round to 0 in float16 and the first step would divide 0 by 0 for lora_A.
+
 Random numbers are drawn on the host from a seeded numpy Generator and moved with
 ``backend.to_device``, so CPU and GPU runs start from identical numbers. ``create_adapter`` is the
 one entry point ``LoraGPT.add_adapter`` calls; ``combined_adapter`` builds the exact weighted sum of
@@ -60,6 +63,11 @@ class Adapter:
             and self.config.init != "pissa"
             and len(self.trainable) == 2 * len(self.modules)
         )
+
+
+def adapter_dtype(base_dtype):
+    """The dtype of an adapter's trainable tensors: the base's, but at least float32 (float16 -> float32)."""
+    return np.promote_types(base_dtype, np.float32)
 
 
 def init_lora_factors(
@@ -119,13 +127,34 @@ def init_pissa_factors(lora_config: LoraConfig, weights: dict) -> tuple[dict, di
     r, s = lora_config.r, lora_config.scaling
     factors, residuals = {}, {}
     for name, W in weights.items():
-        device, dtype = device_of(W), W.dtype
+        device, dtype = device_of(W), adapter_dtype(W.dtype)
         W64 = to_numpy(W).astype(np.float64)
         lora_A, lora_B = pissa_factors(W64, r, s)  # (r, C_in), (C_out, r)
         factors[f"{name}.lora_A"] = to_device(lora_A.astype(dtype), device)
         factors[f"{name}.lora_B"] = to_device(lora_B.astype(dtype), device)
-        residuals[f"{name}.weight"] = to_device((W64 - s * lora_A.T @ lora_B.T).astype(dtype), device)
+        residual = W64 - s * lora_A.T @ lora_B.T  # frozen: in the base's dtype
+        residuals[f"{name}.weight"] = to_device(residual.astype(W.dtype), device)
     return factors, residuals
+
+
+def reduce_rank(lora_A, lora_B, rank: int):
+    """Factors of rank ``rank`` with the same product lora_A^T lora_B^T, when that product's rank allows.
+
+    lora_A (k, C_in), lora_B (C_out, k) -> (rank, C_in), (C_out, rank), float64 NumPy. The product
+    M = lora_A^T lora_B^T (C_in, C_out) has rank <= min(k, C_in, C_out), so when that is <= ``rank``
+    the result is exact (to rounding); otherwise it is M's best rank-``rank`` approximation.
+
+    With QR factorisations lora_A^T = Q_A R_A and lora_B = Q_B R_B, M = Q_A (R_A R_B^T) Q_B^T, and
+    the small core R_A R_B^T = U S V^T gives M = (Q_A U) S (Q_B V)^T; S is shared evenly as in PiSSA.
+    """
+    Q_A, R_A = np.linalg.qr(to_numpy(lora_A).astype(np.float64).T)  # (C_in, j), (j, k)
+    Q_B, R_B = np.linalg.qr(to_numpy(lora_B).astype(np.float64))  # (C_out, j'), (j', k)
+    U, S, Vt = np.linalg.svd(R_A @ R_B.T)  # the core (j, j') = U S V^T
+    root = np.sqrt(S[:rank])  # (rank,)
+    lora_A_new = root[:, None] * (Q_A @ U[:, :rank]).T  # (rank, C_in)
+    lora_B_new = (Q_B @ Vt[:rank].T) * root[None, :]  # (C_out, rank)
+    # C order: safetensors' NumPy writer stores a transposed (Fortran-order) array's buffer as is
+    return np.ascontiguousarray(lora_A_new), np.ascontiguousarray(lora_B_new)
 
 
 def init_dora_magnitudes(weights: dict, factors: dict, scaling: float) -> dict:
@@ -154,7 +183,7 @@ def dense_reference(base_params: dict):
 
 
 def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, seed: int = 0) -> Adapter:
-    """A new adapter on ``modules`` of the base, every tensor on the base's device and in its dtype.
+    """A new adapter on ``modules`` of the base, on the base's device; trainable tensors in ``adapter_dtype``.
 
     Trainable, in this order: the factors (module by module), DoRA's magnitudes, the chosen biases.
     PiSSA's residual weights sit in ``tensors`` too, frozen.
@@ -164,7 +193,7 @@ def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, se
         factors, residuals = init_pissa_factors(lora_config, {m: base_params[f"{m}.weight"] for m in modules})
     else:
         factors = init_lora_factors(
-            lora_config, modules, seed=seed, dtype=reference.dtype, device=device_of(reference)
+            lora_config, modules, seed=seed, dtype=adapter_dtype(reference.dtype), device=device_of(reference)
         )
         residuals = {}
     trained = dict(factors)
@@ -172,7 +201,9 @@ def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, se
         weights = {m: residuals.get(f"{m}.weight", base_params[f"{m}.weight"]) for m in modules}
         trained.update(init_dora_magnitudes(weights, factors, lora_config.scaling))
     biases = {
-        name: base_params[name].copy()  # trained on a copy: the base stays intact
+        name: base_params[name].astype(
+            adapter_dtype(base_params[name].dtype)
+        )  # a copy: the base stays intact
         for name in trainable_biases(lora_config, modules, base_params)
     }
     adapter = Adapter(
@@ -198,7 +229,7 @@ def combined_adapter(parts: list[Adapter], weights, reference) -> Adapter:
     modules = {m: shape for part in parts for m, shape in part.modules.items()}
     r = sum(part.config.r for part in parts)
     config = LoraConfig(r=r, lora_alpha=float(r), target_modules=tuple(modules), init="default")
-    xp, dtype = get_xp(reference), reference.dtype
+    xp, dtype = get_xp(reference), adapter_dtype(reference.dtype)
     tensors = {}
     for m, (C_in, C_out) in modules.items():
         lora_A_blocks, lora_B_blocks = [], []

@@ -25,6 +25,10 @@ Derivation (a5):
     dW = x^T dout, a (C_in, N) @ (N, C_out) product, is never formed. At lora_B = 0, dh = 0 and hence
     dlora_A = 0: on the first step only lora_B moves.
 
+The adapter keeps its own precision: over a float16 base its factors are float32 (init.py), the
+input is cast to float32 where it enters the adapter and the update back to the base's dtype where
+it meets the base's output, and the backward casts the same way, so dlora_A and dlora_B are float32.
+
 Merging folds the update into the weight, W' = W + s lora_A^T lora_B^T, for inference with no
 extra cost. (Shapes: N rows of the flattened batch, C_in and C_out the layer's sides, r the rank.)
 """
@@ -67,6 +71,7 @@ def lora_forward(x, lora_A, lora_B, scaling: float, dropout_mask=None):
     """The adapter's contribution delta = s * (drop(x) lora_A^T) lora_B^T.  x: (..., C_in) -> (..., C_out)."""
     # BEGIN SOLUTION a5: delta = s * (drop(x) lora_A^T) lora_B^T; keep h = drop(x) lora_A^T
     x_in = x if dropout_mask is None else x * dropout_mask
+    x_in = x_in.astype(lora_A.dtype, copy=False)  # into the adapter's precision (float32 over float16)
     h = matmul(x_in, lora_A.T)  # (..., r)
     delta = matmul(h, lora_B.T)  # (..., C_out)
     delta *= scaling
@@ -84,6 +89,7 @@ def lora_backward(ddelta, cache: LoraCache):
     """
     r, C_in = cache.lora_A.shape
     C_out = cache.lora_B.shape[0]
+    ddelta = ddelta.astype(cache.lora_A.dtype, copy=False)  # the adapter's gradients in its own precision
     # BEGIN SOLUTION a5: dlora_B, then dh (the gradient of h), dlora_A, and dx back through the mask
     ddelta_rows = ddelta.reshape(-1, C_out)  # (N, C_out)
     dlora_B = matmul(ddelta_rows.T, cache.h.reshape(-1, r))  # (C_out, r)
@@ -104,11 +110,11 @@ class LoraLinearCache(NamedTuple):
 
 
 def lora_linear_forward(x, W, b, lora_A, lora_B, scaling: float, dropout_mask=None):
-    """y = x W + b + s * (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out)."""
+    """y = x W + b + s * (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out), in x's dtype."""
     y, base = linear_forward(x, W, b)
     delta, lora = lora_forward(x, lora_A, lora_B, scaling, dropout_mask)
     y += delta
-    return y, LoraLinearCache(base=base, lora=lora)
+    return y.astype(x.dtype, copy=False), LoraLinearCache(base=base, lora=lora)
 
 
 def lora_linear_backward(dout, cache: LoraLinearCache, compute_dW: bool = False, compute_db: bool = True):
@@ -118,7 +124,7 @@ def lora_linear_backward(dout, cache: LoraLinearCache, compute_dW: bool = False,
     """
     dx, dW, db = linear_backward(dout, cache.base, compute_dW=compute_dW, compute_db=compute_db)
     dx_lora, dlora_A, dlora_B = lora_backward(dout, cache.lora)
-    dx += dx_lora
+    dx += dx_lora.astype(dx.dtype, copy=False)  # back into the base's precision
     return dx, dW, db, dlora_A, dlora_B
 
 
@@ -139,5 +145,5 @@ def require_finite(merged):
 
 
 def merge_weight(W, lora_A, lora_B, scaling: float):
-    """W + s lora_A^T lora_B^T as a new array (W is not modified); raises if the result is not finite."""
-    return require_finite(W + lora_delta_weight(lora_A, lora_B, scaling).astype(W.dtype))
+    """W + s lora_A^T lora_B^T as a new array in W's dtype (W is not modified); raises if it is not finite."""
+    return require_finite((W + lora_delta_weight(lora_A, lora_B, scaling)).astype(W.dtype, copy=False))

@@ -37,13 +37,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from ..backend import get_xp
+from ..backend import device_of, get_xp, to_device
 from ..io.checkpoint import weights_fingerprint
 from ..layers import make_dropout_mask
 from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
-from .init import Adapter, combined_adapter, create_adapter, dense_reference
+from .init import Adapter, combined_adapter, create_adapter, dense_reference, reduce_rank
 
 
 class AdaptedLinearCache(NamedTuple):
@@ -126,7 +126,7 @@ class LoraModel:
         """Add a freshly initialised adapter under ``name`` (it is not activated; see set_adapter).
 
         Its tensors come from init.create_adapter: drawn from a generator seeded with ``seed``, on the
-        base's device and in its dtype.
+        base's device, the trainable ones in at least float32 (float32 over a float16 base).
         """
         self._refuse_while_merged("add an adapter")
         if name in self.adapters:
@@ -152,12 +152,26 @@ class LoraModel:
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block: ``with model.disable_adapter(): ...``."""
+        """Run the base model alone inside the block: ``with model.disable_adapter(): ...``.
+
+        The adapter's own copies of base tensors (trained biases, PiSSA's residual weights) give way
+        to the base's inside the block. A merged adapter is unmerged for the block and merged again
+        after it, as PEFT does: the weights come back within rounding, not bit for bit.
+        """
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        shadowing = [] if self.active_adapter is None else self.adapter.tensors  # names the adapter replaces
+        own = {name: self.params[name] for name in shadowing if name in self.base_params}
+        self.params.update({name: self.base_params[name] for name in own})
         enabled, self.enabled = self.enabled, False
         try:
             yield self
         finally:
             self.enabled = enabled
+            self.params.update(own)
+            if was_merged:
+                self.merge()
 
     def combine_adapters(self, names, weights, new_name: str) -> None:
         """Add ``new_name`` = the exact weighted sum of plain LoRA adapters, by concatenation.
@@ -225,10 +239,12 @@ class LoraModel:
         return dx
 
     def backward(self, cache, dloss: float = 1.0) -> dict:
+        """The adapter's gradients, each in its tensor's dtype (float32 over a float16 base)."""
         self._refuse_while_merged("train")
         if not self.enabled or self.active_adapter is None:
             raise RuntimeError("no adapter is enabled, so there is nothing to train")
-        return super().backward(cache, dloss)
+        grads = super().backward(cache, dloss)
+        return {name: grad.astype(self.params[name].dtype, copy=False) for name, grad in grads.items()}
 
     # Merging.
 
@@ -271,11 +287,20 @@ class LoraModel:
         self.merged = False
 
     def merge_and_unload(self):
-        """The plain model with merged copies of the adapted weights: the base's parameter count and cost."""
+        """The plain model with merged copies of the adapted weights: the base's parameter count and cost.
+
+        It shares no array that this model may still change: the merged weights and the adapter's
+        tensors (trained biases, PiSSA's residuals) are its own copies, so a later ``unmerge()``,
+        training step or ``merge()`` here leaves it as it was. The untouched frozen weights are shared.
+        """
         params = {name: self.params[name] for name in self.base_params}
-        if not self.merged:
-            for name in self.adapted_modules:
-                params[f"{name}.weight"] = self.merged_weight(name)[0]
+        adapter_tensors = [] if self.active_adapter is None else self.adapter.tensors
+        for name in adapter_tensors:
+            if name in params:
+                params[name] = params[name].copy()  # a trained bias or a residual weight
+        for name in self.adapted_modules:
+            weight = f"{name}.weight"
+            params[weight] = self.params[weight].copy() if self.merged else self.merged_weight(name)[0]
         return self.base_model_class(self.config, params)
 
     def is_noop(self) -> bool:
@@ -296,25 +321,36 @@ class LoraModel:
 
 
 def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
-    """A PiSSA adapter as an equivalent plain LoRA against the original base, of rank 2r.
+    """A PiSSA adapter as an equivalent plain LoRA against the original base, of rank 2r (or less).
 
     PiSSA's layer computes W_res + s lora_A^T lora_B^T with W_res = W - s lora_A0^T lora_B0^T
     (lora_A0, lora_B0: the factors at the start), so its change to W is
     s (lora_A^T lora_B^T - lora_A0^T lora_B0^T) = s lora_A_cat^T lora_B_cat^T with
     lora_A_cat = [lora_A; lora_A0] and lora_B_cat = [lora_B, -lora_B0]. The scale stays s:
     lora_alpha becomes s * 2r (or s * sqrt(2r) with rsLoRA).
+
+    A plain LoRA's rank may not exceed min(C_in, C_out) of any module it adapts, and with
+    r > min(C_in, C_out) / 2 that change has rank at most min(C_in, C_out) < 2r anyway: then it is
+    written exactly at that rank (init.reduce_rank; config.select_target_modules keeps PiSSA to
+    ranks where this is exact), so that whatever is saved loads again.
     """
     config = adapter.config
-    r2 = 2 * config.r
-    alpha = config.scaling * (r2**0.5 if config.use_rslora else r2)
-    plain = LoraConfig(**{**config.to_dict(), "r": r2, "lora_alpha": alpha, "init": "default"})
+    rank = min(2 * config.r, *(min(shape) for shape in adapter.modules.values()))
+    alpha = config.scaling * (rank**0.5 if config.use_rslora else rank)
+    plain = LoraConfig(**{**config.to_dict(), "r": rank, "lora_alpha": alpha, "init": "default"})
     tensors = {}
     for m in adapter.modules:
         lora_A, lora_B = adapter.tensors[f"{m}.lora_A"], adapter.tensors[f"{m}.lora_B"]
         lora_A0, lora_B0 = adapter.pissa_start[f"{m}.lora_A"], adapter.pissa_start[f"{m}.lora_B"]
         xp = get_xp(lora_A)
-        tensors[f"{m}.lora_A"] = xp.concatenate([lora_A, lora_A0], axis=0)  # (2r, C_in)
-        tensors[f"{m}.lora_B"] = xp.concatenate([lora_B, -lora_B0], axis=1)  # (C_out, 2r)
+        lora_A_cat = xp.concatenate([lora_A, lora_A0], axis=0)  # (2r, C_in)
+        lora_B_cat = xp.concatenate([lora_B, -lora_B0], axis=1)  # (C_out, 2r)
+        if rank < 2 * config.r:  # the same product at the rank a plain LoRA may have
+            lora_A_cat, lora_B_cat = (
+                to_device(f.astype(lora_A.dtype), device_of(lora_A))
+                for f in reduce_rank(lora_A_cat, lora_B_cat, rank)
+            )
+        tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"] = lora_A_cat, lora_B_cat
     tensors.update({name: adapter.tensors[name] for name in adapter.trainable if name.endswith(".bias")})
     return plain, tensors
 

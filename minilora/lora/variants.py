@@ -74,7 +74,8 @@ class LoraVariant:
 
     def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
         """W = W' - s lora_A^T lora_B^T, within rounding."""
-        return merged - lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling).astype(merged.dtype)
+        delta = lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling)  # the adapter's precision
+        return (merged - delta).astype(merged.dtype, copy=False)
 
     def is_noop(self, tensors: dict) -> bool:
         """True while the update cannot change the output: lora_B is all zeros."""
@@ -122,9 +123,9 @@ class DoraVariant:
 
     def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
         """W = W' n / m - s lora_A^T lora_B^T, within rounding; ``undo`` is the n that merge returned."""
-        W = merged * (undo / tensors[MAGNITUDE])
-        W -= lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling).astype(W.dtype)
-        return W
+        W = merged * (undo / tensors[MAGNITUDE])  # in the adapter's precision
+        W -= lora_delta_weight(tensors["lora_A"], tensors["lora_B"], scaling)
+        return W.astype(merged.dtype, copy=False)
 
     def is_noop(self, tensors: dict) -> bool:
         """Never: this test cannot tell when the magnitudes and the direction's change cancel."""

@@ -34,6 +34,15 @@ def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None
     return chosen * block_size
 
 
+def bytes_scored(
+    data: np.ndarray, block_size: int, max_windows: int | None = None, token_bytes: np.ndarray | None = None
+) -> int:
+    """The bytes of text whose prediction ``bits_per_byte`` scores with the same windows: its divisor."""
+    starts = window_starts(len(data), block_size, max_windows)
+    targets = data[starts[:, None] + 1 + np.arange(block_size)]  # (n_windows, T) ids scored
+    return targets.size if token_bytes is None else int(token_bytes[targets].sum())
+
+
 def bits_per_byte(
     model,
     data: np.ndarray,

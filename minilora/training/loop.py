@@ -12,8 +12,10 @@ seeded with (seed, DATA_STREAM, step) and the dropout masks from a device genera
 state and k, and k steps + save + resume + (N - k) steps reproduce N steps exactly.
 
 A loss value is read (forcing a GPU sync) only every ``log_interval`` steps and at evaluations. A
-non-finite loss, or non-finite parameters found before a save, stop training with TrainingDiverged;
-the last checkpoint on disk, written before things went wrong, is left as it was.
+non-finite loss, and before a save a non-finite validation value or parameter, stop training with
+TrainingDiverged: a checkpoint is written only when everything in it is finite, so the last one on
+disk, written before things went wrong, is left as it was. The message says which one that is, or
+that there is none.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..backend import device_rng, host_rng, synchronize
 from ..io.checkpoint import all_finite
 from ..io.data import get_batch
 from ..optim import clip_grad_norm, cosine_lr
+from ..validate import check_float, check_int
 from .evaluate import bits_per_byte
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
@@ -42,7 +45,7 @@ class TrainSettings:
     steps: int = 2000  # total optimiser steps
     batch_size: int = 16  # B sequences per step, each of the model's block_size tokens
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    min_lr: float | None = None  # learning rate at the end of the cosine decay; None: lr / 10
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps to lr
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
     grad_clip: float = 1.0  # global gradient-norm limit; 0 turns clipping off
@@ -52,12 +55,17 @@ class TrainSettings:
     log_interval: int = 10  # steps between loss reads (each read syncs a GPU)
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "eval_interval", "eval_windows", "log_interval")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0 and min_lr, warmup_steps, grad_clip >= 0")
+        # Each check names its field; NaN and the infinities are refused (a NaN grad_clip turns clipping off).
+        for name in ("steps", "batch_size", "eval_interval", "eval_windows", "log_interval"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("warmup_steps", "seed"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        self.lr = check_float("lr", self.lr, 0.0, low_open=True)
+        self.min_lr = self.lr / 10 if self.min_lr is None else check_float("min_lr", self.min_lr, 0.0)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
+        self.grad_clip = check_float("grad_clip", self.grad_clip, 0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not be above lr ({self.lr:g}): lower min_lr too")
 
 
 @dataclass
@@ -98,14 +106,20 @@ def train_loop(
     progress: bool = True,
     report: bool = True,
     step=train_step,
+    saved_step: int | None = None,
+    saved_in=None,
 ) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
     ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
-    trainable parameters are checked to be finite first, so a diverged model is never saved.
-    ``progress`` shows a progress bar; ``report`` prints a line per evaluation. ``step`` does one
-    batch's work, called as ``train_step`` is (the default).
+    loss, the validation value and the trainable parameters are checked to be finite first, so a
+    diverged model is never saved. ``saved_step``: the step of the checkpoint already on disk (the
+    one a resumed run started from), None if there is none; ``saved_in``: where the checkpoints go
+    (a folder), for the divergence message. ``progress`` shows a progress bar; ``report`` prints a
+    line per evaluation. ``step`` does one batch's work, called as ``train_step`` is (the default).
     """
+    if start_step >= settings.steps:
+        raise ValueError(f"nothing to train: the run is at step {start_step} and steps is {settings.steps}")
     B, T = settings.batch_size, model.config.block_size
     xp = model.xp
     result = TrainResult()
@@ -129,7 +143,9 @@ def train_loop(
         if done % settings.log_interval == 0 or done == settings.steps or step_index == start_step:
             loss_value = float(loss)  # syncs the device
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(_diverged_message(f"the loss became {loss_value}", step_index, save))
+                raise TrainingDiverged(
+                    _diverged_message(f"the loss became {loss_value}", step_index, saved_step, saved_in)
+                )
             result.losses.append({"step": done, "loss": loss_value, "lr": lr})
             tokens_per_second = (done - start_step) * B * T / (time.perf_counter() - started - eval_seconds)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
@@ -141,11 +157,11 @@ def train_loop(
             if report:
                 bar.write(f"step {done}: val {val:.4f} bits/byte")
             if save is not None:
-                if not all_finite({name: model.params[name] for name in model.trainable_names}):
-                    raise TrainingDiverged(
-                        _diverged_message("a parameter became NaN or infinite", step_index, save)
-                    )
+                problem = _unsaveable(model, float(loss), val)
+                if problem is not None:
+                    raise TrainingDiverged(_diverged_message(problem, step_index, saved_step, saved_in))
                 save(done, val)
+                saved_step = done
             eval_seconds += time.perf_counter() - eval_started
     bar.close()
     synchronize(xp)
@@ -157,8 +173,24 @@ def train_loop(
     return result
 
 
-def _diverged_message(what: str, step: int, save) -> str:
-    kept = "the last good checkpoint is intact" if save is not None else "no checkpoint was written"
+def _unsaveable(model, loss_value: float, val: float) -> str | None:
+    """Why this step's state must not be saved (a NaN or infinity somewhere), or None."""
+    if not math.isfinite(loss_value):
+        return f"the loss became {loss_value}"
+    if not math.isfinite(val):
+        return f"the validation bits per byte became {val}"
+    if not all_finite({name: model.params[name] for name in model.trainable_names}):
+        return "a parameter became NaN or infinite"
+    return None
+
+
+def _diverged_message(what: str, step: int, saved_step: int | None, saved_in) -> str:
+    where = "" if saved_in is None else f" in {saved_in}"
+    kept = (
+        f"no checkpoint was written{where}"
+        if saved_step is None
+        else f"the checkpoint of step {saved_step}{where} is intact"
+    )
     return (
         f"training stopped at step {step}: {what}; {kept}. Try a lower learning rate (--lr) "
         "or gradient clipping (--grad-clip)."

@@ -23,8 +23,8 @@ def dora_written_out(x, W, b, lora_A, lora_B, magnitude, s, norm=None, mask=None
     V = W + s * lora_A.T @ lora_B.T  # (C_in, C_out)
     n = np.sqrt((V**2).sum(axis=0)) if norm is None else norm  # (C_out,)
     x_in = x if mask is None else x * mask
-    u = x @ W + s * (x_in @ lora_A.T) @ lora_B.T  # (..., C_out)
-    return u * (magnitude / n) + (0.0 if b is None else b)
+    u = x_in @ W + s * (x_in @ lora_A.T) @ lora_B.T  # (..., C_out)
+    return (x - x_in) @ W + u * (magnitude / n) + (0.0 if b is None else b)  # PEFT's dropout
 
 
 def drawn(rng):
@@ -89,7 +89,7 @@ def test_dora_exact_backward_through_the_norm_matches_finite_differences(student
 
 @pytest.mark.points(1)
 def test_dora_backwards_with_a_dropout_mask_and_no_bias(student, rng):
-    """lora_dropout drops the adapter's input only; without a bias, db is None."""
+    """lora_dropout drops the input of what m / n rescales (PEFT's definition); without a bias, db is None."""
     mask = make_dropout_mask(rng, (2, 4, C_IN), 0.3, np.float64)
     check_dora(student, rng, exact=False, bias=False, mask=mask)
     check_dora(student, rng, exact=True, bias=False, mask=mask)

@@ -17,6 +17,10 @@ The math is minilora.layers.attention's, line for line; the differences are wher
   that is 48 MiB less per sequence and layer. The backward then recomputes the scores q k^T (one
   extra matmul) and the probabilities exp(s - lse) (one elementwise pass). Both keep one cache type,
   ``CudaAttentionCache``, with either ``att`` or ``lse`` set.
+- The flash kernel (flash_attention) replaces all of the above for float32 with head sizes that
+  are multiples of 16 up to 128, dropout included: no (B, H, T, T) array at all. float64 and other
+  head sizes keep the cuBLAS path. The route is off (``USE_FLASH = False``) until its GPU parity run
+  is recorded in docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from typing import NamedTuple
 
 from ....backend import matmul
 from ....layers.attention import merge_heads, split_heads
+from . import flash_attention
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
 
 # From this block length on, the forward keeps the log-sum-exp, not the probabilities. Measured on an
 # H200 at gpt2s (B 8, T 1024, 12 layers): keeping the probabilities, 116.5 ms a step and 11.0 GB;
 # recomputing them, 125.1 ms and 6.6 GB. Below 2048 the memory is affordable and the time is not.
 LSE_MIN_T = 2048
+USE_FLASH = False  # True: float32 (or bf16) with a head size the flash kernel covers goes through it
 
 
 class CudaAttentionCache(NamedTuple):
@@ -45,8 +51,11 @@ class CudaAttentionCache(NamedTuple):
 
 
 def attention_forward(qkv, n_head: int, dropout_mask=None):
-    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), CudaAttentionCache)."""
+    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), CudaAttentionCache or FlashAttentionCache)."""
     import cupy
+
+    if USE_FLASH and flash_attention.supports(qkv.shape[-1] // (3 * n_head), qkv.dtype):
+        return flash_attention.attention_forward(qkv, n_head, dropout_mask)
 
     T = qkv.shape[1]
     q, k, v = split_heads(qkv, n_head)  # views, each (B, H, T, hs)
@@ -69,6 +78,8 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
 
 def attention_backward(dout, cache: CudaAttentionCache):
     """dout: (B, T, C) -> dqkv: (B, T, 3C), with the probabilities kept or recomputed from the log-sum-exp."""
+    if isinstance(cache, flash_attention.FlashAttentionCache):
+        return flash_attention.attention_backward(dout, cache)
     att = cache.att
     if att is None:
         att = matmul(cache.q, cache.k.swapaxes(-1, -2))  # the forward's scores again: the extra matmul

@@ -1,0 +1,77 @@
+"""The data-parallel step on GPUs: the CUDA-graph step with an NCCL all-reduce of the flat gradients.
+
+Each GPU is one MPI rank (or the only process). Rank 0 makes an NCCL unique id, sends it to the others
+over MPI (``comm.bcast``; with one rank nothing is sent), and every rank joins the communicator with it.
+The step is ``cuda.graph.GraphedStep``'s with three changes: the rank takes its rows of the global
+batch, its backward is seeded with B_i / B, and between the backward and the clipping the trainable
+gradients (and the loss) are packed into one flat buffer and summed in place across the GPUs by
+``ncclAllReduce`` on the step's stream. NCCL allows its calls inside CUDA-graph capture (NCCL 2.9 and
+later), so the all-reduce is part of the captured graph and replays with it; the warm-up steps run
+it eagerly first. The optimiser runs after the graph, as in ``GraphedStep``.
+
+Unlike the MPI step's rank-ordered sum, NCCL's ring or tree decides the order of the additions; for
+a fixed GPU count and topology NCCL gives the same bits run after run, but a run on 4 GPUs and one on
+8 may differ in the last bits. With one rank the all-reduce copies the buffer: the step equals the
+plain ``GraphedStep`` (tests/test_distributed_nccl.py).
+"""
+
+from __future__ import annotations
+
+from ...optim import clip_grad_norm
+from ..cpu.sharded_step import shard_bounds
+from ..cuda.graph import GraphedStep
+from .world import World
+
+
+def nccl_communicator(world: World):
+    """A ``cupy.cuda.nccl.NcclCommunicator`` over the ranks of ``world``, its id broadcast over MPI."""
+    from cupy.cuda import nccl
+
+    unique_id = nccl.get_unique_id() if world.rank == 0 else None
+    if world.comm is not None:
+        unique_id = world.comm.bcast(unique_id, root=0)
+    return nccl.NcclCommunicator(world.size, unique_id, world.rank)
+
+
+class NcclGraphedStep(GraphedStep):
+    """``GraphedStep`` whose captured work ends with an all-reduce of the gradients over ``world``'s GPUs.
+
+    x, y: the global (B, T) batch on the host; this rank uses rows ``shard_bounds(B, size)[rank]``.
+    """
+
+    def __init__(self, model, optimizer, grad_clip: float, world: World, warmup: int = 2):
+        super().__init__(model, optimizer, grad_clip, warmup)
+        self.world = world
+        self.nccl_comm = nccl_communicator(world)
+        self.names = list(optimizer.names)
+        self.weight = None  # this rank's B_i / B, set by the first call
+
+    def replay(self, x, y, lr: float | None = None):
+        B = x.shape[0]
+        if B < self.world.size:
+            raise ValueError(f"batch_size {B} is smaller than the {self.world.size} ranks: each needs a row")
+        start, stop = shard_bounds(B, self.world.size)[self.world.rank]
+        self.weight = (stop - start) / B
+        return super().replay(x[start:stop], y[start:stop], lr)
+
+    def _step(self):
+        from cupy.cuda import nccl
+
+        cupy = self.cupy
+        _, loss, cache = self.model.forward(self.x, self.y)
+        grads = self.model.backward(cache, dloss=self.weight)
+        flat = cupy.concatenate(
+            [grads[name].reshape(-1) for name in self.names] + [(loss * self.weight).reshape(1)]
+        )
+        dtype = nccl.NCCL_FLOAT64 if flat.dtype == cupy.float64 else nccl.NCCL_FLOAT32
+        self.nccl_comm.allReduce(
+            flat.data.ptr, flat.data.ptr, flat.size, dtype, nccl.NCCL_SUM, self.stream.ptr
+        )
+        summed, offset = {}, 0
+        for name in self.names:  # views into the summed buffer, shaped as the gradients
+            size = grads[name].size
+            summed[name] = flat[offset : offset + size].reshape(grads[name].shape)
+            offset += size
+        if self.grad_clip > 0:
+            clip_grad_norm(summed, self.grad_clip)
+        return flat[-1].reshape(()), summed

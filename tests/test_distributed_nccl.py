@@ -1,0 +1,64 @@
+"""The GPU data-parallel step on one GPU: a one-rank NCCL communicator inside the CUDA graph.
+
+Skipped without CuPy, a GPU or NCCL. With one rank the all-reduce sums one buffer, so
+``NcclGraphedStep`` must train exactly as the plain ``GraphedStep``: the same losses and adapter
+weights after warm-up steps, a capture (the all-reduce inside it) and replays.
+"""
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        pytest.skip("no GPU visible", allow_module_level=True)
+    from cupy.cuda import nccl
+
+    if not nccl.available:
+        pytest.skip("CuPy was built without NCCL", allow_module_level=True)
+except Exception as err:  # noqa: BLE001  (CuPy without a driver, a device or NCCL)
+    pytest.skip(f"no usable GPU or NCCL: {err}", allow_module_level=True)
+
+from minilora.backend import to_numpy  # noqa: E402
+from minilora.config import GPTConfig  # noqa: E402
+from minilora.fast.cuda import use_cublas  # noqa: E402
+from minilora.fast.cuda.graph import GraphedStep  # noqa: E402
+from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
+from minilora.fast.distributed.nccl_step import NcclGraphedStep  # noqa: E402
+from minilora.fast.distributed.world import World  # noqa: E402
+from minilora.jobs.finetune import make_optimizer  # noqa: E402
+from minilora.lora.config import LoraConfig  # noqa: E402
+from minilora.lora.model import add_lora  # noqa: E402
+from minilora.model import GPT, init_params  # noqa: E402
+from minilora.training.loop import TrainSettings  # noqa: E402
+
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def model_and_optimizer(full: bool):
+    """A LoRA model (the adapter trains) or, with ``full``, the plain GPT (every weight trains)."""
+    model = GPT(CONFIG, init_params(CONFIG, seed=1, device="cuda"))
+    if not full:
+        model = add_lora(
+            model, LoraConfig(r=4, target_modules=("c_attn", "attn.c_proj"), init="random"), seed=2
+        )
+    model.ops = CUDA_OPS
+    return model, make_optimizer(model, TrainSettings(lr=1e-2, weight_decay=0.1))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_one_rank_nccl_step_equals_the_graphed_step(full):
+    use_cublas()
+    (plain_model, plain_opt), (nccl_model, nccl_opt) = (model_and_optimizer(full) for _ in range(2))
+    plain = GraphedStep(plain_model, plain_opt, grad_clip=1.0, warmup=1)
+    nccl_step = NcclGraphedStep(nccl_model, nccl_opt, grad_clip=1.0, world=World(0, 1), warmup=1)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x, y = rng.integers(0, 256, (4, 16)), rng.integers(0, 256, (4, 16))
+        want = float(plain(plain_model, plain_opt, x, y, None, 1.0))
+        got = float(nccl_step(nccl_model, nccl_opt, x, y, None, 1.0))
+        assert got == pytest.approx(want, rel=1e-6)
+    assert nccl_step.graph is not None  # the all-reduce was captured and replayed
+    for name in nccl_model.trainable_names:
+        np.testing.assert_allclose(to_numpy(nccl_model.params[name]), to_numpy(plain_model.params[name]),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)  # fmt: skip
