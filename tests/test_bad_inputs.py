@@ -174,6 +174,10 @@ def test_a_peft_config_without_r_is_one_error_line_naming_it(peft_dir, base_file
         ({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa', which changed the base's weights"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights 'pissa_niter_4', which changed"),
         ({"init_lora_weights": "olora"}, "init_lora_weights 'olora', which changed the base's weights"),
+        (
+            {"fan_in_fan_out": "false"},
+            "fan_in_fan_out must be true or false, got 'false'",
+        ),  # was bool("false")
     ],
 )
 def test_peft_import_refuses_what_it_would_misread(changes, named, peft_dir, base_file):
@@ -300,3 +304,27 @@ def test_a_small_lr_without_min_lr_decays_to_a_tenth_of_it():
     # min_lr above lr is refused, so its default cannot be a constant: a run at lr 5e-5 must still start.
     assert TrainSettings(lr=5e-5).min_lr == pytest.approx(5e-6)
     assert TrainSettings().min_lr == pytest.approx(1e-4)  # the default run is unchanged
+
+
+def test_resuming_a_checkpoint_claiming_3_million_blocks_is_refused_before_anything_is_built(
+    base_file, tmp_path, monkeypatch, nothing_sized_by_a_huge_n_layer
+):
+    import minilora.jobs.pretrain
+    from minilora.jobs.pretrain import CHECKPOINT_NAME, pretrain
+
+    monkeypatch.setattr(
+        minilora.jobs.pretrain, "parameter_shapes", minilora.model.parameter_shapes
+    )  # guarded
+
+    checkpoint = load_checkpoint(base_file)
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {
+        "kind": "pretrain",
+        "config": {**CONFIG.to_dict(), "n_layer": 3_000_000},
+        "corpus": "shakespeare_modern",
+        "settings": {"steps": 4},
+    }
+    save_checkpoint(run / CHECKPOINT_NAME, checkpoint.params, meta)
+    with pytest.raises(CheckpointError, match="its config claims n_layer=3000000"):
+        pretrain("shakespeare_modern", CONFIG, TrainSettings(steps=4), run, resume=True, progress=False)

@@ -127,9 +127,12 @@ def lora_config_from_peft(peft_config: dict, modules: list, conv1d: bool = True)
             raise AdapterError(f"PEFT's {field} (a rank or alpha per module) is not supported")
     if peft_config.get("bias", "none") != "none" or peft_config.get("modules_to_save"):
         raise AdapterError("PEFT adapters with trained biases or modules_to_save are not supported")
-    if bool(peft_config.get("fan_in_fan_out", False)) != conv1d:
+    fan_in_fan_out = peft_config.get("fan_in_fan_out", False)
+    if not isinstance(fan_in_fan_out, bool):  # the string "false" would read as true
+        raise AdapterError(f"fan_in_fan_out must be true or false, got {fan_in_fan_out!r}")
+    if fan_in_fan_out != conv1d:
         raise AdapterError(
-            f"the PEFT adapter has fan_in_fan_out {bool(peft_config.get('fan_in_fan_out', False))}, but this "
+            f"the PEFT adapter has fan_in_fan_out {fan_in_fan_out}, but this "
             + (
                 "GPT-2's Conv1D weights are (C_in, C_out): it needs true"
                 if conv1d

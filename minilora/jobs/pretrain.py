@@ -16,7 +16,13 @@ from ..backend import resolve_device, to_device
 from ..config import GPTConfig
 from ..fast import accelerate
 from ..fast.distributed.world import current_world
-from ..io.checkpoint import atomic_write_bytes, check_params_fit, load_checkpoint, save_checkpoint
+from ..io.checkpoint import (
+    atomic_write_bytes,
+    check_blocks_present,
+    check_params_fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ..io.data import load_corpus
 from ..io.provenance import provenance
 from ..io.run_folder import claim_run_folder
@@ -64,6 +70,7 @@ def pretrain(
             meta = check_kind(checkpoint, checkpoint_path, "pretrain")
             corpus, config = meta["corpus"], GPTConfig.from_dict(meta["config"])
             settings = TrainSettings(**meta["settings"])
+            check_blocks_present(config.n_layer, checkpoint.params, checkpoint_path)  # before sizing by it
             check_params_fit(checkpoint.params, parameter_shapes(config), checkpoint_path)
             params = {name: to_device(checkpoint.params[name], device) for name in parameter_shapes(config)}
         else:
