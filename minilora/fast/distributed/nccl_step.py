@@ -60,9 +60,16 @@ class NcclGraphedStep(GraphedStep):
         cupy = self.cupy
         _, loss, cache = self.model.forward(self.x, self.y)
         grads = self.model.backward(cache, dloss=self.weight)
-        flat = cupy.concatenate(
-            [grads[name].reshape(-1) for name in self.names] + [(loss * self.weight).reshape(1)]
-        )
+        # One buffer filled slice by slice: cupy.concatenate of many arrays copies their pointers from
+        # the host, which a stream being captured refuses; a slice assignment is one device kernel each.
+        total = sum(grads[name].size for name in self.names)
+        flat = cupy.empty(total + 1, dtype=loss.dtype)
+        offset = 0
+        for name in self.names:
+            size = grads[name].size
+            flat[offset : offset + size] = grads[name].reshape(-1)
+            offset += size
+        flat[total:] = (loss * self.weight).reshape(1)
         dtype = nccl.NCCL_FLOAT64 if flat.dtype == cupy.float64 else nccl.NCCL_FLOAT32
         self.nccl_comm.allReduce(
             flat.data.ptr, flat.data.ptr, flat.size, dtype, nccl.NCCL_SUM, self.stream.ptr
