@@ -81,6 +81,23 @@ def get_xp(x) -> ModuleType:
     return np
 
 
+FLOAT_DTYPES = ("float32", "float64", "bfloat16")
+
+
+def float_dtype(name) -> np.dtype:
+    """The NumPy dtype for a float dtype's name; "bfloat16" comes from ml_dtypes (which CuPy 14 uses)."""
+    name = getattr(name, "name", name)
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {FLOAT_DTYPES}")
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as err:
+            raise BackendError("dtype bfloat16 needs the ml_dtypes package: pip install ml_dtypes") from err
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def device_of(x) -> str:
     """'cuda' for a CuPy array, 'cpu' for anything else."""
     return "cuda" if get_xp(x) is not np else "cpu"

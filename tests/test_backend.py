@@ -91,3 +91,23 @@ def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     with pytest.raises(BackendError, match=r"cannot reach a GPU.*nvidia-smi.*--device cpu"):
         get_backend("cuda")
+
+
+def test_float_dtypes_by_name_and_one_line_for_an_unknown_one():
+    from minilora.backend import float_dtype
+
+    assert float_dtype("float32") == np.float32 and float_dtype(np.dtype("float64")) == np.float64
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        float_dtype("float16")
+
+
+def test_bfloat16_comes_from_ml_dtypes_or_says_how_to_get_it():
+    from minilora.backend import BackendError, float_dtype
+
+    if importlib.util.find_spec("ml_dtypes") is None:
+        with pytest.raises(BackendError, match="pip install ml_dtypes"):
+            float_dtype("bfloat16")
+    else:
+        bf16 = float_dtype("bfloat16")
+        assert bf16.name == "bfloat16" and bf16.itemsize == 2
+        assert float(np.array(1 + 2**-9, dtype=np.float64).astype(bf16)) == 1.0  # 7 stored mantissa bits

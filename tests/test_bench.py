@@ -176,6 +176,12 @@ def test_bench_refuses_what_it_cannot_do():
         BenchSettings(preset="huge")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         BenchSettings(steps=0)
+    with pytest.raises(ValueError, match="full fine-tuning would need float32 master copies"):
+        BenchSettings(dtype="bfloat16", lora_config=None)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        BenchSettings(dtype="float16")
+    with pytest.raises(ValueError, match="runs on a GPU: add --device cuda"):
+        run_bench(BenchSettings(preset="tiny", dtype="bfloat16", device="cpu"))
 
 
 def test_the_peer_without_torch_says_how_to_install_it(monkeypatch):

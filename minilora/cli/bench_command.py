@@ -57,7 +57,12 @@ def add_bench_parser(subparsers) -> None:
     run.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
     run.add_argument("--steps", type=positive_int, default=5, help="timed steps per run")
     run.add_argument("--repeats", type=positive_int, default=3, help="runs (alternating with the peer's)")
-    run.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    run.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16"),
+        default="float32",
+        help="bfloat16 (GPU, LoRA): a bf16 base and activations under float32 adapters and optimiser state",
+    )
     run.add_argument("--seed", type=non_negative_int, default=0)
     run.add_argument(
         "--corpus",

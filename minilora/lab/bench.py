@@ -43,8 +43,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..backend import (
+    FLOAT_DTYPES,
+    float_dtype,
     get_backend,
     host_rng,
+    matmul,
     resolve_device,
     synchronize,
     to_device,
@@ -159,8 +162,13 @@ class BenchSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.peer not in (None, "torch"):
             raise ValueError(f"unknown peer {self.peer!r}; the only peer is 'torch'")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
+        if self.dtype == "bfloat16" and self.lora_config is None:
+            raise ValueError(
+                "dtype bfloat16 trains LoRA adapters in float32 over a bf16 base; full fine-tuning would "
+                "need float32 master copies of every weight, which minilora does not keep: use float32"
+            )
         get_preset(self.preset)  # an unknown preset fails here, with the list of presets
 
     @property
@@ -252,15 +260,15 @@ def openblas_env() -> dict:
 def matmul_peak_gflops(xp, n: int, dtype: str = "float32", repeats: int = PEAK_REPEATS) -> float:
     """Best GFLOP/s of an (n, n) @ (n, n) product on ``xp``'s device, after a warm-up product."""
     rng = host_rng(0)
+    dtype = float_dtype(dtype)
     a = to_device(rng.standard_normal((n, n)).astype(dtype), "cpu" if xp is np else "cuda")
     b = to_device(rng.standard_normal((n, n)).astype(dtype), "cpu" if xp is np else "cuda")
-    out = xp.empty((n, n), dtype=dtype)
-    xp.matmul(a, b, out=out)
+    matmul(a, b)  # the product the training step uses (minilora's cuBLAS handle on a GPU)
     synchronize(xp)
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        xp.matmul(a, b, out=out)
+        matmul(a, b)
         synchronize(xp)
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best / 1e9
@@ -355,6 +363,8 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
+    if settings.dtype == "bfloat16" and xp is np:
+        raise ValueError("dtype bfloat16 (mixed precision) runs on a GPU: add --device cuda, or use float32")
     if xp is np:
         retain_freed_memory()  # as the training jobs do; the peer, in the same process, gets it too
     else:
@@ -382,11 +392,19 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
         pool.free_all_blocks()
     peak_reset = reset_peak_rss()
     rss_before = current_rss_bytes()
-    base = GPT(config, init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype), device=device))
+    base = GPT(
+        config, init_params(config, seed=settings.seed, dtype=float_dtype(settings.dtype), device=device)
+    )
     model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
     initial = (
-        {name: to_numpy(value).copy() for name, value in model.params.items()} if settings.peer else None
+        # float32 copies (a bf16 base's values exactly): the peer keeps float32 weights under its autocast
+        {
+            name: to_numpy(value).astype(np.promote_types(value.dtype, np.float32))
+            for name, value in model.params.items()
+        }
+        if settings.peer
+        else None
     )
 
     if settings.reference:  # the readable layers and train_step, as a student reads them
@@ -445,7 +463,9 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
     flops = step_flops(config, B, T, lora_config)
     # The ledger's probes run on the CPU: with the CPU's own layer functions there, with the reference's for a GPU.
     ledger_ops = model.ops if xp is np else None
-    ledger = memory_ledger(config, B, T, lora_config, dtype=np.dtype(settings.dtype), ops=ledger_ops)
+    # (a bf16 run's ledger is counted in float32: its probes run on the CPU, where bf16 is emulated)
+    ledger_dtype = np.float32 if settings.dtype == "bfloat16" else np.dtype(settings.dtype)
+    ledger = memory_ledger(config, B, T, lora_config, dtype=ledger_dtype, ops=ledger_ops)
     result = {
         "preset": settings.preset,
         "mode": settings.mode,
@@ -515,7 +535,7 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
     module = load_torch_peer()
     info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
     peak_n = settings.peak_size or PEAK_SIZES[device]
-    peak = module.matmul_peak_gflops(peak_n, dtype=settings.dtype, device=device)
+    peak = module.matmul_peak_gflops(peak_n, dtype=settings.dtype, device=device)  # the same dtype as ours
     # Under autocast the products run in bf16 (or fp16): its MFU is against that peak, measured here too.
     autocast_peak = (
         None
@@ -543,7 +563,7 @@ def _build_peer(settings, device, model, optimizer, initial, config, lora_config
         weight_decay=settings.weight_decay,
         decay_names=sorted(optimizer.decay_names),
         grad_clip=settings.grad_clip,
-        dtype=settings.dtype,
+        dtype="float32" if settings.dtype == "bfloat16" else settings.dtype,  # bf16: the peer's autocast
         attention=settings.peer_attention,
         device=device,
         autocast=settings.peer_autocast,

@@ -31,6 +31,12 @@ GEMM_SYMBOLS = {
 }
 
 
+GEMM_EX = "cublasGemmStridedBatchedEx"
+CUDA_DATA_TYPES = {"float32": 0, "float64": 1, "bfloat16": 14}  # cudaDataType_t: CUDA_R_32F, _64F, _16BF
+COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F: float32 products and sums
+GEMM_DEFAULT = -1  # cublasGemmAlgo_t CUBLAS_GEMM_DEFAULT: cuBLAS's heuristic picks the kernel
+
+
 class CublasError(RuntimeError):
     """A cuBLAS call returned an error status."""
 
@@ -89,6 +95,32 @@ def _blas():
             ctypes.c_longlong,
             ctypes.c_int,
         ]
+    lib_ex = getattr(lib, GEMM_EX)
+    lib_ex.argtypes = [
+        ctypes.c_void_p,  # handle
+        ctypes.c_int,  # transa
+        ctypes.c_int,  # transb
+        ctypes.c_int,  # m
+        ctypes.c_int,  # n
+        ctypes.c_int,  # k
+        ctypes.c_void_p,  # alpha (a float for COMPUTE_32F)
+        ctypes.c_void_p,  # A
+        ctypes.c_int,  # Atype
+        ctypes.c_int,  # lda
+        ctypes.c_longlong,  # strideA
+        ctypes.c_void_p,  # B
+        ctypes.c_int,  # Btype
+        ctypes.c_int,  # ldb
+        ctypes.c_longlong,  # strideB
+        ctypes.c_void_p,  # beta
+        ctypes.c_void_p,  # C
+        ctypes.c_int,  # Ctype
+        ctypes.c_int,  # ldc
+        ctypes.c_longlong,  # strideC
+        ctypes.c_int,  # batchCount
+        ctypes.c_int,  # computeType
+        ctypes.c_int,  # algo
+    ]
     return lib, handle, workspace
 
 
@@ -136,7 +168,7 @@ def supports(a, b) -> bool:
     """Whether ``matmul`` handles these operands (else ``product`` uses cupy.matmul)."""
     return (
         a.dtype == b.dtype
-        and a.dtype.name in GEMM_SYMBOLS
+        and (a.dtype.name in GEMM_SYMBOLS or a.dtype.name == "bfloat16")
         and a.ndim >= 2
         and b.ndim >= 2
         and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2])
@@ -146,8 +178,12 @@ def supports(a, b) -> bool:
     )
 
 
-def matmul(a, b):
-    """a @ b for CuPy arrays: (..., m, k) @ (k, n) or (..., m, k) @ (..., k, n) with equal batch shapes."""
+def matmul(a, b, out_dtype=None):
+    """a @ b for CuPy arrays: (..., m, k) @ (k, n) or (..., m, k) @ (..., k, n) with equal batch shapes.
+
+    The result has a's dtype, or ``out_dtype`` (float32 from bf16 operands: the products' float32 sums
+    unrounded).
+    """
     import cupy
 
     (m, k), n = a.shape[-2:], b.shape[-1]
@@ -159,39 +195,36 @@ def matmul(a, b):
         a3, b3 = a.reshape(-1, m, k), b.reshape(-1, k, n)
         rows = m
     batch = a3.shape[0]
-    out = cupy.empty((batch, rows, n), dtype=a.dtype)
+    out = cupy.empty((batch, rows, n), dtype=a.dtype if out_dtype is None else out_dtype)
     a3, op_a, ld_a = _as_operand(a3)
     b3, op_b, ld_b = _as_operand(b3)
     lib, handle, _ = _blas()
     _check(
         lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)), "cublasSetStream"
     )
-    name, scalar = GEMM_SYMBOLS[a.dtype.name]
-    one, zero = scalar(1.0), scalar(0.0)
     # column-major: out^T (n, rows) = op(b)^T-view (n, k) times op(a)^T-view (k, rows), batch by batch
-    _check(
-        getattr(lib, name)(
-            handle,
-            op_b,
-            op_a,
-            n,
-            rows,
-            k,
-            ctypes.byref(one),
-            ctypes.c_void_p(b3.data.ptr),
-            ld_b,
-            _batch_stride(b3),
-            ctypes.c_void_p(a3.data.ptr),
-            ld_a,
-            _batch_stride(a3),
-            ctypes.byref(zero),
-            ctypes.c_void_p(out.data.ptr),
-            n,
-            rows * n,
-            batch,
-        ),
-        name,
-    )
+    shape = (op_b, op_a, n, rows, k)
+    b_arg = (ctypes.c_void_p(b3.data.ptr), ld_b, _batch_stride(b3))
+    a_arg = (ctypes.c_void_p(a3.data.ptr), ld_a, _batch_stride(a3))
+    out_arg = (ctypes.c_void_p(out.data.ptr), n, rows * n)
+    if a.dtype.name in GEMM_SYMBOLS and out.dtype == a.dtype:
+        name, scalar = GEMM_SYMBOLS[a.dtype.name]
+        one, zero = scalar(1.0), scalar(0.0)
+        args = (*shape, ctypes.byref(one), *b_arg, *a_arg, ctypes.byref(zero), *out_arg, batch)
+    else:  # bf16 (or a float32 result of bf16 operands): the typed entry point, float32 sums
+        name = GEMM_EX
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        ab_type, out_type = CUDA_DATA_TYPES[a.dtype.name], CUDA_DATA_TYPES[out.dtype.name]
+        args = (
+            *shape,
+            ctypes.addressof(one),
+            b_arg[0], ab_type, *b_arg[1:],
+            a_arg[0], ab_type, *a_arg[1:],
+            ctypes.addressof(zero),
+            out_arg[0], out_type, *out_arg[1:],
+            batch, COMPUTE_32F, GEMM_DEFAULT,
+        )  # fmt: skip
+    _check(getattr(lib, name)(handle, *args), name)
     return out.reshape(*batch_shape, m, n)
 
 

@@ -17,10 +17,10 @@ The math is minilora.layers.attention's, line for line; the differences are wher
   that is 48 MiB less per sequence and layer. The backward then recomputes the scores q k^T (one
   extra matmul) and the probabilities exp(s - lse) (one elementwise pass). Both keep one cache type,
   ``CudaAttentionCache``, with either ``att`` or ``lse`` set.
-- The flash kernel (flash_attention) replaces all of the above for float32 with head sizes that
-  are multiples of 16 up to 128, dropout included: no (B, H, T, T) array at all. float64 and other
-  head sizes keep the cuBLAS path. The route is off (``USE_FLASH = False``) until its GPU parity run
-  is recorded in docs/gpu.md.
+- The flash kernel (flash_attention) replaces all of the above for float32 and bf16 with head sizes
+  that are multiples of 16 up to 128, dropout included: no (B, H, T, T) array at all. float64 and
+  other head sizes keep the cuBLAS path, as does ``USE_FLASH = False`` (its parity run is recorded
+  in docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from ....backend import matmul
 from ....layers.attention import merge_heads, split_heads
 from . import flash_attention
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
+from .blocks import compute_dtype
 
 # From this block length on, the forward keeps the log-sum-exp, not the probabilities. Measured on an
 # H200 at gpt2s (B 8, T 1024, 12 layers): keeping the probabilities, 116.5 ms a step and 11.0 GB;
 # recomputing them, 125.1 ms and 6.6 GB. Below 2048 the memory is affordable and the time is not.
 LSE_MIN_T = 2048
-USE_FLASH = False  # True: float32 (or bf16) with a head size the flash kernel covers goes through it
+USE_FLASH = True  # float32 or bf16 with a head size the flash kernel covers goes through it
 
 
 class CudaAttentionCache(NamedTuple):
@@ -60,12 +61,13 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     T = qkv.shape[1]
     q, k, v = split_heads(qkv, n_head)  # views, each (B, H, T, hs)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    q = q * scale  # (B, H, T, hs), contiguous
+    real = compute_dtype(q.dtype)  # the scale is applied in float32 even to bf16 queries
+    q = (q.astype(real, copy=False) * scale).astype(q.dtype, copy=False)  # (B, H, T, hs), contiguous
     # k and v contiguous once, here: every later product (two now, up to four in the backward) then
     # hands cuBLAS a plain or transposed stack of matrices instead of copying a strided view again.
     k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T) scores
-    lse = cupy.empty(att.shape[:-1], dtype=att.dtype) if T >= LSE_MIN_T else None  # (B, H, T)
+    lse = cupy.empty(att.shape[:-1], dtype=compute_dtype(att.dtype)) if T >= LSE_MIN_T else None  # (B, H, T)
     causal_softmax(att, lse)  # scores -> probabilities, in place
     if dropout_mask is not None:
         dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
@@ -103,6 +105,7 @@ def _backward_from_probs(dout, q, k, v, att, mask, scale: float):
     dq = matmul(grad, k)  # (B, H, T, hs), the gradient of the scaled q
     dk_t = matmul(q.swapaxes(-1, -2), grad)  # (B, H, hs, T) = (ds^T q)^T
     dqkv = cupy.empty((B, T, 3, H, hs), dtype=dout.dtype)
+    dq = dq.astype(compute_dtype(dq.dtype), copy=False)  # the scale in float32, as in the forward
     cupy.multiply(dq.transpose(0, 2, 1, 3), scale, out=dqkv[:, :, 0])  # through q_scaled = q * scale
     dqkv[:, :, 1] = dk_t.transpose(0, 3, 1, 2)  # (B, H, hs, T) -> (B, T, H, hs)
     dqkv[:, :, 2] = dv_t.transpose(0, 3, 1, 2)

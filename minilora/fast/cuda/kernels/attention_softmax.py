@@ -14,50 +14,63 @@ import math
 from .blocks import NULL, KernelModule, launch_rows
 
 _SOURCE = r"""
+// Real is Elem's arithmetic type (float32 for bf16 scores); lse is always in Real.
+
 // scores -> probabilities. Also writes lse[r] = m + log(s), the log-sum-exp of the row, when lse is
 // not null (the long-block variant keeps it instead of the probabilities).
-template <typename Real>
-__global__ void causal_softmax(Real* att, Real* lse, long long T) {
+template <typename Elem>
+__global__ void causal_softmax(Elem* att, typename Compute<Elem>::type* lse, long long T) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real scratch[32];
     const long long r = blockIdx.x, i = r % T;
-    Real* row = att + r * T;
-    Real m = row[0];  // key 0 is visible from every query: a safe start for the maximum
-    for (long long j = threadIdx.x; j <= i; j += blockDim.x) m = row[j] > m ? row[j] : m;
+    Elem* row = att + r * T;
+    Real m = Real(row[0]);  // key 0 is visible from every query: a safe start for the maximum
+    for (long long j = threadIdx.x; j <= i; j += blockDim.x) m = Real(row[j]) > m ? Real(row[j]) : m;
     m = block_max(m, scratch);
     Real s = 0;
-    for (long long j = threadIdx.x; j <= i; j += blockDim.x) s += exp(row[j] - m);
+    for (long long j = threadIdx.x; j <= i; j += blockDim.x) s += exp(Real(row[j]) - m);
     s = block_sum(s, scratch);  // its barriers also order every read of row[0] before the writes below
-    for (long long j = threadIdx.x; j < T; j += blockDim.x) row[j] = j <= i ? exp(row[j] - m) / s : Real(0);
+    for (long long j = threadIdx.x; j < T; j += blockDim.x)
+        row[j] = Elem(j <= i ? exp(Real(row[j]) - m) / s : Real(0));
     if (lse != nullptr && threadIdx.x == 0) lse[r] = m + log(s);
 }
 
 // scores -> probabilities again, from the saved log-sum-exp: p_ij = exp(s_ij - lse_i). No reduction.
-template <typename Real>
-__global__ void causal_probs_from_lse(Real* att, const Real* lse, long long T) {
+template <typename Elem>
+__global__ void causal_probs_from_lse(Elem* att, const typename Compute<Elem>::type* lse, long long T) {
+    typedef typename Compute<Elem>::type Real;
     const long long r = blockIdx.x, i = r % T;
-    Real* row = att + r * T;
+    Elem* row = att + r * T;
     const Real l = lse[r];
-    for (long long j = threadIdx.x; j < T; j += blockDim.x) row[j] = j <= i ? exp(row[j] - l) : Real(0);
+    for (long long j = threadIdx.x; j < T; j += blockDim.x)
+        row[j] = Elem(j <= i ? exp(Real(row[j]) - l) : Real(0));
 }
 
 // grad: d loss / d att (before dropout) -> d loss / d scores, in place. With dropout the gradient
 // reaching att is grad * mask (mask null without dropout). Then, per row,
 //     ds_j = att_j * (g_j - sum_k g_k att_k)            one block-wide sum
-template <typename Real>
-__global__ void causal_softmax_backward(const Real* att, Real* grad, const Real* mask, long long T) {
+template <typename Elem>
+__global__ void causal_softmax_backward(const Elem* att, Elem* grad, const Elem* mask, long long T) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real scratch[32];
     const long long r = blockIdx.x, i = r % T, offset = r * T;
     att += offset; grad += offset;
     if (mask != nullptr) mask += offset;
     Real dot = 0;
     for (long long j = threadIdx.x; j <= i; j += blockDim.x)
-        dot += (mask != nullptr ? grad[j] * mask[j] : grad[j]) * att[j];
+        dot += (mask != nullptr ? Real(grad[j]) * Real(mask[j]) : Real(grad[j])) * Real(att[j]);
     dot = block_sum(dot, scratch);
-    for (long long j = threadIdx.x; j < T; j += blockDim.x)
-        grad[j] = j <= i ? att[j] * ((mask != nullptr ? grad[j] * mask[j] : grad[j]) - dot) : Real(0);
+    for (long long j = threadIdx.x; j < T; j += blockDim.x) {
+        const Real g = mask != nullptr ? Real(grad[j]) * Real(mask[j]) : Real(grad[j]);
+        grad[j] = Elem(j <= i ? Real(att[j]) * (g - dot) : Real(0));
+    }
 }
 """
-_KERNELS = KernelModule(_SOURCE, ("causal_softmax", "causal_probs_from_lse", "causal_softmax_backward"))
+_KERNELS = KernelModule(
+    _SOURCE,
+    ("causal_softmax", "causal_probs_from_lse", "causal_softmax_backward"),
+    dtypes=("float32", "float64", "bfloat16"),
+)
 
 
 def _rows(att) -> int:

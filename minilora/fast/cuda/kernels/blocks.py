@@ -7,8 +7,11 @@ t + 2 blockDim.x, ...; consecutive threads read consecutive addresses, so the lo
 (a maximum, a sum) start as one partial result per thread and are combined by ``block_sum`` and
 ``block_max`` below, in a fixed order: the same input always gives the same bits.
 
-Every kernel is written once as a C++ template over ``Real`` and instantiated for float and double,
-so float32 accumulates in float32 and float64 in float64, like the readable layers they replace.
+Every kernel is written once as a C++ template over ``Elem``, the type of its arrays, and
+instantiated for float, double and bfloat16. Its arithmetic is in ``Real = Compute<Elem>::type``: float32
+accumulates in float32 and float64 in float64, like the readable layers they replace, and bfloat16
+arrays are read into float32 and rounded back only where a result is stored (mixed precision: the
+memory traffic of bf16, the sums of float32).
 """
 
 from __future__ import annotations
@@ -16,11 +19,23 @@ from __future__ import annotations
 import functools
 import math
 
-KERNEL_TYPES = {"float32": "float", "float64": "double"}  # array dtype -> the C++ type of Real
+KERNEL_TYPES = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16"}  # dtype -> Elem
 MAX_THREADS = 512  # threads per row block (16 warps); longer rows loop
+ELEMENTWISE_THREADS, MAX_ELEMENTWISE_BLOCKS = 256, 8192  # an elementwise kernel's launch (grid-stride)
 NULL = 0  # a Python int reaches a kernel as a 64-bit integer: in a pointer parameter, the null pointer
 
 REDUCTIONS = r"""
+#include <cuda_bf16.h>
+
+// The arithmetic type of a kernel over arrays of Elem: Elem itself, except float for bfloat16.
+template <typename Elem> struct Compute { typedef Elem type; };
+template <> struct Compute<__nv_bfloat16> { typedef float type; };
+
+// Elementwise kernels visit i = first, first + stride, ... (a grid-stride loop): any n, any grid.
+#define FOR_EACH_ELEMENT(i, n)                                                   \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
+
 // Every row kernel runs with blockDim.x a whole number of warps (a multiple of 32, at most 1024).
 
 // Sum over the 32 lanes of a warp by butterfly exchanges: lane L adds the value of lane L ^ 16, then
@@ -72,11 +87,31 @@ __device__ Real block_max(Real v, Real* scratch) {
 
 
 def c_type(dtype) -> str:
-    """The C++ type that a kernel uses for arrays of ``dtype``: float or double."""
+    """The C++ type that a kernel uses for arrays of ``dtype``: float, double or __nv_bfloat16."""
     name = getattr(dtype, "name", str(dtype))
     if name not in KERNEL_TYPES:
-        raise TypeError(f"the fused kernels take float32 or float64 arrays, got {name}")
+        raise TypeError(f"the fused kernels take float32, float64 or bfloat16 arrays, got {name}")
     return KERNEL_TYPES[name]
+
+
+def compute_dtype(dtype):
+    """The dtype of a kernel's arithmetic (and of its per-row statistics) for arrays of ``dtype``."""
+    import numpy as np
+
+    return np.dtype(np.float32) if np.dtype(dtype).name == "bfloat16" else np.dtype(dtype)
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options for minilora's kernels: C++17, and the CUDA headers' folder for cuda_bf16.h."""
+    from pathlib import Path
+
+    import cupy
+
+    options = ("--std=c++17",)
+    cuda_path = cupy.cuda.get_cuda_path()
+    if cuda_path is not None and Path(cuda_path, "include").is_dir():
+        options += (f"-I{Path(cuda_path, 'include')}",)
+    return options
 
 
 class KernelModule:
@@ -86,24 +121,38 @@ class KernelModule:
     disk) and returns the kernel instantiated for the dtype, e.g. ``get("layernorm_forward", x.dtype)``.
     """
 
-    def __init__(self, source: str, kernels: tuple[str, ...]):
+    def __init__(
+        self, source: str, kernels: tuple[str, ...], dtypes: tuple[str, ...] = ("float32", "float64")
+    ):
         self.source = REDUCTIONS + source
         self.kernels = kernels
+        self.dtypes = dtypes  # the array dtypes the kernels are instantiated for
 
     @functools.cached_property
     def _module(self):
         import cupy
 
-        names = [f"{kernel}<{ctype}>" for kernel in self.kernels for ctype in KERNEL_TYPES.values()]
-        return cupy.RawModule(code=self.source, name_expressions=names)
+        names = [f"{kernel}<{KERNEL_TYPES[name]}>" for kernel in self.kernels for name in self.dtypes]
+        return cupy.RawModule(code=self.source, options=compile_options(), name_expressions=names)
 
     def get(self, kernel: str, dtype):
+        name = getattr(dtype, "name", str(dtype))
+        if name not in self.dtypes:
+            raise TypeError(f"the kernel {kernel} takes {' or '.join(self.dtypes)} arrays, got {name}")
         return self._module.get_function(f"{kernel}<{c_type(dtype)}>")
 
 
 def row_threads(n_cols: int) -> int:
     """Threads for a row block: whole warps, one column per thread, up to MAX_THREADS."""
     return min(MAX_THREADS, 32 * max(1, math.ceil(n_cols / 32)))
+
+
+def launch_elementwise(kernel, n: int, args: tuple) -> None:
+    """Launch an elementwise ``kernel(..., n)`` over n elements: 256 threads a block, grid-stride loops."""
+    if n > 0:
+        kernel(
+            (min(math.ceil(n / ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS),), (ELEMENTWISE_THREADS,), args
+        )
 
 
 def launch_rows(kernel, n_rows: int, n_cols: int, args: tuple) -> None:

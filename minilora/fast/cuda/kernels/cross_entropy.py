@@ -1,5 +1,8 @@
 """Softmax cross-entropy: one thread block per row of logits forward, one elementwise kernel back.
 
+bf16 logits are read into float32: the maximum, the sum, the log and the loss are float32 arithmetic,
+and the loss is a float32 number whatever the logits' dtype.
+
 Forward, per row of V logits (the reference makes about eight passes and five temporaries):
     1. m = max(logits)                                        block-wide maximum
     2. s = sum(exp(logits - m))                               block-wide sum; every term is <= 1
@@ -10,46 +13,47 @@ Target ids are not range-checked here (the model checks them on the host).
 
 from __future__ import annotations
 
-import functools
-
 from ....layers.cross_entropy import CrossEntropyCache
-from .blocks import KernelModule, launch_rows
+from .blocks import KernelModule, compute_dtype, launch_elementwise, launch_rows
 
 _SOURCE = r"""
-template <typename Real>
-__global__ void softmax_cross_entropy_forward(const Real* logits, const long long* targets, Real* probs,
-                                              Real* row_loss, long long V) {
+// Real is Elem's arithmetic type (float32 for bf16 logits): the row's max, sum and loss are in Real.
+template <typename Elem>
+__global__ void softmax_cross_entropy_forward(const Elem* logits, const long long* targets, Elem* probs,
+                                              typename Compute<Elem>::type* row_loss, long long V) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real scratch[32];
     const long long row = blockIdx.x, offset = row * V;
     logits += offset; probs += offset;
-    Real m = logits[0];  // every row has a column 0: a safe start for the maximum
-    for (long long c = threadIdx.x; c < V; c += blockDim.x) m = logits[c] > m ? logits[c] : m;
+    Real m = Real(logits[0]);  // every row has a column 0: a safe start for the maximum
+    for (long long c = threadIdx.x; c < V; c += blockDim.x) m = Real(logits[c]) > m ? Real(logits[c]) : m;
     m = block_max(m, scratch);
     Real s = 0;
-    for (long long c = threadIdx.x; c < V; c += blockDim.x) s += exp(logits[c] - m);
+    for (long long c = threadIdx.x; c < V; c += blockDim.x) s += exp(Real(logits[c]) - m);
     s = block_sum(s, scratch);
-    for (long long c = threadIdx.x; c < V; c += blockDim.x) probs[c] = exp(logits[c] - m) / s;
-    if (threadIdx.x == 0) row_loss[row] = log(s) - (logits[targets[row]] - m);
+    for (long long c = threadIdx.x; c < V; c += blockDim.x) probs[c] = Elem(exp(Real(logits[c]) - m) / s);
+    if (threadIdx.x == 0) row_loss[row] = log(s) - (Real(logits[targets[row]]) - m);
+}
+
+// dlogits = (probs - onehot(targets)) * dloss / N over the flat (N, V) array: row = i / V, column = i - row V.
+template <typename Elem>
+__global__ void softmax_cross_entropy_backward(const Elem* probs, const long long* targets,
+                                               const typename Compute<Elem>::type* dloss, Elem* dlogits,
+                                               long long V, long long N) {
+    typedef typename Compute<Elem>::type Real;
+    const Real factor = *dloss / Real(N);
+    FOR_EACH_ELEMENT(i, N * V) {
+        const long long row = i / V;
+        const Real onehot = (i - row * V == targets[row]) ? Real(1) : Real(0);
+        dlogits[i] = Elem((Real(probs[i]) - onehot) * factor);
+    }
 }
 """
-_KERNELS = KernelModule(_SOURCE, ("softmax_cross_entropy_forward",))
-
-
-@functools.cache
-def _backward_kernel():
-    import cupy
-
-    # The flat index i walks the (N, V) output row by row: row = i / V, column = i - row * V.
-    return cupy.ElementwiseKernel(
-        "T p, raw int64 targets, T dloss, int64 n_cols, int64 n_rows",
-        "T dlogits",
-        """
-        const long long row = i / n_cols;
-        const T onehot = (i - row * n_cols == targets[row]) ? T(1) : T(0);
-        dlogits = (p - onehot) * (dloss / T(n_rows));
-        """,
-        "minilora_cross_entropy_backward",
-    )
+_KERNELS = KernelModule(
+    _SOURCE,
+    ("softmax_cross_entropy_forward", "softmax_cross_entropy_backward"),
+    dtypes=("float32", "float64", "bfloat16"),
+)
 
 
 def cross_entropy_forward(logits, targets):
@@ -61,7 +65,7 @@ def cross_entropy_forward(logits, targets):
     rows = cupy.ascontiguousarray(logits).reshape(-1, V)  # (N, V)
     targets = cupy.ascontiguousarray(targets, dtype=cupy.int64).reshape(-1)  # (N,)
     probs = cupy.empty_like(rows)
-    row_loss = cupy.empty(rows.shape[0], dtype=rows.dtype)  # (N,)
+    row_loss = cupy.empty(rows.shape[0], dtype=compute_dtype(rows.dtype))  # (N,): float32 for bf16 logits
     launch_rows(
         _KERNELS.get("softmax_cross_entropy_forward", rows.dtype),
         rows.shape[0],
@@ -76,10 +80,17 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     import cupy
 
     probs = cache.probs  # (N, V)
+    real = compute_dtype(probs.dtype)
     if isinstance(dloss, cupy.ndarray):
-        dloss = dloss.astype(probs.dtype, copy=False)
+        dloss = dloss.astype(real, copy=False)
     else:  # a Python number: filled in on the device, so nothing waits on a host-to-device copy
-        dloss = cupy.full((), dloss, dtype=probs.dtype)
+        dloss = cupy.full((), dloss, dtype=real)
     N, V = probs.shape
     targets = cupy.ascontiguousarray(cache.targets, dtype=cupy.int64)
-    return _backward_kernel()(probs, targets, dloss, V, N).reshape(cache.logits_shape)
+    dlogits = cupy.empty_like(probs)
+    launch_elementwise(
+        _KERNELS.get("softmax_cross_entropy_backward", probs.dtype),
+        N * V,
+        (probs, targets, dloss, dlogits, V, N),
+    )
+    return dlogits.reshape(cache.logits_shape)

@@ -9,10 +9,10 @@
 //   *_f32   float32 in and out, products by plain FMA out of shared-memory tiles. 256 threads; thread
 //           (ty, tx) = (threadIdx.x / 16, threadIdx.x % 16) owns rows ty + 16a and columns tx + 16c
 //           of every 64 x 64 tile, a in 0..3, c in 0..3 (or 0..HD/16 - 1 for a head-size column).
-//   *_bf16  bf16 in and out, products on the tensor cores through nvcuda::wmma (16 x 16 x 16 bf16
-//           fragments, float32 accumulators). 128 threads = 4 warps; warp w owns rows 16w..16w+15 of
+//   *_bf16  bf16 in and out, products on the tensor cores (mma.sync m16n8k16 in inline PTX, bf16
+//           inputs, float32 accumulators). 128 threads = 4 warps; warp w owns rows 16w..16w+15 of
 //           the tile. Scores, probabilities and the output accumulator pass through shared memory,
-//           where each lane can see which row an element belongs to (a fragment's layout is opaque).
+//           so the softmax code reads plain rows instead of the fragments' register layout.
 // Everything between the products (the scale, exp, the running max and sum, D) is float32.
 //
 // Tensors are addressed by strides in elements: element (b, h, t, d) of q, k, v, dq, dk, dv sits at
@@ -27,7 +27,6 @@
 // are computed like the others and never stored.
 
 #include <cuda_bf16.h>
-#include <mma.h>
 
 #define BM 64
 #define BN 64
@@ -318,17 +317,107 @@ __global__ void __launch_bounds__(256) flash_backward_dq_f32(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// bf16 family: tensor-core products through wmma
+// bf16 family: tensor-core products through mma.sync
+//
+// A 16 x 16 x 16 product is two `mma.sync.m16n8k16` instructions (bf16 inputs, float32 accumulators),
+// written as inline PTX: NVRTC compiles it with nothing but cuda_bf16.h (the wmma header pulls in
+// parts of the CUDA toolkit that CuPy's CUDA wheels do not ship). The fragments' layouts are the
+// ones the PTX ISA fixes for m16n8k16. With g = lane / 4 and t = lane % 4:
+//   A (16 x 16, row-major)  4 registers of 2 bf16: (row g, cols 2t, 2t+1), (g+8, 2t..), (g, 2t+8..),
+//                           (g+8, 2t+8..)
+//   B (16 x 8), per half    2 registers: (rows 2t, 2t+1, col g), (rows 2t+8, 2t+9, col g); the two
+//                           halves are columns 0..7 and 8..15 of the 16 x 16 B
+//   C (16 x 8), per half    4 floats: (row g, cols 2t, 2t+1), (row g+8, cols 2t, 2t+1)
+// Each load reads a fragment from a shared tile of leading dimension ld (even, so pairs are 4-byte aligned).
 
-using namespace nvcuda;
+namespace tc {
 typedef __nv_bfloat16 bf16;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> FragA;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> FragBRow;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> FragBCol;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
+struct FragA { unsigned int x[4]; };
+struct FragB { unsigned int x[4]; };  // [2h], [2h+1]: half h (columns 8h..8h+7)
+struct FragC { float x[8]; };         // [4h..4h+3]: half h
+
+__device__ __forceinline__ unsigned int pair_at(const bf16* p) {  // two adjacent bf16, 4-byte aligned
+    return *reinterpret_cast<const unsigned int*>(p);
+}
+__device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) {
+    return (unsigned int)__bfloat16_as_ushort(lo) | ((unsigned int)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ void fill_fragment(FragC& c, float v) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c.x[i] = v;
+}
+// A: element (r, c) at p[r * ld + c].
+__device__ __forceinline__ void load_a(FragA& a, const bf16* p, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    a.x[0] = pair_at(p + g * ld + 2 * t);
+    a.x[1] = pair_at(p + (g + 8) * ld + 2 * t);
+    a.x[2] = pair_at(p + g * ld + 2 * t + 8);
+    a.x[3] = pair_at(p + (g + 8) * ld + 2 * t + 8);
+}
+// B "column-major": element (k, n) at p[n * ld + k] (a row-major B^T, read in place).
+__device__ __forceinline__ void load_b_col(FragB& b, const bf16* p, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bf16* col = p + (8 * h + g) * ld;
+        b.x[2 * h] = pair_at(col + 2 * t);
+        b.x[2 * h + 1] = pair_at(col + 2 * t + 8);
+    }
+}
+// B row-major: element (k, n) at p[k * ld + n].
+__device__ __forceinline__ void load_b_row(FragB& b, const bf16* p, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bf16* col = p + 8 * h + g;
+        b.x[2 * h] = pack(col[(2 * t) * ld], col[(2 * t + 1) * ld]);
+        b.x[2 * h + 1] = pack(col[(2 * t + 8) * ld], col[(2 * t + 9) * ld]);
+    }
+}
+// d += a b, 16 x 16 x 16, as two m16n8k16 products.
+__device__ __forceinline__ void mma(FragC& d, const FragA& a, const FragB& b) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float* c = d.x + 4 * h;
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[2 * h]), "r"(b.x[2 * h + 1]));
+    }
+}
+// C row-major from or to floats: element (r, c) at p[r * ld + c].
+__device__ __forceinline__ void store_c(float* p, const FragC& c, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float* q = p + 8 * h + 2 * t;
+        q[g * ld] = c.x[4 * h];
+        q[g * ld + 1] = c.x[4 * h + 1];
+        q[(g + 8) * ld] = c.x[4 * h + 2];
+        q[(g + 8) * ld + 1] = c.x[4 * h + 3];
+    }
+}
+__device__ __forceinline__ void load_c(FragC& c, const float* p, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float* q = p + 8 * h + 2 * t;
+        c.x[4 * h] = q[g * ld];
+        c.x[4 * h + 1] = q[g * ld + 1];
+        c.x[4 * h + 2] = q[(g + 8) * ld];
+        c.x[4 * h + 3] = q[(g + 8) * ld + 1];
+    }
+}
+}  // namespace tc
+
+typedef __nv_bfloat16 bf16;
+typedef tc::FragA FragA;
+typedef tc::FragB FragB;
+typedef tc::FragC FragC;
 
 // Shared row strides, in elements. bf16 rows of HD + 8 (16 bytes of padding), float rows of n + 4:
-// every 16-row fragment then starts on a 32-byte boundary, as wmma's loads and stores require.
+// every 16-row block then starts on a 32-byte boundary and the rows of a fragment spread over banks.
 template <int HD> struct Bf16Layout {
     static constexpr int LDH = HD + 8;   // bf16 (64, HD) tiles
     static constexpr int LDS = BN + 4;   // float (64, 64) scores
@@ -355,16 +444,16 @@ __device__ __forceinline__ void warp_scores_bf16(float* S, const bf16* A, const 
 #pragma unroll
     for (int n = 0; n < BN / 16; ++n) {
         FragC c;
-        wmma::fill_fragment(c, 0.f);
+        tc::fill_fragment(c, 0.f);
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
             FragA a;
-            FragBCol bt;  // B^T read in place: element (d, j) of B^T is Bm[j][d], column-major
-            wmma::load_matrix_sync(a, A + kk * 16, LDH);
-            wmma::load_matrix_sync(bt, Bm + n * 16 * LDH + kk * 16, LDH);
-            wmma::mma_sync(c, a, bt, c);
+            FragB bt;  // B^T read in place: element (d, j) of B^T is Bm[j][d], column-major
+            tc::load_a(a, A + kk * 16, LDH);
+            tc::load_b_col(bt, Bm + n * 16 * LDH + kk * 16, LDH);
+            tc::mma(c, a, bt);
         }
-        wmma::store_matrix_sync(S + n * 16, c, LDS, wmma::mem_row_major);
+        tc::store_c(S + n * 16, c, LDS);
     }
 }
 
@@ -375,12 +464,12 @@ __device__ __forceinline__ void warp_matmul_acc_bf16(FragC* acc, const bf16* P, 
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         FragA a;
-        wmma::load_matrix_sync(a, P + kk * 16, LDP);
+        tc::load_a(a, P + kk * 16, LDP);
 #pragma unroll
         for (int n = 0; n < HD / 16; ++n) {
-            FragBRow x;
-            wmma::load_matrix_sync(x, X + kk * 16 * LDH + n * 16, LDH);
-            wmma::mma_sync(acc[n], a, x, acc[n]);
+            FragB x;
+            tc::load_b_row(x, X + kk * 16 * LDH + n * 16, LDH);
+            tc::mma(acc[n], a, x);
         }
     }
 }
@@ -392,7 +481,7 @@ __device__ void warp_store_bf16(bf16* dst, i64 st, FragC* acc, float* Os, int ro
     constexpr int LDO = HD + 4;
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) wmma::store_matrix_sync(Os + n * 16, acc[n], LDO, wmma::mem_row_major);
+    for (int n = 0; n < HD / 16; ++n) tc::store_c(Os + n * 16, acc[n], LDO);
     __syncwarp();
     for (int idx = lane; idx < 16 * HD; idx += 32) {
         const int r = idx / HD, c = idx % HD;
@@ -457,11 +546,11 @@ __global__ void __launch_bounds__(128) flash_forward_bf16(
         FragC acc[HD / 16];
 #pragma unroll
         for (int n = 0; n < HD / 16; ++n)
-            wmma::load_matrix_sync(acc[n], Os + 16 * warp * L::LDO + n * 16, L::LDO, wmma::mem_row_major);
+            tc::load_c(acc[n], Os + 16 * warp * L::LDO + n * 16, L::LDO);
         warp_matmul_acc_bf16<HD>(acc, Ps + 16 * warp * L::LDP, Vs);
 #pragma unroll
         for (int n = 0; n < HD / 16; ++n)
-            wmma::store_matrix_sync(Os + 16 * warp * L::LDO + n * 16, acc[n], L::LDO, wmma::mem_row_major);
+            tc::store_c(Os + 16 * warp * L::LDO + n * 16, acc[n], L::LDO);
         __syncwarp();
     }
     if (i < T) {
@@ -501,7 +590,7 @@ __global__ void __launch_bounds__(128) flash_backward_dkdv_bf16(
     load_rows_bf16<HD>(Vs, v, st, k0, T);
     FragC dk_acc[HD / 16], dv_acc[HD / 16];
 #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) { wmma::fill_fragment(dk_acc[n], 0.f); wmma::fill_fragment(dv_acc[n], 0.f); }
+    for (int n = 0; n < HD / 16; ++n) { tc::fill_fragment(dk_acc[n], 0.f); tc::fill_fragment(dv_acc[n], 0.f); }
     const int r = 16 * warp + (lane >> 1), half = lane & 1, j = k0 + r;  // lane's key row and half of the queries
     float p[32];
     for (int q0 = k0; q0 < T; q0 += BM) {
@@ -569,7 +658,7 @@ __global__ void __launch_bounds__(128) flash_backward_dq_bf16(
     const float Li = i < T ? lse[i] : 0.f, Di = i < T ? dsum[i] : 0.f;
     FragC acc[HD / 16];
 #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int n = 0; n < HD / 16; ++n) tc::fill_fragment(acc[n], 0.f);
     float p[32];
     const int last_query = min(q0 + BM, T) - 1;
     for (int k0 = 0; k0 <= last_query; k0 += BN) {

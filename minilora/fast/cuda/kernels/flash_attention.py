@@ -14,7 +14,7 @@ threads share the work. What differs from the NumPy reference:
   The second recomputes the scores once more rather than adding into dQ with atomics: the result
   is the same bits on every run.
 - Two precisions. float32 arrays use plain FMA arithmetic (no tensor cores, so no tf32 rounding);
-  bfloat16 arrays use the tensor cores (wmma 16 x 16 x 16 products, float32 accumulation), with
+  bfloat16 arrays use the tensor cores (mma.sync 16 x 8 x 16 products, float32 accumulation), with
   the softmax, L and D in float32 and P, dS rounded to bf16 before they meet the next product.
 - Dropout takes the reference's mask: a (B, H, T, T) float32 array holding 0 or 1 / (1 - p), which
   multiplies P before it meets V, exactly as ``att * dropout_mask`` does in attention.py. The mask
@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ....layers.attention import split_heads
+from .blocks import compile_options
 
 BLOCK = 64  # queries and keys per tile; the CUDA source's BM and BN
 HEAD_SIZES = tuple(range(16, 129, 16))  # head sizes the kernels are instantiated for
@@ -100,11 +101,7 @@ def _module(fam: str, hs: int):
     import cupy
 
     names = [f"{_NAMES[kind]}_{fam}<{hs}>" for kind in _NAMES] + [_ROW_DOT[fam]]
-    options = ("--std=c++17",)
-    cuda_path = cupy.cuda.get_cuda_path()
-    if cuda_path is not None and Path(cuda_path, "include").is_dir():
-        options += (f"-I{Path(cuda_path, 'include')}",)  # cuda_bf16.h and mma.h
-    return cupy.RawModule(code=_SOURCE_PATH.read_text(), options=options, name_expressions=names)
+    return cupy.RawModule(code=_SOURCE_PATH.read_text(), options=compile_options(), name_expressions=names)
 
 
 @functools.cache

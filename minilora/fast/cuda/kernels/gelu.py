@@ -3,15 +3,16 @@
 The reference forward makes several passes over memory and keeps t = tanh(u) for the backward.
 Here the forward is one kernel, and its cache keeps only x (``FusedGeluCache``): the backward
 recomputes the tanh, which costs a few arithmetic instructions per element, cheaper on a GPU than
-storing and re-reading an activation as large as the MLP's hidden layer.
+storing and re-reading an activation as large as the MLP's hidden layer. bf16 arrays are computed in
+float32 and rounded once, where the result is stored.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 from ....layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
+from .blocks import KernelModule, launch_elementwise
 
 # The two formulas of minilora.layers.gelu, as device functions the kernels below share.
 _PREAMBLE = (
@@ -36,33 +37,53 @@ __device__ __forceinline__ Real gelu_slope(Real x, Real t) {
 )
 
 
+_SOURCE = (
+    _PREAMBLE
+    + r"""
+// out = 0.5 x (1 + tanh(u)), in Real (float32 for bf16 arrays).
+template <typename Elem>
+__global__ void gelu_forward(const Elem* x, Elem* out, long long n) {
+    typedef typename Compute<Elem>::type Real;
+    FOR_EACH_ELEMENT(i, n) {
+        const Real v = Real(x[i]);
+        out[i] = Elem(Real(0.5) * v * (Real(1) + tanh(gelu_inner(v))));
+    }
+}
+
+// dx = dout * gelu'(x), recomputing tanh(u) from x.
+template <typename Elem>
+__global__ void gelu_backward(const Elem* dout, const Elem* x, Elem* dx, long long n) {
+    typedef typename Compute<Elem>::type Real;
+    FOR_EACH_ELEMENT(i, n) {
+        const Real v = Real(x[i]);
+        dx[i] = Elem(Real(dout[i]) * gelu_slope(v, tanh(gelu_inner(v))));
+    }
+}
+"""
+)
+_KERNELS = KernelModule(_SOURCE, ("gelu_forward", "gelu_backward"), dtypes=("float32", "float64", "bfloat16"))
+
+
 class FusedGeluCache(NamedTuple):
-    x: object  # (...) the input; the backward recomputes tanh(u) from it
-
-
-class _Kernels(NamedTuple):
-    forward: object  # x -> 0.5 x (1 + tanh(u))
-    backward: object  # (dout, x) -> dx, recomputing tanh(u)
-
-
-@functools.cache
-def _kernels() -> _Kernels:
-    import cupy
-
-    def kernel(in_params, body, name):
-        return cupy.ElementwiseKernel(in_params, "T out", body, f"minilora_{name}", preamble=_PREAMBLE)
-
-    return _Kernels(
-        forward=kernel("T x", "out = T(0.5) * x * (T(1) + tanh(gelu_inner(x)));", "gelu_forward"),
-        backward=kernel("T dout, T x", "out = dout * gelu_slope(x, tanh(gelu_inner(x)));", "gelu_backward"),
-    )
+    x: object  # (...) the input, contiguous; the backward recomputes tanh(u) from it
 
 
 def gelu_forward(x):
     """gelu(x), elementwise, any shape -> (out, FusedGeluCache(x=x))."""
-    return _kernels().forward(x), FusedGeluCache(x=x)
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty_like(x)
+    launch_elementwise(_KERNELS.get("gelu_forward", x.dtype), x.size, (x, out, x.size))
+    return out, FusedGeluCache(x=x)
 
 
 def gelu_backward(dout, cache: FusedGeluCache):
     """dx = dout * gelu'(x), with tanh(u) recomputed from x."""
-    return _kernels().backward(dout, cache.x)
+    import cupy
+
+    x = cupy.ascontiguousarray(cache.x)
+    dout = cupy.ascontiguousarray(dout, dtype=x.dtype)
+    dx = cupy.empty_like(x)
+    launch_elementwise(_KERNELS.get("gelu_backward", x.dtype), x.size, (dout, x, dx, x.size))
+    return dx

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from ....layers.layernorm import LAYERNORM_EPS, LayerNormCache
-from .blocks import NULL, KernelModule, launch_rows
+from .blocks import NULL, KernelModule, compute_dtype, launch_rows
 
 TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8 rows at a time
 ROWS_PER_SLAB = 128  # rows summed by one column-sum block
@@ -26,25 +26,28 @@ _SOURCE = (
     f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n"
     + r"""
 // One block per row; passes 1, 2 and 3 of the module docstring, the first two ending in block sums.
-template <typename Real>
-__global__ void layernorm_forward(const Real* x, const Real* w, const Real* b, Real* out, Real* xhat,
-                                  Real* rstd, long long C, Real eps) {
+// Real is Elem's arithmetic type (blocks.py): rstd, eps and every sum are in Real.
+template <typename Elem>
+__global__ void layernorm_forward(const Elem* x, const Elem* w, const Elem* b, Elem* out, Elem* xhat,
+                                  typename Compute<Elem>::type* rstd, long long C,
+                                  typename Compute<Elem>::type eps) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real scratch[32];
     const long long row = blockIdx.x, offset = row * C;
     x += offset; out += offset; xhat += offset;
     Real sum = 0;
-    for (long long c = threadIdx.x; c < C; c += blockDim.x) sum += x[c];
+    for (long long c = threadIdx.x; c < C; c += blockDim.x) sum += Real(x[c]);
     const Real mean = block_sum(sum, scratch) / Real(C);
     Real squares = 0;
     for (long long c = threadIdx.x; c < C; c += blockDim.x) {
-        const Real centred = x[c] - mean;
+        const Real centred = Real(x[c]) - mean;
         squares += centred * centred;
     }
     const Real r = Real(1) / sqrt(block_sum(squares, scratch) / Real(C) + eps);
     for (long long c = threadIdx.x; c < C; c += blockDim.x) {
-        const Real h = (x[c] - mean) * r;
-        xhat[c] = h;
-        out[c] = b != nullptr ? h * w[c] + b[c] : h * w[c];
+        const Real h = (Real(x[c]) - mean) * r;
+        xhat[c] = Elem(h);
+        out[c] = Elem(b != nullptr ? h * Real(w[c]) + Real(b[c]) : h * Real(w[c]));
     }
     if (threadIdx.x == 0) rstd[row] = r;
 }
@@ -54,17 +57,19 @@ __device__ __forceinline__ float rounded_product(float a, float b) { return __fm
 __device__ __forceinline__ double rounded_product(double a, double b) { return __dmul_rn(a, b); }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dxhat = dout * w: one block per row.
-template <typename Real>
-__global__ void layernorm_backward_dx(const Real* dout, const Real* xhat, const Real* rstd, const Real* w,
-                                      Real* dx, long long C) {
+template <typename Elem>
+__global__ void layernorm_backward_dx(const Elem* dout, const Elem* xhat,
+                                      const typename Compute<Elem>::type* rstd, const Elem* w, Elem* dx,
+                                      long long C) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real scratch[32];
     const long long row = blockIdx.x, offset = row * C;
     dout += offset; xhat += offset; dx += offset;
     Real sum_g = 0, sum_g_xhat = 0;
     for (long long c = threadIdx.x; c < C; c += blockDim.x) {
-        const Real g = rounded_product(dout[c], w[c]);
+        const Real g = rounded_product(Real(dout[c]), Real(w[c]));
         sum_g += g;
-        sum_g_xhat += g * xhat[c];
+        sum_g_xhat += g * Real(xhat[c]);
     }
     const Real mean_g = block_sum(sum_g, scratch) / Real(C);
     const Real mean_g_xhat = block_sum(sum_g_xhat, scratch) / Real(C);
@@ -72,17 +77,19 @@ __global__ void layernorm_backward_dx(const Real* dout, const Real* xhat, const 
     // g is rounded the same way in both loops: were the compiler to fuse g - mean_g into one
     // multiply-add, g's rounding error would survive the subtraction and be amplified by rstd.
     for (long long c = threadIdx.x; c < C; c += blockDim.x)
-        dx[c] = r * (rounded_product(dout[c], w[c]) - mean_g - xhat[c] * mean_g_xhat);
+        dx[c] = Elem(r * (rounded_product(Real(dout[c]), Real(w[c])) - mean_g - Real(xhat[c]) * mean_g_xhat));
 }
 
 // Column sums over a slab of rows: dw_part[slab, c] = sum of dout * xhat, db_part[slab, c] = sum of dout.
 // Block (TILE_COLUMNS = 32, ROW_LANES = 8): threadIdx.x picks one of 32 adjacent columns (a warp reads
 // 32 consecutive values of a row: coalesced), threadIdx.y one of 8 row lanes that stride down the slab.
 // The lanes' sums then meet in shared memory and lane 0 adds them in a fixed order.
-// db_part is null without a bias.
-template <typename Real>
-__global__ void layernorm_backward_params(const Real* dout, const Real* xhat, Real* dw_part, Real* db_part,
-                                          long long n_rows, long long C, long long rows_per_slab) {
+// db_part is null without a bias. The partial sums are in Real (float32 for bf16 arrays).
+template <typename Elem>
+__global__ void layernorm_backward_params(const Elem* dout, const Elem* xhat, typename Compute<Elem>::type* dw_part,
+                                          typename Compute<Elem>::type* db_part, long long n_rows, long long C,
+                                          long long rows_per_slab) {
+    typedef typename Compute<Elem>::type Real;
     __shared__ Real dw_lanes[ROW_LANES][TILE_COLUMNS], db_lanes[ROW_LANES][TILE_COLUMNS];
     const long long c = (long long)blockIdx.x * TILE_COLUMNS + threadIdx.x;
     const long long first = (long long)blockIdx.y * rows_per_slab;
@@ -90,8 +97,8 @@ __global__ void layernorm_backward_params(const Real* dout, const Real* xhat, Re
     Real dw = 0, db = 0;
     if (c < C) {
         for (long long r = first + threadIdx.y; r < end; r += ROW_LANES) {
-            const Real d = dout[r * C + c];
-            dw += d * xhat[r * C + c];
+            const Real d = Real(dout[r * C + c]);
+            dw += d * Real(xhat[r * C + c]);
             db += d;
         }
     }
@@ -109,7 +116,11 @@ __global__ void layernorm_backward_params(const Real* dout, const Real* xhat, Re
 }
 """
 )
-_KERNELS = KernelModule(_SOURCE, ("layernorm_forward", "layernorm_backward_dx", "layernorm_backward_params"))
+_KERNELS = KernelModule(
+    _SOURCE,
+    ("layernorm_forward", "layernorm_backward_dx", "layernorm_backward_params"),
+    dtypes=("float32", "float64", "bfloat16"),
+)
 
 
 def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
@@ -119,14 +130,15 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     C = x.shape[-1]
     rows = cupy.ascontiguousarray(x).reshape(-1, C)  # (N, C)
     out, xhat = cupy.empty_like(rows), cupy.empty_like(rows)
-    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
+    real = compute_dtype(x.dtype)  # float32 for bf16 arrays
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=real)  # (..., 1)
     w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
     b_c = NULL if b is None else cupy.ascontiguousarray(b, dtype=x.dtype)
     launch_rows(
         _KERNELS.get("layernorm_forward", x.dtype),
         rows.shape[0],
         C,
-        (rows, w_c, b_c, out, xhat, rstd, C, x.dtype.type(eps)),
+        (rows, w_c, b_c, out, xhat, rstd, C, real.type(eps)),
     )
     return out.reshape(x.shape), LayerNormCache(
         xhat=xhat.reshape(x.shape), rstd=rstd, w=w, has_bias=b is not None
@@ -140,23 +152,29 @@ def layernorm_backward(dout, cache: LayerNormCache):
     C = dout.shape[-1]
     g = cupy.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
     xhat = cupy.ascontiguousarray(cache.xhat, dtype=dout.dtype).reshape(-1, C)
-    rstd = cupy.ascontiguousarray(cache.rstd, dtype=dout.dtype)  # N values, one per row
+    rstd = cupy.ascontiguousarray(cache.rstd, dtype=compute_dtype(dout.dtype))  # N values, one per row
     w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
     dx = cupy.empty_like(g)
     launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), g.shape[0], C, (g, xhat, rstd, w, dx, C))
     dw, db = column_sums(g, xhat, cache.has_bias)
-    return dx.reshape(dout.shape), dw, db
+    w_dtype = cache.w.dtype  # the parameter's own: float32 for a trained norm over a bf16 stream
+    return (
+        dx.reshape(dout.shape),
+        dw.astype(w_dtype, copy=False),
+        None if db is None else db.astype(w_dtype, copy=False),
+    )
 
 
 def column_sums(g, xhat, has_bias: bool):
-    """dw = sum over rows of g * xhat, db = sum over rows of g (None without a bias), each (C,)."""
+    """dw = sum over rows of g * xhat, db = sum over rows of g (None without a bias), each (C,), in Real."""
     import cupy
 
     N, C = g.shape
     rows_per_slab = max(ROWS_PER_SLAB, math.ceil(N / MAX_GRID_Y))
     n_slabs = math.ceil(N / rows_per_slab)
-    dw_part = cupy.empty((n_slabs, C), dtype=g.dtype)  # (slabs, C) partial sums
-    db_part = cupy.empty((n_slabs, C), dtype=g.dtype) if has_bias else None
+    real = compute_dtype(g.dtype)
+    dw_part = cupy.empty((n_slabs, C), dtype=real)  # (slabs, C) partial sums
+    db_part = cupy.empty((n_slabs, C), dtype=real) if has_bias else None
     if n_slabs > 0 and C > 0:
         kernel = _KERNELS.get("layernorm_backward_params", g.dtype)
         kernel(
