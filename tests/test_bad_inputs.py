@@ -328,3 +328,48 @@ def test_resuming_a_checkpoint_claiming_3_million_blocks_is_refused_before_anyth
     save_checkpoint(run / CHECKPOINT_NAME, checkpoint.params, meta)
     with pytest.raises(CheckpointError, match="its config claims n_layer=3000000"):
         pretrain("shakespeare_modern", CONFIG, TrainSettings(steps=4), run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "float16"}, "--dtype must be float32 or bfloat16, got 'float16'"),
+        ({"dtype": "bfloat16"}, "runs on a GPU: add --device cuda"),
+    ],
+)
+def test_finetune_dtype_refusals_name_the_flag(tmp_path, kwargs, message):
+    from minilora.jobs.finetune import finetune
+    from minilora.lora.config import LoraConfig
+    from minilora.training.loop import TrainSettings
+
+    with pytest.raises(ValueError, match=message):
+        finetune(None, "shakespeare_folio", LoraConfig(r=2), TrainSettings(steps=1), tmp_path / "run", "cpu",
+                 progress=False, **kwargs)  # fmt: skip
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_bf16_refusals_for_full_and_quantized():
+    from minilora.jobs.finetune import check_training_dtype
+    from minilora.lora.config import LoraConfig
+
+    with pytest.raises(ValueError, match="--full would need float32 master copies"):
+        check_training_dtype("bfloat16", "cuda", None, None)
+    with pytest.raises(ValueError, match="--quantized do not combine"):
+        check_training_dtype("bfloat16", "cuda", LoraConfig(r=2), "q8_0")
+    check_training_dtype("float32", "cpu", None, None)  # the default needs nothing
+
+
+def test_cast_base_keeps_the_fingerprint_and_float32_adapters():
+    from minilora.config import get_preset
+    from minilora.lora.config import LoraConfig
+    from minilora.lora.model import add_lora
+    from minilora.model import GPT, init_params
+
+    config = get_preset("tiny")
+    model = add_lora(GPT(config, init_params(config, seed=0)), LoraConfig(r=2), seed=0)
+    before = model.base_fingerprint
+    model.cast_base(np.float16)  # bf16 needs ml_dtypes; the cast is the same code for any dtype
+    assert model.base_fingerprint == before
+    assert all(model.params[name].dtype == np.float16 for name in model.base_keys)
+    assert all(model.params[name].dtype == np.float32 for name in model.trainable_names)
+    assert all(model.base_params[name] is model.params[name] for name in model.base_keys)

@@ -48,6 +48,13 @@ def add_finetune_parser(subparsers) -> None:
         "--alpha", type=float, default=16.0, help="lora_alpha: the update is scaled by alpha / r"
     )
     lora.add_argument("--lora-dropout", type=probability, default=0.0)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16 (LoRA on --device cuda): the frozen base and activations in bf16, the adapter and "
+        "its optimiser state in float32",
+    )
     lora.add_argument(
         "--targets",
         default="c_attn",
@@ -142,6 +149,7 @@ def run_finetune(args) -> None:
         resume=args.resume,
         settings_overrides=given_training_flags(args) if args.resume else None,
         overwrite=args.overwrite,
+        dtype=args.dtype,
     )
     print(metrics["summary"])
     print(
@@ -149,6 +157,8 @@ def run_finetune(args) -> None:
         f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s"
     )
     held = "in float32" if args.quantized is None else f"held quantized ({args.quantized})"
+    if args.dtype == "bfloat16":
+        held = "in float32 on disk, held in bfloat16 for training"
     print(
         f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
         f"{metrics['base_weights_bytes']:,} bytes {held})"

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..backend import resolve_device, to_device
-from ..fast import accelerate
+from ..backend import float_dtype, resolve_device, to_device
+from ..fast import accelerate, fast_ops
 from ..fast.distributed.world import current_world, from_writer
 from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from ..io.bases import load_base
@@ -71,6 +71,27 @@ def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) 
     )
 
 
+def check_training_dtype(dtype: str, device: str, lora_config, quantized) -> None:
+    """float32, or bfloat16 (mixed precision) for a LoRA adapter on a GPU over a plain base; else one line."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype == "float32":
+        return
+    if device != "cuda":
+        raise ValueError(
+            "--dtype bfloat16 (mixed precision) runs on a GPU: add --device cuda, or leave out --dtype"
+        )
+    if lora_config is None:
+        raise ValueError(
+            "--dtype bfloat16 trains a LoRA adapter in float32 over a bf16 base; --full would need float32 "
+            "master copies of every weight, which minilora does not keep: leave out --dtype"
+        )
+    if quantized is not None:
+        raise ValueError(
+            "--dtype bfloat16 and --quantized do not combine: a quantized base is decoded in float32"
+        )
+
+
 def fit(
     model,
     corpus,
@@ -106,6 +127,7 @@ def finetune(
     resume: bool = False,
     settings_overrides: dict | None = None,
     overwrite: bool = False,
+    dtype: str = "float32",
     say=print,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
@@ -118,7 +140,9 @@ def finetune(
     locked for the whole run (io/run_folder.py). ``block_size``: the training windows of SmolLM2 (a
     GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
     file's own), "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the
-    Llama model's switches that trade compute for activation memory (llama.py).
+    Llama model's switches that trade compute for activation memory (llama.py). ``dtype``
+    "bfloat16" (a GPT's LoRA on a GPU): the frozen base and the activations in bf16, the adapter
+    and its optimiser state in float32 (docs/gpu.md, mixed precision).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -136,10 +160,16 @@ def finetune(
             lora_config = None if run["lora_config"] is None else LoraConfig.from_dict(run["lora_config"])
             settings, loraplus_ratio = TrainSettings(**run["settings"]), run["loraplus_ratio"]
             gradient_checkpointing, loss_chunk_rows = run["gradient_checkpointing"], run["loss_chunk_rows"]
+            dtype = run.get("dtype", "float32")
         settings = replace(settings, **(settings_overrides or {}))
         if quantized is not None and lora_config is None:
             raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
+        check_training_dtype(dtype, device, lora_config, quantized)
         loaded = load_base(base_spec, device, block_size, quantized)
+        if dtype != "float32" and not loaded.is_byte_level:
+            raise ValueError(
+                f"--dtype {dtype} trains a GPT; {loaded.name}'s kernels run in float32: leave out --dtype"
+            )
         if lora_config is None and not loaded.is_byte_level:
             raise ValueError(
                 f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
@@ -148,6 +178,12 @@ def finetune(
         base = loaded.model
         model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
         set_activation_memory(model, gradient_checkpointing, loss_chunk_rows)
+        if dtype == "bfloat16":
+            from ..fast.cuda import use_cublas
+
+            model.cast_base(float_dtype(dtype))  # after add_lora: the adapter was made in float32
+            model.ops = fast_ops(model.xp)  # the evaluation before training too runs the fused kernels
+            use_cublas()  # and the bf16 products (CuPy's matmul has none)
         base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
         if state is not None and run["base_fingerprint"] != base_fingerprint:
             raise CheckpointError(f"{state_path} was trained on another base than {loaded.name} holds now")
@@ -172,6 +208,7 @@ def finetune(
             # the memory switches as the model holds them
             "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),
             "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
+            "dtype": dtype,
             "base_fingerprint": base_fingerprint,
             "config": model.config.to_dict(),
             "settings": asdict(settings),

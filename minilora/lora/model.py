@@ -114,6 +114,17 @@ class LoraModel:
             self._base_fingerprint = weights_fingerprint(self.base_params)
         return self._base_fingerprint
 
+    def cast_base(self, dtype) -> None:
+        """Hold the frozen base in ``dtype`` (mixed precision: a bf16 base under float32 adapters).
+
+        The fingerprint stays that of the weights as they were loaded, so the saved adapter still
+        names its base. Call it before training: the adapter's own tensors keep their dtype.
+        """
+        self._refuse_while_merged("cast the base")
+        self._base_fingerprint = self.base_fingerprint  # taken now, of the weights as loaded
+        for name in self.base_keys:
+            self.base_params[name] = self.params[name] = self.params[name].astype(dtype, copy=False)
+
     def expected_shapes(self) -> dict:
         shapes = super().expected_shapes()
         if self.active_adapter is not None:
