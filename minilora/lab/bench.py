@@ -59,7 +59,7 @@ from ..fast.cpu.host_memory import retain_freed_memory
 from ..fast.cuda.graph import GraphedStep
 from ..io.data import get_batch, load_corpus
 from ..io.provenance import provenance
-from ..jobs.finetune import ADAM_BETAS, make_optimizer
+from ..jobs.finetune import ADAM_BETAS, check_training_dtype, make_optimizer
 from ..lora.config import LoraConfig, select_target_modules
 from ..lora.model import add_lora
 from ..model import GPT, init_params
@@ -363,8 +363,8 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
 
 def _run(settings: BenchSettings, device: str, log) -> dict:
     xp = get_backend(device)
-    if settings.dtype == "bfloat16" and xp is np:
-        raise ValueError("dtype bfloat16 (mixed precision) runs on a GPU: add --device cuda, or use float32")
+    if settings.dtype == "bfloat16":
+        check_training_dtype(settings.dtype, device, settings.lora_config, quantized=None)  # finetune's rules
     if xp is np:
         retain_freed_memory()  # as the training jobs do; the peer, in the same process, gets it too
     else:

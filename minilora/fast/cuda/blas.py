@@ -168,7 +168,7 @@ def supports(a, b) -> bool:
     """Whether ``matmul`` handles these operands (else ``product`` uses cupy.matmul)."""
     return (
         a.dtype == b.dtype
-        and (a.dtype.name in GEMM_SYMBOLS or a.dtype.name == "bfloat16")
+        and a.dtype.name in CUDA_DATA_TYPES
         and a.ndim >= 2
         and b.ndim >= 2
         and (b.ndim == 2 or a.shape[:-2] == b.shape[:-2])
