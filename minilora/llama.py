@@ -215,13 +215,13 @@ class Llama(LanguageModel):
             keys, values = kv_cache.keys[i], kv_cache.values[i]
             y, attn = ops.cached_gqa_attention_forward(q, k, v, keys, values, kv_cache.length), None
         a, o_proj = self.linear_forward(f"{p}.self_attn.o_proj", merge_heads(y), rng)  # (B, T, C)
-        x = x + a  # residual
+        x = ops.residual_add(x, a)  # residual: x + a
         h, post_norm = self._norm_forward(f"{p}.post_attention_layernorm", x)
         g, gate_proj = self.linear_forward(f"{p}.mlp.gate_proj", h, rng)  # (B, T, F)
         u, up_proj = self.linear_forward(f"{p}.mlp.up_proj", h, rng)  # (B, T, F)
         m, swiglu = ops.swiglu_forward(g, u)  # silu(g) * u
         d, down_proj = self.linear_forward(f"{p}.mlp.down_proj", m, rng)  # (B, T, C)
-        x = x + d  # residual
+        x = ops.residual_add(x, d)  # residual: x + d
         cache = LlamaBlockCache(
             input_norm=input_norm, q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, rope_q=rope_q, rope_k=rope_k,
             attn=attn, o_proj=o_proj, post_norm=post_norm, gate_proj=gate_proj, up_proj=up_proj, swiglu=swiglu,

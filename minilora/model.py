@@ -148,13 +148,13 @@ class GPT(LanguageModel):
             )
         a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a, rng)
         a, attn_dropout = self._dropout(a, rng)
-        x = x + a  # residual
+        x = ops.residual_add(x, a)  # residual: x + a
         h, ln_2 = self._layernorm_forward(f"{p}.ln_2", x)
         f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h, rng)  # (B, T, 4C)
         g, gelu = ops.gelu_forward(f)
         m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g, rng)  # (B, T, C)
         m, mlp_dropout = self._dropout(m, rng)
-        x = x + m  # residual
+        x = ops.residual_add(x, m)  # residual: x + m
         cache = BlockCache(
             ln_1=ln_1,
             c_attn=c_attn,

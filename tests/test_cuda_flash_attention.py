@@ -122,7 +122,18 @@ def bf16_host(x):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("shape", [(2, 2, 37, 64), (2, 3, 130, 64), (1, 2, 65, 128), (1, 1, 80, 16)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 2, 37, 64),
+        (2, 3, 130, 64),
+        (1, 2, 65, 128),
+        (1, 1, 80, 16),
+        (1, 2, 1, 32),
+        (2, 1, 300, 96),
+        (1, 1, 200, 48),
+    ],
+)
 def test_bf16_tensor_core_kernels_match_float64_attention(shape, p):
     pytest.importorskip("ml_dtypes")
     gq, gk, gv, gdout = (bf16_device(x) for x in random_inputs(shape, sum(shape)))
@@ -140,17 +151,24 @@ def test_bf16_tensor_core_kernels_match_float64_attention(shape, p):
         assert rel_err(lse, flash_attention_forward(q, k, v)[1].logsumexp) < BF16_TOL
 
 
-def test_every_output_element_is_written_and_the_backward_is_deterministic():
-    q, k, v, dout = (cupy.asarray(x, dtype=cupy.float32) for x in random_inputs((2, 3, 100, 64), 11))
-    out = cupy.full(q.shape, cupy.nan, dtype=cupy.float32)  # poisoned: an unwritten element stays NaN
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_output_element_is_written_and_the_backward_is_deterministic(dtype):
+    if dtype == "float32":
+        device, host = (lambda x: cupy.asarray(x, dtype=cupy.float32)), cupy.asnumpy
+    else:
+        pytest.importorskip("ml_dtypes")
+        device, host = bf16_device, bf16_host
+    shape = (2, 3, 100, 64)
+    q, k, v, dout = (device(x) for x in random_inputs(shape, 11))
+    out = device(np.full(shape, np.nan))  # poisoned: an unwritten element stays NaN
     lse = flash.flash_forward(q, k, v, out)
-    assert bool(cupy.isfinite(out).all()) and bool(cupy.isfinite(lse).all())
+    assert np.isfinite(host(out)).all() and bool(cupy.isfinite(lse).all())
     results = []
     for _ in range(2):
-        grads = [cupy.full(q.shape, cupy.nan, dtype=cupy.float32) for _ in range(3)]
+        grads = [device(np.full(shape, np.nan)) for _ in range(3)]
         flash.flash_backward(dout, q, k, v, out, lse, *grads)
-        assert all(bool(cupy.isfinite(g).all()) for g in grads)
-        results.append([cupy.asnumpy(g) for g in grads])
+        results.append([host(g) for g in grads])
+        assert all(np.isfinite(g).all() for g in results[-1])
     for first, second in zip(*results):
         np.testing.assert_array_equal(first, second)  # no atomics: the same bits on every run
 

@@ -90,12 +90,13 @@ def test_bf16_layernorm_in_float32_arithmetic():
     assert_close(db, want_db, BF16_RTOL, n_terms=54)
 
 
-def test_bf16_gelu_both_ways():
-    x, x64 = bf16_inputs(5, 333, seed=8, scale=2.0)
+@pytest.mark.parametrize("shape", [(5, 333), (8, 64)])  # one element a thread; 16-byte vectors
+def test_bf16_gelu_both_ways(shape):
+    x, x64 = bf16_inputs(*shape, seed=8, scale=2.0)
     out, cache = gelu_forward(x)
     assert out.dtype == BF16
     assert_close(out, ref.gelu_forward(x64)[0], BF16_RTOL)
-    dout, dout64 = bf16_inputs(5, 333, seed=9)
+    dout, dout64 = bf16_inputs(*shape, seed=9)
     assert_close(gelu_backward(dout, cache), ref.gelu_backward(dout64, ref.gelu_forward(x64)[1]), BF16_RTOL)
 
 

@@ -59,6 +59,13 @@ def test_one_rank_nccl_step_equals_the_graphed_step(full):
         got = float(nccl_step(nccl_model, nccl_opt, x, y, None, 1.0))
         assert got == pytest.approx(want, rel=1e-6)
     assert nccl_step.graph is not None  # the all-reduce was captured and replayed
+    C = CONFIG.n_embd
     for name in nccl_model.trainable_names:
-        np.testing.assert_allclose(to_numpy(nccl_model.params[name]), to_numpy(plain_model.params[name]),
-                                   rtol=1e-5, atol=1e-7, err_msg=name)  # fmt: skip
+        got, want = to_numpy(nccl_model.params[name]), to_numpy(plain_model.params[name])
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias's gradient is exactly zero (q . b_k shifts a whole row of scores, which the
+            # softmax ignores): it is rounding noise, and AdamW turns noise into steps of up to lr
+            # each. Only that bound holds for it; the query and value biases are compared as the rest.
+            np.testing.assert_array_less(np.abs(got[C : 2 * C] - want[C : 2 * C]), 5 * 1e-2, err_msg=name)
+            got, want = np.concatenate([got[:C], got[2 * C :]]), np.concatenate([want[:C], want[2 * C :]])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)

@@ -237,3 +237,35 @@ def test_adding_lora_twice_is_refused():
     lora = add_lora(base_model(), LoraConfig(r=2))
     with pytest.raises(TypeError, match="already has adapters.*add_adapter"):
         add_lora(lora, LoraConfig(r=2))
+
+
+def test_adapter_layers_run_through_the_models_lora_ops_and_a_cache_returns_to_the_ops_that_made_it():
+    from dataclasses import replace
+
+    from minilora.lora.ops import REFERENCE_LORA_OPS
+
+    calls = []
+
+    def spy(name):
+        function = getattr(REFERENCE_LORA_OPS, name)
+
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    names = ("lora_linear_forward", "lora_linear_backward")
+    spying = replace(REFERENCE_LORA_OPS, name="spy", **{name: spy(name) for name in names})
+    model = add_lora(base_model(), LoraConfig(r=2, target_modules=["c_attn"], init="random"))
+    assert model.lora_ops is REFERENCE_LORA_OPS
+    x, y = batch()
+    want = model.backward(model.forward(x, y)[2])
+    model.lora_ops = spying
+    cache = model.forward(x, y)[2]
+    model.lora_ops = REFERENCE_LORA_OPS  # swapped between the forward and the backward
+    got = model.backward(cache)
+    assert calls == ["lora_linear_forward"] * SMALL.n_layer + ["lora_linear_backward"] * SMALL.n_layer
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -5,7 +5,9 @@ array code that never imports this package. It names two seams, and this package
 
 - ``model.ops``, the namespace of layer functions a model calls (``minilora.layers.ops``): on the CPU
   ``cpu.ops.CPU_OPS`` (the same formulas in fewer passes over memory), on a GPU
-  ``cuda.ops.CUDA_OPS`` (fused kernels);
+  ``cuda.ops.CUDA_OPS`` (fused kernels); and an adapted model's ``model.lora_ops``, its adapter
+  layer functions (``minilora.lora.ops``): on a GPU ``cuda.ops.CUDA_LORA_OPS`` (LoRA's scale and
+  adds folded into the products), on the CPU the reference's;
 - ``train_loop(..., step=...)``, the callable that does one batch's work: on the CPU
   ``cpu.sharded_step.sharded_train_step`` (the batch split across cores), on a GPU
   ``cuda.graph.GraphedStep`` (the step replayed as a CUDA graph) or, with dropout,
@@ -16,9 +18,9 @@ array code that never imports this package. It names two seams, and this package
   ``cuda.decode.cuda_generate_ids`` (the one-token step replayed as a CUDA graph, sampling on the
   device).
 
-``accelerate(model, optimizer, grad_clip)`` makes the first two choices for the model's device and
-returns the step; ``accelerate_generation(model)`` returns the decoder. Every fast variant is tested
-against the reference it replaces.
+``accelerate(model, optimizer, grad_clip)`` makes the first two choices for the model's device
+(``use_fast_layers`` the first alone) and returns the step; ``accelerate_generation(model)``
+returns the decoder. Every fast variant is tested against the reference it replaces.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from functools import partial
 import numpy as np
 
 from ..layers import LayerOps
+from ..lora.ops import REFERENCE_LORA_OPS, LoraOps
 
 
 def fast_ops(xp) -> LayerOps:
@@ -39,6 +42,22 @@ def fast_ops(xp) -> LayerOps:
     from .cuda.ops import CUDA_OPS
 
     return CUDA_OPS
+
+
+def fast_lora_ops(xp) -> LoraOps:
+    """The fast adapter layer functions for arrays of ``xp``: the GPU's, or the reference's on the CPU."""
+    if xp is np:
+        return REFERENCE_LORA_OPS
+    from .cuda.ops import CUDA_LORA_OPS
+
+    return CUDA_LORA_OPS
+
+
+def use_fast_layers(model) -> None:
+    """Hand ``model`` its device's fast layer functions: ``model.ops``, and an adapted model's ``lora_ops``."""
+    model.ops = fast_ops(model.xp)
+    if hasattr(model, "lora_ops"):
+        model.lora_ops = fast_lora_ops(model.xp)
 
 
 def accelerate(
@@ -56,7 +75,7 @@ def accelerate(
     several ranks (distributed/world.py), the step is data parallel over them instead. The step is
     bound to this model, optimiser and clip: make a new one when any of them changes.
     """
-    model.ops = fast_ops(model.xp)
+    use_fast_layers(model)
     from .distributed.world import current_world
 
     world = current_world()

@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..backend import float_dtype, resolve_device, to_device
-from ..fast import accelerate, fast_ops
+from ..fast import accelerate, use_fast_layers
 from ..fast.distributed.world import current_world, from_writer
 from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from ..io.bases import load_base
@@ -182,7 +182,7 @@ def finetune(
             from ..fast.cuda import use_cublas
 
             model.cast_base(float_dtype(dtype))  # after add_lora: the adapter was made in float32
-            model.ops = fast_ops(model.xp)  # the evaluation before training too runs the fused kernels
+            use_fast_layers(model)  # the evaluation before training too runs the fused kernels
             use_cublas()  # and the bf16 products (CuPy's matmul has none)
         base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
         if state is not None and run["base_fingerprint"] != base_fingerprint:

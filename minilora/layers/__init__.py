@@ -35,6 +35,7 @@ from .gqa_attention import (
 from .layernorm import LAYERNORM_EPS, LayerNormCache, layernorm_backward, layernorm_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .ops import REFERENCE_OPS, LayerOps
+from .residual import residual_add
 from .rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
 from .rope import ROPE_PAIRINGS, RopeCache, rope_backward, rope_forward, rope_tables
 from .swiglu import SwiGLUCache, sigmoid, swiglu_backward, swiglu_forward
@@ -76,6 +77,7 @@ __all__ = [
     "linear_forward",
     "LayerOps",
     "REFERENCE_OPS",
+    "residual_add",
     "RMSNormCache",
     "rmsnorm_backward",
     "rmsnorm_forward",

@@ -24,6 +24,7 @@ from .gelu import gelu_backward, gelu_forward
 from .gqa_attention import cached_gqa_attention_forward, gqa_attention_backward, gqa_attention_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .residual import residual_add
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import rope_backward, rope_forward
 from .swiglu import swiglu_backward, swiglu_forward
@@ -48,6 +49,7 @@ class LayerOps:
     dropout_forward: Callable
     dropout_backward: Callable
     make_dropout_mask: Callable
+    residual_add: Callable  # x + branch: forward only (its backward is the identity on both paths)
     cross_entropy_forward: Callable
     cross_entropy_backward: Callable
     # The Llama family's layers (llama.py)
@@ -78,6 +80,7 @@ REFERENCE_OPS = LayerOps(
     dropout_forward=dropout_forward,
     dropout_backward=dropout_backward,
     make_dropout_mask=make_dropout_mask,
+    residual_add=residual_add,
     cross_entropy_forward=cross_entropy_forward,
     cross_entropy_backward=cross_entropy_backward,
     rmsnorm_forward=rmsnorm_forward,

@@ -6,6 +6,8 @@ The files, in reading order:
                    hand-derived backward, merging (the students' assignment a5)
     dora.py        DoRA's layer: the same update, rescaled per output unit by a trained magnitude
     config.py      LoraConfig (PEFT's names) and which modules a config adapts
+    ops.py         LoraOps, the namespace of adapter layer functions a variant calls (the seam a
+                   fast path plugs into); REFERENCE_LORA_OPS holds the ones above
     variants.py    LoraVariant and DoraVariant: one adapted layer's forward, backward, merge and
                    unmerge, wired from the layer functions; ``variant_for(config)`` picks one
     init.py        the Adapter record and every new adapter's tensors: default, gaussian and random

@@ -44,6 +44,7 @@ from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
 from .init import Adapter, combined_adapter, create_adapter, dense_reference, reduce_rank
+from .ops import REFERENCE_LORA_OPS
 
 
 class AdaptedLinearCache(NamedTuple):
@@ -51,6 +52,7 @@ class AdaptedLinearCache(NamedTuple):
 
     variant: object  # the adapter's LoraVariant or DoraVariant
     layer: object  # its layer cache (a LoraLinearCache or a DoraCache)
+    ops: object  # the LoraOps whose forward made ``layer``, and whose backward takes it (ops.py)
 
 
 class LoraModel:
@@ -69,6 +71,7 @@ class LoraModel:
         self.merged = False
         self._unmerge_state = {}  # module name -> what its variant's merge() returned for unmerge()
         self._base_fingerprint = None
+        self.lora_ops = REFERENCE_LORA_OPS  # the adapter layer functions; a fast path replaces it from above
         super().__init__(config, dict(base_params), frozen=list(base_params))
 
     # The active adapter and what it makes trainable.
@@ -235,16 +238,22 @@ class LoraModel:
         mask = None if dropout_rng is None or p == 0 else make_dropout_mask(dropout_rng, x.shape, p, x.dtype)
         W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
         y, layer = adapter.variant.forward(
-            x, W, b, adapter.module_tensors(self.params, name), adapter.config.scaling, mask
+            x,
+            W,
+            b,
+            adapter.module_tensors(self.params, name),
+            adapter.config.scaling,
+            mask,
+            ops=self.lora_ops,
         )
-        return y, AdaptedLinearCache(variant=adapter.variant, layer=layer)
+        return y, AdaptedLinearCache(variant=adapter.variant, layer=layer, ops=self.lora_ops)
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """dx of module ``name``; the adapter's gradients go into ``grads`` under the module's names."""
         if self._adapting(name) is None:  # the forward ran the base layer here
             return super().linear_backward(name, dout, cache, grads)
         train_bias = self.is_trainable(f"{name}.bias")  # a frozen bias's gradient is not even summed
-        dx, layer_grads = cache.variant.backward(dout, cache.layer, compute_db=train_bias)
+        dx, layer_grads = cache.variant.backward(dout, cache.layer, compute_db=train_bias, ops=cache.ops)
         for suffix, grad in layer_grads.items():  # "lora_A" -> "transformer.h.0.attn.c_attn.lora_A"
             grads[f"{name}.{suffix}"] = grad
         return dx

@@ -5,14 +5,16 @@ hands the variant the frozen weight W (C_in, C_out), the bias b (or None), the a
 tensors of that module in a dict keyed by suffix, the scaling s and the dropout mask, and gets
 back what it needs:
 
-    forward(x, W, b, tensors, scaling, dropout_mask)  -> (y, cache)
-    backward(dout, cache, compute_db)                  -> (dx, {suffix: gradient})
+    forward(x, W, b, tensors, scaling, dropout_mask, ops)  -> (y, cache)
+    backward(dout, cache, compute_db, ops)                  -> (dx, {suffix: gradient})
     merge(W, tensors, scaling)                         -> (W', what unmerge needs)
     unmerge(W', tensors, scaling, undo)                -> W
 
 A suffix names a tensor next to the weight, as PEFT does: ``...c_attn.lora_A`` has the suffix
 "lora_A"; a bias gradient comes back under "bias". The math stays in the layer functions of
-layer.py and dora.py; the variants only wire them. ``variant_for(lora_config)`` picks one:
+layer.py, dora.py and qlora.py, which a variant calls through the ``ops`` namespace it is handed
+(ops.py: the reference's by default, a fast path's when one is plugged in); the variants only wire
+them. ``variant_for(lora_config)`` picks one:
 
     LoraVariant   y = x W + b + s (drop(x) lora_A^T) lora_B^T            plain LoRA, and PiSSA
     DoraVariant   y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b  DoRA
@@ -26,9 +28,9 @@ from __future__ import annotations
 from ..layers.quantized_linear import QuantizedLinearCache
 from ..quant.weight import QuantizedWeight
 from .config import LoraConfig
-from .dora import dora_linear_backward, dora_linear_forward, dora_merged_weight
-from .layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, merge_weight, require_finite
-from .qlora import qlora_linear_backward, qlora_linear_forward
+from .dora import dora_merged_weight
+from .layer import lora_delta_weight, merge_weight, require_finite
+from .ops import REFERENCE_LORA_OPS, LoraOps
 
 FACTORS = ("lora_A", "lora_B")
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's m
@@ -47,20 +49,22 @@ class LoraVariant:
     name = "lora"  # as written in adapter files
     suffixes = FACTORS  # the adapter's tensors per module
 
-    def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
+    def forward(
+        self, x, W, b, tensors: dict, scaling: float, dropout_mask=None, ops: LoraOps = REFERENCE_LORA_OPS
+    ):
         """y = x W + b + s (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out).
 
         With W held quantized this is QLoRA (qlora.py): the same adapter beside the dequantized product.
         """
-        layer = qlora_linear_forward if isinstance(W, QuantizedWeight) else lora_linear_forward
+        layer = ops.qlora_linear_forward if isinstance(W, QuantizedWeight) else ops.lora_linear_forward
         return layer(x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask)
 
-    def backward(self, dout, cache, compute_db: bool = True):
+    def backward(self, dout, cache, compute_db: bool = True, ops: LoraOps = REFERENCE_LORA_OPS):
         """dx and {"lora_A": dlora_A, "lora_B": dlora_B, "bias": db}; W is frozen, so dW is never formed."""
         if isinstance(cache.base, QuantizedLinearCache):  # QLoRA: the quantized base's bias is frozen too
-            dx, dlora_A, dlora_B = qlora_linear_backward(dout, cache)
+            dx, dlora_A, dlora_B = ops.qlora_linear_backward(dout, cache)
             return dx, {"lora_A": dlora_A, "lora_B": dlora_B}
-        dx, _, db, dlora_A, dlora_B = lora_linear_backward(dout, cache, compute_db=compute_db)  # dW: None
+        dx, _, db, dlora_A, dlora_B = ops.lora_linear_backward(dout, cache, compute_db=compute_db)  # dW: None
         return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B}, db)
 
     def merge(self, W, tensors: dict, scaling: float):
@@ -91,13 +95,15 @@ class DoraVariant:
     def __init__(self, exact_norm_gradient: bool = False):
         self.exact_norm_gradient = exact_norm_gradient  # differentiate through n = ||V|| (the paper does not)
 
-    def forward(self, x, W, b, tensors: dict, scaling: float, dropout_mask=None):
+    def forward(
+        self, x, W, b, tensors: dict, scaling: float, dropout_mask=None, ops: LoraOps = REFERENCE_LORA_OPS
+    ):
         """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out)."""
         if isinstance(W, QuantizedWeight):
             raise ValueError(
                 "DoRA on a quantized base is not supported (it needs W's column norms): use plain LoRA"
             )
-        return dora_linear_forward(
+        return ops.dora_linear_forward(
             x,
             W,
             b,
@@ -109,9 +115,9 @@ class DoraVariant:
             exact_norm_gradient=self.exact_norm_gradient,
         )
 
-    def backward(self, dout, cache, compute_db: bool = True):
+    def backward(self, dout, cache, compute_db: bool = True, ops: LoraOps = REFERENCE_LORA_OPS):
         """dx and {"lora_A", "lora_B", "lora_magnitude_vector", "bias"}: their gradients; W gets none."""
-        dx, db, dlora_A, dlora_B, dm = dora_linear_backward(dout, cache, compute_db=compute_db)
+        dx, db, dlora_A, dlora_B, dm = ops.dora_linear_backward(dout, cache, compute_db=compute_db)
         return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B, MAGNITUDE: dm}, db)
 
     def merge(self, W, tensors: dict, scaling: float):

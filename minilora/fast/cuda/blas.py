@@ -178,11 +178,12 @@ def supports(a, b) -> bool:
     )
 
 
-def matmul(a, b, out_dtype=None):
-    """a @ b for CuPy arrays: (..., m, k) @ (k, n) or (..., m, k) @ (..., k, n) with equal batch shapes.
+def matmul(a, b, out_dtype=None, alpha: float = 1.0, accumulate=None):
+    """alpha (a @ b) for CuPy arrays: (..., m, k) @ (k, n) or (..., m, k) @ (..., k, n), equal batch shapes.
 
     The result has a's dtype, or ``out_dtype`` (float32 from bf16 operands: the products' float32 sums
-    unrounded).
+    unrounded). With ``accumulate``, a C-contiguous (..., m, n) array, the product is added into it
+    instead (cuBLAS's beta = 1: C = alpha a b + C, rounded once) and ``accumulate`` is returned.
     """
     import cupy
 
@@ -195,7 +196,15 @@ def matmul(a, b, out_dtype=None):
         a3, b3 = a.reshape(-1, m, k), b.reshape(-1, k, n)
         rows = m
     batch = a3.shape[0]
-    out = cupy.empty((batch, rows, n), dtype=a.dtype if out_dtype is None else out_dtype)
+    if accumulate is None:
+        out = cupy.empty((batch, rows, n), dtype=a.dtype if out_dtype is None else out_dtype)
+        beta = 0.0
+    else:
+        if accumulate.shape != (*batch_shape, m, n) or not accumulate.flags.c_contiguous:
+            raise ValueError(
+                f"accumulate must be a C-contiguous {(*batch_shape, m, n)} array, got {accumulate.shape}"
+            )
+        out, beta = accumulate.reshape(batch, rows, n), 1.0
     a3, op_a, ld_a = _as_operand(a3)
     b3, op_b, ld_b = _as_operand(b3)
     lib, handle, _ = _blas()
@@ -209,23 +218,23 @@ def matmul(a, b, out_dtype=None):
     out_arg = (ctypes.c_void_p(out.data.ptr), n, rows * n)
     if a.dtype.name in GEMM_SYMBOLS and out.dtype == a.dtype:
         name, scalar = GEMM_SYMBOLS[a.dtype.name]
-        one, zero = scalar(1.0), scalar(0.0)
-        args = (*shape, ctypes.byref(one), *b_arg, *a_arg, ctypes.byref(zero), *out_arg, batch)
+        alpha_, beta_ = scalar(alpha), scalar(beta)
+        args = (*shape, ctypes.byref(alpha_), *b_arg, *a_arg, ctypes.byref(beta_), *out_arg, batch)
     else:  # bf16 (or a float32 result of bf16 operands): the typed entry point, float32 sums
         name = GEMM_EX
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        alpha_, beta_ = ctypes.c_float(alpha), ctypes.c_float(beta)
         ab_type, out_type = CUDA_DATA_TYPES[a.dtype.name], CUDA_DATA_TYPES[out.dtype.name]
         args = (
             *shape,
-            ctypes.addressof(one),
+            ctypes.addressof(alpha_),
             b_arg[0], ab_type, *b_arg[1:],
             a_arg[0], ab_type, *a_arg[1:],
-            ctypes.addressof(zero),
+            ctypes.addressof(beta_),
             out_arg[0], out_type, *out_arg[1:],
             batch, COMPUTE_32F, GEMM_DEFAULT,
         )  # fmt: skip
     _check(getattr(lib, name)(handle, *args), name)
-    return out.reshape(*batch_shape, m, n)
+    return accumulate if accumulate is not None else out.reshape(*batch_shape, m, n)
 
 
 def product(a, b):

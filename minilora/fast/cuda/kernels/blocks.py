@@ -20,8 +20,10 @@ import functools
 import math
 
 KERNEL_TYPES = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16"}  # dtype -> Elem
+ITEM_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
 MAX_THREADS = 512  # threads per row block (16 warps); longer rows loop
 ELEMENTWISE_THREADS, MAX_ELEMENTWISE_BLOCKS = 256, 8192  # an elementwise kernel's launch (grid-stride)
+VECTOR_BYTES = 16  # a vectorised kernel's loads and stores (Pack<Elem, VEC> in REDUCTIONS)
 NULL = 0  # a Python int reaches a kernel as a 64-bit integer: in a pointer parameter, the null pointer
 
 REDUCTIONS = r"""
@@ -35,6 +37,11 @@ template <> struct Compute<__nv_bfloat16> { typedef float type; };
 #define FOR_EACH_ELEMENT(i, n)                                                   \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
+
+// VEC consecutive elements moved as one load or store: 16 bytes (8 bf16, 4 float, 2 double), or
+// one element when VEC = 1. A vectorised kernel visits pack p = elements VEC p .. VEC p + VEC - 1.
+template <typename Elem, int VEC>
+struct alignas(sizeof(Elem) * VEC) Pack { Elem v[VEC]; };
 
 // Every row kernel runs with blockDim.x a whole number of warps (a multiple of 32, at most 1024).
 
@@ -94,6 +101,16 @@ def c_type(dtype) -> str:
     return KERNEL_TYPES[name]
 
 
+def vector_width(dtype) -> int:
+    """Elements of ``dtype`` (or of the dtype so named) in one 16-byte vector: a vectorised kernel's VEC."""
+    return VECTOR_BYTES // ITEM_BYTES[getattr(dtype, "name", str(dtype))]
+
+
+def vectorisable(n: int, *arrays) -> bool:
+    """Whether 16-byte vectors fit: n a multiple of the vector's width, every array 16-byte aligned."""
+    return n % vector_width(arrays[0].dtype) == 0 and all(a.data.ptr % VECTOR_BYTES == 0 for a in arrays)
+
+
 def compute_dtype(dtype):
     """The dtype of a kernel's arithmetic (and of its per-row statistics) for arrays of ``dtype``."""
     import numpy as np
@@ -119,27 +136,40 @@ class KernelModule:
 
     Creating one imports nothing; ``get`` compiles the module once (CuPy also caches the binary on
     disk) and returns the kernel instantiated for the dtype, e.g. ``get("layernorm_forward", x.dtype)``.
+    With ``vectorised``, every kernel is a template over <Elem, VEC> too, instantiated for VEC =
+    ``vector_width(dtype)`` and VEC = 1; ``get(..., vectorised=True)`` picks the first.
     """
 
     def __init__(
-        self, source: str, kernels: tuple[str, ...], dtypes: tuple[str, ...] = ("float32", "float64")
+        self,
+        source: str,
+        kernels: tuple[str, ...],
+        dtypes: tuple[str, ...] = ("float32", "float64"),
+        vectorised: bool = False,
     ):
         self.source = REDUCTIONS + source
         self.kernels = kernels
         self.dtypes = dtypes  # the array dtypes the kernels are instantiated for
+        self.vectorised = vectorised
+
+    def _name(self, kernel: str, dtype_name: str, vectorised: bool) -> str:
+        if not self.vectorised:
+            return f"{kernel}<{KERNEL_TYPES[dtype_name]}>"
+        return f"{kernel}<{KERNEL_TYPES[dtype_name]}, {vector_width(dtype_name) if vectorised else 1}>"
 
     @functools.cached_property
     def _module(self):
         import cupy
 
-        names = [f"{kernel}<{KERNEL_TYPES[name]}>" for kernel in self.kernels for name in self.dtypes]
+        forms = (True, False) if self.vectorised else (False,)
+        names = [self._name(k, name, form) for k in self.kernels for name in self.dtypes for form in forms]
         return cupy.RawModule(code=self.source, options=compile_options(), name_expressions=names)
 
-    def get(self, kernel: str, dtype):
+    def get(self, kernel: str, dtype, vectorised: bool = False):
         name = getattr(dtype, "name", str(dtype))
         if name not in self.dtypes:
             raise TypeError(f"the kernel {kernel} takes {' or '.join(self.dtypes)} arrays, got {name}")
-        return self._module.get_function(f"{kernel}<{c_type(dtype)}>")
+        return self._module.get_function(self._name(kernel, name, vectorised))
 
 
 def row_threads(n_cols: int) -> int:

@@ -11,8 +11,9 @@
 //           of every 64 x 64 tile, a in 0..3, c in 0..3 (or 0..HD/16 - 1 for a head-size column).
 //   *_bf16  bf16 in and out, products on the tensor cores (mma.sync m16n8k16 in inline PTX, bf16
 //           inputs, float32 accumulators). 128 threads = 4 warps; warp w owns rows 16w..16w+15 of
-//           the tile. Scores, probabilities and the output accumulator pass through shared memory,
-//           so the softmax code reads plain rows instead of the fragments' register layout.
+//           the tile. Scores, probabilities and accumulators stay in the fragments' registers (the
+//           softmax works in their layout); only the tiles of q, k, v and dO pass through shared
+//           memory, the next tile loading (cp.async) while the current one is used.
 // Everything between the products (the scale, exp, the running max and sum, D) is float32.
 //
 // Tensors are addressed by strides in elements: element (b, h, t, d) of q, k, v, dq, dk, dv sits at
@@ -317,7 +318,7 @@ __global__ void __launch_bounds__(256) flash_backward_dq_f32(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// bf16 family: tensor-core products through mma.sync
+// bf16 family: tensor-core products through mma.sync, the softmax in registers
 //
 // A 16 x 16 x 16 product is two `mma.sync.m16n8k16` instructions (bf16 inputs, float32 accumulators),
 // written as inline PTX: NVRTC compiles it with nothing but cuda_bf16.h (the wmma header pulls in
@@ -328,7 +329,11 @@ __global__ void __launch_bounds__(256) flash_backward_dq_f32(
 //   B (16 x 8), per half    2 registers: (rows 2t, 2t+1, col g), (rows 2t+8, 2t+9, col g); the two
 //                           halves are columns 0..7 and 8..15 of the 16 x 16 B
 //   C (16 x 8), per half    4 floats: (row g, cols 2t, 2t+1), (row g+8, cols 2t, 2t+1)
-// Each load reads a fragment from a shared tile of leading dimension ld (even, so pairs are 4-byte aligned).
+// Fragments come from shared tiles through ldmatrix: each of the four 8 x 8 matrices of a fragment is
+// eight 16-byte rows whose addresses eight lanes supply (ldmatrix.trans for a row-major B, whose
+// pairs run down a column). The C fragment of a 16 x 16 output holds exactly the elements, in the
+// same registers' order, that the A fragment of the same 16 x 16 block needs: probabilities go from
+// the scores' accumulators into the next product as its A operand without leaving the registers.
 
 namespace tc {
 typedef __nv_bfloat16 bf16;
@@ -336,43 +341,32 @@ struct FragA { unsigned int x[4]; };
 struct FragB { unsigned int x[4]; };  // [2h], [2h+1]: half h (columns 8h..8h+7)
 struct FragC { float x[8]; };         // [4h..4h+3]: half h
 
-__device__ __forceinline__ unsigned int pair_at(const bf16* p) {  // two adjacent bf16, 4-byte aligned
-    return *reinterpret_cast<const unsigned int*>(p);
+__device__ __forceinline__ unsigned int shared_address(const void* p) {
+    return static_cast<unsigned int>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) {
-    return (unsigned int)__bfloat16_as_ushort(lo) | ((unsigned int)__bfloat16_as_ushort(hi) << 16);
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const bf16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
 }
-__device__ __forceinline__ void fill_fragment(FragC& c, float v) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) c.x[i] = v;
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const bf16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
 }
-// A: element (r, c) at p[r * ld + c].
+// A: element (r, c) at p[r * ld + c]. Lanes 0-15 give rows 0-15 at column 0, lanes 16-31 at column 8.
 __device__ __forceinline__ void load_a(FragA& a, const bf16* p, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    a.x[0] = pair_at(p + g * ld + 2 * t);
-    a.x[1] = pair_at(p + (g + 8) * ld + 2 * t);
-    a.x[2] = pair_at(p + g * ld + 2 * t + 8);
-    a.x[3] = pair_at(p + (g + 8) * ld + 2 * t + 8);
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(a.x, p + (lane & 15) * ld + (lane >> 4) * 8);
 }
-// B "column-major": element (k, n) at p[n * ld + k] (a row-major B^T, read in place).
+// B "column-major": element (k, n) at p[n * ld + k] (a row-major B^T, read in place). Matrix
+// m = lane / 8 is (n 0-7 | 8-15 for m / 2) x (k 0-7 | 8-15 for m % 2).
 __device__ __forceinline__ void load_b_col(FragB& b, const bf16* p, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const bf16* col = p + (8 * h + g) * ld;
-        b.x[2 * h] = pair_at(col + 2 * t);
-        b.x[2 * h + 1] = pair_at(col + 2 * t + 8);
-    }
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(b.x, p + ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8);
 }
-// B row-major: element (k, n) at p[k * ld + n].
+// B row-major: element (k, n) at p[k * ld + n]; matrix m = lane / 8 is (k by m % 2) x (n by m / 2).
 __device__ __forceinline__ void load_b_row(FragB& b, const bf16* p, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const bf16* col = p + 8 * h + g;
-        b.x[2 * h] = pack(col[(2 * t) * ld], col[(2 * t + 1) * ld]);
-        b.x[2 * h + 1] = pack(col[(2 * t + 8) * ld], col[(2 * t + 9) * ld]);
-    }
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4_trans(b.x, p + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8);
 }
 // d += a b, 16 x 16 x 16, as two m16n8k16 products.
 __device__ __forceinline__ void mma(FragC& d, const FragA& a, const FragB& b) {
@@ -386,29 +380,32 @@ __device__ __forceinline__ void mma(FragC& d, const FragA& a, const FragB& b) {
             : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[2 * h]), "r"(b.x[2 * h + 1]));
     }
 }
-// C row-major from or to floats: element (r, c) at p[r * ld + c].
-__device__ __forceinline__ void store_c(float* p, const FragC& c, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void fill_fragment(FragC& c, float v) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float* q = p + 8 * h + 2 * t;
-        q[g * ld] = c.x[4 * h];
-        q[g * ld + 1] = c.x[4 * h + 1];
-        q[(g + 8) * ld] = c.x[4 * h + 2];
-        q[(g + 8) * ld + 1] = c.x[4 * h + 3];
-    }
+    for (int i = 0; i < 8; ++i) c.x[i] = v;
 }
-__device__ __forceinline__ void load_c(FragC& c, const float* p, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ unsigned int pack(float lo, float hi) {  // two floats as two bf16, lo first
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned int*>(&v);
+}
+// The C fragment of a 16 x 16 block, rounded to bf16, as the A fragment of the same block.
+__device__ __forceinline__ void to_a(FragA& a, const FragC& c) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const float* q = p + 8 * h + 2 * t;
-        c.x[4 * h] = q[g * ld];
-        c.x[4 * h + 1] = q[g * ld + 1];
-        c.x[4 * h + 2] = q[(g + 8) * ld];
-        c.x[4 * h + 3] = q[(g + 8) * ld + 1];
-    }
+    for (int i = 0; i < 4; ++i) a.x[i] = pack(c.x[2 * i], c.x[2 * i + 1]);
 }
+// Element e of a C fragment sits at row g + 8 * c_row(e) and column 8 * (e / 4) + 2t + e % 2.
+__device__ __forceinline__ int c_row(int e) { return (e >> 1) & 1; }
+__device__ __forceinline__ int c_col(int e, int t) { return 8 * (e >> 2) + 2 * t + (e & 1); }
+
+// Asynchronous copies (cp.async, sm_80 on): 16 bytes from global to shared without passing through
+// registers; with valid false the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void copy_async_16(bf16* dst, const bf16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 }  // namespace tc
 
 typedef __nv_bfloat16 bf16;
@@ -416,279 +413,346 @@ typedef tc::FragA FragA;
 typedef tc::FragB FragB;
 typedef tc::FragC FragC;
 
-// Shared row strides, in elements. bf16 rows of HD + 8 (16 bytes of padding), float rows of n + 4:
-// every 16-row block then starts on a 32-byte boundary and the rows of a fragment spread over banks.
-template <int HD> struct Bf16Layout {
-    static constexpr int LDH = HD + 8;   // bf16 (64, HD) tiles
-    static constexpr int LDS = BN + 4;   // float (64, 64) scores
-    static constexpr int LDP = BN + 8;   // bf16 (64, 64) probabilities
-    static constexpr int LDO = HD + 4;   // float (64, HD) accumulator staging
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+// Shared tiles are 64 rows of HD bf16 with 8 bf16 (16 bytes) of padding: rows start 16-byte
+// aligned, and the eight rows of an ldmatrix matrix fall in eight different groups of banks.
+template <int HD> struct Bf16Tile {
+    static constexpr int LD = HD + 8;
+    static constexpr int SIZE = 64 * LD;  // elements
 };
 
-// 64 rows x HD bf16 from global into shared, 8 elements (16 bytes) a load; rows past T read as 0.
+// 64 rows x HD bf16 from global rows row0.. (row stride st) into a shared tile, asynchronously;
+// rows past T are zero-filled. The caller commits the group and waits for it.
 template <int HD>
-__device__ void load_rows_bf16(bf16* dst, const bf16* src, i64 st, int row0, int T) {
-    constexpr int V8 = HD / 8, LDH = HD + 8;
+__device__ void load_tile_async(bf16* dst, const bf16* src, i64 st, int row0, int T) {
+    constexpr int V8 = HD / 8;
     for (int idx = threadIdx.x; idx < 64 * V8; idx += blockDim.x) {
         const int r = idx / V8, c = (idx % V8) * 8;
-        uint4 x = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < T) x = *reinterpret_cast<const uint4*>(src + (row0 + r) * st + c);
-        *reinterpret_cast<uint4*>(dst + r * LDH + c) = x;
+        const bool valid = row0 + r < T;
+        tc::copy_async_16(dst + r * Bf16Tile<HD>::LD + c, src + (valid ? row0 + r : 0) * st + c, valid);
     }
 }
 
-// The warp's (16, 64) block of A B^T into S (float, stride LDS): A (16, HD) rows at A, B's 64 rows at Bm.
+// The warp's 16 rows (starting at p in a shared tile) as HD / 16 A fragments.
 template <int HD>
-__device__ __forceinline__ void warp_scores_bf16(float* S, const bf16* A, const bf16* Bm) {
-    constexpr int LDH = HD + 8, LDS = BN + 4;
+__device__ __forceinline__ void load_rows_a(FragA* a, const bf16* p) {
 #pragma unroll
-    for (int n = 0; n < BN / 16; ++n) {
-        FragC c;
-        tc::fill_fragment(c, 0.f);
+    for (int kk = 0; kk < HD / 16; ++kk) tc::load_a(a[kk], p + kk * 16, Bf16Tile<HD>::LD);
+}
+
+// s[nb] (columns 16nb..16nb+15 of a 16 x 64 block) = A B^T: A's 16 rows as fragments, B a shared tile.
+template <int HD>
+__device__ __forceinline__ void warp_scores(FragC s[4], const FragA* a, const bf16* Bs) {
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+        tc::fill_fragment(s[nb], 0.f);
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
-            FragA a;
-            FragB bt;  // B^T read in place: element (d, j) of B^T is Bm[j][d], column-major
-            tc::load_a(a, A + kk * 16, LDH);
-            tc::load_b_col(bt, Bm + n * 16 * LDH + kk * 16, LDH);
-            tc::mma(c, a, bt);
+            FragB b;
+            tc::load_b_col(b, Bs + nb * 16 * Bf16Tile<HD>::LD + kk * 16, Bf16Tile<HD>::LD);
+            tc::mma(s[nb], a[kk], b);
         }
-        tc::store_c(S + n * 16, c, LDS);
     }
 }
 
-// acc[n] += P X for the warp's 16 rows: P (16, 64) bf16 (stride LDP), X (64, HD) bf16 (stride LDH).
+// acc (16 x HD, as HD / 16 C fragments) += P X: P (16 x 64) as four A fragments, X a shared tile.
 template <int HD>
-__device__ __forceinline__ void warp_matmul_acc_bf16(FragC* acc, const bf16* P, const bf16* X) {
-    constexpr int LDH = HD + 8, LDP = BN + 8;
+__device__ __forceinline__ void warp_accumulate(FragC* acc, const FragA p[4], const bf16* Xs) {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-        FragA a;
-        tc::load_a(a, P + kk * 16, LDP);
+    for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int n = 0; n < HD / 16; ++n) {
-            FragB x;
-            tc::load_b_row(x, X + kk * 16 * LDH + n * 16, LDH);
-            tc::mma(acc[n], a, x);
+            FragB b;
+            tc::load_b_row(b, Xs + kk * 16 * Bf16Tile<HD>::LD + n * 16, Bf16Tile<HD>::LD);
+            tc::mma(acc[n], p[kk], b);
         }
-    }
 }
 
-// Store the warp's (16, HD) accumulators, times factor, as bf16 rows row0.. of dst (row stride st),
-// through the float staging rows Os (stride LDO); rows >= T are not stored.
+// Store the warp's (16, HD) accumulators as bf16: this lane's two rows row[0], row[1] (each times
+// factor[r]; rows >= T are not stored) to dst (row stride st), two elements per 4-byte store.
 template <int HD>
-__device__ void warp_store_bf16(bf16* dst, i64 st, FragC* acc, float* Os, int row0, int T, float factor) {
-    constexpr int LDO = HD + 4;
-    const int lane = threadIdx.x & 31;
+__device__ __forceinline__ void warp_store(bf16* dst, i64 st, const FragC* acc, const int row[2], int T,
+                                           const float factor[2]) {
+    const int t = threadIdx.x & 3;
 #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) tc::store_c(Os + n * 16, acc[n], LDO);
-    __syncwarp();
-    for (int idx = lane; idx < 16 * HD; idx += 32) {
-        const int r = idx / HD, c = idx % HD;
-        if (row0 + r < T) dst[(row0 + r) * st + c] = __float2bfloat16(Os[r * LDO + c] * factor);
-    }
+    for (int n = 0; n < HD / 16; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            const int r = tc::c_row(e);
+            if (row[r] >= T) continue;
+            *reinterpret_cast<unsigned int*>(dst + row[r] * st + n * 16 + tc::c_col(e, t)) =
+                tc::pack(acc[n].x[e] * factor[r], acc[n].x[e + 1] * factor[r]);
+        }
 }
 
-// Forward. grid (ceil(T / BM), B * H), 128 threads.
+// Forward. grid (ceil(T / BM), B * H), 128 threads; warp w owns query rows 16w..16w+15 of the tile.
+// Shared: the query tile, then two stages of (K, V) tiles: the next key tile loads while this one
+// is used. Scores are kept in log2 units (times log2 e), so every exponential is one exp2.
 template <int HD>
 __global__ void __launch_bounds__(128) flash_forward_bf16(
     const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const float* mask,
     int H, int T, i64 sb, i64 sh, i64 st, i64 ob, i64 oh, i64 ot, float scale) {
-    typedef Bf16Layout<HD> L;
+    constexpr int TILE = Bf16Tile<HD>::SIZE, NK = HD / 16;
     extern __shared__ __align__(128) unsigned char smem_bytes[];
-    bf16* Qs = reinterpret_cast<bf16*>(smem_bytes);   // (BM, HD)
-    bf16* Ks = Qs + BM * L::LDH;                       // (BN, HD)
-    bf16* Vs = Ks + BN * L::LDH;                       // (BN, HD)
-    bf16* Ps = Vs + BN * L::LDH;                       // (BM, BN) probabilities after dropout
-    float* Ss = reinterpret_cast<float*>(Ps + BM * L::LDP);  // (BM, BN) scores
-    float* Os = Ss + BM * L::LDS;                      // (BM, HD) the running output, unnormalised
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    bf16* Qs = reinterpret_cast<bf16*>(smem_bytes);  // (BM, HD)
+    bf16* KVs = Qs + TILE;                            // stage s: K at KVs + 2 s TILE, V after it
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest rows (most key tiles) start first
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     q += b * sb + h * sh; k += b * sb + h * sh; v += b * sb + h * sh; o += b * ob + h * oh;
     if (mask != nullptr) mask += (i64)bh * T * T;
-    load_rows_bf16<HD>(Qs, q, st, q0, T);
-    // Lane l owns row r = 16 warp + l / 2 of the tile and half of its columns: half = l % 2.
-    const int r = 16 * warp + (lane >> 1), half = lane & 1, i = q0 + r;
-    float m = NEG_INF, l = 0.f;
-    for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c) Os[r * L::LDO + c] = 0.f;
-    const int last_query = min(q0 + BM, T) - 1;
-    for (int k0 = 0; k0 <= last_query; k0 += BN) {
-        __syncthreads();
-        load_rows_bf16<HD>(Ks, k, st, k0, T);
-        load_rows_bf16<HD>(Vs, v, st, k0, T);
-        __syncthreads();
-        warp_scores_bf16<HD>(Ss + 16 * warp * L::LDS, Qs + 16 * warp * L::LDH, Ks);
-        __syncwarp();
-        const bool edge = k0 + BN - 1 > q0 || k0 + BN > T;
-        float* srow = Ss + r * L::LDS + half * 32;
-        float mx = NEG_INF;
-        for (int c = 0; c < 32; ++c) {
-            const int j = k0 + half * 32 + c;
-            const float s = (edge && (j > i || j >= T)) ? NEG_INF : srow[c] * scale;
-            srow[c] = s;
-            mx = fmaxf(mx, s);
-        }
-        const float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
-        const float rescale = __expf(m - m_new);
-        float sum = 0.f;
-        for (int c = 0; c < 32; ++c) {
-            const int j = k0 + half * 32 + c;
-            float p = __expf(srow[c] - m_new);
-            sum += p;
-            if (mask != nullptr && i < T && j < T) p *= mask[(i64)i * T + j];
-            Ps[r * L::LDP + half * 32 + c] = __float2bfloat16(p);
-        }
-        l = rescale * l + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
-        m = m_new;
-        for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c) Os[r * L::LDO + c] *= rescale;
-        __syncwarp();
-        FragC acc[HD / 16];
+    const int tiles = (min(q0 + BM, T) - 1) / BN + 1;  // causal: key tiles after the last query are skipped
+    load_tile_async<HD>(Qs, q, st, q0, T);
+    load_tile_async<HD>(KVs, k, st, 0, T);
+    load_tile_async<HD>(KVs + TILE, v, st, 0, T);
+    tc::commit_async();
+    const int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};  // this lane's two query rows
+    const float scale_log2 = scale * LOG2E;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // running max (log2 units), this lane's partial sums
+    FragA qf[NK];
+    FragC acc[NK];
 #pragma unroll
-        for (int n = 0; n < HD / 16; ++n)
-            tc::load_c(acc[n], Os + 16 * warp * L::LDO + n * 16, L::LDO);
-        warp_matmul_acc_bf16<HD>(acc, Ps + 16 * warp * L::LDP, Vs);
+    for (int n = 0; n < NK; ++n) tc::fill_fragment(acc[n], 0.f);
+    for (int it = 0; it < tiles; ++it) {
+        const int k0 = it * BN;
+        const bf16* Ks = KVs + 2 * (it & 1) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (it + 1 < tiles) {  // the stage read two tiles ago is free (the __syncthreads at the loop's end)
+            bf16* next = KVs + 2 * ((it + 1) & 1) * TILE;
+            load_tile_async<HD>(next, k, st, k0 + BN, T);
+            load_tile_async<HD>(next + TILE, v, st, k0 + BN, T);
+            tc::commit_async();
+            tc::wait_async<1>();
+        } else {
+            tc::wait_async<0>();
+        }
+        __syncthreads();
+        if (it == 0) load_rows_a<HD>(qf, Qs + 16 * warp * Bf16Tile<HD>::LD);
+        FragC s[4];
+        warp_scores<HD>(s, qf, Ks);
+        const bool edge = k0 + BN - 1 > q0 || k0 + BN > T;  // diagonal or short tile: some keys masked
+        float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-        for (int n = 0; n < HD / 16; ++n)
-            tc::store_c(Os + 16 * warp * L::LDO + n * 16, acc[n], L::LDO);
-        __syncwarp();
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int r = tc::c_row(e), j = k0 + 16 * nb + tc::c_col(e, t);
+                const float x = (edge && (j > row[r] || j >= T)) ? NEG_INF : s[nb].x[e] * scale_log2;
+                s[nb].x[e] = x;
+                mx[r] = fmaxf(mx[r], x);
+            }
+        float rescale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // the four lanes t = 0..3 of a row hold its 64 columns
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);  // finite: every row sees key 0 of the first tile
+            rescale[r] = exp2f(m[r] - m_new);       // 0 on the first tile (m = -inf)
+            m[r] = m_new;
+            l[r] *= rescale[r];
+        }
+        FragA p[4];
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int r = tc::c_row(e), j = k0 + 16 * nb + tc::c_col(e, t);
+                float pe = exp2f(s[nb].x[e] - m[r]);
+                l[r] += pe;  // the denominator counts the probabilities before dropout
+                if (mask != nullptr && row[r] < T && j < T) pe *= mask[(i64)row[r] * T + j];
+                s[nb].x[e] = pe;
+            }
+            tc::to_a(p[nb], s[nb]);
+        }
+#pragma unroll
+        for (int n = 0; n < NK; ++n)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[n].x[e] *= rescale[tc::c_row(e)];
+        warp_accumulate<HD>(acc, p, Vs);
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
-    if (i < T) {
-        const float inv = 1.f / l;
-        for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c)
-            o[i * ot + c] = __float2bfloat16(Os[r * L::LDO + c] * inv);
-        if (half == 0) lse[(i64)bh * T + i] = m + logf(l);
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.f / l[r];
+        if (t == 0 && row[r] < T) lse[(i64)bh * T + row[r]] = (m[r] + log2f(l[r])) * LN2;
     }
+    warp_store<HD>(o, ot, acc, row, T, inv);
 }
 
-// dK, dV of one key tile (bf16). grid (ceil(T / BN), B * H), 128 threads; warp w owns keys 16w..16w+15.
+// dK, dV of one key tile (bf16). grid (ceil(T / BN), B * H), 128 threads; warp w owns keys
+// 16w..16w+15. For each query tile from the diagonal on (two stages of Q, dO, L and D in shared),
+// with queries as columns: s^T = k q^T, P^T = exp(scale s^T - L), dV += (P * mask)^T dO,
+// dP^T = v dO^T, dS^T = P^T * (dP^T * mask - D), dK += scale dS^T q.
 template <int HD>
 __global__ void __launch_bounds__(128) flash_backward_dkdv_bf16(
     const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dsum,
     const float* mask, bf16* dk, bf16* dv, int H, int T, i64 sb, i64 sh, i64 st, i64 ob, i64 oh, i64 ot,
     float scale) {
-    typedef Bf16Layout<HD> L;
+    constexpr int TILE = Bf16Tile<HD>::SIZE, NK = HD / 16;
     extern __shared__ __align__(128) unsigned char smem_bytes[];
-    bf16* Ks = reinterpret_cast<bf16*>(smem_bytes);   // (BN, HD)
-    bf16* Vs = Ks + BN * L::LDH;                       // (BN, HD)
-    bf16* Qs = Vs + BN * L::LDH;                       // (BM, HD) queries of the current tile, unscaled
-    bf16* dOs = Qs + BM * L::LDH;                      // (BM, HD)
-    bf16* PTs = dOs + BM * L::LDH;                     // (BN, BM) (P * mask)^T
-    bf16* dSTs = PTs + BN * L::LDP;                    // (BN, BM) dS^T
-    float* Ss = reinterpret_cast<float*>(dSTs + BN * L::LDP);  // (BN, BM) s^T, then dP^T
-    float* Os = Ss + BN * L::LDS;                      // (BN, HD) staging for the final stores
-    float* Ls = Os + BN * L::LDO;                      // (BM)
-    float* Ds = Ls + BM;                               // (BM)
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int k0 = (gridDim.x - 1 - blockIdx.x) * BN;
+    bf16* Ks = reinterpret_cast<bf16*>(smem_bytes);  // (BN, HD) this block's keys
+    bf16* Vs = Ks + TILE;                             // (BN, HD) this block's values
+    bf16* QdOs = Vs + TILE;                           // stage s: Q at QdOs + 2 s TILE, dO after it
+    float* LDs = reinterpret_cast<float*>(QdOs + 4 * TILE);  // stage s: L (log2 units) at LDs + 2 s BM, D after it
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = (gridDim.x - 1 - blockIdx.x) * BN;  // the key tiles seen by the most queries start first
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     q += b * sb + h * sh; k += b * sb + h * sh; v += b * sb + h * sh;
     dk += b * sb + h * sh; dv += b * sb + h * sh; dout += b * ob + h * oh;
     lse += (i64)bh * T; dsum += (i64)bh * T;
     if (mask != nullptr) mask += (i64)bh * T * T;
-    load_rows_bf16<HD>(Ks, k, st, k0, T);
-    load_rows_bf16<HD>(Vs, v, st, k0, T);
-    FragC dk_acc[HD / 16], dv_acc[HD / 16];
-#pragma unroll
-    for (int n = 0; n < HD / 16; ++n) { tc::fill_fragment(dk_acc[n], 0.f); tc::fill_fragment(dv_acc[n], 0.f); }
-    const int r = 16 * warp + (lane >> 1), half = lane & 1, j = k0 + r;  // lane's key row and half of the queries
-    float p[32];
-    for (int q0 = k0; q0 < T; q0 += BM) {
-        __syncthreads();
-        load_rows_bf16<HD>(Qs, q, st, q0, T);
-        load_rows_bf16<HD>(dOs, dout, ot, q0, T);
-        for (int t = threadIdx.x; t < BM; t += blockDim.x) {
-            Ls[t] = q0 + t < T ? lse[q0 + t] : 0.f;
-            Ds[t] = q0 + t < T ? dsum[q0 + t] : 0.f;
-        }
-        __syncthreads();
-        float* srow = Ss + r * L::LDS + half * 32;
-        warp_scores_bf16<HD>(Ss + 16 * warp * L::LDS, Ks + 16 * warp * L::LDH, Qs);  // s^T / scale
-        __syncwarp();
-        const bool edge = q0 < k0 + BN - 1 || q0 + BM > T;
-#pragma unroll
-        for (int c = 0; c < 32; ++c) {
-            const int ii = half * 32 + c, i = q0 + ii;
-            const bool visible = !edge || (j <= i && i < T && j < T);
-            p[c] = visible ? __expf(srow[c] * scale - Ls[ii]) : 0.f;
-        }
-        __syncwarp();
-        warp_scores_bf16<HD>(Ss + 16 * warp * L::LDS, Vs + 16 * warp * L::LDH, dOs);  // dP^T
-        __syncwarp();
-#pragma unroll
-        for (int c = 0; c < 32; ++c) {
-            const int ii = half * 32 + c, i = q0 + ii;
-            const float keep = (mask != nullptr && p[c] != 0.f) ? mask[(i64)i * T + j] : 1.f;
-            PTs[r * L::LDP + ii] = __float2bfloat16(p[c] * keep);
-            dSTs[r * L::LDP + ii] = __float2bfloat16(p[c] * (srow[c] * keep - Ds[ii]));
-        }
-        __syncwarp();
-        warp_matmul_acc_bf16<HD>(dv_acc, PTs + 16 * warp * L::LDP, dOs);
-        warp_matmul_acc_bf16<HD>(dk_acc, dSTs + 16 * warp * L::LDP, Qs);
+    const int tiles = (T - k0 + BM - 1) / BM;  // causal: query tiles before the key tile see none of it
+    load_tile_async<HD>(Ks, k, st, k0, T);
+    load_tile_async<HD>(Vs, v, st, k0, T);
+    load_tile_async<HD>(QdOs, q, st, k0, T);
+    load_tile_async<HD>(QdOs + TILE, dout, ot, k0, T);
+    tc::commit_async();
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+        LDs[r] = k0 + r < T ? lse[k0 + r] * LOG2E : 0.f;
+        LDs[BM + r] = k0 + r < T ? dsum[k0 + r] : 0.f;
     }
-    warp_store_bf16<HD>(dk, st, dk_acc, Os + 16 * warp * L::LDO, k0 + 16 * warp, T, scale);  // dK = scale dS^T q
-    __syncwarp();
-    warp_store_bf16<HD>(dv, st, dv_acc, Os + 16 * warp * L::LDO, k0 + 16 * warp, T, 1.f);
+    const int row[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};  // this lane's two key rows
+    const float scale_log2 = scale * LOG2E;
+    FragA kf[NK], vf[NK];
+    FragC dk_acc[NK], dv_acc[NK];
+#pragma unroll
+    for (int n = 0; n < NK; ++n) { tc::fill_fragment(dk_acc[n], 0.f); tc::fill_fragment(dv_acc[n], 0.f); }
+    for (int it = 0; it < tiles; ++it) {
+        const int q0 = k0 + it * BM;
+        const bf16* Qs = QdOs + 2 * (it & 1) * TILE;
+        const bf16* dOs = Qs + TILE;
+        const float* Ls = LDs + 2 * (it & 1) * BM;
+        const float* Ds = Ls + BM;
+        if (it + 1 < tiles) {
+            const int next_q0 = q0 + BM, stage = (it + 1) & 1;
+            bf16* next = QdOs + 2 * stage * TILE;
+            load_tile_async<HD>(next, q, st, next_q0, T);
+            load_tile_async<HD>(next + TILE, dout, ot, next_q0, T);
+            tc::commit_async();
+            float* next_ld = LDs + 2 * stage * BM;
+            for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+                next_ld[r] = next_q0 + r < T ? lse[next_q0 + r] * LOG2E : 0.f;
+                next_ld[BM + r] = next_q0 + r < T ? dsum[next_q0 + r] : 0.f;
+            }
+            tc::wait_async<1>();
+        } else {
+            tc::wait_async<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+            load_rows_a<HD>(kf, Ks + 16 * warp * Bf16Tile<HD>::LD);
+            load_rows_a<HD>(vf, Vs + 16 * warp * Bf16Tile<HD>::LD);
+        }
+        FragC s[4], dp[4];
+        warp_scores<HD>(s, kf, Qs);    // s^T / scale: keys as rows, queries as columns
+        warp_scores<HD>(dp, vf, dOs);  // dP^T
+        const bool edge = q0 < k0 + BN - 1 || q0 + BM > T;
+        FragA pf[4], dsf[4];
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int j = row[tc::c_row(e)], ii = 16 * nb + tc::c_col(e, t), i = q0 + ii;
+                const bool visible = !edge || (j <= i && i < T && j < T);
+                const float p = visible ? exp2f(s[nb].x[e] * scale_log2 - Ls[ii]) : 0.f;
+                const float keep = (mask != nullptr && visible) ? mask[(i64)i * T + j] : 1.f;
+                s[nb].x[e] = p * keep;
+                dp[nb].x[e] = p * (dp[nb].x[e] * keep - Ds[ii]);
+            }
+            tc::to_a(pf[nb], s[nb]);
+            tc::to_a(dsf[nb], dp[nb]);
+        }
+        warp_accumulate<HD>(dv_acc, pf, dOs);
+        warp_accumulate<HD>(dk_acc, dsf, Qs);
+        __syncthreads();
+    }
+    const float dk_factor[2] = {scale, scale}, dv_factor[2] = {1.f, 1.f};  // dK = scale dS^T q
+    warp_store<HD>(dk, st, dk_acc, row, T, dk_factor);
+    warp_store<HD>(dv, st, dv_acc, row, T, dv_factor);
 }
 
-// dQ of one query tile (bf16). grid (ceil(T / BM), B * H), 128 threads; warp w owns queries 16w..16w+15.
+// dQ of one query tile (bf16). grid (ceil(T / BM), B * H), 128 threads; warp w owns queries
+// 16w..16w+15; two stages of (K, V) tiles as in the forward. dQ = scale sum over visible key
+// tiles of dS k, recomputing s and dP (no atomics: the same bits on every run).
 template <int HD>
 __global__ void __launch_bounds__(128) flash_backward_dq_bf16(
     const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dsum,
     const float* mask, bf16* dq, int H, int T, i64 sb, i64 sh, i64 st, i64 ob, i64 oh, i64 ot, float scale) {
-    typedef Bf16Layout<HD> L;
+    constexpr int TILE = Bf16Tile<HD>::SIZE, NK = HD / 16;
     extern __shared__ __align__(128) unsigned char smem_bytes[];
-    bf16* Qs = reinterpret_cast<bf16*>(smem_bytes);   // (BM, HD)
-    bf16* dOs = Qs + BM * L::LDH;                      // (BM, HD)
-    bf16* Ks = dOs + BM * L::LDH;                      // (BN, HD)
-    bf16* Vs = Ks + BN * L::LDH;                       // (BN, HD)
-    bf16* dSs = Vs + BN * L::LDH;                      // (BM, BN)
-    float* Ss = reinterpret_cast<float*>(dSs + BM * L::LDP);  // (BM, BN) s, then dP
-    float* Os = Ss + BM * L::LDS;                      // (BM, HD) staging for the final store
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    bf16* Qs = reinterpret_cast<bf16*>(smem_bytes);  // (BM, HD)
+    bf16* dOs = Qs + TILE;                            // (BM, HD)
+    bf16* KVs = dOs + TILE;                           // stage s: K at KVs + 2 s TILE, V after it
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BM;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     q += b * sb + h * sh; k += b * sb + h * sh; v += b * sb + h * sh;
     dq += b * sb + h * sh; dout += b * ob + h * oh;
     lse += (i64)bh * T; dsum += (i64)bh * T;
     if (mask != nullptr) mask += (i64)bh * T * T;
-    load_rows_bf16<HD>(Qs, q, st, q0, T);
-    load_rows_bf16<HD>(dOs, dout, ot, q0, T);
-    const int r = 16 * warp + (lane >> 1), half = lane & 1, i = q0 + r;
-    const float Li = i < T ? lse[i] : 0.f, Di = i < T ? dsum[i] : 0.f;
-    FragC acc[HD / 16];
+    const int tiles = (min(q0 + BM, T) - 1) / BN + 1;
+    load_tile_async<HD>(Qs, q, st, q0, T);
+    load_tile_async<HD>(dOs, dout, ot, q0, T);
+    load_tile_async<HD>(KVs, k, st, 0, T);
+    load_tile_async<HD>(KVs + TILE, v, st, 0, T);
+    tc::commit_async();
+    const int row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
+    const float scale_log2 = scale * LOG2E;
+    float L[2], D[2];  // L in log2 units
 #pragma unroll
-    for (int n = 0; n < HD / 16; ++n) tc::fill_fragment(acc[n], 0.f);
-    float p[32];
-    const int last_query = min(q0 + BM, T) - 1;
-    for (int k0 = 0; k0 <= last_query; k0 += BN) {
-        __syncthreads();
-        load_rows_bf16<HD>(Ks, k, st, k0, T);
-        load_rows_bf16<HD>(Vs, v, st, k0, T);
-        __syncthreads();
-        float* srow = Ss + r * L::LDS + half * 32;
-        warp_scores_bf16<HD>(Ss + 16 * warp * L::LDS, Qs + 16 * warp * L::LDH, Ks);
-        __syncwarp();
-        const bool edge = k0 + BN - 1 > q0 || k0 + BN > T;
-#pragma unroll
-        for (int c = 0; c < 32; ++c) {
-            const int j = k0 + half * 32 + c;
-            const bool visible = !edge || (j <= i && i < T && j < T);
-            p[c] = visible ? __expf(srow[c] * scale - Li) : 0.f;
-        }
-        __syncwarp();
-        warp_scores_bf16<HD>(Ss + 16 * warp * L::LDS, dOs + 16 * warp * L::LDH, Vs);  // dP
-        __syncwarp();
-#pragma unroll
-        for (int c = 0; c < 32; ++c) {
-            const int j = k0 + half * 32 + c;
-            const float keep = (mask != nullptr && p[c] != 0.f) ? mask[(i64)i * T + j] : 1.f;
-            dSs[r * L::LDP + half * 32 + c] = __float2bfloat16(p[c] * (srow[c] * keep - Di));
-        }
-        __syncwarp();
-        warp_matmul_acc_bf16<HD>(acc, dSs + 16 * warp * L::LDP, Ks);
+    for (int r = 0; r < 2; ++r) {
+        L[r] = row[r] < T ? lse[row[r]] * LOG2E : 0.f;
+        D[r] = row[r] < T ? dsum[row[r]] : 0.f;
     }
-    warp_store_bf16<HD>(dq, st, acc, Os + 16 * warp * L::LDO, q0 + 16 * warp, T, scale);
+    FragA qf[NK], dof[NK];
+    FragC acc[NK];
+#pragma unroll
+    for (int n = 0; n < NK; ++n) tc::fill_fragment(acc[n], 0.f);
+    for (int it = 0; it < tiles; ++it) {
+        const int k0 = it * BN;
+        const bf16* Ks = KVs + 2 * (it & 1) * TILE;
+        const bf16* Vs = Ks + TILE;
+        if (it + 1 < tiles) {
+            bf16* next = KVs + 2 * ((it + 1) & 1) * TILE;
+            load_tile_async<HD>(next, k, st, k0 + BN, T);
+            load_tile_async<HD>(next + TILE, v, st, k0 + BN, T);
+            tc::commit_async();
+            tc::wait_async<1>();
+        } else {
+            tc::wait_async<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+            load_rows_a<HD>(qf, Qs + 16 * warp * Bf16Tile<HD>::LD);
+            load_rows_a<HD>(dof, dOs + 16 * warp * Bf16Tile<HD>::LD);
+        }
+        FragC s[4], dp[4];
+        warp_scores<HD>(s, qf, Ks);    // s / scale
+        warp_scores<HD>(dp, dof, Vs);  // dP = dO v^T
+        const bool edge = k0 + BN - 1 > q0 || k0 + BN > T;
+        FragA dsf[4];
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int r = tc::c_row(e), i = row[r], j = k0 + 16 * nb + tc::c_col(e, t);
+                const bool visible = !edge || (j <= i && i < T && j < T);
+                const float p = visible ? exp2f(s[nb].x[e] * scale_log2 - L[r]) : 0.f;
+                const float keep = (mask != nullptr && visible) ? mask[(i64)i * T + j] : 1.f;
+                dp[nb].x[e] = p * (dp[nb].x[e] * keep - D[r]);
+            }
+            tc::to_a(dsf[nb], dp[nb]);
+        }
+        warp_accumulate<HD>(acc, dsf, Ks);  // dQ += dS k: k as a row-major B
+        __syncthreads();
+    }
+    const float factor[2] = {scale, scale};  // through the scaled scores
+    warp_store<HD>(dq, st, acc, row, T, factor);
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

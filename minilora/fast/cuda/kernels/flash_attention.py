@@ -15,7 +15,9 @@ threads share the work. What differs from the NumPy reference:
   is the same bits on every run.
 - Two precisions. float32 arrays use plain FMA arithmetic (no tensor cores, so no tf32 rounding);
   bfloat16 arrays use the tensor cores (mma.sync 16 x 8 x 16 products, float32 accumulation), with
-  the softmax, L and D in float32 and P, dS rounded to bf16 before they meet the next product.
+  the softmax, L and D in float32 and P, dS rounded to bf16 before they meet the next product. The
+  bf16 kernels keep scores and accumulators in registers and load the next tile of the streamed
+  side while they work on the current one (two shared stages, cp.async).
 - Dropout takes the reference's mask: a (B, H, T, T) float32 array holding 0 or 1 / (1 - p), which
   multiplies P before it meets V, exactly as ``att * dropout_mask`` does in attention.py. The mask
   is read tile by tile, never written.
@@ -80,12 +82,11 @@ def _shared_bytes(kind: str, fam: str, hs: int) -> int:
             "dq": 4 * tile + scores,
         }
         return 4 * floats[kind]
-    tile, probs = 2 * BLOCK * (hs + 8), 2 * BLOCK * (BLOCK + 8)  # bytes of bf16 tiles
-    scores, staging = 4 * BLOCK * (BLOCK + 4), 4 * BLOCK * (hs + 4)  # bytes of float tiles
+    tile = 2 * BLOCK * (hs + 8)  # bytes of one (64, hs) bf16 tile, rows padded by 8
     return {
-        "forward": 3 * tile + probs + scores + staging,
-        "dkdv": 4 * tile + 2 * probs + scores + staging + 8 * BLOCK,
-        "dq": 4 * tile + probs + scores + staging,
+        "forward": 5 * tile,  # q, and two stages of (k, v)
+        "dkdv": 6 * tile + 2 * 2 * 4 * BLOCK,  # k, v, and two stages of (q, dO, L, D)
+        "dq": 6 * tile,  # q, dO, and two stages of (k, v)
     }[kind]
 
 

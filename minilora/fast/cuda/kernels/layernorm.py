@@ -1,7 +1,8 @@
 """LayerNorm over the last axis: one thread block per row, and column sums for dw and db.
 
 Forward, per row of C values (three passes over the row; the first reads device memory, the other
-two mostly hit the cache, since a row is a few kilobytes):
+two mostly hit the cache, since a row is a few kilobytes; rows of up to 1024 values take one warp
+each and keep the row in registers, longer rows a whole block):
     1. mean = sum(x) / C                              block-wide sum
     2. var = sum((x - mean)^2) / C                    block-wide sum around the mean (two-pass:
                                                       no cancellation, unlike E[x^2] - mean^2)
@@ -20,10 +21,12 @@ from .blocks import NULL, KernelModule, compute_dtype, launch_rows
 
 TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8 rows at a time
 ROWS_PER_SLAB = 128  # rows summed by one column-sum block
+WARP_ROW_MAX, ROWS_PER_BLOCK = 1024, 8  # rows this long or shorter take one warp each, 8 to a block
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: more rows make the slabs taller
 
 _SOURCE = (
     f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n"
+    f"#define WARP_ROW_MAX {WARP_ROW_MAX}\n#define ROWS_PER_BLOCK {ROWS_PER_BLOCK}\n"
     + r"""
 // One block per row; passes 1, 2 and 3 of the module docstring, the first two ending in block sums.
 // Real is Elem's arithmetic type (blocks.py): rstd, eps and every sum are in Real.
@@ -52,6 +55,46 @@ __global__ void layernorm_forward(const Elem* x, const Elem* w, const Elem* b, E
     if (threadIdx.x == 0) rstd[row] = r;
 }
 
+// Rows of at most WARP_ROW_MAX values: one warp per row, the row held in registers (lane l keeps
+// columns l, l + 32, ...), so the three passes read device memory once and the sums are warp
+// shuffles with no barrier. ROWS_PER_BLOCK rows (warps) per block.
+template <typename Elem>
+__global__ void layernorm_forward_warp(const Elem* x, const Elem* w, const Elem* b, Elem* out, Elem* xhat,
+                                       typename Compute<Elem>::type* rstd, long long n_rows, long long C,
+                                       typename Compute<Elem>::type eps) {
+    typedef typename Compute<Elem>::type Real;
+    constexpr int PER_LANE = WARP_ROW_MAX / 32;
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;  // a whole warp leaves together: the shuffles below stay complete
+    const long long offset = row * C;
+    x += offset; out += offset; xhat += offset;
+    Real v[PER_LANE], sum = 0;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const long long c = lane + 32 * k;
+        v[k] = c < C ? Real(x[c]) : Real(0);
+        sum += v[k];
+    }
+    const Real mean = warp_sum(sum) / Real(C);
+    Real squares = 0;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const Real centred = lane + 32 * k < C ? v[k] - mean : Real(0);
+        squares += centred * centred;
+    }
+    const Real r = Real(1) / sqrt(warp_sum(squares) / Real(C) + eps);
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const long long c = lane + 32 * k;
+        if (c >= C) break;
+        const Real h = (v[k] - mean) * r;
+        xhat[c] = Elem(h);
+        out[c] = Elem(b != nullptr ? h * Real(w[c]) + Real(b[c]) : h * Real(w[c]));
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
 // A product rounded to the type, never contracted into a multiply-add with what follows it.
 __device__ __forceinline__ float rounded_product(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double rounded_product(double a, double b) { return __dmul_rn(a, b); }
@@ -78,6 +121,38 @@ __global__ void layernorm_backward_dx(const Elem* dout, const Elem* xhat,
     // multiply-add, g's rounding error would survive the subtraction and be amplified by rstd.
     for (long long c = threadIdx.x; c < C; c += blockDim.x)
         dx[c] = Elem(r * (rounded_product(Real(dout[c]), Real(w[c])) - mean_g - Real(xhat[c]) * mean_g_xhat));
+}
+
+// layernorm_backward_dx for rows of at most WARP_ROW_MAX values: one warp per row, g and xhat in registers.
+template <typename Elem>
+__global__ void layernorm_backward_dx_warp(const Elem* dout, const Elem* xhat,
+                                           const typename Compute<Elem>::type* rstd, const Elem* w, Elem* dx,
+                                           long long n_rows, long long C) {
+    typedef typename Compute<Elem>::type Real;
+    constexpr int PER_LANE = WARP_ROW_MAX / 32;
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    const long long offset = row * C;
+    dout += offset; xhat += offset; dx += offset;
+    Real g[PER_LANE], h[PER_LANE], sum_g = 0, sum_g_xhat = 0;
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const long long c = lane + 32 * k;
+        g[k] = c < C ? rounded_product(Real(dout[c]), Real(w[c])) : Real(0);
+        h[k] = c < C ? Real(xhat[c]) : Real(0);
+        sum_g += g[k];
+        sum_g_xhat += g[k] * h[k];
+    }
+    const Real mean_g = warp_sum(sum_g) / Real(C);
+    const Real mean_g_xhat = warp_sum(sum_g_xhat) / Real(C);
+    const Real r = rstd[row];
+#pragma unroll
+    for (int k = 0; k < PER_LANE; ++k) {
+        const long long c = lane + 32 * k;
+        if (c >= C) break;
+        dx[c] = Elem(r * (g[k] - mean_g - h[k] * mean_g_xhat));
+    }
 }
 
 // Column sums over a slab of rows: dw_part[slab, c] = sum of dout * xhat, db_part[slab, c] = sum of dout.
@@ -118,7 +193,13 @@ __global__ void layernorm_backward_params(const Elem* dout, const Elem* xhat, ty
 )
 _KERNELS = KernelModule(
     _SOURCE,
-    ("layernorm_forward", "layernorm_backward_dx", "layernorm_backward_params"),
+    (
+        "layernorm_forward",
+        "layernorm_forward_warp",
+        "layernorm_backward_dx",
+        "layernorm_backward_dx_warp",
+        "layernorm_backward_params",
+    ),
     dtypes=("float32", "float64", "bfloat16"),
 )
 
@@ -134,12 +215,13 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     rstd = cupy.empty(x.shape[:-1] + (1,), dtype=real)  # (..., 1)
     w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
     b_c = NULL if b is None else cupy.ascontiguousarray(b, dtype=x.dtype)
-    launch_rows(
-        _KERNELS.get("layernorm_forward", x.dtype),
-        rows.shape[0],
-        C,
-        (rows, w_c, b_c, out, xhat, rstd, C, real.type(eps)),
-    )
+    n_rows = rows.shape[0]
+    if C <= WARP_ROW_MAX:
+        args = (rows, w_c, b_c, out, xhat, rstd, n_rows, C, real.type(eps))
+        _launch_warp_rows(_KERNELS.get("layernorm_forward_warp", x.dtype), n_rows, args)
+    else:
+        args = (rows, w_c, b_c, out, xhat, rstd, C, real.type(eps))
+        launch_rows(_KERNELS.get("layernorm_forward", x.dtype), n_rows, C, args)
     return out.reshape(x.shape), LayerNormCache(
         xhat=xhat.reshape(x.shape), rstd=rstd, w=w, has_bias=b is not None
     )
@@ -155,7 +237,12 @@ def layernorm_backward(dout, cache: LayerNormCache):
     rstd = cupy.ascontiguousarray(cache.rstd, dtype=compute_dtype(dout.dtype))  # N values, one per row
     w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
     dx = cupy.empty_like(g)
-    launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), g.shape[0], C, (g, xhat, rstd, w, dx, C))
+    n_rows = g.shape[0]
+    if C <= WARP_ROW_MAX:
+        kernel = _KERNELS.get("layernorm_backward_dx_warp", dout.dtype)
+        _launch_warp_rows(kernel, n_rows, (g, xhat, rstd, w, dx, n_rows, C))
+    else:
+        launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), n_rows, C, (g, xhat, rstd, w, dx, C))
     dw, db = column_sums(g, xhat, cache.has_bias)
     w_dtype = cache.w.dtype  # the parameter's own: float32 for a trained norm over a bf16 stream
     return (
@@ -163,6 +250,12 @@ def layernorm_backward(dout, cache: LayerNormCache):
         dw.astype(w_dtype, copy=False),
         None if db is None else db.astype(w_dtype, copy=False),
     )
+
+
+def _launch_warp_rows(kernel, n_rows: int, args: tuple) -> None:
+    """One warp per row, ROWS_PER_BLOCK rows a block (no launch for zero rows)."""
+    if n_rows > 0:
+        kernel((math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,), args)
 
 
 def column_sums(g, xhat, has_bias: bool):
