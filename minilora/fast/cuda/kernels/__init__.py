@@ -5,11 +5,13 @@ that reads its inputs from device memory and writes a fresh temporary back: Laye
 makes about ten such passes, and the attention backward copies two (B, H, T, T) transposes. The
 kernels here do the same arithmetic with one pass per data dependency:
 
+    add              the residual add and the bias add, 16 bytes a thread
     gelu             forward and backward, one elementwise kernel each; the cache drops tanh(u)
-    layernorm        one block per row (two-pass mean and variance), dw and db by column partial sums
+    layernorm        one warp (short rows) or block per row, two-pass mean and variance; dw and db
+                     by column partial sums
     cross_entropy    softmax, probabilities and per-row loss in one block per row; the backward in one kernel
-    attention        cuBLAS batched matmuls around fused causal-softmax kernels; for long blocks a
-                     variant that keeps the per-row log-sum-exp instead of the (T, T) probabilities
+    attention        the flash kernels (flash_attention.cu) for float32 and bf16; else cuBLAS batched
+                     matmuls around fused causal-softmax kernels
     adamw            one launch updates every parameter, through a table of device pointers
     grad_norm        the global gradient norm in two launches, no host sync
 
