@@ -728,5 +728,5 @@ assert "minilora.fast.accelerate" in control
 # - A GPU call returns before its work is done: time with `synchronize`, a value read back, or CUDA
 #   events, never with a bare clock around the call.
 # - The fused kernels plug in through `model.ops` (`CUDA_OPS` swaps GELU, LayerNorm, attention and
-#   cross-entropy in forward/backward pairs, and the residual and bias adds), `backend.register_matmul` and `train_loop(step=...)`;
-#   the reference imports none of it.
+#   cross-entropy in forward/backward pairs, and the residual and bias adds),
+#   `backend.register_matmul` and `train_loop(step=...)`; the reference imports none of it.
