@@ -435,6 +435,26 @@ __device__ void load_tile_async(bf16* dst, const bf16* src, i64 st, int row0, in
     }
 }
 
+// The key-tile pipeline of the forward and dQ kernels (two shared stages of (K, V), stage s at
+// KVs + 2 s TILE): start copying key tile it + 1 into the other stage, then wait until tile it's
+// copies have landed and every thread sees them. The other stage was last read at tile it - 1, which
+// the __syncthreads ending that iteration closed.
+template <int HD>
+__device__ __forceinline__ void next_key_stage(bf16* KVs, const bf16* k, const bf16* v, i64 st, int it,
+                                               int tiles, int T) {
+    constexpr int TILE = Bf16Tile<HD>::SIZE;
+    if (it + 1 < tiles) {
+        bf16* next = KVs + 2 * ((it + 1) & 1) * TILE;
+        load_tile_async<HD>(next, k, st, (it + 1) * BN, T);
+        load_tile_async<HD>(next + TILE, v, st, (it + 1) * BN, T);
+        tc::commit_async();
+        tc::wait_async<1>();
+    } else {
+        tc::wait_async<0>();
+    }
+    __syncthreads();
+}
+
 // The warp's 16 rows (starting at p in a shared tile) as HD / 16 A fragments.
 template <int HD>
 __device__ __forceinline__ void load_rows_a(FragA* a, const bf16* p) {
@@ -519,16 +539,7 @@ __global__ void __launch_bounds__(128) flash_forward_bf16(
         const int k0 = it * BN;
         const bf16* Ks = KVs + 2 * (it & 1) * TILE;
         const bf16* Vs = Ks + TILE;
-        if (it + 1 < tiles) {  // the stage read two tiles ago is free (the __syncthreads at the loop's end)
-            bf16* next = KVs + 2 * ((it + 1) & 1) * TILE;
-            load_tile_async<HD>(next, k, st, k0 + BN, T);
-            load_tile_async<HD>(next + TILE, v, st, k0 + BN, T);
-            tc::commit_async();
-            tc::wait_async<1>();
-        } else {
-            tc::wait_async<0>();
-        }
-        __syncthreads();
+        next_key_stage<HD>(KVs, k, v, st, it, tiles, T);
         if (it == 0) load_rows_a<HD>(qf, Qs + 16 * warp * Bf16Tile<HD>::LD);
         FragC s[4];
         warp_scores<HD>(s, qf, Ks);
@@ -717,16 +728,7 @@ __global__ void __launch_bounds__(128) flash_backward_dq_bf16(
         const int k0 = it * BN;
         const bf16* Ks = KVs + 2 * (it & 1) * TILE;
         const bf16* Vs = Ks + TILE;
-        if (it + 1 < tiles) {
-            bf16* next = KVs + 2 * ((it + 1) & 1) * TILE;
-            load_tile_async<HD>(next, k, st, k0 + BN, T);
-            load_tile_async<HD>(next + TILE, v, st, k0 + BN, T);
-            tc::commit_async();
-            tc::wait_async<1>();
-        } else {
-            tc::wait_async<0>();
-        }
-        __syncthreads();
+        next_key_stage<HD>(KVs, k, v, st, it, tiles, T);
         if (it == 0) {
             load_rows_a<HD>(qf, Qs + 16 * warp * Bf16Tile<HD>::LD);
             load_rows_a<HD>(dof, dOs + 16 * warp * Bf16Tile<HD>::LD);
