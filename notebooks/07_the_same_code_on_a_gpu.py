@@ -526,7 +526,7 @@ for name in op_names:
 # %%
 fused = {name for name in op_names if getattr(CUDA_OPS, name) is not getattr(REFERENCE_OPS, name)}
 gpt_pairs = ("gelu", "layernorm", "attention", "cross_entropy")
-llama_pairs = ("rmsnorm", "swiglu", "gqa_attention")
+llama_pairs = ("rmsnorm", "swiglu", "rope", "gqa_attention")
 # Two forwards go alone: the residual add has no backward, and the linear forward (its bias added
 # by a vectorised kernel) makes the reference's own cache, which the reference backward takes.
 forward_only = {"residual_add", "linear_forward"}

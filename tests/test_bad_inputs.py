@@ -348,6 +348,36 @@ def test_finetune_dtype_refusals_name_the_flag(tmp_path, kwargs, message):
     assert not (tmp_path / "run" / "adapter_config.json").exists()
 
 
+def test_finetune_refuses_smollm2_in_bf16_on_the_cpu_by_the_gpu_rule_before_loading_it(tmp_path, monkeypatch):
+    import minilora.jobs.finetune
+    from minilora.jobs.finetune import finetune
+
+    monkeypatch.setattr(minilora.jobs.finetune, "load_base", None)  # refused before the weights are fetched
+    with pytest.raises(ValueError, match=re.escape("runs on a GPU: add --device cuda, or leave out --dtype")):
+        finetune("smollm2", "shakespeare_folio", LoraConfig(r=2), TrainSettings(steps=1), tmp_path / "run", "cpu",
+                 progress=False, dtype="bfloat16")  # fmt: skip
+
+
+def test_finetune_takes_smollm2_in_bf16_on_a_gpu(tmp_path, monkeypatch):
+    # No GPU here: the loader hands over a stand-in SmolLM2 (a BPE tokenizer, so not byte-level), and
+    # reaching add_lora means that no dtype rule refused it (the old one: "--dtype bfloat16 trains a GPT").
+    import minilora.jobs.finetune
+    from minilora.io.bases import Base
+    from minilora.jobs.finetune import finetune
+
+    class ReachedAddLora(Exception):
+        pass
+
+    def add_lora(*args, **kwargs):
+        raise ReachedAddLora
+
+    monkeypatch.setattr(minilora.jobs.finetune, "load_base", lambda *args: Base("smollm2", None, object()))
+    monkeypatch.setattr(minilora.jobs.finetune, "add_lora", add_lora)
+    with pytest.raises(ReachedAddLora):
+        finetune("smollm2", "shakespeare_folio", LoraConfig(r=2), TrainSettings(steps=1), tmp_path / "run", "cuda",
+                 progress=False, dtype="bfloat16")  # fmt: skip
+
+
 def test_bf16_refusals_for_full_and_quantized():
     from minilora.jobs.finetune import check_training_dtype
     from minilora.lora.config import LoraConfig

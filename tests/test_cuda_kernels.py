@@ -32,6 +32,7 @@ from minilora import layers as ref  # noqa: E402
 from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
 from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
+from minilora.fast.cuda.kernels import gqa_attention as fused_gqa  # noqa: E402
 from minilora.fast.cuda.kernels import llama as fused_llama  # noqa: E402
 from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
 from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
@@ -79,7 +80,16 @@ def test_cuda_ops_swap_whole_pairs_for_the_kernels():
     forward_only = {"residual_add", "linear_forward"}
     assert swapped == {"name"} | forward_only | {
         f"{layer}_{way}"
-        for layer in ("gelu", "layernorm", "attention", "cross_entropy", "rmsnorm", "swiglu", "gqa_attention")
+        for layer in (
+            "gelu",
+            "layernorm",
+            "attention",
+            "cross_entropy",
+            "rmsnorm",
+            "swiglu",
+            "rope",
+            "gqa_attention",
+        )
         for way in ("forward", "backward")
     }
     assert CUDA_OPS.linear_backward is ref.REFERENCE_OPS.linear_backward
@@ -134,22 +144,22 @@ def test_swiglu(spread, dtype):
 )
 def test_gqa_attention(B, H, H_kv, T, p, dtype):
     rng = np.random.default_rng(10)
-    hs = 8
+    hs = 8  # not a flash head size: the cuBLAS route (the flash route is in test_cuda_llama.py)
     q, q64 = inputs(2.0 * rng.standard_normal((B, H, T, hs)), dtype)
     k, k64 = inputs(2.0 * rng.standard_normal((B, H_kv, T, hs)), dtype)
     v, v64 = inputs(rng.standard_normal((B, H_kv, T, hs)), dtype)
     mask64 = ref.make_dropout_mask(rng, (B, H, T, T), p, np.float64) if p else None
     mask = None if mask64 is None else to_device(mask64.astype(dtype), "cuda")
     dout, dout64 = inputs(rng.standard_normal((B, H, T, hs)), dtype)
-    y, cache = fused_llama.gqa_attention_forward(q, k, v, mask)
+    y, cache = fused_gqa.gqa_attention_forward(q, k, v, mask)
     want_y, want_cache = ref.gqa_attention_forward(q64, k64, v64, mask64)
     assert_close(y, want_y, dtype, n_terms=T)
     assert_close(cache.att, want_cache.att, dtype, n_terms=T)
     want_grads = ref.gqa_attention_backward(dout64, want_cache)
     gpu_cache = reference_on_gpu(ref.gqa_attention_forward, q, k, v, mask)[1]
     for got in (
-        fused_llama.gqa_attention_backward(dout, cache),
-        fused_llama.gqa_attention_backward(dout, gpu_cache),
+        fused_gqa.gqa_attention_backward(dout, cache),
+        fused_gqa.gqa_attention_backward(dout, gpu_cache),
     ):
         for name, g, want in zip("qkv", got, want_grads):
             assert g.shape == want.shape, name

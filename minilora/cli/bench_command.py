@@ -18,7 +18,7 @@ def add_bench_parser(subparsers) -> None:
         help="time training steps (LoRA or --full) and print one JSON line",
         description="Time the training step (forward, backward, clipping, AdamW) of a preset after a warm-up, in "
         "LoRA or full mode, and print one JSON line: parameters, step times, tokens/s, matmul FLOPs, "
-        "achieved GFLOP/s and MFU against a float32 matmul peak measured in the same run, peak memory "
+        "achieved GFLOP/s and MFU against a matmul peak in the run's dtype measured in the same run, peak memory "
         "and the memory ledger. --peer torch times the same step in PyTorch eager side by side "
         "(needs torch and a source checkout). Kernel choice: OpenBLAS reads OPENBLAS_CORETYPE and "
         "OPENBLAS_L2_SIZE when NumPy loads, so set or unset them in the shell, e.g. "
@@ -61,7 +61,8 @@ def add_bench_parser(subparsers) -> None:
         "--dtype",
         choices=("float32", "float64", "bfloat16"),
         default="float32",
-        help="bfloat16 (GPU, LoRA): a bf16 base and activations under float32 adapters and optimiser state",
+        help="bfloat16 (GPU, LoRA): a bf16 base and activations under float32 adapters and optimiser state "
+        "(smollm2's peer: a bf16 base under PEFT's float32 adapter); float64: the GPT presets only",
     )
     run.add_argument("--seed", type=non_negative_int, default=0)
     run.add_argument(
@@ -146,8 +147,8 @@ def lora_config_from_args(args, default_targets: str):
 def smollm2_settings_from_args(args):
     from ..lab.bench_smollm2 import SmolLM2BenchSettings
 
-    if args.full or args.dtype != "float32":
-        raise ValueError("--preset smollm2 times a float32 LoRA step: leave out --full and --dtype")
+    if args.full:
+        raise ValueError("--preset smollm2 times a LoRA step: leave out --full")
     if args.peer_autocast != "none" or args.peer_compile:
         raise ValueError(
             "--peer-autocast and --peer-compile apply to the GPT presets, not to --preset smollm2"
@@ -160,6 +161,7 @@ def smollm2_settings_from_args(args):
         steps=args.steps,
         repeats=args.repeats,
         seed=args.seed,
+        dtype=args.dtype,
         corpus=args.corpus,
         peer=None if args.peer == "none" else args.peer,
         peer_threads=args.peer_threads,

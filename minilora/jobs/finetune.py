@@ -141,8 +141,8 @@ def finetune(
     GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
     file's own), "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the
     Llama model's switches that trade compute for activation memory (llama.py). ``dtype``
-    "bfloat16" (a GPT's LoRA on a GPU): the frozen base and the activations in bf16, the adapter
-    and its optimiser state in float32 (docs/gpu.md, mixed precision).
+    "bfloat16" (LoRA on a GPU, over a GPT or SmolLM2): the frozen base and the activations in bf16,
+    the adapter and its optimiser state in float32 (docs/gpu.md, mixed precision).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -166,10 +166,6 @@ def finetune(
             raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
         check_training_dtype(dtype, device, lora_config, quantized)
         loaded = load_base(base_spec, device, block_size, quantized)
-        if dtype != "float32" and not loaded.is_byte_level:
-            raise ValueError(
-                f"--dtype {dtype} trains a GPT; {loaded.name}'s kernels run in float32: leave out --dtype"
-            )
         if lora_config is None and not loaded.is_byte_level:
             raise ValueError(
                 f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "

@@ -4,9 +4,13 @@ The GPT benchmark (bench.py) measures minilora's own presets against a hand-writ
 A real LLM has a real peer: what a PyTorch user runs to LoRA-fine-tune SmolLM2 is transformers'
 ``LlamaForCausalLM`` with a ``peft`` adapter (``peft_peer.py``). Both sides get:
 
-- the same weights: SmolLM2-135M-Instruct from its GGUF file, in float32, as minilora holds them;
+- the same weights: SmolLM2-135M-Instruct from its GGUF file, in float32, as minilora loads them;
 - the same adapter: minilora creates it (lora_A random, lora_B zero) and writes it in PEFT's format,
   and the peer loads that file, so the first losses agree to float32 rounding (``first_loss_rel_diff``);
+- the same precision: ``dtype`` "float32", or "bfloat16" on a GPU (mixed precision, as ``minilora
+  finetune --dtype bfloat16``): minilora casts its frozen base to bf16 after adding the adapter, the
+  peer is a bf16 base under PEFT's float32 adapter (``peft_peer.py``); the adapter and AdamW's state
+  stay float32 on both sides, and the first losses agree to bf16 rounding, not float32's;
 - the same batches: windows of the corpus's validation split in SmolLM2's BPE ids;
 - the same step: forward, cross-entropy, backward, clipping to norm 1, AdamW (lr, betas, eps, decay).
 
@@ -14,13 +18,15 @@ Timing is bench.py's: a warm-up, then ``repeats`` runs of ``steps`` steps each, 
 and the peer's alternating, each step on its own clock after a device sync; ``ratio`` is minilora's
 tokens/s over the peer's, run by run. FLOPs are counted, not estimated: every product of one
 minilora step, through ``backend.count_matmuls``, including the masked half of attention's T x T;
-MFU divides their rate by a float32 matmul peak each side measures for itself, in the same process.
+MFU divides their rate by a matmul peak in the run's dtype that each side measures for itself, in the
+same process.
 Memory: on the CPU, the peak resident set during each side's warm-up steps over the process's
 resident set before that side built its model (weights, adapter, optimiser state, activations; the
 peak is reset after building, so the loaders' temporary copies are left out). Both live in one
 process and minilora goes first, so the peer may reuse pages minilora freed: if anything, this
 favours the peer. On a GPU, each side's own allocator: CuPy's pool (what it holds, a little more
-than its high-water mark) against torch's max_memory_allocated.
+than its high-water mark; its free blocks are released once the model is built, so the loader's
+temporaries and a bf16 run's float32 originals are left out) against torch's max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..backend import count_matmuls, get_backend, host_rng, resolve_device, synchronize, to_numpy
+from ..backend import (
+    count_matmuls,
+    float_dtype,
+    get_backend,
+    host_rng,
+    resolve_device,
+    synchronize,
+    to_numpy,
+)
 from ..fast import accelerate
 from ..fast.cpu.host_memory import retain_freed_memory
 from ..fast.cuda.graph import GraphedStep
@@ -39,7 +53,7 @@ from ..io.bases import load_base
 from ..io.data import get_batch, load_corpus, tokenize_corpus
 from ..io.peft import export_peft
 from ..io.provenance import provenance
-from ..jobs.finetune import ADAM_BETAS, make_optimizer
+from ..jobs.finetune import ADAM_BETAS, check_training_dtype, make_optimizer
 from ..llama import set_activation_memory
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
@@ -77,6 +91,7 @@ class SmolLM2BenchSettings:
     weight_decay: float = 0.0  # the fine-tuning default (minilora finetune, PEFT's examples)
     grad_clip: float = 1.0
     seed: int = 0
+    dtype: str = "float32"  # or "bfloat16": a bf16 base and activations under a float32 adapter (GPU)
     corpus: str = "shakespeare_modern"  # batches from its validation split
     peer: str | None = None  # "torch": transformers + PEFT (peft_peer.py) side by side
     peer_threads: int = 2
@@ -122,6 +137,7 @@ def run_smollm2_bench(settings: SmolLM2BenchSettings, log=None) -> dict:
     """Time SmolLM2's LoRA step (and the peer's); returns one flat dict, see the module docstring."""
     log = log or (lambda message: None)
     device = resolve_device(settings.device)
+    check_training_dtype(settings.dtype, device, settings.lora_config, settings.quantized)  # finetune's rules
     with blas_threads(settings.threads):
         return _run(settings, device, log)
 
@@ -132,22 +148,33 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         retain_freed_memory()
     else:
         from ..fast.cuda import blas as cuda_blas
+        from ..fast.cuda import use_cublas
 
         cuda_blas.use_tf32(settings.tf32)
+        if settings.dtype == "bfloat16":
+            use_cublas()  # the bf16 products, the peak's and the reference step's too (CuPy's matmul has none)
     B, T = settings.batch_size, settings.seq_len
-    peak = matmul_peak_gflops(xp, PEAK_SIZES[device])
+    peak = matmul_peak_gflops(xp, PEAK_SIZES[device], settings.dtype)
     pool = None if xp is np else xp.get_default_memory_pool()
     rss_before = current_rss_bytes()
     log(f"loading SmolLM2-135M-Instruct on {device}")
     base = load_base("smollm2", device, block_size=T, quantized=settings.quantized)
     data = tokenize_corpus(load_corpus(settings.corpus), base.tokenizer).val
+    config = base.model.config
     model = add_lora(base.model, settings.lora_config, seed=settings.seed)
+    del base  # the model holds the base's arrays now: no float32 copy outlives a bf16 cast
     set_activation_memory(model, settings.gradient_checkpointing, settings.loss_chunk_rows)
     optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
     adapter_dir = tempfile.TemporaryDirectory(prefix="minilora-bench-") if settings.peer else None
     if adapter_dir is not None:
         export_peft(model, adapter_dir.name)  # the peer starts from this very adapter
-    initial = {name: to_numpy(value) for name, value in base.model.params.items()} if settings.peer else None
+    initial = {name: to_numpy(value) for name, value in model.base_params.items()} if settings.peer else None
+    if settings.dtype == "bfloat16":
+        # After add_lora, which made the adapter in float32, and after the peer's copies: the peer
+        # casts the float32 weights itself, as a PEFT user does.
+        model.cast_base(float_dtype(settings.dtype))
+    if pool is not None:  # the loader's temporaries and a bf16 run's float32 originals go back to the GPU
+        pool.free_all_blocks()
     if settings.reference:  # the readable layers and train_step, as a student reads them
         train = train_step
     else:
@@ -181,9 +208,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
 
     peer = peer_record = None
     if settings.peer:
-        peer, peer_record = _build_peer(
-            settings, device, base.model.config, initial, adapter_dir.name, optimizer, log
-        )
+        peer, peer_record = _build_peer(settings, device, config, initial, adapter_dir.name, optimizer, log)
         del initial
         warm_up_peer(peer, peer_record, batch, settings.warmup)
 
@@ -201,7 +226,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         if isinstance(lora.target_modules, tuple)
         else lora.target_modules,
         "device": device,
-        "dtype": "float32",
+        "dtype": settings.dtype,
         "batch_size": B,
         "seq_len": T,
         "tokens_per_step": B * T,
@@ -210,7 +235,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         "quantized": settings.quantized,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "loss_chunk_rows": settings.loss_chunk_rows,
-        "base_weights_bytes": sum(int(value.nbytes) for value in base.model.params.values()),
+        "base_weights_bytes": sum(int(value.nbytes) for value in model.base_params.values()),  # as held
         "steps": settings.steps,
         "repeats": settings.repeats,
         **throughput(timed, B * T, flops, peak),
@@ -258,17 +283,18 @@ def _build_peer(settings, device, config, params, adapter_dir, optimizer, log):
     from . import torch_peer
 
     info = torch_peer.configure(settings.peer_threads, device, tf32=settings.tf32)
-    peak = torch_peer.matmul_peak_gflops(PEAK_SIZES[device], device=device)
+    peak = torch_peer.matmul_peak_gflops(PEAK_SIZES[device], dtype=settings.dtype, device=device)  # as ours
     rss_before = current_rss_bytes()
     module.peak_device_bytes(device, reset=True)
     peer = module.PeftLlama(
         config.to_dict(), params, adapter_dir, lr=settings.lr, betas=ADAM_BETAS, eps=optimizer.eps,
         weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, attention=settings.peer_attention,
-        device=device,
+        dtype=settings.dtype, device=device,
     )  # fmt: skip
     reset_peak_rss()
     log(
-        f"peer: torch {info['torch']}, transformers + PEFT, {settings.peer_attention}, {info['threads']} threads"
+        f"peer: torch {info['torch']}, transformers + PEFT, {settings.dtype}, {settings.peer_attention}, "
+        f"{info['threads']} threads"
     )
     record = {"name": "transformers+peft", **info, **module.versions(), "attention": settings.peer_attention,
               "matmul_peak_gflops": peak, "_rss_before": rss_before}  # fmt: skip

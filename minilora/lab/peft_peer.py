@@ -12,7 +12,14 @@ both sides start from the same lora_A and lora_B), and trains it the way PEFT's 
 
 with the same lr, betas, eps and weight decay as minilora's AdamW. ``attention`` picks transformers'
 ``attn_implementation``: "eager" (the explicit softmax over T x T, as minilora) or "sdpa" (PyTorch's
-fused kernel). On a GPU TF32 stays off, so both sides multiply in full float32.
+fused kernel). On a GPU TF32 stays off, so in float32 both sides multiply in full float32.
+
+``dtype="bfloat16"`` is what a PEFT user runs in mixed precision: the base model cast to bf16
+(``base.to(dtype=torch.bfloat16)``), the adapter loaded over it by ``PeftModel.from_pretrained`` with
+``autocast_adapter_dtype=True`` (PEFT's default, passed explicitly: it keeps the LoRA weights in
+float32 over a bf16 base, and PEFT's LoRA layer casts their input to float32 and their update back),
+AdamW over those float32 parameters, and the cross-entropy of the logits cast to float32, as
+transformers' own loss does.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class PeftLlama:
 
     config: the LlamaConfig's fields as a dict (minilora's names); params: Hugging Face name ->
     NumPy array in minilora's (C_in, C_out) layout, transposed here into nn.Linear's (C_out, C_in).
+    dtype: the base's, "float32" or "bfloat16" (the adapter stays float32: see the module docstring).
     """
 
     def __init__(self, config: dict, params: dict, adapter_dir, lr: float, betas, eps: float,
@@ -64,7 +72,10 @@ class PeftLlama:
                 f"weights do not fit transformers' Llama: missing {missing}, unexpected {unexpected}"
             )
         base = base.to(device=device, dtype=TORCH_DTYPES[dtype])
-        self.model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True).train()
+        # autocast_adapter_dtype (PEFT's default, said here): the LoRA weights float32 over a bf16 base
+        self.model = peft.PeftModel.from_pretrained(
+            base, str(adapter_dir), is_trainable=True, autocast_adapter_dtype=True
+        ).train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
@@ -77,7 +88,7 @@ class PeftLlama:
         idx, targets = (
             torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device) for a in (idx, targets)
         )
-        logits = self.model(input_ids=idx).logits  # (B, T, V)
+        logits = self.model(input_ids=idx).logits.float()  # (B, T, V); float32 as transformers' loss takes it
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         loss.backward()
         if self.grad_clip > 0:

@@ -2,7 +2,8 @@
 
 ``CUDA_OPS`` is the reference namespace (``minilora.layers.REFERENCE_OPS``) with GELU, LayerNorm,
 causal attention and softmax cross-entropy replaced by their fused kernels (``kernels/``), the
-Llama family's RMSNorm, SwiGLU and grouped-query attention by theirs (``kernels/llama.py``), and
+Llama family's RMSNorm and SwiGLU (``kernels/llama.py``), RoPE (``kernels/rope.py``) and
+grouped-query attention (``kernels/gqa_attention.py``, through the flash kernel) by theirs, and
 the residual add and the linear layer's bias add by vectorised kernels (``kernels/add.py``,
 ``linear.py``); the linear layer's backward, the embedding and dropout stay the reference's (their
 work is cuBLAS products or one indexing pass already). It takes CuPy float32, float64 or bfloat16
@@ -21,7 +22,7 @@ from dataclasses import replace
 from ...layers import REFERENCE_OPS
 from ...lora.ops import REFERENCE_LORA_OPS
 from . import linear, lora
-from .kernels import add, attention, cross_entropy, gelu, layernorm, llama
+from .kernels import add, attention, cross_entropy, gelu, gqa_attention, layernorm, llama, rope
 
 CUDA_OPS = replace(
     REFERENCE_OPS,
@@ -40,8 +41,10 @@ CUDA_OPS = replace(
     rmsnorm_backward=llama.rmsnorm_backward,
     swiglu_forward=llama.swiglu_forward,
     swiglu_backward=llama.swiglu_backward,
-    gqa_attention_forward=llama.gqa_attention_forward,
-    gqa_attention_backward=llama.gqa_attention_backward,
+    rope_forward=rope.rope_forward,
+    rope_backward=rope.rope_backward,
+    gqa_attention_forward=gqa_attention.gqa_attention_forward,
+    gqa_attention_backward=gqa_attention.gqa_attention_backward,
 )
 
 CUDA_LORA_OPS = replace(

@@ -12,6 +12,9 @@ kernels here do the same arithmetic with one pass per data dependency:
     cross_entropy    softmax, probabilities and per-row loss in one block per row; the backward in one kernel
     attention        the flash kernels (flash_attention.cu) for float32 and bf16; else cuBLAS batched
                      matmuls around fused causal-softmax kernels
+    llama            RMSNorm (a warp per row) and SwiGLU (one kernel each way)
+    rope             the rotary embedding's rotation, one kernel each way, reading strided heads
+    gqa_attention    grouped-query attention: the flash kernels over repeated key/value heads, or cuBLAS
     adamw            one launch updates every parameter, through a table of device pointers
     grad_norm        the global gradient norm in two launches, no host sync
 

@@ -1,93 +1,126 @@
-"""The Llama family's layers on the GPU: RMSNorm and SwiGLU fused, grouped-query attention around
-the causal softmax row kernels.
+"""The Llama family's layers on the GPU: RMSNorm and SwiGLU fused (grouped-query attention is
+gqa_attention.py, RoPE rope.py).
 
-- RMSNorm: one thread block per row, as LayerNorm (layernorm.py) without the mean: one block-wide
-  sum of squares, then xhat and the output in one pass; the backward's dx in one pass per row after
-  one block-wide sum, dw by LayerNorm's deterministic column sums.
-- SwiGLU: one elementwise kernel each way. The reference makes a temporary per operator (exp, abs,
-  where, three products ...), each a trip through memory over the MLP's widest activation; here
-  sigmoid(g) and the output are written in one pass, dg and du in one more.
-- Grouped-query attention: the reference's products with the G query heads of a group stacked as
-  rows (layers/gqa_attention.py), but the mask, the softmax and its backward done in place on the
-  (B, H, T, T) scores by attention_softmax's row kernels, which is most of the reference's traffic.
-They return the reference's cache types: each backward also takes the reference forward's cache.
+- RMSNorm: one warp per row (8 rows to a block): a warp-wide sum of squares, then xhat and the
+  output in one more pass over the row (a few kilobytes, still in the cache); the backward's dx the
+  same way after one warp-wide sum, dw by LayerNorm's deterministic column sums.
+- SwiGLU: one elementwise kernel each way, 16 bytes a thread. The reference makes a temporary per
+  operator (exp, abs, where, three products ...), each a trip through memory over the MLP's widest
+  activation; here sigmoid(g) and the output are written in one pass, dg and du in one more.
+Both take float32, float64 or bfloat16 arrays; bf16 is read into float32 and rounded once, where a
+result is stored. They return the reference's cache types, and each backward also takes the
+reference forward's cache.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-from ....backend import matmul
-from ....layers.gqa_attention import GQAAttentionCache, check_heads, group_heads, ungroup_heads
 from ....layers.rmsnorm import RMSNormCache
 from ....layers.swiglu import SwiGLUCache
-from .attention_softmax import causal_softmax, causal_softmax_backward
-from .blocks import KernelModule, launch_rows
+from .blocks import KernelModule, compute_dtype, launch_elementwise, vectorisable
 from .layernorm import column_sums
 
-_SOURCE = r"""
-// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), xhat = x * rstd, out = xhat * w.
-template <typename Real>
-__global__ void rmsnorm_forward(const Real* x, const Real* w, Real* out, Real* xhat, Real* rstd,
-                                long long C, Real eps) {
-    __shared__ Real scratch[32];
-    const long long row = blockIdx.x, offset = row * C;
-    x += offset; out += offset; xhat += offset;
-    Real squares = 0;
-    for (long long c = threadIdx.x; c < C; c += blockDim.x) squares += x[c] * x[c];
-    const Real r = Real(1) / sqrt(block_sum(squares, scratch) / Real(C) + eps);
-    for (long long c = threadIdx.x; c < C; c += blockDim.x) {
-        const Real h = x[c] * r;
-        xhat[c] = h;
-        out[c] = h * w[c];
-    }
-    if (threadIdx.x == 0) rstd[row] = r;
+ROWS_PER_BLOCK = 8  # RMSNorm: one warp per row, 8 warps a block
+_ALL = ("float32", "float64", "bfloat16")
+
+_NORM_SOURCE = (
+    f"#define ROWS_PER_BLOCK {ROWS_PER_BLOCK}\n"
+    + r"""
+// Row `row` of the block's warp, or -1 past the last row (the whole warp leaves together).
+__device__ __forceinline__ long long warp_row(long long n_rows) {
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    return row < n_rows ? row : -1;
 }
 
-// dx = rstd * (g - xhat * mean(g * xhat)), g = dout * w: one block per row.
-template <typename Real>
-__global__ void rmsnorm_backward_dx(const Real* dout, const Real* xhat, const Real* rstd, const Real* w,
-                                    Real* dx, long long C) {
-    __shared__ Real scratch[32];
-    const long long row = blockIdx.x, offset = row * C;
-    dout += offset; xhat += offset; dx += offset;
+// rstd = 1 / sqrt(mean(x^2) + eps), xhat = x * rstd, out = xhat * w. Lane l takes columns l, l + 32, ...
+template <typename Elem>
+__global__ void rmsnorm_forward(const Elem* x, const Elem* w, Elem* out, Elem* xhat,
+                                typename Compute<Elem>::type* rstd, long long n_rows, long long C,
+                                typename Compute<Elem>::type eps) {
+    typedef typename Compute<Elem>::type Real;
+    const long long row = warp_row(n_rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x & 31;
+    x += row * C; out += row * C; xhat += row * C;
+    Real squares = 0;
+    for (long long c = lane; c < C; c += 32) {
+        const Real v = Real(x[c]);
+        squares += v * v;
+    }
+    const Real r = Real(1) / sqrt(warp_sum(squares) / Real(C) + eps);
+    for (long long c = lane; c < C; c += 32) {
+        const Real h = Real(x[c]) * r;
+        xhat[c] = Elem(h);
+        out[c] = Elem(h * Real(w[c]));
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dout * w.
+template <typename Elem>
+__global__ void rmsnorm_backward_dx(const Elem* dout, const Elem* xhat, const typename Compute<Elem>::type* rstd,
+                                    const Elem* w, Elem* dx, long long n_rows, long long C) {
+    typedef typename Compute<Elem>::type Real;
+    const long long row = warp_row(n_rows);
+    if (row < 0) return;
+    const int lane = threadIdx.x & 31;
+    dout += row * C; xhat += row * C; dx += row * C;
     Real sum_g_xhat = 0;
-    for (long long c = threadIdx.x; c < C; c += blockDim.x) sum_g_xhat += dout[c] * w[c] * xhat[c];
-    const Real mean_g_xhat = block_sum(sum_g_xhat, scratch) / Real(C);
-    const Real r = rstd[row];
-    for (long long c = threadIdx.x; c < C; c += blockDim.x) dx[c] = r * (dout[c] * w[c] - xhat[c] * mean_g_xhat);
+    for (long long c = lane; c < C; c += 32) sum_g_xhat += Real(dout[c]) * Real(w[c]) * Real(xhat[c]);
+    const Real mean_g_xhat = warp_sum(sum_g_xhat) / Real(C), r = rstd[row];
+    for (long long c = lane; c < C; c += 32)
+        dx[c] = Elem(r * (Real(dout[c]) * Real(w[c]) - Real(xhat[c]) * mean_g_xhat));
 }
 """
-_KERNELS = KernelModule(_SOURCE, ("rmsnorm_forward", "rmsnorm_backward_dx"))
+)
+_NORM_KERNELS = KernelModule(_NORM_SOURCE, ("rmsnorm_forward", "rmsnorm_backward_dx"), dtypes=_ALL)
 
+_SWIGLU_SOURCE = r"""
+// sig = sigmoid(g), out = g sig u; VEC elements at a time. exp(-g) = inf gives sig = 0: no NaN.
+template <typename Elem, int VEC>
+__global__ void swiglu_forward(const Elem* g, const Elem* u, Elem* out, Elem* sig, long long n) {
+    typedef typename Compute<Elem>::type Real;
+    typedef Pack<Elem, VEC> P;
+    FOR_EACH_ELEMENT(p, n / VEC) {
+        const P gp = reinterpret_cast<const P*>(g)[p], up = reinterpret_cast<const P*>(u)[p];
+        P o, s;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const Real gv = Real(gp.v[e]), sv = Real(1) / (Real(1) + exp(-gv));
+            s.v[e] = Elem(sv);
+            o.v[e] = Elem(gv * sv * Real(up.v[e]));
+        }
+        reinterpret_cast<P*>(out)[p] = o;
+        reinterpret_cast<P*>(sig)[p] = s;
+    }
+}
 
-@functools.cache
-def _swiglu_kernels():
-    import cupy
+// du = dout g sig, dg = dout u sig (1 + g (1 - sig)): the reference's formulas.
+template <typename Elem, int VEC>
+__global__ void swiglu_backward(const Elem* dout, const Elem* g, const Elem* u, const Elem* sig,
+                                Elem* dg, Elem* du, long long n) {
+    typedef typename Compute<Elem>::type Real;
+    typedef Pack<Elem, VEC> P;
+    FOR_EACH_ELEMENT(p, n / VEC) {
+        const P dp = reinterpret_cast<const P*>(dout)[p], gp = reinterpret_cast<const P*>(g)[p];
+        const P up = reinterpret_cast<const P*>(u)[p], sp = reinterpret_cast<const P*>(sig)[p];
+        P dgp, dup;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const Real d = Real(dp.v[e]), gv = Real(gp.v[e]), sv = Real(sp.v[e]);
+            dup.v[e] = Elem(d * gv * sv);
+            dgp.v[e] = Elem(d * Real(up.v[e]) * sv * (Real(1) + gv * (Real(1) - sv)));
+        }
+        reinterpret_cast<P*>(dg)[p] = dgp;
+        reinterpret_cast<P*>(du)[p] = dup;
+    }
+}
 
-    forward = cupy.ElementwiseKernel(
-        "T g, T u", "T out, T sig",
-        "sig = T(1) / (T(1) + exp(-g)); out = g * sig * u;",  # exp(-g) = inf gives sig = 0: no NaN
-        "minilora_swiglu_forward",
-    )  # fmt: skip
-    backward = cupy.ElementwiseKernel(
-        "T dout, T g, T u, T sig", "T dg, T du",
-        "du = dout * g * sig; dg = dout * u * sig * (T(1) + g * (T(1) - sig));",
-        "minilora_swiglu_backward",
-    )  # fmt: skip
-    return forward, backward
-
-
-def swiglu_forward(g, u):
-    """out = g * sigmoid(g) * u in one kernel.   g, u: (...) -> (out, SwiGLUCache)."""
-    out, sig = _swiglu_kernels()[0](g, u)
-    return out, SwiGLUCache(g=g, u=u, sig=sig)
-
-
-def swiglu_backward(dout, cache: SwiGLUCache):
-    """(dg, du) in one kernel, the reference's formulas."""
-    return _swiglu_kernels()[1](dout, cache.g, cache.u, cache.sig)
+"""
+_SWIGLU_KERNELS = KernelModule(
+    _SWIGLU_SOURCE, ("swiglu_forward", "swiglu_backward"), dtypes=_ALL, vectorised=True
+)
 
 
 def rmsnorm_forward(x, w, eps: float):
@@ -97,10 +130,11 @@ def rmsnorm_forward(x, w, eps: float):
     C = x.shape[-1]
     rows = cupy.ascontiguousarray(x).reshape(-1, C)  # (N, C)
     out, xhat = cupy.empty_like(rows), cupy.empty_like(rows)
-    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
+    real = compute_dtype(x.dtype)  # rstd in the kernel's arithmetic: float32 for bf16
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=real)  # (..., 1)
     w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
-    launch_rows(_KERNELS.get("rmsnorm_forward", x.dtype), rows.shape[0], C,
-                (rows, w_c, out, xhat, rstd, C, x.dtype.type(eps)))  # fmt: skip
+    _launch_rows(_NORM_KERNELS.get("rmsnorm_forward", x.dtype), rows.shape[0],
+                 (rows, w_c, out, xhat, rstd, rows.shape[0], C, real.type(eps)))  # fmt: skip
     return out.reshape(x.shape), RMSNormCache(xhat=xhat.reshape(x.shape), rstd=rstd, w=w)
 
 
@@ -111,47 +145,41 @@ def rmsnorm_backward(dout, cache: RMSNormCache):
     C = dout.shape[-1]
     g = cupy.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
     xhat = cupy.ascontiguousarray(cache.xhat, dtype=dout.dtype).reshape(-1, C)
-    rstd = cupy.ascontiguousarray(cache.rstd, dtype=dout.dtype)
+    rstd = cupy.ascontiguousarray(cache.rstd, dtype=compute_dtype(dout.dtype))
     w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
     dx = cupy.empty_like(g)
-    launch_rows(_KERNELS.get("rmsnorm_backward_dx", dout.dtype), g.shape[0], C, (g, xhat, rstd, w, dx, C))
+    _launch_rows(_NORM_KERNELS.get("rmsnorm_backward_dx", dout.dtype), g.shape[0],
+                 (g, xhat, rstd, w, dx, g.shape[0], C))  # fmt: skip
     dw, _ = column_sums(g, xhat, has_bias=False)
-    return dx.reshape(dout.shape), dw
+    return dx.reshape(dout.shape), dw.astype(cache.w.dtype, copy=False)
 
 
-def gqa_attention_forward(q, k, v, dropout_mask=None):
-    """Grouped-query causal attention.   q: (B, H, T, hs), k, v: (B, H_kv, T, hs) -> (y, GQAAttentionCache)."""
+def _launch_rows(kernel, n_rows: int, args: tuple) -> None:
+    """One warp per row, ROWS_PER_BLOCK rows a block."""
+    if n_rows > 0:
+        kernel((math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,), args)
+
+
+def swiglu_forward(g, u):
+    """out = g * sigmoid(g) * u in one kernel.   g, u: (...) -> (out, SwiGLUCache)."""
     import cupy
 
-    H, H_kv = check_heads(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q = q * scale  # (B, H, T, hs), contiguous
-    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
-    att = ungroup_heads(matmul(group_heads(q, H_kv), k.swapaxes(-1, -2)), H)  # (B, H, T, T) scores
-    causal_softmax(att)  # scores -> probabilities, in place
-    if dropout_mask is not None:
-        dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
-    att_used = att if dropout_mask is None else att * dropout_mask
-    y = ungroup_heads(matmul(group_heads(att_used, H_kv), v), H)  # (B, H, T, hs)
-    return y, GQAAttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
+    g, u = cupy.ascontiguousarray(g), cupy.ascontiguousarray(u, dtype=g.dtype)
+    out, sig = cupy.empty_like(g), cupy.empty_like(g)
+    kernel = _SWIGLU_KERNELS.get("swiglu_forward", g.dtype, vectorised=vectorisable(g.size, g, u, out, sig))
+    launch_elementwise(kernel, g.size, (g, u, out, sig, g.size))
+    return out, SwiGLUCache(g=g, u=u, sig=sig)
 
 
-def gqa_attention_backward(dout, cache: GQAAttentionCache):
-    """(dq, dk, dv) with the softmax's backward in place on the (B, H, T, T) gradient."""
+def swiglu_backward(dout, cache: SwiGLUCache):
+    """(dg, du) in one kernel, the reference's formulas."""
     import cupy
 
-    q, k, v, mask = cache.q, cache.k, cache.v, cache.dropout_mask
-    H, H_kv = q.shape[1], k.shape[1]
-    att = cupy.ascontiguousarray(cache.att)
-    mask = None if mask is None else cupy.ascontiguousarray(mask, dtype=att.dtype)
-    dy = group_heads(cupy.ascontiguousarray(dout), H_kv)  # (B, H_kv, G*T, hs)
-    att_used = att if mask is None else att * mask
-    dv_t = matmul(dy.swapaxes(-1, -2), group_heads(att_used, H_kv))  # (B, H_kv, hs, T), summed over the group
-    del att_used
-    grad = ungroup_heads(matmul(dy, cupy.ascontiguousarray(v).swapaxes(-1, -2)), H)  # (B, H, T, T)
-    causal_softmax_backward(att, grad, mask)  # -> ds, in place
-    grad = group_heads(grad, H_kv)  # (B, H_kv, G*T, T)
-    dq = ungroup_heads(matmul(grad, cupy.ascontiguousarray(k)), H)  # (B, H, T, hs)
-    dq *= cache.scale  # through q_scaled = q * scale
-    dk_t = matmul(group_heads(cupy.ascontiguousarray(q), H_kv).swapaxes(-1, -2), grad)  # (B, H_kv, hs, T)
-    return dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2)
+    g = cupy.ascontiguousarray(cache.g)
+    dout, u, sig = (cupy.ascontiguousarray(a, dtype=g.dtype) for a in (dout, cache.u, cache.sig))
+    dg, du = cupy.empty_like(g), cupy.empty_like(g)
+    kernel = _SWIGLU_KERNELS.get(
+        "swiglu_backward", g.dtype, vectorised=vectorisable(g.size, dout, g, u, sig, dg, du)
+    )
+    launch_elementwise(kernel, g.size, (dout, g, u, sig, dg, du, g.size))
+    return dg, du
