@@ -13,10 +13,12 @@ threads share the work. What differs from the NumPy reference:
   dK and dV in registers; the other walks, for a query tile, every key tile it sees and sums dQ.
   The second recomputes the scores once more rather than adding into dQ with atomics: the result
   is the same bits on every run.
-- Two precisions. float32 arrays use plain FMA arithmetic (no tensor cores, so no tf32 rounding);
-  bfloat16 arrays use the tensor cores (mma.sync 16 x 8 x 16 products, float32 accumulation), with
-  the softmax, L and D in float32 and P, dS rounded to bf16 before they meet the next product. The
-  bf16 kernels keep scores and accumulators in registers and load the next tile of the streamed
+- Two precisions, both on the tensor cores with float32 accumulators and the softmax, L and D in
+  float32. bfloat16 arrays: mma.sync 16 x 8 x 16 products, P and dS rounded to bf16 before they
+  meet the next product. float32 arrays: "3xTF32", each operand split into two tf32 numbers
+  (10-bit mantissas) and multiplied as three products, which keeps float32's accuracy (the fourth,
+  dropped product is below 2^-22 of the result; the kernels meet the float32 tests' tolerances).
+  The kernels keep scores and accumulators in registers and load the next tile of the streamed
   side while they work on the current one (two shared stages, cp.async).
 - Dropout takes the reference's mask: a (B, H, T, T) float32 array holding 0 or 1 / (1 - p), which
   multiplies P before it meets V, exactly as ``att * dropout_mask`` does in attention.py. The mask
@@ -44,7 +46,7 @@ from .blocks import compile_options
 BLOCK = 64  # queries and keys per tile; the CUDA source's BM and BN
 HEAD_SIZES = tuple(range(16, 129, 16))  # head sizes the kernels are instantiated for
 _SOURCE_PATH = Path(__file__).with_name("flash_attention.cu")
-_THREADS = {"f32": 256, "bf16": 128}
+THREADS = 128  # four warps, each 16 rows of a 64-row tile
 
 
 class FlashAttentionCache(NamedTuple):
@@ -74,15 +76,8 @@ def supports(head_size: int, dtype) -> bool:
 
 def _shared_bytes(kind: str, fam: str, hs: int) -> int:
     """Dynamic shared memory of one block, as the kernel carves it (see flash_attention.cu)."""
-    if fam == "f32":
-        tile, scores = BLOCK * (hs + 1), BLOCK * (BLOCK + 1)  # floats
-        floats = {
-            "forward": 3 * tile + scores,
-            "dkdv": 4 * tile + 2 * scores + 2 * BLOCK,
-            "dq": 4 * tile + scores,
-        }
-        return 4 * floats[kind]
-    tile = 2 * BLOCK * (hs + 8)  # bytes of one (64, hs) bf16 tile, rows padded by 8
+    item = 4 if fam == "f32" else 2
+    tile = item * BLOCK * (hs + 16 // item)  # bytes of one (64, hs) tile, rows padded by 16 bytes
     return {
         "forward": 5 * tile,  # q, and two stages of (k, v)
         "dkdv": 6 * tile + 2 * 2 * 4 * BLOCK,  # k, v, and two stages of (q, dO, L, D)
@@ -171,7 +166,7 @@ def flash_forward(q, k, v, out, dropout_mask=None):
     kernel = _kernel("forward", fam, hs)
     kernel(
         grid,
-        (_THREADS[fam],),
+        (THREADS,),
         (*args, np.float32(1.0 / math.sqrt(hs))),
         shared_mem=_shared_bytes("forward", fam, hs),
     )
@@ -200,7 +195,7 @@ def flash_backward(dout, q, k, v, out, lse, dq, dk, dv, dropout_mask=None) -> No
     common = (q, k, v, dout, lse, dsum, mask_arg)
     sizes = (np.int32(H), np.int32(T), *_strides(q, "q"), *o_strides, scale)
     grid = (math.ceil(T / BLOCK), B * H)
-    threads = (_THREADS[fam],)
+    threads = (THREADS,)
     dkdv = _kernel("dkdv", fam, hs)
     dkdv(grid, threads, (*common, dk, dv, *sizes), shared_mem=_shared_bytes("dkdv", fam, hs))
     dq_kernel = _kernel("dq", fam, hs)
