@@ -23,6 +23,8 @@ except Exception:  # CuPy installed, but no driver or device
     HAS_GPU = False
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 
+from lora_loss_curve import fast_lora_losses  # noqa: E402
+
 from minilora import layers as ref  # noqa: E402
 from minilora.backend import float_dtype, host_rng, to_device, to_numpy  # noqa: E402
 from minilora.fast import accelerate  # noqa: E402
@@ -185,17 +187,9 @@ def llama_losses(dtype: str, steps: int = STEPS):
     model = add_lora(Llama(CONFIG, params), LORA, seed=1)
     if dtype == "bfloat16":
         model.cast_base(BF16)  # the base in bf16; the adapter keeps float32
-    optimizer = make_optimizer(model, TrainSettings(lr=3e-3, weight_decay=0.0))
-    step = accelerate(model, optimizer, grad_clip=1.0, graph_warmup=1)
-    data = host_rng(6).integers(0, 16, 4096)  # a small alphabet: there is something to learn quickly
-    losses = []
-    for i in range(steps):
-        starts = host_rng(7, i).integers(0, data.size - 65, 8)
-        x = np.stack([data[s : s + 64] for s in starts])
-        y = np.stack([data[s + 1 : s + 65] for s in starts])
-        losses.append(float(step(model, optimizer, x, y, 3e-3, 1.0, (0, 0, i))))
+    losses = fast_lora_losses(model, steps, alphabet=16, data_seed=6)
     dtypes = {name: model.params[name].dtype for name in model.params}
-    return np.array(losses), dtypes, model.trainable_names
+    return losses, dtypes, model.trainable_names
 
 
 def test_bf16_llama_lora_training_follows_the_float32_loss_curve():

@@ -25,20 +25,19 @@ except Exception:  # CuPy installed, but no driver or device
     HAS_GPU = False
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
 
+from lora_loss_curve import fast_lora_losses  # noqa: E402
+
 from minilora import layers as ref  # noqa: E402
 from minilora.backend import float_dtype, host_rng, to_device, to_numpy  # noqa: E402
 from minilora.config import get_preset  # noqa: E402
-from minilora.fast import accelerate  # noqa: E402
 from minilora.fast.cuda import blas, use_cublas  # noqa: E402
 from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
 from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
 from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
 from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
-from minilora.jobs.finetune import make_optimizer  # noqa: E402
 from minilora.lora.config import LoraConfig  # noqa: E402
 from minilora.lora.model import add_lora  # noqa: E402
 from minilora.model import GPT, init_params  # noqa: E402
-from minilora.training.loop import TrainSettings  # noqa: E402
 
 use_cublas()  # bf16 products go through minilora's cuBLAS handle (CuPy's matmul has no bf16 path)
 BF16 = float_dtype("bfloat16")
@@ -138,18 +137,9 @@ def train_losses(dtype: str, steps: int = STEPS):
     host = init_params(config, seed=3)
     params = {name: to_device(value.astype(BF16).astype(dtype), "cuda") for name, value in host.items()}
     model = add_lora(GPT(config, params), LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")), seed=1)
-    optimizer = make_optimizer(model, TrainSettings(lr=3e-3, weight_decay=0.0))
-    step = accelerate(model, optimizer, grad_clip=1.0, graph_warmup=1)
-    rng = host_rng(5)
-    data = rng.integers(0, 64, 4096)  # a small alphabet: there is something to learn quickly
-    losses = []
-    for i in range(steps):
-        starts = host_rng(7, i).integers(0, data.size - 65, 8)
-        x = np.stack([data[s : s + 64] for s in starts])
-        y = np.stack([data[s + 1 : s + 65] for s in starts])
-        losses.append(float(step(model, optimizer, x, y, 3e-3, 1.0, (0, 0, i))))
+    losses = fast_lora_losses(model, steps, alphabet=64, data_seed=5)
     trainable = {name: model.params[name].dtype for name in model.trainable_names}
-    return np.array(losses), trainable
+    return losses, trainable
 
 
 def test_bf16_lora_training_follows_the_float32_loss_curve():
