@@ -234,8 +234,11 @@ class Llama(LanguageModel):
         # x_out = x_mid + down_proj(m): the residual hands dx unchanged to x_mid and to the MLP.
         dm = self.linear_backward(f"{p}.mlp.down_proj", dx, cache.down_proj, grads)
         dg, du = ops.swiglu_backward(dm, cache.swiglu)
+        del dm  # a spent (B, T, F) gradient is let go at once, as autograd does: less memory at the peak
         dh = self.linear_backward(f"{p}.mlp.gate_proj", dg, cache.gate_proj, grads)
+        del dg
         dh = dh + self.linear_backward(f"{p}.mlp.up_proj", du, cache.up_proj, grads)  # h feeds both: sum
+        del du
         dx = dx + self._norm_backward(f"{p}.post_attention_layernorm", dh, cache.post_norm, grads)
         # x_mid = x + o_proj(merge_heads(y)): the same split for the attention branch.
         dy = to_heads(

@@ -184,7 +184,9 @@ class GPT(LanguageModel):
         dm = dx if cache.mlp_dropout is None else ops.dropout_backward(dx, cache.mlp_dropout)
         dg = self.linear_backward(f"{p}.mlp.c_proj", dm, cache.mlp_proj, grads)
         df = ops.gelu_backward(dg, cache.gelu)
+        del dg  # a spent (B, T, 4C) gradient is let go at once, as autograd does: less memory at the peak
         dh = self.linear_backward(f"{p}.mlp.c_fc", df, cache.c_fc, grads)
+        del df
         dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)  # fan-out: sum both paths
         # x_mid = x + a: the same split for the attention branch.
         da = dx if cache.attn_dropout is None else ops.dropout_backward(dx, cache.attn_dropout)
