@@ -178,6 +178,7 @@ def finetune(
             from ..fast.cuda import use_cublas
 
             model.cast_base(float_dtype(dtype))  # after add_lora: the adapter was made in float32
+            base.params.update(model.base_params)  # the base holds the bf16 copies: its float32 ones go
             use_fast_layers(model)  # the evaluation before training too runs the fused kernels
             use_cublas()  # and the bf16 products (CuPy's matmul has none)
         base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
