@@ -491,12 +491,12 @@ def _run(settings: BenchSettings, device: str, log) -> dict:
             "ledger": ledger.to_dict(),
             "rss_before_model_bytes": rss_before,
             "peak_rss_increase_bytes": increase(peak_rss, rss_before) if peak_reset else None,
-            "peak_rss_increase_over_ledger": _ratio(
+            "peak_rss_increase_over_ledger": ratio_or_none(
                 increase(peak_rss, rss_before) if peak_reset else None, ledger.total
             ),
             "traced_step_peak_bytes": traced,
-            "traced_step_over_ledger": _ratio(traced, ledger.per_step),
-            "peak_device_over_ledger": _ratio(peak_device, ledger.total),
+            "traced_step_over_ledger": ratio_or_none(traced, ledger.per_step),
+            "peak_device_over_ledger": ratio_or_none(peak_device, ledger.total),
         },
         "loss_first": loss_first,
         "loss_last": loss_last,
@@ -616,5 +616,6 @@ def increase(after, before):
     return None if after is None or before is None else after - before
 
 
-def _ratio(numerator, denominator):
+def ratio_or_none(numerator, denominator):
+    """numerator / denominator, or None where either is missing or the denominator is 0."""
     return None if numerator is None or not denominator else numerator / denominator

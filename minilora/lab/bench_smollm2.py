@@ -68,6 +68,7 @@ from .bench import (
     increase,
     matmul_peak_gflops,
     peak_rss_bytes,
+    ratio_or_none,
     reset_peak_rss,
     spread,
     throughput,
@@ -271,7 +272,7 @@ def _run(settings: SmolLM2BenchSettings, device: str, log) -> dict:
         result["ratio"] = {**spread(ratios), "runs": ratios}
         memory = (peak_device, peer_record["peak_device_bytes"]) if pool is not None else (
             result["peak_rss_increase_bytes"], peer_record["peak_rss_increase_bytes"])  # fmt: skip
-        result["memory_ratio"] = None if None in memory else memory[0] / memory[1]
+        result["memory_ratio"] = ratio_or_none(*memory)  # None where the peer's figure is missing or 0
     if adapter_dir is not None:
         adapter_dir.cleanup()
     return result
