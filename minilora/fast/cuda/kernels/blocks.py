@@ -22,6 +22,7 @@ import math
 KERNEL_TYPES = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16"}  # dtype -> Elem
 ITEM_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
 MAX_THREADS = 512  # threads per row block (16 warps); longer rows loop
+ROWS_PER_WARP_BLOCK = 8  # a warp-per-row kernel's block: 8 warps, 8 rows (``launch_warp_rows``)
 ELEMENTWISE_THREADS, MAX_ELEMENTWISE_BLOCKS = 256, 8192  # an elementwise kernel's launch (grid-stride)
 VECTOR_BYTES = 16  # a vectorised kernel's loads and stores (Pack<Elem, VEC> in REDUCTIONS)
 NULL = 0  # a Python int reaches a kernel as a 64-bit integer: in a pointer parameter, the null pointer
@@ -183,6 +184,27 @@ def launch_elementwise(kernel, n: int, args: tuple) -> None:
         kernel(
             (min(math.ceil(n / ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS),), (ELEMENTWISE_THREADS,), args
         )
+
+
+def launch_warp_rows(kernel, n_rows: int, args: tuple) -> None:
+    """Launch ``kernel`` with one warp per row, ROWS_PER_WARP_BLOCK rows a block (no launch for zero rows)."""
+    if n_rows > 0:
+        kernel((math.ceil(n_rows / ROWS_PER_WARP_BLOCK),), (32 * ROWS_PER_WARP_BLOCK,), args)
+
+
+def head_strides(x, name: str):
+    """(batch, head, time) strides of a (B, H, T, hs) view, in elements, as the int64 kernel arguments.
+
+    The kernels that walk per-head views (flash attention, RoPE, the group sum) address element
+    (b, h, t, d) at b sb + h sh + t st + d, so the head axis must be contiguous; raises ValueError if not.
+    """
+    import numpy as np
+
+    item = x.dtype.itemsize
+    sb, sh, st, sd = (s // item for s in x.strides)
+    if sd != 1:
+        raise ValueError(f"{name}: the head axis must be contiguous, got strides {x.strides}")
+    return np.int64(sb), np.int64(sh), np.int64(st)
 
 
 def launch_rows(kernel, n_rows: int, n_cols: int, args: tuple) -> None:

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ....layers.attention import split_heads
-from .blocks import compile_options
+from .blocks import compile_options, head_strides
 
 BLOCK = 64  # queries and keys per tile; the CUDA source's BM and BN
 HEAD_SIZES = tuple(range(16, 129, 16))  # head sizes the kernels are instantiated for
@@ -110,15 +110,6 @@ def _kernel(kind: str, fam: str, hs: int):
     return kernel
 
 
-def _strides(x, name: str):
-    """(batch, head, time) strides of a (B, H, T, hs) view, in elements; its last axis must be contiguous."""
-    item = x.dtype.itemsize
-    sb, sh, st, sd = (s // item for s in x.strides)
-    if sd != 1:
-        raise ValueError(f"{name}: the head axis must be contiguous, got strides {x.strides}")
-    return np.int64(sb), np.int64(sh), np.int64(st)
-
-
 def _aligned(x) -> bool:
     """Whether the kernels' 16-byte loads may read x in place: base and every row on 16 bytes."""
     item = x.dtype.itemsize
@@ -162,7 +153,18 @@ def flash_forward(q, k, v, out, dropout_mask=None):
     lse = cupy.empty((B, H, T), dtype=cupy.float32)
     mask, mask_arg = _mask(dropout_mask, q.shape)
     grid = (math.ceil(T / BLOCK), B * H)
-    args = (q, k, v, out, lse, mask_arg, np.int32(H), np.int32(T), *_strides(q, "q"), *_strides(out, "out"))
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask_arg,
+        np.int32(H),
+        np.int32(T),
+        *head_strides(q, "q"),
+        *head_strides(out, "out"),
+    )
     kernel = _kernel("forward", fam, hs)
     kernel(
         grid,
@@ -182,8 +184,8 @@ def flash_backward(dout, q, k, v, out, lse, dq, dk, dv, dropout_mask=None) -> No
     fam = family(q.dtype)
     mask, mask_arg = _mask(dropout_mask, q.shape)
     dsum = cupy.empty((B, H, T), dtype=cupy.float32)  # D = rowsum(dO * O)
-    o_strides = _strides(out, "out")
-    if _strides(dout, "dout") != o_strides:
+    o_strides = head_strides(out, "out")
+    if head_strides(dout, "dout") != o_strides:
         raise ValueError("dout must have the strides of out")
     row_dot = _kernel("row_dot", fam, hs)
     row_dot(
@@ -193,7 +195,7 @@ def flash_backward(dout, q, k, v, out, lse, dq, dk, dv, dropout_mask=None) -> No
     )
     scale = np.float32(1.0 / math.sqrt(hs))
     common = (q, k, v, dout, lse, dsum, mask_arg)
-    sizes = (np.int32(H), np.int32(T), *_strides(q, "q"), *o_strides, scale)
+    sizes = (np.int32(H), np.int32(T), *head_strides(q, "q"), *o_strides, scale)
     grid = (math.ceil(T / BLOCK), B * H)
     threads = (THREADS,)
     dkdv = _kernel("dkdv", fam, hs)

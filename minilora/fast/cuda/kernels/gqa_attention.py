@@ -22,7 +22,7 @@ from ....backend import matmul
 from ....layers.gqa_attention import GQAAttentionCache, check_heads, group_heads, ungroup_heads
 from . import attention, flash_attention
 from .attention_softmax import causal_softmax, causal_softmax_backward
-from .blocks import KernelModule, launch_elementwise
+from .blocks import KernelModule, head_strides, launch_elementwise
 
 _SOURCE = r"""
 // The G copies of each key/value head summed back into one: src (B, H_kv, G, T, hs) contiguous ->
@@ -77,10 +77,9 @@ def _sum_groups(dx, H_kv: int):
     if H == H_kv:
         return dx
     out = cupy.empty((B, T, H_kv, hs), dtype=dx.dtype).transpose(0, 2, 1, 3)  # (B, H_kv, T, hs) view
-    strides = (np.int64(s // dx.dtype.itemsize) for s in out.strides[:3])
     kernel = _KERNELS.get("group_sum", dx.dtype)
     launch_elementwise(kernel, out.size, (dx, out, np.int32(H // H_kv), np.int32(H_kv), np.int32(T),
-                                          np.int32(hs), *strides, out.size))  # fmt: skip
+                                          np.int32(hs), *head_strides(out, "dk"), out.size))  # fmt: skip
     return out
 
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 import math
 
 from ....layers.layernorm import LAYERNORM_EPS, LayerNormCache
-from .blocks import NULL, KernelModule, compute_dtype, launch_rows
+from .blocks import NULL, ROWS_PER_WARP_BLOCK, KernelModule, compute_dtype, launch_rows, launch_warp_rows
 
 TILE_COLUMNS, ROW_LANES = 32, 8  # the column-sum kernel's block: 32 columns x 8 rows at a time
 ROWS_PER_SLAB = 128  # rows summed by one column-sum block
-WARP_ROW_MAX, ROWS_PER_BLOCK = 1024, 8  # rows this long or shorter take one warp each, 8 to a block
+WARP_ROW_MAX = 1024  # rows this long or shorter take one warp each (blocks.launch_warp_rows)
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: more rows make the slabs taller
 
 _SOURCE = (
     f"#define TILE_COLUMNS {TILE_COLUMNS}\n#define ROW_LANES {ROW_LANES}\n"
-    f"#define WARP_ROW_MAX {WARP_ROW_MAX}\n#define ROWS_PER_BLOCK {ROWS_PER_BLOCK}\n"
+    f"#define WARP_ROW_MAX {WARP_ROW_MAX}\n#define ROWS_PER_BLOCK {ROWS_PER_WARP_BLOCK}\n"
     + r"""
 // One block per row; passes 1, 2 and 3 of the module docstring, the first two ending in block sums.
 // Real is Elem's arithmetic type (blocks.py): rstd, eps and every sum are in Real.
@@ -218,7 +218,7 @@ def layernorm_forward(x, w, b=None, eps: float = LAYERNORM_EPS):
     n_rows = rows.shape[0]
     if C <= WARP_ROW_MAX:
         args = (rows, w_c, b_c, out, xhat, rstd, n_rows, C, real.type(eps))
-        _launch_warp_rows(_KERNELS.get("layernorm_forward_warp", x.dtype), n_rows, args)
+        launch_warp_rows(_KERNELS.get("layernorm_forward_warp", x.dtype), n_rows, args)
     else:
         args = (rows, w_c, b_c, out, xhat, rstd, C, real.type(eps))
         launch_rows(_KERNELS.get("layernorm_forward", x.dtype), n_rows, C, args)
@@ -240,7 +240,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
     n_rows = g.shape[0]
     if C <= WARP_ROW_MAX:
         kernel = _KERNELS.get("layernorm_backward_dx_warp", dout.dtype)
-        _launch_warp_rows(kernel, n_rows, (g, xhat, rstd, w, dx, n_rows, C))
+        launch_warp_rows(kernel, n_rows, (g, xhat, rstd, w, dx, n_rows, C))
     else:
         launch_rows(_KERNELS.get("layernorm_backward_dx", dout.dtype), n_rows, C, (g, xhat, rstd, w, dx, C))
     dw, db = column_sums(g, xhat, cache.has_bias)
@@ -250,12 +250,6 @@ def layernorm_backward(dout, cache: LayerNormCache):
         dw.astype(w_dtype, copy=False),
         None if db is None else db.astype(w_dtype, copy=False),
     )
-
-
-def _launch_warp_rows(kernel, n_rows: int, args: tuple) -> None:
-    """One warp per row, ROWS_PER_BLOCK rows a block (no launch for zero rows)."""
-    if n_rows > 0:
-        kernel((math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,), args)
 
 
 def column_sums(g, xhat, has_bias: bool):

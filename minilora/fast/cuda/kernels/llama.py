@@ -14,18 +14,22 @@ reference forward's cache.
 
 from __future__ import annotations
 
-import math
-
 from ....layers.rmsnorm import RMSNormCache
 from ....layers.swiglu import SwiGLUCache
-from .blocks import KernelModule, compute_dtype, launch_elementwise, vectorisable
+from .blocks import (
+    ROWS_PER_WARP_BLOCK,
+    KernelModule,
+    compute_dtype,
+    launch_elementwise,
+    launch_warp_rows,
+    vectorisable,
+)
 from .layernorm import column_sums
 
-ROWS_PER_BLOCK = 8  # RMSNorm: one warp per row, 8 warps a block
 _ALL = ("float32", "float64", "bfloat16")
 
 _NORM_SOURCE = (
-    f"#define ROWS_PER_BLOCK {ROWS_PER_BLOCK}\n"
+    f"#define ROWS_PER_BLOCK {ROWS_PER_WARP_BLOCK}\n"
     + r"""
 // Row `row` of the block's warp, or -1 past the last row (the whole warp leaves together).
 __device__ __forceinline__ long long warp_row(long long n_rows) {
@@ -133,8 +137,8 @@ def rmsnorm_forward(x, w, eps: float):
     real = compute_dtype(x.dtype)  # rstd in the kernel's arithmetic: float32 for bf16
     rstd = cupy.empty(x.shape[:-1] + (1,), dtype=real)  # (..., 1)
     w_c = cupy.ascontiguousarray(w, dtype=x.dtype)
-    _launch_rows(_NORM_KERNELS.get("rmsnorm_forward", x.dtype), rows.shape[0],
-                 (rows, w_c, out, xhat, rstd, rows.shape[0], C, real.type(eps)))  # fmt: skip
+    launch_warp_rows(_NORM_KERNELS.get("rmsnorm_forward", x.dtype), rows.shape[0],
+                     (rows, w_c, out, xhat, rstd, rows.shape[0], C, real.type(eps)))  # fmt: skip
     return out.reshape(x.shape), RMSNormCache(xhat=xhat.reshape(x.shape), rstd=rstd, w=w)
 
 
@@ -148,16 +152,10 @@ def rmsnorm_backward(dout, cache: RMSNormCache):
     rstd = cupy.ascontiguousarray(cache.rstd, dtype=compute_dtype(dout.dtype))
     w = cupy.ascontiguousarray(cache.w, dtype=dout.dtype)
     dx = cupy.empty_like(g)
-    _launch_rows(_NORM_KERNELS.get("rmsnorm_backward_dx", dout.dtype), g.shape[0],
-                 (g, xhat, rstd, w, dx, g.shape[0], C))  # fmt: skip
+    launch_warp_rows(_NORM_KERNELS.get("rmsnorm_backward_dx", dout.dtype), g.shape[0],
+                     (g, xhat, rstd, w, dx, g.shape[0], C))  # fmt: skip
     dw, _ = column_sums(g, xhat, has_bias=False)
     return dx.reshape(dout.shape), dw.astype(cache.w.dtype, copy=False)
-
-
-def _launch_rows(kernel, n_rows: int, args: tuple) -> None:
-    """One warp per row, ROWS_PER_BLOCK rows a block."""
-    if n_rows > 0:
-        kernel((math.ceil(n_rows / ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,), args)
 
 
 def swiglu_forward(g, u):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ....layers.rope import ROPE_PAIRINGS, RopeCache
-from .blocks import KernelModule, launch_elementwise
+from .blocks import KernelModule, head_strides, launch_elementwise
 
 _SOURCE = r"""
 // out[pair] = (x1 cos - x2 s, x1 s + x2 cos) with s = sin (forward) or -sin (backward). Element i
@@ -43,14 +43,6 @@ __global__ void rope_rotate(const Elem* x, const Elem* cos_table, const Elem* si
 _KERNELS = KernelModule(_SOURCE, ("rope_rotate",), dtypes=("float32", "float64", "bfloat16"))
 
 
-def _strides(a):
-    """(batch, head, time) strides of a (B, H, T, hs) array in elements; its last axis must be contiguous."""
-    item = a.dtype.itemsize
-    if a.strides[3] != item:
-        raise ValueError(f"RoPE needs the head axis contiguous, got strides {a.strides}")
-    return tuple(np.int64(s // item) for s in a.strides[:3])
-
-
 def _rotate(x, cos, sin, pairing: str, out, negate_sin: bool):
     import cupy
 
@@ -64,7 +56,7 @@ def _rotate(x, cos, sin, pairing: str, out, negate_sin: bool):
     cos, sin = (cupy.ascontiguousarray(table, dtype=x.dtype) for table in (cos, sin))
     n = B * H * T * (hs // 2)
     args = (x, cos, sin, out, np.int32(H), np.int32(T), np.int32(hs // 2), np.int32(pairing == "adjacent"),
-            np.int32(negate_sin), *_strides(x), *_strides(out), np.int64(n))  # fmt: skip
+            np.int32(negate_sin), *head_strides(x, "x"), *head_strides(out, "out"), np.int64(n))  # fmt: skip
     launch_elementwise(_KERNELS.get("rope_rotate", x.dtype), n, args)
     return out
 
