@@ -9,6 +9,7 @@ import pytest
 
 from minilora.gradcheck import check_layer
 from minilora.layers import (
+    AttentionCache,
     attention_backward,
     attention_forward,
     cross_entropy_backward,
@@ -25,6 +26,7 @@ from minilora.layers import (
     linear_forward,
     make_dropout_mask,
 )
+from minilora.layers.attention import scaled_dot_product_attention, scaled_dot_product_attention_backward
 
 LAYER_TOL = 1e-7
 B, T, C, H, V = 2, 5, 8, 2, 11
@@ -112,6 +114,30 @@ def test_attention_is_causal(rng):
     y_changed, _ = attention_forward(changed, H)
     np.testing.assert_array_equal(y[:, :-1], y_changed[:, :-1])
     assert not np.allclose(y[:, -1], y_changed[:, -1])
+
+
+def sdpa_layer(q, k, v, dropout_mask):
+    """attention.py's shared core as a forward/backward layer: (y, cache)."""
+    y, q_scaled, att, scale = scaled_dot_product_attention(q, k, v, dropout_mask)
+    return y, AttentionCache(q=q_scaled, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
+
+
+def sdpa_layer_backward(dy, cache):
+    """dq, dk, dv; a broadcast key/value head gets the sum of its query heads' gradients."""
+    dq, dk, dv = scaled_dot_product_attention_backward(dy, cache)
+    if cache.k.shape[1] == 1:
+        dk, dv = dk.sum(axis=1, keepdims=True), dv.sum(axis=1, keepdims=True)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("kv_heads", [3, 1])  # 1: one key/value head broadcast to all 3, as GQA uses it
+def test_the_shared_attention_core_and_its_softmax_backward_match_finite_differences(rng, kv_heads):
+    q = rng.standard_normal((B, 3, T, C))
+    k, v = (rng.standard_normal((B, kv_heads, T, C)) for _ in range(2))
+    mask = make_dropout_mask(np.random.default_rng(5), (B, 3, T, T), 0.3, np.float64)
+    inputs = {"q": q, "k": k, "v": v, "dropout_mask": mask}
+    result = check_layer(sdpa_layer, sdpa_layer_backward, inputs, ("q", "k", "v"))
+    result.assert_ok(LAYER_TOL)
 
 
 def test_dropout_backward_matches_finite_differences(rng):

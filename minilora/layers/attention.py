@@ -10,6 +10,8 @@ sequence goes through the same two batched matmuls: no Python loop over batch, h
 The output projection (``c_proj``) is an ordinary linear layer and lives outside this function.
 For generation, ``cached_attention_forward`` runs the same attention for a few new positions
 against the keys and values of every earlier one, kept in a key/value cache (see generate.py).
+``scaled_dot_product_attention`` and its backward hold the masked softmax and its backward for
+every attention of the package: grouped-query attention (gqa_attention.py) calls them too.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ def merge_heads(y):
 def scaled_dot_product_attention(q, k, v, dropout_mask=None):
     """softmax(q k^T / sqrt(hs) + causal) v, batched over (B, H).
 
-    q: (B, H, T_q, hs), the last T_q positions; k, v: (B, H, T_k, hs), every position so far.
-    Returns (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
+    q: (B, H, T_q, hs), the last T_q positions; k, v: (B, H, T_k, hs), every position so far, or
+    (B, 1, T_k, hs), one key/value head that the matmuls broadcast to all H query heads (that is how
+    gqa_attention.py reuses this function). Returns (y (B, H, T_q, hs), the scaled q, the
+    probabilities att (B, H, T_q, T_k), the scale).
     """
     xp = get_xp(q)
     # BEGIN SOLUTION a3: scaled q k^T, causal mask, row softmax, dropout, times v
@@ -86,8 +90,11 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     return merge_heads(y), cache  # (B, T, C)
 
 
-def attention_backward(dout, cache: AttentionCache):
-    """Gradient of causal self-attention.   dout: (B, T, C) -> dqkv: (B, T, 3C).
+def scaled_dot_product_attention_backward(dy, cache: AttentionCache):
+    """Gradients of scaled_dot_product_attention.   dy: (B, H, T_q, hs) -> (dq, dk, dv).
+
+    dq: (B, H, T_q, hs); dk, dv: (B, H, T_k, hs), one per query head even where k and v were one
+    broadcast head: that head's gradient is then their sum over the H heads (gqa_attention.py sums).
 
     Derivation (a3):
         The forward, line by line:
@@ -98,10 +105,7 @@ def attention_backward(dout, cache: AttentionCache):
           q_scaled = q * scale    ->  dq = dq_scaled * scale
         Masked (future) positions have att = 0, so ds is 0 there and no gradient leaks backwards in time.
     """
-    xp = get_xp(dout)
     q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask
-    B, H, T, hs = q.shape
-    dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
     # BEGIN SOLUTION a3: undo y = att v, the mask, the softmax and s = q k^T, in that order
     att_used = att if mask is None else att * mask
     datt_used = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
@@ -111,6 +115,15 @@ def attention_backward(dout, cache: AttentionCache):
     dq = matmul(ds, k) * cache.scale  # (B, H, T, hs), through q_scaled = q * scale
     dk = matmul(ds.swapaxes(-1, -2), q)  # (B, H, T, hs)
     # END SOLUTION
+    return dq, dk, dv
+
+
+def attention_backward(dout, cache: AttentionCache):
+    """Gradient of causal self-attention.   dout: (B, T, C) -> dqkv: (B, T, 3C)."""
+    xp = get_xp(dout)
+    B, H, T, hs = cache.q.shape
+    dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs), the layout merge_heads joined
+    dq, dk, dv = scaled_dot_product_attention_backward(dy, cache)  # (B, H, T, hs) each
     dqkv = xp.stack([dq, dk, dv])  # (3, B, H, T, hs), the layout split_heads took apart
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
 

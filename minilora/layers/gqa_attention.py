@@ -11,20 +11,22 @@ H = 9, H_kv = 3: the key/value cache is a third of the multi-head one.
     y   = dropout(att) v_j                         (B, H, T, hs)
 
 The inputs are already split into heads (``to_heads``) and q and k already rotated (rope.py): both
-happen in the model, between the projections and this function. No key or value head is copied:
-the G query heads of a group are stacked as G*T rows of one matrix, (B, H_kv, G*T, hs), which a
-single batched matmul multiplies with the group's (B, H_kv, hs, T) keys. In the backward the same
-stacking makes dk and dv sums over the group's G query heads. The output projection (o_proj) is an
+happen in the model, between the projections and this function. The attention is attention.py's
+``scaled_dot_product_attention`` and its backward, unchanged, on folded shapes (``fold_groups``): the
+G query heads of group j of sequence b become one (B*H_kv, G, T, hs) entry's heads, and the group's
+key and value head a single head, (B*H_kv, 1, T, hs), that the batched matmuls broadcast to all G (no
+key or value head is copied). A key/value head fans out to its group's G query heads, so its gradient
+is the sum of the G that attention.py's backward returns. The output projection (o_proj) is an
 ordinary linear layer outside this function; ``merge_heads`` (attention.py) joins the heads for it.
+``group_heads`` is the other layout, the fast paths': a group's G heads stacked as the G*T rows of one
+matrix, fewer and larger products with the group's sums inside the matmuls.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
-from ..backend import get_xp, matmul
-from .attention import causal_bias
+from .attention import AttentionCache, scaled_dot_product_attention, scaled_dot_product_attention_backward
 
 
 class GQAAttentionCache(NamedTuple):
@@ -46,6 +48,21 @@ def to_heads(x, n_head: int):
     if C % n_head != 0:
         raise ValueError(f"width {C} is not n_head * head_size with n_head={n_head}")
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)  # (B, n_head, T, hs)
+
+
+def fold_groups(x, n_kv_head: int):
+    """(B, H, T, d) -> (B*H_kv, G, T, d) (a reshape): group j of sequence b at b*H_kv + j, its G heads next.
+
+    Keys and values (H = H_kv) fold to one head, G = 1, which the matmuls broadcast over the G query heads.
+    """
+    B, H, T, d = x.shape
+    return x.reshape(B * n_kv_head, H // n_kv_head, T, d)
+
+
+def unfold_groups(x, n_kv_head: int):
+    """(B*H_kv, G, T, d) -> (B, H_kv*G, T, d), the inverse of fold_groups (a reshape)."""
+    BH_kv, G, T, d = x.shape
+    return x.reshape(BH_kv // n_kv_head, n_kv_head * G, T, d)
 
 
 def group_heads(x, n_kv_head: int):
@@ -82,20 +99,11 @@ def grouped_scaled_dot_product_attention(q, k, v, dropout_mask=None):
     dropout_mask: (B, H, T_q, T_k) or None, already holding the 1 / (1 - p) scaling. Returns
     (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
     """
-    xp = get_xp(q)
-    H, H_kv = check_heads(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q = q * scale  # scaling q (T hs values) is cheaper than scaling q k^T (T^2 values)
-    scores = matmul(
-        group_heads(q, H_kv), k.swapaxes(-1, -2)
-    )  # (B, H_kv, G*T_q, T_k), a group's heads share k
-    scores = ungroup_heads(scores, H)  # (B, H, T_q, T_k), one score matrix per query head
-    scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys
-    att = xp.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax is shift-invariant: no overflow
-    att = att / att.sum(axis=-1, keepdims=True)  # (B, H, T_q, T_k), rows sum to 1
-    att_used = att if dropout_mask is None else att * dropout_mask
-    y = matmul(group_heads(att_used, H_kv), v)  # (B, H_kv, G*T_q, hs), a group's heads share v
-    return ungroup_heads(y, H), q, att, scale  # y: (B, H, T_q, hs)
+    _, H_kv = check_heads(q, k, v)
+    mask = None if dropout_mask is None else fold_groups(dropout_mask, H_kv)
+    y, q, att, scale = scaled_dot_product_attention(*(fold_groups(x, H_kv) for x in (q, k, v)), mask)
+    y, q, att = (unfold_groups(x, H_kv) for x in (y, q, att))  # (B, H, T_q, hs) and att (B, H, T_q, T_k)
+    return y, q, att, scale
 
 
 def gqa_attention_forward(q, k, v, dropout_mask=None):
@@ -112,28 +120,17 @@ def gqa_attention_forward(q, k, v, dropout_mask=None):
 def gqa_attention_backward(dout, cache: GQAAttentionCache):
     """Gradients of grouped-query attention.   dout: (B, H, T, hs) -> (dq, dk, dv).
 
-    dq: (B, H, T, hs); dk, dv: (B, H_kv, T, hs). The forward, line by line, as in attention.py:
-      y = att_used v          ->  datt_used = dy v^T,  dv = att_used^T dy
-      att_used = att * mask   ->  datt = datt_used * mask
-      att = softmax(s)        ->  ds = att * (datt - sum_j(datt * att))   (row-wise)
-      s = q_scaled k^T        ->  dq_scaled = ds k,  dk = ds^T q_scaled
-      q_scaled = q * scale    ->  dq = dq_scaled * scale
-    A key/value head fans out to the G query heads of its group, so its gradient is the sum of the G
-    gradients they send back. With the G heads stacked as rows, dv = [att_1; ...; att_G]^T [dy_1;
-    ...; dy_G] = sum_g att_g^T dy_g: the matmul's contraction over G*T rows does that sum (dk alike).
+    dq: (B, H, T, hs); dk, dv: (B, H_kv, T, hs). attention.py's backward on the folded shapes gives dk
+    and dv per query head, (B*H_kv, G, T, hs); a key/value head fans out to the G query heads of its
+    group, so its gradient is the sum of the G gradients they send back.
     """
-    q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask
-    H, H_kv = q.shape[1], k.shape[1]
-    dy = group_heads(dout, H_kv)  # (B, H_kv, G*T, hs)
-    att_used = att if mask is None else att * mask
-    datt_used = ungroup_heads(matmul(dy, v.swapaxes(-1, -2)), H)  # (B, H, T, T)
-    dv = matmul(group_heads(att_used, H_kv).swapaxes(-1, -2), dy)  # (B, H_kv, T, hs), summed over the group
-    datt = datt_used if mask is None else datt_used * mask
-    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, H, T, T), the softmax's backward
-    ds = group_heads(ds, H_kv)  # (B, H_kv, G*T, T)
-    dq = ungroup_heads(matmul(ds, k), H) * cache.scale  # (B, H, T, hs), through q_scaled = q * scale
-    dk = matmul(ds.swapaxes(-1, -2), group_heads(q, H_kv))  # (B, H_kv, T, hs), summed over the group
-    return dq, dk, dv
+    H_kv = cache.k.shape[1]
+    q, k, v, att = (fold_groups(x, H_kv) for x in (cache.q, cache.k, cache.v, cache.att))
+    mask = None if cache.dropout_mask is None else fold_groups(cache.dropout_mask, H_kv)
+    folded = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=mask, scale=cache.scale)
+    dq, dk, dv = scaled_dot_product_attention_backward(fold_groups(dout, H_kv), folded)
+    dk, dv = (dx.sum(axis=1, keepdims=True) for dx in (dk, dv))  # (B*H_kv, 1, T, hs), summed over the group
+    return unfold_groups(dq, H_kv), unfold_groups(dk, H_kv), unfold_groups(dv, H_kv)
 
 
 def cached_gqa_attention_forward(q, k, v, keys, values, start: int):

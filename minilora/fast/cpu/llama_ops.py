@@ -6,7 +6,9 @@ the widest activation of a Llama (I = 1536 channels on SmolLM2 against C = 576),
 the one to make cheap: sigmoid(g) = (1 + tanh(g / 2)) / 2 is the same function, has no overflow
 for any g, and takes one tanh pass instead of the reference's exp, abs, two divisions and a where.
 Grouped-query attention does its mask, shift, exp and normalisation in place on the (B, H, T, T)
-scores, and the softmax's backward in the buffer of their gradient, as ``ops.attention_*`` do.
+scores, and the softmax's backward in the buffer of their gradient; its products stack a group's
+G query heads as the rows of one matrix (``group_heads``). It is the CPU fast path's one attention:
+``ops.attention_*`` run GPT-2's multi-head attention through it as its H_kv = H case.
 They return the reference's cache types; ``tests/test_fast_cpu_ops.py`` checks them against it.
 """
 

@@ -5,18 +5,21 @@ size of x. On the CPU a training step is bound by those trips to memory as much 
 (the MLP's hidden activations of a medium step are 100 MB each). The functions here compute the same
 formulas as the reference layers in ``minilora.layers`` with in-place passes over reused buffers,
 ``einsum`` for row dot products (no squared temporary), and the softmax backward in the buffer of
-its input. They return the reference's own cache types, and ``CPU_OPS`` swaps each forward together
-with its backward. ``tests/test_fast_cpu_ops.py`` checks every pair against the reference in float64.
+its input. The attention's softmax and its backward are llama_ops' grouped-query ones: GPT-2's
+multi-head attention is their H_kv = H case. They return the reference's own cache types, and
+``CPU_OPS`` swaps each forward together with its backward. ``tests/test_fast_cpu_ops.py`` checks
+every pair against the reference in float64.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ...backend import get_xp, matmul
+from ...backend import get_xp
 from ...layers import REFERENCE_OPS, AttentionCache, CrossEntropyCache, GeluCache, LayerNormCache
-from ...layers.attention import causal_bias, merge_heads, split_heads
+from ...layers.attention import merge_heads, split_heads
 from ...layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
+from ...layers.gqa_attention import to_heads
 from ...layers.layernorm import LAYERNORM_EPS
 from . import llama_ops
 
@@ -87,38 +90,16 @@ def layernorm_backward(dout, cache: LayerNormCache):
 
 
 def attention_forward(qkv, n_head: int, dropout_mask=None):
-    """Causal self-attention with the mask, the shift, exp and the normalisation in place on the scores."""
-    xp = get_xp(qkv)
-    q, k, v = split_heads(qkv, n_head)  # (B, H, T, hs) each
-    T = q.shape[2]
-    scale = 1.0 / q.shape[-1] ** 0.5
-    q = q * scale
-    att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T)
-    att += causal_bias(xp, T, T, att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    y = matmul(att if dropout_mask is None else att * dropout_mask, v)  # (B, H, T, hs)
-    cache = AttentionCache(q=q, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
-    return merge_heads(y), cache
+    """Causal self-attention as grouped-query attention with H_kv = H (llama_ops: the softmax in place)."""
+    y, cache = llama_ops.gqa_attention_forward(*split_heads(qkv, n_head), dropout_mask)  # (B, H, T, hs)
+    return merge_heads(y), AttentionCache(*cache)
 
 
 def attention_backward(dout, cache: AttentionCache):
-    """The reference's attention backward with the softmax backward in the buffer of datt."""
+    """llama_ops' grouped-query backward with H_kv = H, its gradients written into the layout of qkv."""
     xp = get_xp(dout)
-    q, k, v, att, mask = cache.q, cache.k, cache.v, cache.att, cache.dropout_mask
-    B, H, T, hs = q.shape
-    dy = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # (B, H, T, hs)
-    att_used = att if mask is None else att * mask
-    datt = matmul(dy, v.swapaxes(-1, -2))  # (B, H, T, T)
-    dv = matmul(att_used.swapaxes(-1, -2), dy)  # (B, H, T, hs)
-    if mask is not None:
-        datt *= mask
-    datt -= xp.einsum("...j,...j->...", datt, att)[..., None]
-    ds = xp.multiply(datt, att, out=datt)  # ds = att * (datt - sum_j datt * att)
-    dq = matmul(ds, k)
-    dq *= cache.scale
-    dk = matmul(ds.swapaxes(-1, -2), q)
+    B, H, T, hs = cache.q.shape
+    dq, dk, dv = llama_ops.gqa_attention_backward(to_heads(dout, H), cache)  # (B, H, T, hs) each
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dout.dtype)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, T, H, hs)
     dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)

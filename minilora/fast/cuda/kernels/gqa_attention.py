@@ -5,8 +5,8 @@
   (B, H, T, hs) copies, small beside the (B, H, T, T) scores that then never exist) and the flash
   kernels run over H heads. The backward sums the G copies' dk and dv back into one head in one
   kernel (``group_sum``), the backward of the repetition.
-- **cuBLAS** (float64, other head sizes, or ``attention.USE_FLASH`` off): the reference's products
-  with the G query heads of a group stacked as rows (layers/gqa_attention.py), and the mask, the
+- **cuBLAS** (float64, other head sizes, or ``attention.USE_FLASH`` off): batched products with the
+  G query heads of a group stacked as rows (``layers.gqa_attention.group_heads``), and the mask, the
   softmax and its backward done in place on the (B, H, T, T) scores by attention_softmax's row
   kernels. It returns the reference's cache, and its backward takes the reference forward's cache too.
 """
