@@ -17,6 +17,7 @@ the Python API, and the environment variable ``MINILORA_DEVICE`` as the default 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from contextlib import contextmanager
@@ -114,6 +115,25 @@ def to_numpy(x) -> np.ndarray:
     if get_xp(x) is np:
         return np.asarray(x)
     return x.get()
+
+
+def all_finite(params: dict) -> bool:
+    """True if no parameter holds a NaN or an infinity (checked before a checkpoint is written)."""
+    return all(bool(get_xp(value).isfinite(value).all()) for value in params.values())
+
+
+def weights_fingerprint(params: dict) -> str:
+    """SHA-256 over a model's weights: name, shape and float32 bytes of each, in sorted name order.
+
+    Two models share a fingerprint exactly when they hold the same numbers (as float32), whatever
+    the device, so an adapter can check that it meets the base it was trained on.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        value = np.ascontiguousarray(to_numpy(params[name]), dtype=np.float32)
+        digest.update(f"{name}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class MatmulLog:

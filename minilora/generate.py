@@ -33,8 +33,7 @@ class KVCache:
 
     def __init__(self, model, batch_size: int):
         config = model.config
-        n_kv_head = getattr(config, "n_kv_head", config.n_head)  # a Llama's grouped heads: fewer to keep
-        shape = (batch_size, n_kv_head, config.block_size, config.head_size)  # (B, H_kv, T_max, hs)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_size)  # (B, H_kv, T_max, hs)
         xp, dtype = model.xp, model.params[model.embedding_name].dtype
         self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
@@ -89,6 +88,17 @@ def sample_next(
     return np.minimum((cumulative < draws * cumulative[:, -1:]).sum(axis=-1), logits.shape[-1] - 1)
 
 
+def checked_request(prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None) -> np.ndarray:
+    """A decoder's arguments checked (one ValueError naming the bad one): the prompt ids as int64 (B, T0)."""
+    check_sampling(temperature, top_k)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must have shape (B, T0) with T0 >= 1, got {prompt_ids.shape}")
+    return prompt_ids
+
+
 def generate_ids(
     model,
     prompt_ids: np.ndarray,
@@ -104,12 +114,7 @@ def generate_ids(
     from then on, and generation ends once every row has. The ids live in one (B, T0 + max_new_tokens)
     buffer, allocated once and filled in place.
     """
-    check_sampling(temperature, top_k)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
-    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must have shape (B, T0) with T0 >= 1, got {prompt_ids.shape}")
+    prompt_ids = checked_request(prompt_ids, max_new_tokens, temperature, top_k)
     B, T0 = prompt_ids.shape
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # positions kept when the context is full

@@ -6,25 +6,41 @@ mapping from dotted names to arrays, says which are frozen, and calls its layer 
 ``self.ops`` (layers/ops.py), the reference layers unless a faster namespace is handed in from above.
 Every linear layer goes through ``linear_forward`` / ``linear_backward`` by module name, which is
 where LoRA adds its adapter path.
+
+What a family is, the model asks its config (``parameter_shapes``, ``linear_modules``, ...: see
+config.py); how each weight is held, dense or quantized, it records in ``formats`` when the weights
+enter (weight_formats.py). Each family states, as class attributes, the facts its consumers need:
+``embedding_name``, ``no_decay`` (the matrices AdamW leaves undecayed), ``peft_fan_in_fan_out`` and
+``context_in_weights``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
 from .layers import REFERENCE_OPS
-from .layers.quantized_linear import QuantizedLinearCache, quantized_linear_backward, quantized_linear_forward
-from .quant.weight import QuantizedWeight
+from .weight_formats import WeightFormat, format_of
 
 
-class LanguageModel(ABC):
+class LinearHookCache(NamedTuple):
+    """The linear hook's cache: the format whose forward ran (its backward takes ``layer``) and that cache."""
+
+    format: WeightFormat
+    layer: object  # the format's layer cache (a LinearCache, or a QuantizedLinearCache)
+
+
+class LanguageModel:
     """A config, a flat parameter dict checked against the config's shapes, and the frozen names."""
 
     embedding_name = ""  # set by each model: the parameter whose array tells the device and dtype
     context_in_weights = True  # whether a parameter's shape depends on block_size (a position table)
+    no_decay: tuple[str, ...] = ()  # matrices that AdamW leaves undecayed by default (optim.py)
+    has_adapters = False  # a LoRA model (lora/model.py) says True
+    supports_activation_memory = False  # whether gradient checkpointing and loss chunks are implemented
+    gradient_checkpointing = False  # recompute each block's activations in the backward (when supported)
+    loss_chunk_rows: int | None = None  # take the head and the loss this many rows at a time (when supported)
 
     def __init__(self, config, params: dict, frozen=()):
         self.config = config
@@ -44,15 +60,54 @@ class LanguageModel(ABC):
         self.params = params
         self.frozen = frozenset(frozen)
         self.ops = REFERENCE_OPS  # the layer functions the forward and backward call (layers/ops.py)
+        self.record_formats()
 
-    @abstractmethod
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter the model must hold, with its shape (each model names its own)."""
+        """Every parameter the model must hold, with its shape: the config's (a LoRA model adds its own)."""
+        return self.config.parameter_shapes()
+
+    def record_formats(self) -> None:
+        """Record how each parameter is held (weight_formats.py): called whenever weights enter ``params``."""
+        self.formats = {name: format_of(value) for name, value in self.params.items()}
+
+    def use_layer_ops(self, ops, lora_ops=None) -> None:
+        """The seam for a fast path: the layer functions the forward and backward call from now on.
+
+        ``lora_ops`` is the adapter layers' namespace, which only a LoRA model uses.
+        """
+        self.ops = ops
+
+    def weight_dicts(self) -> tuple[dict, ...]:
+        """Every dict of weights the model holds: its ``params`` (a LoRA model adds its base's)."""
+        return (self.params,)
+
+    def uses_dropout(self) -> bool:
+        """Whether a training forward draws dropout masks (a CUDA graph, for one, cannot replay them)."""
+        return self.config.dropout > 0
+
+    def set_activation_memory(self, gradient_checkpointing: bool = False, loss_chunk_rows: int | None = None):
+        """Turn the two switches that trade compute for activation memory, where the family has them."""
+        if not gradient_checkpointing and loss_chunk_rows is None:
+            return
+        if not self.supports_activation_memory:
+            raise ValueError(
+                f"gradient checkpointing and loss chunks are not implemented for {type(self).__name__}"
+            )
+        if loss_chunk_rows is not None and (not isinstance(loss_chunk_rows, int) or loss_chunk_rows <= 0):
+            raise ValueError(
+                f"loss_chunk_rows must be a positive number of positions, got {loss_chunk_rows!r}"
+            )
+        self.gradient_checkpointing, self.loss_chunk_rows = gradient_checkpointing, loss_chunk_rows
 
     @property
     def xp(self):
         embedding = self.params[self.embedding_name]
-        return embedding.xp if isinstance(embedding, QuantizedWeight) else get_xp(embedding)
+        return self.formats[self.embedding_name].array_module(embedding)
+
+    @property
+    def quantized_names(self) -> list[str]:
+        """The parameters held as quantized blocks (QLoRA's frozen base)."""
+        return [name for name, fmt in self.formats.items() if not fmt.trainable]
 
     @property
     def trainable_names(self) -> list[str]:
@@ -60,11 +115,7 @@ class LanguageModel(ABC):
 
     def is_trainable(self, name: str) -> bool:
         """Not frozen, and not held quantized (blocks have no gradient: they are frozen by construction)."""
-        return (
-            name in self.params
-            and name not in self.frozen
-            and not isinstance(self.params[name], QuantizedWeight)
-        )
+        return name in self.params and name not in self.frozen and self.formats[name].trainable
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         names = self.trainable_names if trainable_only else self.params
@@ -97,21 +148,19 @@ class LanguageModel(ABC):
     # LoRA overrides these two to add its adapter path; dropout_rng serves its dropout.
 
     def linear_forward(self, name: str, x, dropout_rng=None):
-        W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
-        if isinstance(W, QuantizedWeight):  # a frozen base held in blocks (QLoRA)
-            return quantized_linear_forward(x, W, b)
-        y, cache = self.ops.linear_forward(x, W, b)
-        if not self.is_trainable(f"{name}.weight"):
+        """y = x W + b through the pair of the format W is held in; the cache keeps that format."""
+        weight = f"{name}.weight"
+        fmt = self.formats[weight]
+        y, cache = fmt.linear_forward(self.ops, x, self.params[weight], self.params.get(f"{name}.bias"))
+        if fmt.trainable and not self.is_trainable(weight):
             cache = cache._replace(x=None)  # only dW reads x: a frozen weight's input is let go at once
-        return y, cache
+        return y, LinearHookCache(format=fmt, layer=cache)
 
-    def linear_backward(self, name: str, dout, cache, grads: dict):
+    def linear_backward(self, name: str, dout, cache: LinearHookCache, grads: dict):
         """Backward of one linear layer; stores the trainable parameters' gradients in ``grads``."""
         weight, bias = f"{name}.weight", f"{name}.bias"
-        if isinstance(cache, QuantizedLinearCache):  # frozen, so its only gradient is dx
-            return quantized_linear_backward(dout, cache)
-        dx, dW, db = self.ops.linear_backward(
-            dout, cache, compute_dW=self.is_trainable(weight), compute_db=self.is_trainable(bias)
+        dx, dW, db = cache.format.linear_backward(
+            self.ops, dout, cache.layer, self.is_trainable(weight), self.is_trainable(bias)
         )
         if dW is not None:
             grads[weight] = dW

@@ -23,21 +23,16 @@ the same blocks with a key/value cache (``forward(idx, kv_cache=...)``).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
 from .backend import to_device
 from .language_model import LanguageModel
 from .layers import ROPE_PAIRINGS, LayerOps, merge_heads, rope_tables, to_heads
-from .layers.quantized_linear import (
-    QuantizedLinearCache,
-    quantized_embedding_forward,
-    quantized_linear_backward,
-    quantized_linear_forward,
-)
-from .quant.weight import QuantizedWeight
+from .validate import ConfigFields, check_bool, check_choice, check_float, check_int
+from .weight_formats import WeightFormat
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm"
@@ -50,7 +45,7 @@ LLAMA_LINEAR_MODULES = (
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigFields):
     n_layer: int = 2  # transformer blocks
     n_head: int = 4  # query heads (H)
     n_kv_head: int = 2  # key/value heads (H_kv); n_head must be a multiple of it
@@ -65,11 +60,19 @@ class LlamaConfig:
     )
     tie_embeddings: bool = True  # the output head is the token embedding, transposed
 
+    family: ClassVar[str] = "llama"  # the family's name, as the fast path's per-family twins know it
+    dropout: ClassVar[float] = 0.0  # the Llama applies none (a LoRA adapter may, on its own input)
+
     def __post_init__(self):
+        set_field = object.__setattr__
         for field in ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "vocab_size", "block_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LlamaConfig.{field} must be a positive integer, got {value!r}")
+            set_field(self, field, check_int(f"LlamaConfig.{field}", getattr(self, field), minimum=1))
+        set_field(
+            self, "rope_theta", check_float("LlamaConfig.rope_theta", self.rope_theta, 0.0, low_open=True)
+        )
+        set_field(self, "rms_eps", check_float("LlamaConfig.rms_eps", self.rms_eps, 0.0, low_open=True))
+        set_field(self, "tie_embeddings", check_bool("LlamaConfig.tie_embeddings", self.tie_embeddings))
+        check_choice("LlamaConfig.rope_pairing", self.rope_pairing, ROPE_PAIRINGS)
         if self.n_embd % self.n_head != 0 or (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(
                 f"LlamaConfig.n_embd={self.n_embd} must be n_head={self.n_head} times an even head size"
@@ -78,41 +81,46 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
             )
-        if self.rope_pairing not in ROPE_PAIRINGS:
-            raise ValueError(
-                f"LlamaConfig.rope_pairing must be one of {ROPE_PAIRINGS}, got {self.rope_pairing!r}"
-            )
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def block_prefix(self, i: int) -> str:
+        """The names of block i's parameters begin with this: ``model.layers.3.``."""
+        return f"model.layers.{i}."
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's name and shape, in the order of a Hugging Face Llama state dict."""
+        C, F, V = self.n_embd, self.ffn_hidden, self.vocab_size
+        kv = self.n_kv_head * self.head_size  # width of k and v
+        shapes = {EMBED: (V, C)}
+        for i in range(self.n_layer):
+            p = self.block_prefix(i)
+            shapes.update({
+                f"{p}input_layernorm.weight": (C,),
+                f"{p}self_attn.q_proj.weight": (C, C),
+                f"{p}self_attn.k_proj.weight": (C, kv),
+                f"{p}self_attn.v_proj.weight": (C, kv),
+                f"{p}self_attn.o_proj.weight": (C, C),
+                f"{p}post_attention_layernorm.weight": (C,),
+                f"{p}mlp.gate_proj.weight": (C, F),
+                f"{p}mlp.up_proj.weight": (C, F),
+                f"{p}mlp.down_proj.weight": (F, C),
+            })  # fmt: skip
+        shapes[f"{NORM}.weight"] = (C,)
+        if not self.tie_embeddings:
+            shapes[f"{HEAD}.weight"] = (C, V)
+        return shapes
 
-def llama_parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, in the order of a Hugging Face Llama state dict."""
-    C, F, V = config.n_embd, config.ffn_hidden, config.vocab_size
-    kv = config.n_kv_head * config.head_size  # width of k and v
-    shapes = {EMBED: (V, C)}
-    for i in range(config.n_layer):
-        p = f"model.layers.{i}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (C,),
-            f"{p}.self_attn.q_proj.weight": (C, C),
-            f"{p}.self_attn.k_proj.weight": (C, kv),
-            f"{p}.self_attn.v_proj.weight": (C, kv),
-            f"{p}.self_attn.o_proj.weight": (C, C),
-            f"{p}.post_attention_layernorm.weight": (C,),
-            f"{p}.mlp.gate_proj.weight": (C, F),
-            f"{p}.mlp.up_proj.weight": (C, F),
-            f"{p}.mlp.down_proj.weight": (F, C),
-        })  # fmt: skip
-    shapes[f"{NORM}.weight"] = (C,)
-    if not config.tie_embeddings:
-        shapes[f"{HEAD}.weight"] = (C, V)
-    return shapes
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """Every projection an adapter may target (PEFT's names), with its weight's (C_in, C_out); not the head."""
+        shapes = self.parameter_shapes()
+        return {
+            f"{self.block_prefix(i)}{m}": shapes[f"{self.block_prefix(i)}{m}.weight"]
+            for i in range(self.n_layer)
+            for m in LLAMA_LINEAR_MODULES
+        }
 
 
 def init_llama_params(
@@ -121,7 +129,7 @@ def init_llama_params(
     """Weights ~ N(0, 0.02^2) and RMSNorm gains 1, drawn on the host from a seeded generator, then moved."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in llama_parameter_shapes(config).items():
+    for name, shape in config.parameter_shapes().items():
         if len(shape) == 1:
             value = np.ones(shape, dtype=dtype)
         else:
@@ -145,6 +153,10 @@ class LlamaBlockCache(NamedTuple):
     swiglu: object
     down_proj: object
 
+    def activations(self, model, i: int, rope) -> LlamaBlockCache:
+        """What block i's backward reads: this cache itself (see BlockCheckpoint for the other kind)."""
+        return self
+
 
 class BlockCheckpoint(NamedTuple):
     """What gradient checkpointing keeps of a block instead of its activations (recomputed in backward)."""
@@ -152,41 +164,66 @@ class BlockCheckpoint(NamedTuple):
     x: object  # (B, T, C) the block's input
     dropout_rng: object  # a copy of the dropout generator as the block found it (same masks again), or None
 
+    def activations(self, model, i: int, rope) -> LlamaBlockCache:
+        """Block i run again from its input with the same dropout masks: the cache its backward reads."""
+        return model.block_forward(i, self.x, rope, copy.deepcopy(self.dropout_rng))[1]
+
+
+class HeadLoss(NamedTuple):
+    """The output head's cache and the loss's: the head's weight format keeps the backward to use."""
+
+    format: WeightFormat  # how the head's weight is held (a quantized tied table gives only dx)
+    head: object  # the head's layer cache
+    loss: object  # CrossEntropyCache
+
+    def backward(self, model, dloss: float):
+        """(dx (B, T, C), the head weight's gradient (C, V) or None): the loss, then the head, backwards."""
+        dlogits = model.ops.cross_entropy_backward(dloss, self.loss)  # (B, T, V)
+        train_head = model.is_trainable(model.head_weight_name)
+        dx, dW_head, _ = self.format.linear_backward(model.ops, dlogits, self.head, train_head, False)
+        return dx, dW_head
+
 
 class ChunkedHeadLoss(NamedTuple):
     """The head and the loss taken a chunk of rows at a time: only the input's gradient is kept."""
 
     dx: object  # (B, T, C) d(loss)/d(final norm's output) for dloss = 1; the (B, T, V) logits never exist
 
+    def backward(self, model, dloss: float):
+        """(dx, None): the head's gradient was formed in the forward, and the head is frozen."""
+        return self.dx * dloss, None
+
 
 class LlamaCache(NamedTuple):
     ops: LayerOps  # the layer functions that made this cache
-    token_embedding: object
+    token_embedding: object  # the lookup's cache (None for a quantized table: frozen)
     rope: tuple  # the (cos, sin) tables, to recompute checkpointed blocks
     blocks: list  # one LlamaBlockCache (or BlockCheckpoint) per layer
     norm: object
-    head: object  # the head's cache, or ChunkedHeadLoss
-    loss: object  # CrossEntropyCache, ChunkedHeadLoss, or None when no targets were given
+    loss: object  # HeadLoss, or ChunkedHeadLoss; None when no targets were given
 
 
 class Llama(LanguageModel):
     """A Llama-family model: its config, its flat parameter dict, and which parameters are frozen.
 
-    Two switches trade compute for activation memory in training (both off by default):
-    ``gradient_checkpointing`` keeps only each block's input and recomputes the block's activations
-    in the backward (one more forward of every block); ``loss_chunk_rows = n`` takes the output head
-    and the cross-entropy n rows at a time, so the (B, T, V) logits never exist whole (with a
-    frozen head; the gradient with respect to the head's input is made in the forward, chunk by
-    chunk, while each chunk's probabilities exist).
+    Two switches trade compute for activation memory in training (both off by default, see
+    ``set_activation_memory``): ``gradient_checkpointing`` keeps only each block's input and
+    recomputes the block's activations in the backward (one more forward of every block);
+    ``loss_chunk_rows = n`` takes the output head and the cross-entropy n rows at a time, so the
+    (B, T, V) logits never exist whole (with a frozen head; the gradient with respect to the head's
+    input is made in the forward, chunk by chunk, while each chunk's probabilities exist).
     """
 
     embedding_name = EMBED
     context_in_weights = False  # RoPE computes its angles: the same weights serve any block_size
-    gradient_checkpointing = False
-    loss_chunk_rows: int | None = None
+    no_decay = (EMBED,)  # the token table is looked up, not multiplied: AdamW leaves it undecayed
+    peft_fan_in_fan_out = False  # nn.Linear's layout in Hugging Face's files
+    supports_activation_memory = True
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return llama_parameter_shapes(self.config)
+    @property
+    def head_weight_name(self) -> str:
+        """The parameter the output head multiplies by: the embedding when tied, else lm_head.weight."""
+        return EMBED if self.config.tie_embeddings else f"{HEAD}.weight"
 
     def _norm_forward(self, name: str, x):
         return self.ops.rmsnorm_forward(x, self.params[f"{name}.weight"], self.config.rms_eps)
@@ -197,7 +234,11 @@ class Llama(LanguageModel):
             grads[f"{name}.weight"] = dw
         return dx
 
-    def _block_forward(self, i: int, x, rope, rng, kv_cache=None):
+    def final_norm(self, x):
+        """The RMSNorm after the last block: (out, cache)."""
+        return self._norm_forward(NORM, x)
+
+    def block_forward(self, i: int, x, rope, rng, kv_cache=None):
         """One block.   x: (B, T, C) -> (B, T, C); rope: the (cos, sin) tables of these positions."""
         ops, config, p = self.ops, self.config, f"model.layers.{i}"
         H, H_kv = config.n_head, config.n_kv_head
@@ -229,7 +270,7 @@ class Llama(LanguageModel):
         )  # fmt: skip
         return x, cache
 
-    def _block_backward(self, i: int, dx, cache: LlamaBlockCache, grads: dict):
+    def block_backward(self, i: int, dx, cache: LlamaBlockCache, grads: dict):
         ops, p, H = self.ops, f"model.layers.{i}", self.config.n_head
         # x_out = x_mid + down_proj(m): the residual hands dx unchanged to x_mid and to the MLP.
         dm = self.linear_backward(f"{p}.mlp.down_proj", dx, cache.down_proj, grads)
@@ -252,64 +293,55 @@ class Llama(LanguageModel):
         dh = dh + self.linear_backward(f"{p}.self_attn.v_proj", merge_heads(dv), cache.v_proj, grads)
         return dx + self._norm_backward(f"{p}.input_layernorm", dh, cache.input_norm, grads)
 
-    def _head_weight(self):
-        """The output head's (C, V) weight: the embedding transposed when tied."""
-        return self.params[EMBED].T if self.config.tie_embeddings else self.params[f"{HEAD}.weight"]
-
     def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None):
         """Logits for every position, and the mean cross-entropy if targets are given.
 
         idx, targets: (B, T) token ids; dropout_rng serves LoRA's dropout (the model has none);
         kv_cache (generate.KVCache): idx holds only the positions after the kv_cache.length cached ones.
         Returns (logits (B, T, V), loss or None, cache for ``backward``; None with kv_cache).
+        With ``loss_chunk_rows`` the logits are never made whole: None is returned for them.
         """
         ops, config = self.ops, self.config
         idx = self.check_token_ids(idx, "idx")
         B, T = idx.shape
         start = self.first_position(T, kv_cache)
-        embed = self.params[EMBED]
-        if isinstance(embed, QuantizedWeight):  # a quantized table: its rows dequantized, frozen, in the
-            dtype = self.params[f"{NORM}.weight"].dtype  # dtype the model computes in (its norms')
-            x, token_embedding = quantized_embedding_forward(idx, embed, dtype), None  # (B, T, C)
-        else:
-            x, token_embedding = ops.embedding_forward(idx, embed)  # (B, T, C)
+        compute_dtype = self.params[f"{NORM}.weight"].dtype  # the dtype the model computes in (its norms')
+        x, token_embedding = self.formats[EMBED].embedding_forward(
+            ops, idx, self.params[EMBED], compute_dtype
+        )
         rope = rope_tables(T, config.head_size, start, config.rope_theta, x.dtype, self.xp)  # (T, hs/2) each
         checkpointing = self.gradient_checkpointing and targets is not None and kv_cache is None
         blocks = []
         for i in range(config.n_layer):
             if checkpointing:  # keep the input; the block's caches are let go as soon as it returns
                 blocks.append(BlockCheckpoint(x, copy.deepcopy(dropout_rng)))
-                x = self._block_forward(i, x, rope, dropout_rng)[0]
+                x = self.block_forward(i, x, rope, dropout_rng)[0]
             else:
-                x, block = self._block_forward(i, x, rope, dropout_rng, kv_cache)
+                x, block = self.block_forward(i, x, rope, dropout_rng, kv_cache)
                 blocks.append(block)
-        x, norm = self._norm_forward(NORM, x)
+        x, norm = self.final_norm(x)
         if self.loss_chunk_rows is not None and targets is not None and kv_cache is None:
             loss, head_loss = self._chunked_head_loss(x, self.check_targets(targets, idx))
-            cache = LlamaCache(ops=ops, token_embedding=token_embedding, rope=rope, blocks=blocks, norm=norm,
-                               head=head_loss, loss=head_loss)  # fmt: skip
-            return None, loss, cache
-        logits, head = self._head_forward(x)  # (B, T, V)
+            return None, loss, LlamaCache(ops, token_embedding, rope, blocks, norm, loss=head_loss)
+        logits, fmt, head = self._head_forward(x)  # (B, T, V)
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
         loss, loss_cache = self.loss_forward(logits, targets, idx)
-        cache = LlamaCache(ops=ops, token_embedding=token_embedding, rope=rope, blocks=blocks, norm=norm,
-                           head=head, loss=loss_cache)  # fmt: skip
-        return logits, loss, cache
+        head_loss = None if loss_cache is None else HeadLoss(format=fmt, head=head, loss=loss_cache)
+        return logits, loss, LlamaCache(ops, token_embedding, rope, blocks, norm, loss=head_loss)
 
     def _head_forward(self, x):
-        """logits = x W_head.   x: (..., C) -> (..., V); a quantized tied table is read slab by slab."""
-        embed = self.params[EMBED]
-        if self.config.tie_embeddings and isinstance(embed, QuantizedWeight):
-            return quantized_linear_forward(x, embed)  # x deq(table)^T
-        return self.ops.linear_forward(x, self._head_weight())
+        """logits = x W_head, through the pair of the format W_head is held in.   x: (..., C) -> (..., V).
 
-    def _head_input_gradient(self, dlogits, head):
-        """dx = dlogits W_head^T for a frozen head.   dlogits: (..., V) -> (..., C)."""
-        if isinstance(head, QuantizedLinearCache):
-            return quantized_linear_backward(dlogits, head)
-        return self.ops.linear_backward(dlogits, head, compute_dW=False, compute_db=False)[0]
+        Tied, W_head is the embedding transposed (for a quantized table, its blocks read as (C, V)).
+        """
+        name = self.head_weight_name
+        fmt, weight = self.formats[name], self.params[name]
+        logits, head = fmt.linear_forward(
+            self.ops, x, fmt.transpose(weight) if name == EMBED else weight, None
+        )
+        return logits, fmt, head
 
     def _chunked_head_loss(self, x, targets):
         """Mean cross-entropy of the head's logits, loss_chunk_rows rows at a time, and its dx.
@@ -318,10 +350,9 @@ class Llama(LanguageModel):
         chunk's dlogits = (p - onehot) / N is formed while the chunk's probabilities exist, and sent
         through the frozen head at once. x: (B, T, C), targets: (B, T) -> (loss, ChunkedHeadLoss).
         """
-        head_weight = HEAD + ".weight" if not self.config.tie_embeddings else EMBED
-        if self.is_trainable(head_weight):
+        if self.is_trainable(self.head_weight_name):
             raise ValueError(
-                f"loss_chunk_rows needs a frozen output head, but {head_weight!r} is trainable: "
+                f"loss_chunk_rows needs a frozen output head, but {self.head_weight_name!r} is trainable: "
                 "set loss_chunk_rows = None"
             )
         B, T, C = x.shape
@@ -332,51 +363,28 @@ class Llama(LanguageModel):
         for r0 in range(0, N, chunk):
             r1 = min(r0 + chunk, N)
             weight = (r1 - r0) / N  # this chunk's share of the mean
-            logits, head = self._head_forward(rows[r0:r1])  # (n, V)
+            logits, fmt, head = self._head_forward(rows[r0:r1])  # (n, V)
             part, ce = self.ops.cross_entropy_forward(logits, flat_targets[r0:r1])
             del logits  # the probabilities in ce are all the chunk keeps
             loss = loss + weight * part
-            dx[r0:r1] = self._head_input_gradient(self.ops.cross_entropy_backward(weight, ce), head)
+            dlogits = self.ops.cross_entropy_backward(weight, ce)
+            dx[r0:r1] = fmt.linear_backward(self.ops, dlogits, head, False, False)[0]
         return loss, ChunkedHeadLoss(dx=dx.reshape(B, T, C))
 
     def backward(self, cache: LlamaCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
         self.check_cache(cache)
-        ops, grads = self.ops, {}
-        train_embed = self.is_trainable(EMBED)
-        if isinstance(cache.head, ChunkedHeadLoss):  # head and loss done in the forward, chunk by chunk
-            dx = cache.head.dx * dloss
-        elif isinstance(cache.head, QuantizedLinearCache):  # the tied head of a quantized table
-            dx = quantized_linear_backward(ops.cross_entropy_backward(dloss, cache.loss), cache.head)
-        elif self.config.tie_embeddings:
-            dlogits = ops.cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
-            dx, dW_head, _ = ops.linear_backward(
-                dlogits, cache.head, compute_dW=train_embed, compute_db=False
-            )
-        else:
-            dx = self.linear_backward(HEAD, ops.cross_entropy_backward(dloss, cache.loss), cache.head, grads)
+        grads = {}
+        dx, dW_head = cache.loss.backward(self, dloss)  # (B, T, C); (C, V) or None
+        tied = self.config.tie_embeddings
+        if dW_head is not None and not tied:
+            grads[f"{HEAD}.weight"] = dW_head
         dx = self._norm_backward(NORM, dx, cache.norm, grads)
         for i in reversed(range(self.config.n_layer)):
-            block = cache.blocks[i]
-            if isinstance(block, BlockCheckpoint):  # run the block again from its input, same masks
-                block = self._block_forward(i, block.x, cache.rope, copy.deepcopy(block.dropout_rng))[1]
-            dx = self._block_backward(i, dx, block, grads)
-        if train_embed:
-            dembed = ops.embedding_backward(dx, cache.token_embedding)  # (V, C)
+            block = cache.blocks[i].activations(self, i, cache.rope)  # a checkpointed block runs again
+            dx = self.block_backward(i, dx, block, grads)
+        if self.is_trainable(EMBED):
+            dembed = self.ops.embedding_backward(dx, cache.token_embedding)  # (V, C)
             # tied: the embedding is used twice, by the lookup and by the head, so its gradient is the sum
-            grads[EMBED] = dembed + dW_head.T if self.config.tie_embeddings else dembed
+            grads[EMBED] = dembed + dW_head.T if tied else dembed
         return {name: grads[name] for name in self.params if name in grads}  # in parameter order
-
-
-def set_activation_memory(model, gradient_checkpointing: bool = False, loss_chunk_rows: int | None = None):
-    """Turn the Llama model's two memory switches (see ``Llama``); a model of another kind is refused."""
-    if not gradient_checkpointing and loss_chunk_rows is None:
-        return
-    if not isinstance(model, Llama):
-        raise ValueError(
-            f"gradient checkpointing and loss chunks are switches of the Llama model (--base smollm2), "
-            f"not of {type(model).__name__}"
-        )
-    if loss_chunk_rows is not None and (not isinstance(loss_chunk_rows, int) or loss_chunk_rows <= 0):
-        raise ValueError(f"loss_chunk_rows must be a positive number of positions, got {loss_chunk_rows!r}")
-    model.gradient_checkpointing, model.loss_chunk_rows = gradient_checkpointing, loss_chunk_rows

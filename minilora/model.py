@@ -29,33 +29,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import to_device
-from .config import GPTConfig
+from .config import WPE, WTE, GPTConfig
 from .language_model import LanguageModel
 from .layers import LayerOps
 
-WTE = "transformer.wte.weight"
-WPE = "transformer.wpe.weight"
 INIT_STD = 0.02  # GPT-2's initializer_range
-
-
-def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, in the order of the Hugging Face GPT-2 state dict."""
-    C, V, T = config.n_embd, config.vocab_size, config.block_size
-
-    def affine(name, shape_w, n_out):  # a weight and, if the config has biases, its bias
-        return {f"{name}.weight": shape_w, **({f"{name}.bias": (n_out,)} if config.bias else {})}
-
-    shapes = {WTE: (V, C), WPE: (T, C)}
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}"
-        shapes.update(affine(f"{p}.ln_1", (C,), C))
-        shapes.update(affine(f"{p}.attn.c_attn", (C, 3 * C), 3 * C))
-        shapes.update(affine(f"{p}.attn.c_proj", (C, C), C))
-        shapes.update(affine(f"{p}.ln_2", (C,), C))
-        shapes.update(affine(f"{p}.mlp.c_fc", (C, 4 * C), 4 * C))
-        shapes.update(affine(f"{p}.mlp.c_proj", (4 * C, C), C))
-    shapes.update(affine("transformer.ln_f", (C,), C))
-    return shapes
 
 
 def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32, device: str | None = None) -> dict:
@@ -68,7 +46,7 @@ def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32, device: str 
     rng = np.random.default_rng(seed)
     residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
     params = {}
-    for name, shape in parameter_shapes(config).items():
+    for name, shape in config.parameter_shapes().items():
         if name.endswith(".bias"):
             value = np.zeros(shape, dtype=dtype)
         elif ".ln_" in name:
@@ -108,20 +86,22 @@ class GPT(LanguageModel):
     """A GPT-2 model: its config, its flat parameter dict, and which parameters are frozen."""
 
     embedding_name = WTE  # the parameter whose array tells the model's device and dtype
+    no_decay = (WTE, WPE)  # matrices that AdamW leaves undecayed: the lookup tables (optim.py)
+    peft_fan_in_fan_out = True  # GPT-2's Conv1D layout, (C_in, C_out), as PEFT calls it
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter the model must hold, with its shape (subclasses add their own)."""
-        return parameter_shapes(self.config)
-
-    def _layernorm_forward(self, name: str, x):
+    def _norm_forward(self, name: str, x):
         return self.ops.layernorm_forward(x, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
 
-    def _layernorm_backward(self, name: str, dout, cache, grads: dict):
+    def _norm_backward(self, name: str, dout, cache, grads: dict):
         dx, dw, db = self.ops.layernorm_backward(dout, cache)
         for key, grad in ((f"{name}.weight", dw), (f"{name}.bias", db)):
             if grad is not None and self.is_trainable(key):
                 grads[key] = grad
         return dx
+
+    def final_norm(self, x):
+        """ln_f, the LayerNorm after the last block: (out, cache)."""
+        return self._norm_forward("transformer.ln_f", x)
 
     def _dropout(self, x, rng):
         """x through a fresh dropout mask when training with dropout (rng given, p > 0): (out, mask or None)."""
@@ -130,11 +110,11 @@ class GPT(LanguageModel):
         mask = self.ops.make_dropout_mask(rng, x.shape, self.config.dropout, x.dtype)
         return self.ops.dropout_forward(x, mask)
 
-    def _block_forward(self, i: int, x, rng, kv_cache=None):
+    def block_forward(self, i: int, x, rng, kv_cache=None):
         """One block: x + attention branch, then + MLP branch.   x: (B, T, C) -> (B, T, C)."""
         ops, p, H = self.ops, f"transformer.h.{i}", self.config.n_head
         B, T, C = x.shape
-        h, ln_1 = self._layernorm_forward(f"{p}.ln_1", x)
+        h, ln_1 = self._norm_forward(f"{p}.ln_1", x)
         qkv, c_attn = self.linear_forward(f"{p}.attn.c_attn", h, rng)  # (B, T, 3C)
         if kv_cache is None:
             attn_mask = None
@@ -149,7 +129,7 @@ class GPT(LanguageModel):
         a, attn_proj = self.linear_forward(f"{p}.attn.c_proj", a, rng)
         a, attn_dropout = self._dropout(a, rng)
         x = ops.residual_add(x, a)  # residual: x + a
-        h, ln_2 = self._layernorm_forward(f"{p}.ln_2", x)
+        h, ln_2 = self._norm_forward(f"{p}.ln_2", x)
         f, c_fc = self.linear_forward(f"{p}.mlp.c_fc", h, rng)  # (B, T, 4C)
         g, gelu = ops.gelu_forward(f)
         m, mlp_proj = self.linear_forward(f"{p}.mlp.c_proj", g, rng)  # (B, T, C)
@@ -169,7 +149,7 @@ class GPT(LanguageModel):
         )
         return x, cache
 
-    def _block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
+    def block_backward(self, i: int, dx, cache: BlockCache, grads: dict):
         """One block backwards.   dx: (B, T, C) of the block's output -> (B, T, C) of its input.
 
         Adds the gradients of the block's trainable parameters to ``grads``.
@@ -187,13 +167,13 @@ class GPT(LanguageModel):
         del dg  # a spent (B, T, 4C) gradient is let go at once, as autograd does: less memory at the peak
         dh = self.linear_backward(f"{p}.mlp.c_fc", df, cache.c_fc, grads)
         del df
-        dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)  # fan-out: sum both paths
+        dx = dx + self._norm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)  # fan-out: sum both paths
         # x_mid = x + a: the same split for the attention branch.
         da = dx if cache.attn_dropout is None else ops.dropout_backward(dx, cache.attn_dropout)
         da = self.linear_backward(f"{p}.attn.c_proj", da, cache.attn_proj, grads)
         dqkv = ops.attention_backward(da, cache.attn)
         dh = self.linear_backward(f"{p}.attn.c_attn", dqkv, cache.c_attn, grads)
-        return dx + self._layernorm_backward(f"{p}.ln_1", dh, cache.ln_1, grads)
+        return dx + self._norm_backward(f"{p}.ln_1", dh, cache.ln_1, grads)
         # END SOLUTION
 
     def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None):
@@ -216,9 +196,9 @@ class GPT(LanguageModel):
         x, embedding_dropout = self._dropout(x, dropout_rng)
         blocks = []
         for i in range(self.config.n_layer):
-            x, block = self._block_forward(i, x, dropout_rng, kv_cache)
+            x, block = self.block_forward(i, x, dropout_rng, kv_cache)
             blocks.append(block)
-        x, ln_f = self._layernorm_forward("transformer.ln_f", x)
+        x, ln_f = self.final_norm(x)
         logits, head = ops.linear_forward(x, wte.T)  # tied head: W = wte^T, (C, V); logits (B, T, V)
         if kv_cache is not None:
             kv_cache.length = start + T
@@ -252,9 +232,9 @@ class GPT(LanguageModel):
         dx, dW_head, _ = ops.linear_backward(
             dlogits, cache.head, compute_dW=train_wte, compute_db=False
         )  # (B, T, C)
-        dx = self._layernorm_backward("transformer.ln_f", dx, cache.ln_f, grads)
+        dx = self._norm_backward("transformer.ln_f", dx, cache.ln_f, grads)
         for i in reversed(range(self.config.n_layer)):
-            dx = self._block_backward(i, dx, cache.blocks[i], grads)
+            dx = self.block_backward(i, dx, cache.blocks[i], grads)
         if cache.embedding_dropout is not None:
             dx = ops.dropout_backward(dx, cache.embedding_dropout)
         if self.is_trainable(WPE):

@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
-from .model import WPE, WTE
 
 
-def default_decay_names(params: dict, names) -> set[str]:
-    """The parameters that get weight decay by default: matrices, but not the embeddings.
+def default_decay_names(params: dict, names, no_decay=()) -> set[str]:
+    """The parameters that get weight decay by default: matrices, except those named in ``no_decay``.
 
-    Biases and LayerNorm gains (vectors) and the token/position embeddings are left undecayed, as in
-    GPT-2 and nanoGPT practice: shrinking a gain or a lookup table towards 0 is not regularisation.
+    Biases and norm gains (vectors) are never decayed, and a model names the matrices it also keeps
+    out (``model.no_decay``: the GPT's token and position tables, the Llama's token table): shrinking
+    a gain or a lookup table towards 0 is not regularisation. That is minGPT's choice (it decays only
+    the weights of linear layers); nanoGPT decays every tensor of two or more dimensions, embeddings
+    included.
     """
-    return {name for name in names if params[name].ndim >= 2 and name not in (WTE, WPE)}
+    return {name for name in names if params[name].ndim >= 2 and name not in no_decay}
 
 
 class Optimizer:
@@ -31,7 +33,16 @@ class Optimizer:
 
     state_names: tuple[str, ...] = ()  # the per-parameter state buffers a subclass keeps
 
-    def __init__(self, params: dict, names, lr: float, weight_decay: float, decay_names=None, lr_scale=None):
+    def __init__(
+        self,
+        params: dict,
+        names,
+        lr: float,
+        weight_decay: float,
+        decay_names=None,
+        lr_scale=None,
+        no_decay=(),
+    ):
         self.params = params
         self.names = list(names)
         missing = [name for name in self.names if name not in params]
@@ -42,7 +53,7 @@ class Optimizer:
         self.lr = lr
         self.weight_decay = weight_decay
         self.decay_names = (
-            default_decay_names(params, self.names) if decay_names is None else set(decay_names)
+            default_decay_names(params, self.names, no_decay) if decay_names is None else set(decay_names)
         )
         self.lr_scale = dict(lr_scale or {})  # name -> factor on the learning rate (LoRA+ scales lora_B's)
         unknown = sorted(set(self.lr_scale) - set(self.names))
@@ -134,8 +145,9 @@ class AdamW(Optimizer):
         weight_decay: float = 0.01,
         decay_names=None,
         lr_scale=None,
+        no_decay=(),
     ):
-        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
+        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale, no_decay)
         self.beta1, self.beta2 = betas
         self.eps = eps
 
@@ -181,8 +193,9 @@ class SGD(Optimizer):
         nesterov: bool = False,
         decay_names=None,
         lr_scale=None,
+        no_decay=(),
     ):
-        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale)
+        super().__init__(params, names, lr, weight_decay, decay_names, lr_scale, no_decay)
         self.momentum = momentum
         self.nesterov = nesterov
 

@@ -9,6 +9,7 @@ infinities are refused where a float is meant.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -51,3 +52,30 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
     return bool(value)
+
+
+class ConfigFields:
+    """``to_dict`` and ``from_dict`` for a frozen dataclass config, so that it reads and writes JSON.
+
+    ``from_dict`` refuses anything but a mapping of the class's own fields, naming what is unknown;
+    each field's value is then checked by the class's ``__post_init__``.
+    """
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        if not isinstance(values, dict):
+            raise ValueError(f"a {cls.__name__} must be a mapping of its fields, got {type(values).__name__}")
+        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(map(str, unknown))}")
+        return cls(**values)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices``; else ValueError naming ``name`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value

@@ -46,9 +46,8 @@ from minilora.lab.bench import step_flops
 from minilora.lab.memory import format_bytes, memory_ledger
 from minilora.lora.accounting import format_table, lora_parameter_table, lora_trainable_count
 from minilora.lora.layer import lora_delta_weight
-from minilora.model import parameter_shapes
 from minilora.optim import AdamW
-from minilora.training.loop import train_step
+from minilora.training.step import train_step
 
 # %% [markdown]
 # ## The models
@@ -78,7 +77,7 @@ models = {
 
 
 def model_size(config):
-    return sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    return sum(math.prod(shape) for shape in config.parameter_shapes().values())
 
 
 print(f"{'model':<14} {'layers':>6} {'C':>5} {'V':>6} {'parameters':>13}")

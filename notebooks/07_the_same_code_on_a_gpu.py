@@ -57,10 +57,10 @@ from minilora import (
 from minilora.backend import BackendError, get_backend, get_xp, host_rng, synchronize, to_device, to_numpy
 from minilora.fast.cpu.ops import CPU_OPS
 from minilora.fast.cuda.ops import CUDA_OPS  # importing the fast path's namespace never imports CuPy
-from minilora.io.data import get_batch
 from minilora.jobs.finetune import make_optimizer
 from minilora.layers import REFERENCE_OPS, layernorm_backward, layernorm_forward
-from minilora.training.loop import train_step
+from minilora.training.batches import get_batch
+from minilora.training.step import train_step
 
 # %% [markdown]
 # ## Is there a GPU?
@@ -316,7 +316,7 @@ assert abs(start_loss["NumPy float64"] - np.log(tiny.vocab_size)) < 0.05
 #
 # Now a real training step: the shipped base model (6 blocks, 256 channels, pretrained on
 # Shakespeare), a rank-8 adapter on `c_attn` and `attn.c_proj`, one batch of First Folio text
-# (B = 4 windows of T = 128 bytes, drawn on the host), and `minilora.training.loop.train_step`,
+# (B = 4 windows of T = 128 bytes, drawn on the host), and `minilora.training.step.train_step`,
 # the same function on every backend: forward, backward, gradient clipping, AdamW.
 #
 # The adapter is drawn on the host too, so the GPU's `lora_A` equals the CPU's exactly; the float64
@@ -500,8 +500,9 @@ else:
 #   `model.lora_ops` (`minilora.lora.ops.LoraOps`) for its adapter layers.
 # - **`backend.register_matmul`**, through which the CUDA path routes every product of CuPy arrays
 #   to its own cuBLAS handle (one that a CUDA graph can record).
-# - **`train_loop(..., step=...)`**, the callable that does one batch's work: the reference
-#   `train_step`, or on a GPU the step captured once as a CUDA graph and replayed.
+# - **`train_loop(..., step=...)`**, the `TrainingStep` that does one batch's work in two halves,
+#   `forward_backward` then `apply_update`: the reference's, or on a GPU the first half captured
+#   once as a CUDA graph and replayed and the second fused.
 #
 # `minilora.fast.accelerate(model, optimizer, grad_clip)` makes all three choices for a model's
 # device. Here is the first seam, field by field, with how often the tiny model's training step

@@ -9,6 +9,7 @@ from safetensors.numpy import save as safetensors_bytes
 from safetensors.numpy import save_file
 
 import minilora.io.checkpoint
+from minilora.backend import weights_fingerprint
 from minilora.config import GPTConfig
 from minilora.io.adapters import (
     ADAPTER_CONFIG,
@@ -18,7 +19,7 @@ from minilora.io.adapters import (
     read_adapter,
     save_adapter,
 )
-from minilora.io.checkpoint import save_checkpoint, weights_fingerprint
+from minilora.io.checkpoint import save_checkpoint
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params

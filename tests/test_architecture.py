@@ -561,3 +561,16 @@ def test_checker_catches_planted_cycles_and_reference_to_fast_imports(tmp_path):
     assert [(e.importer, e.line) for e in eager] == [("toy.eager", 2)]
     assert any(e.target == "toy.peer" and e.lazy and e.line == 6 for e in edges)  # import_module("toy.peer")
     assert any(e.importer == "toy.peer" and e.target == "torch" for e in edges)
+
+
+def test_the_reference_imports_nothing_from_io_but_the_tokenizer(graph):
+    # io/ (files, checkpoints, data) sits above the reference: the reference gets arrays, not files.
+    modules, edges = graph
+    allowed = ("minilora.io.tokenizer",)
+    found = forbidden_chains(modules, edges, REFERENCE, ("minilora.io.*",))
+    crossings = sorted(
+        f"{chain[-1].where(REPO)}: {chain[-1].importer} imports {chain[-1].target}"
+        for _, chain in found
+        if chain[-1].target not in allowed and not chain[-1].implied
+    )
+    assert not crossings, "reference modules import from minilora/io/:\n" + "\n".join(crossings)

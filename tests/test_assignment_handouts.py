@@ -195,6 +195,7 @@ def test_the_notebook_is_the_handout_with_the_holes_listed_and_the_grader_last(a
     )
 
 
+@pytest.mark.notebooks
 def test_a_solved_release_notebook_runs_top_to_bottom_in_a_kernel_and_its_grader_gives_full_marks(tmp_path):
     import json
     import sys

@@ -12,6 +12,7 @@ from minilora.assignments.release import release, student_copy
 VERIFY_SEED = 20261202  # CI verifies on fixed inputs; `minilora assignment verify` draws fresh ones
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("assignment_id", sorted(ASSIGNMENTS))
 def test_reference_scores_full_marks_blank_scores_zero_and_planted_bugs_lose_points(assignment_id):
     scores = verify(assignment_id, seed=VERIFY_SEED)
@@ -101,6 +102,7 @@ def test_a_broken_file_costs_only_its_own_parts_and_a_failure_says_what_was_wron
     assert "logits" in failed["message"] and "GradCheckError: " in score.table()
 
 
+@pytest.mark.slow
 def test_an_endless_loop_loses_its_part_and_the_grader_goes_on(tmp_path, monkeypatch):
     from minilora.assignments.graders.conftest import PART_SECONDS_ENV_VAR
 
@@ -197,6 +199,7 @@ def test_a_class_is_graded_from_a_roster_into_one_csv(tmp_path, capsys):
     assert "ada" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_each_grading_run_draws_fresh_inputs_and_its_seed_draws_them_again(tmp_path):
     release("a1", tmp_path / "reference", solved=True)
     first, second = (grade("a1", tmp_path / "reference") for _ in range(2))

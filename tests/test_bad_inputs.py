@@ -15,8 +15,6 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-import minilora.io.info
-import minilora.model
 from minilora.cli import main
 from minilora.config import GPTConfig
 from minilora.io.adapters import AdapterError, load_adapter, read_adapter, save_adapter
@@ -240,14 +238,13 @@ def test_float8_tensors_are_refused_naming_the_tensor(base_file, tmp_path):
 @pytest.fixture
 def nothing_sized_by_a_huge_n_layer(monkeypatch):
     """parameter_shapes refuses configs of more than 100 blocks: nothing may be built from the claim first."""
-    real = minilora.model.parameter_shapes
+    real = GPTConfig.parameter_shapes
 
     def guarded(config):
         assert config.n_layer <= 100, f"built parameter_shapes for n_layer={config.n_layer}"
         return real(config)
 
-    monkeypatch.setattr(minilora.model, "parameter_shapes", guarded)
-    monkeypatch.setattr(minilora.io.info, "parameter_shapes", guarded)
+    monkeypatch.setattr(GPTConfig, "parameter_shapes", guarded)
 
 
 def test_a_checkpoint_claiming_3_million_blocks_is_refused_before_anything_is_built(
@@ -309,12 +306,7 @@ def test_a_small_lr_without_min_lr_decays_to_a_tenth_of_it():
 def test_resuming_a_checkpoint_claiming_3_million_blocks_is_refused_before_anything_is_built(
     base_file, tmp_path, monkeypatch, nothing_sized_by_a_huge_n_layer
 ):
-    import minilora.jobs.pretrain
     from minilora.jobs.pretrain import CHECKPOINT_NAME, pretrain
-
-    monkeypatch.setattr(
-        minilora.jobs.pretrain, "parameter_shapes", minilora.model.parameter_shapes
-    )  # guarded
 
     checkpoint = load_checkpoint(base_file)
     run = tmp_path / "run"

@@ -275,16 +275,7 @@ def test_a_tiny_bench_run_with_the_peer_reports_both_and_the_ratio():
     assert result["ratio"]["min"] <= result["ratio"]["median"] <= result["ratio"]["max"]
 
 
-def gpu_visible() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001  (no CuPy, or CuPy without a driver or device)
-        return False
-
-
-@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+@pytest.mark.gpu
 def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
     settings = BenchSettings(
         preset="tiny", device="cuda", batch_size=2, warmup=1, steps=1, repeats=1, peak_size=256, corpus=None
@@ -297,7 +288,7 @@ def test_a_tiny_bench_run_on_the_gpu_reports_device_memory():
     json.dumps(result)
 
 
-@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+@pytest.mark.gpu
 def test_the_torch_peer_runs_on_the_gpu_with_the_same_first_loss():
     pytest.importorskip("torch")
     settings = BenchSettings(
@@ -347,7 +338,7 @@ def test_the_peer_under_bf16_autocast_keeps_float32_masters_and_a_loss_near_floa
         )
 
 
-@pytest.mark.skipif(not gpu_visible(), reason="needs CuPy and a GPU")
+@pytest.mark.gpu
 def test_the_gpu_peer_runs_bf16_autocast_sdpa_and_compile():
     pytest.importorskip("torch")
     settings = BenchSettings(

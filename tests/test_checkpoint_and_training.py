@@ -11,7 +11,7 @@ import minilora.jobs.pretrain
 from minilora.config import GPTConfig
 from minilora.io.checkpoint import CheckpointError, check_params_fit, load_checkpoint, save_checkpoint
 from minilora.jobs.pretrain import CHECKPOINT_NAME, pretrain
-from minilora.model import init_params, parameter_shapes
+from minilora.model import init_params
 from minilora.optim import AdamW
 from minilora.training.loop import TrainingDiverged, TrainSettings
 
@@ -87,7 +87,7 @@ def test_missing_checkpoint_and_foreign_file_give_clear_errors(tmp_path):
 
 
 def test_params_that_do_not_fit_name_the_key_and_both_shapes():
-    shapes = parameter_shapes(MICRO)
+    shapes = MICRO.parameter_shapes()
     params = init_params(MICRO)
     params["transformer.wpe.weight"] = np.zeros((8, 16), dtype=np.float32)
     with pytest.raises(CheckpointError, match=r"'transformer.wpe.weight' has shape \(8, 16\).*\(16, 16\)"):

@@ -8,21 +8,17 @@ in float64, shape and dtype first, then values.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora.backend import device_rng, get_xp, scatter_add, to_device, to_numpy
+from minilora.cli import main
+from minilora.config import get_preset
+from minilora.io.checkpoint import load_checkpoint
+from minilora.io.data import load_corpus
+from minilora.model import GPT, init_params
+from minilora.optim import AdamW
+from minilora.training.evaluate import bits_per_byte
 
-from minilora.backend import device_rng, get_xp, scatter_add, to_device, to_numpy  # noqa: E402
-from minilora.cli import main  # noqa: E402
-from minilora.config import get_preset  # noqa: E402
-from minilora.io.checkpoint import load_checkpoint  # noqa: E402
-from minilora.io.data import load_corpus  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
-from minilora.optim import AdamW  # noqa: E402
-from minilora.training.evaluate import bits_per_byte  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 FLOAT32_TOL = 2e-4  # relative: max|gpu - cpu64| / max|cpu64|
 

@@ -9,17 +9,13 @@ address is not 16-byte aligned). These tests run only where CuPy and a GPU are p
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora import layers as ref
+from minilora.backend import float_dtype, host_rng, to_device, to_numpy
+from minilora.fast.cuda import linear, use_cublas
+from minilora.fast.cuda.kernels.add import add_bias_, residual_add
 
-from minilora import layers as ref  # noqa: E402
-from minilora.backend import float_dtype, host_rng, to_device, to_numpy  # noqa: E402
-from minilora.fast.cuda import linear, use_cublas  # noqa: E402
-from minilora.fast.cuda.kernels.add import add_bias_, residual_add  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 use_cublas()
 TOLERANCE = {"float64": 0.0, "float32": 2**-23, "bfloat16": 2**-8}

@@ -8,16 +8,12 @@ with equal batch shapes, and one weight broadcast over (B, T, C) inputs.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no GPU visible", allow_module_level=True)
-except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
-    pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
+from minilora.backend import matmul
+from minilora.fast.cuda import blas as cuda_blas
+from minilora.fast.cuda import use_cublas
 
-from minilora.backend import matmul  # noqa: E402
-from minilora.fast.cuda import blas as cuda_blas  # noqa: E402
-from minilora.fast.cuda import use_cublas  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 RNG = np.random.default_rng(0)
 

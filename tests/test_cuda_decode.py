@@ -17,17 +17,6 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, WPE, WTE, init_params
 
-
-def gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001  (no CuPy, or CuPy without a driver or device)
-        return False
-
-
-requires_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 
@@ -55,7 +44,7 @@ def prompts(B: int, T0: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, size=(B, T0))
 
 
-@requires_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize(
     "temperature, top_k", [(0.0, None), (1.0, None), (0.7, 5), (1.3, 1)], ids=["greedy", "t1", "top5", "top1"]
@@ -73,7 +62,7 @@ def test_gpu_ids_equal_the_reference_ids_past_the_block_size(lora, temperature, 
     assert min(len(set(row.tolist())) for row in got[:, 5:]) > 3  # real sequences, not one token repeated
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_gpu_generation_of_text_equals_the_reference_and_leaves_the_model_as_it_was():
     model = gpu_model(seed=4, lora=True)
     ops = model.ops
@@ -85,7 +74,7 @@ def test_gpu_generation_of_text_equals_the_reference_and_leaves_the_model_as_it_
     assert model.ops is ops
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_a_long_prompt_and_a_stop_id_end_where_the_reference_ends():
     model = gpu_model(seed=5)
     decoder = accelerate_generation(model)
@@ -98,7 +87,7 @@ def test_a_long_prompt_and_a_stop_id_end_where_the_reference_ends():
     np.testing.assert_array_equal(decoder(model, ids, 0, 1.0, None, seed=3), ids)
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_non_finite_logits_raise_as_in_the_reference():
     model = gpu_model(seed=6)
     model.params["transformer.h.1.mlp.c_proj.bias"][3] = np.nan

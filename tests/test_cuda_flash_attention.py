@@ -18,19 +18,15 @@ import math
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora import layers as ref
+from minilora.backend import device_rng, to_numpy
+from minilora.fast.cuda.kernels import attention as fused_attention
+from minilora.fast.cuda.kernels import flash_attention as flash
+from minilora.fast.cuda.ops import CUDA_OPS
+from minilora.layers.flash_attention import flash_attention_backward, flash_attention_forward
 
-from minilora import layers as ref  # noqa: E402
-from minilora.backend import device_rng, to_numpy  # noqa: E402
-from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
-from minilora.fast.cuda.kernels import flash_attention as flash  # noqa: E402
-from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
-from minilora.layers.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 F32_TOL, BF16_TOL = 2e-5, 1e-2
 SHAPES = [(2, 3, 1, 64), (2, 2, 37, 64), (1, 2, 64, 16), (2, 2, 65, 64), (1, 3, 200, 128), (1, 1, 130, 32)]

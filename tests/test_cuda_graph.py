@@ -8,24 +8,21 @@ benchmark; their losses and adapter weights must agree to float32 rounding.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no GPU visible", allow_module_level=True)
-except Exception as err:  # noqa: BLE001  (CuPy without a driver or device)
-    pytest.skip(f"no usable GPU: {err}", allow_module_level=True)
+from minilora.backend import to_numpy
+from minilora.config import GPTConfig
+from minilora.fast import accelerate
+from minilora.fast.cuda import use_cublas
+from minilora.fast.cuda.graph import GraphedStep
+from minilora.fast.cuda.ops import CUDA_OPS
+from minilora.fast.cuda.optim import fused_apply_update
+from minilora.jobs.finetune import make_optimizer
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.model import GPT, init_params
+from minilora.training.loop import TrainSettings
+from minilora.training.step import train_step
 
-from minilora.backend import to_numpy  # noqa: E402
-from minilora.config import GPTConfig  # noqa: E402
-from minilora.fast import accelerate  # noqa: E402
-from minilora.fast.cuda import use_cublas  # noqa: E402
-from minilora.fast.cuda.graph import GraphedStep, cuda_train_step  # noqa: E402
-from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
-from minilora.jobs.finetune import make_optimizer  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
-from minilora.training.loop import TrainSettings, train_step  # noqa: E402
+pytestmark = pytest.mark.gpu
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
@@ -97,11 +94,12 @@ def test_graph_refuses_dropout_and_bad_batches():
     with pytest.raises(ValueError, match="dropout"):
         GraphedStep(dropout_model, optimizer, grad_clip=1.0)
     step = GraphedStep(model, optimizer, grad_clip=1.0)
-    step.replay(np.zeros((4, 16), dtype=np.int64), np.zeros((4, 16), dtype=np.int64))
+    zeros = np.zeros((4, 16), dtype=np.int64)
+    step(model, optimizer, zeros, zeros, None, 1.0)
     with pytest.raises(ValueError, match="shape"):
-        step.replay(np.zeros((2, 16), dtype=np.int64), np.zeros((2, 16), dtype=np.int64))
+        step(model, optimizer, zeros[:2], zeros[:2], None, 1.0)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        step.replay(np.full((4, 16), 999), np.zeros((4, 16), dtype=np.int64))
+        step(model, optimizer, np.full((4, 16), 999), zeros, None, 1.0)
     with pytest.raises(ValueError, match="another model"):
         step(
             dropout_model,
@@ -118,7 +116,7 @@ def test_the_eager_cuda_step_with_dropout_trains_like_the_reference_step():
     models = [GPT(config, init_params(config, seed=4, device="cuda")) for _ in range(2)]
     optimizers = [make_optimizer(m, TrainSettings(lr=1e-2, weight_decay=0.1)) for m in models]
     step = accelerate(models[1], optimizers[1], grad_clip=1.0)
-    assert step is cuda_train_step and models[1].ops is CUDA_OPS
+    assert step.apply_update is fused_apply_update and models[1].ops is CUDA_OPS  # cuda_train_step()
     rng = np.random.default_rng(5)
     for i in range(3):
         x, y = rng.integers(0, 256, (4, 16)), rng.integers(0, 256, (4, 16))
@@ -137,3 +135,34 @@ def test_the_eager_cuda_step_with_dropout_trains_like_the_reference_step():
             assert np.abs(got[C : 2 * C]).max() < 1e-4 and np.abs(want[C : 2 * C]).max() < 1e-4
             got, want = np.delete(got, np.s_[C : 2 * C]), np.delete(want, np.s_[C : 2 * C])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_graphed_grad_accumulation_equals_the_big_batch_in_float64(grad_accum):
+    """N micro-batches, each a replay of the captured first half, give the step of one batch N times as large."""
+    use_cublas()
+    models, optimizers, steps = [], [], []
+    for accum in (1, grad_accum):
+        model = add_lora(
+            GPT(CONFIG, init_params(CONFIG, seed=1, dtype=np.float64, device="cuda")),
+            LoraConfig(r=4, target_modules=("c_attn", "attn.c_proj"), init="random"),
+            seed=2,
+        )
+        optimizer = make_optimizer(model, TrainSettings(lr=1e-2, weight_decay=0.1))
+        models.append(model)
+        optimizers.append(optimizer)
+        steps.append(accelerate(model, optimizer, grad_clip=0.5, graph_warmup=1, grad_accum=accum))
+    assert all(isinstance(step, GraphedStep) for step in steps)
+    rng = np.random.default_rng(4)
+    for _ in range(4):  # an eager warm-up, the capture, then replays
+        x, y = rng.integers(0, 256, (8, 16)), rng.integers(0, 256, (8, 16))
+        losses = [float(step(m, o, x, y, None, 0.5)) for step, m, o in zip(steps, models, optimizers)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-12)
+    for name in models[0].trainable_names:
+        np.testing.assert_allclose(
+            to_numpy(models[1].params[name]),
+            to_numpy(models[0].params[name]),
+            rtol=1e-12,
+            atol=1e-12,
+            err_msg=name,
+        )

@@ -21,28 +21,24 @@ import math
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora import layers as ref
+from minilora.backend import device_rng, to_device, to_numpy
+from minilora.config import get_preset
+from minilora.fast.cuda.kernels import attention as fused_attention
+from minilora.fast.cuda.kernels import gqa_attention as fused_gqa
+from minilora.fast.cuda.kernels import llama as fused_llama
+from minilora.fast.cuda.kernels.adamw import adamw_step_fused
+from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward
+from minilora.fast.cuda.kernels.grad_norm import global_grad_norm
+from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward
+from minilora.fast.cuda.ops import CUDA_OPS
+from minilora.fast.cuda.optim import fused_adamw_step, fused_clip_grad_norm
+from minilora.model import GPT, init_params
+from minilora.optim import AdamW, clip_grad_norm
 
-from minilora import layers as ref  # noqa: E402
-from minilora.backend import device_rng, to_device, to_numpy  # noqa: E402
-from minilora.config import get_preset  # noqa: E402
-from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
-from minilora.fast.cuda.kernels import gqa_attention as fused_gqa  # noqa: E402
-from minilora.fast.cuda.kernels import llama as fused_llama  # noqa: E402
-from minilora.fast.cuda.kernels.adamw import adamw_step_fused  # noqa: E402
-from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
-from minilora.fast.cuda.kernels.grad_norm import global_grad_norm  # noqa: E402
-from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
-from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
-from minilora.fast.cuda.optim import fused_adamw_step, fused_clip_grad_norm  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
-from minilora.optim import AdamW, clip_grad_norm  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # (RTOL, ATOL), see the docstring
 DTYPES = list(TOLERANCES)

@@ -14,31 +14,26 @@ import math
 
 import numpy as np
 import pytest
+from lora_loss_curve import fast_lora_losses
 
-cupy = pytest.importorskip("cupy")
+from minilora import layers as ref
+from minilora.backend import float_dtype, host_rng, to_device, to_numpy
+from minilora.fast import accelerate
+from minilora.fast.cuda import use_cublas
+from minilora.fast.cuda.graph import GraphedStep
+from minilora.fast.cuda.kernels import attention as fused_attention
+from minilora.fast.cuda.kernels import gqa_attention as fused_gqa
+from minilora.fast.cuda.kernels import llama as fused_llama
+from minilora.fast.cuda.kernels import rope as fused_rope
+from minilora.jobs.finetune import make_optimizer
+from minilora.llama import Llama, LlamaConfig, init_llama_params
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.training.loop import TrainSettings
+from minilora.training.step import train_step
+
 pytest.importorskip("ml_dtypes")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
-
-from lora_loss_curve import fast_lora_losses  # noqa: E402
-
-from minilora import layers as ref  # noqa: E402
-from minilora.backend import float_dtype, host_rng, to_device, to_numpy  # noqa: E402
-from minilora.fast import accelerate  # noqa: E402
-from minilora.fast.cuda import use_cublas  # noqa: E402
-from minilora.fast.cuda.graph import GraphedStep  # noqa: E402
-from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
-from minilora.fast.cuda.kernels import gqa_attention as fused_gqa  # noqa: E402
-from minilora.fast.cuda.kernels import llama as fused_llama  # noqa: E402
-from minilora.fast.cuda.kernels import rope as fused_rope  # noqa: E402
-from minilora.jobs.finetune import make_optimizer  # noqa: E402
-from minilora.llama import Llama, LlamaConfig, init_llama_params  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.training.loop import TrainSettings, train_step  # noqa: E402
+pytestmark = pytest.mark.gpu
 
 use_cublas()  # bf16 products go through minilora's cuBLAS handle
 BF16 = float_dtype("bfloat16")

@@ -14,26 +14,21 @@ These tests run only where CuPy and a GPU are present (they skip elsewhere, e.g.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora.backend import host_rng, to_device, to_numpy
+from minilora.config import GPTConfig
+from minilora.fast import accelerate
+from minilora.fast.cuda import blas, use_cublas
+from minilora.fast.cuda import lora as fused
+from minilora.fast.cuda.ops import CUDA_LORA_OPS
+from minilora.jobs.finetune import make_optimizer
+from minilora.lora import layer as reference
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.lora.ops import REFERENCE_LORA_OPS
+from minilora.model import GPT, init_params
+from minilora.training.loop import TrainSettings
 
-from minilora.backend import host_rng, to_device, to_numpy  # noqa: E402
-from minilora.config import GPTConfig  # noqa: E402
-from minilora.fast import accelerate  # noqa: E402
-from minilora.fast.cuda import blas, use_cublas  # noqa: E402
-from minilora.fast.cuda import lora as fused  # noqa: E402
-from minilora.fast.cuda.ops import CUDA_LORA_OPS  # noqa: E402
-from minilora.jobs.finetune import make_optimizer  # noqa: E402
-from minilora.lora import layer as reference  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.lora.ops import REFERENCE_LORA_OPS  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
-from minilora.training.loop import TrainSettings  # noqa: E402
+pytestmark = pytest.mark.gpu
 
 use_cublas()
 N_ROWS, C_IN, C_OUT, RANK, SCALE = (3, 17), 24, 40, 4, 2.0

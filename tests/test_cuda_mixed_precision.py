@@ -16,28 +16,22 @@ import math
 
 import numpy as np
 import pytest
+from lora_loss_curve import fast_lora_losses
 
-cupy = pytest.importorskip("cupy")
-ml_dtypes = pytest.importorskip("ml_dtypes")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora import layers as ref
+from minilora.backend import float_dtype, host_rng, to_device, to_numpy
+from minilora.config import get_preset
+from minilora.fast.cuda import blas, use_cublas
+from minilora.fast.cuda.kernels import attention as fused_attention
+from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward
+from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.model import GPT, init_params
 
-from lora_loss_curve import fast_lora_losses  # noqa: E402
-
-from minilora import layers as ref  # noqa: E402
-from minilora.backend import float_dtype, host_rng, to_device, to_numpy  # noqa: E402
-from minilora.config import get_preset  # noqa: E402
-from minilora.fast.cuda import blas, use_cublas  # noqa: E402
-from minilora.fast.cuda.kernels import attention as fused_attention  # noqa: E402
-from minilora.fast.cuda.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from minilora.fast.cuda.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
-from minilora.fast.cuda.kernels.layernorm import layernorm_backward, layernorm_forward  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
+pytest.importorskip("ml_dtypes")
+pytestmark = pytest.mark.gpu
 
 use_cublas()  # bf16 products go through minilora's cuBLAS handle (CuPy's matmul has no bf16 path)
 BF16 = float_dtype("bfloat16")

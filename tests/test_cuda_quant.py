@@ -7,23 +7,19 @@ These tests run only where CuPy and a GPU are present (they skip elsewhere, e.g.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # CuPy installed, but no driver or device
-    HAS_GPU = False
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+from minilora.backend import to_device, to_numpy
+from minilora.fast import accelerate
+from minilora.fast.cuda.kernels.dequantize import FUSED_DEQUANTIZERS, fuse_dequantizers
+from minilora.layers.quantized_linear import quantized_linear_backward, quantized_linear_forward
+from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.optim import AdamW
+from minilora.quant import quantize_weight as quantize
+from minilora.training.step import train_step
 
-from minilora.backend import to_device, to_numpy  # noqa: E402
-from minilora.fast import accelerate  # noqa: E402
-from minilora.fast.cuda.kernels.dequantize import FUSED_DEQUANTIZERS, fuse_dequantizers  # noqa: E402
-from minilora.layers.quantized_linear import quantized_linear_backward, quantized_linear_forward  # noqa: E402
-from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.optim import AdamW  # noqa: E402
-from minilora.quant import quantize_weight as quantize  # noqa: E402
-from minilora.training.loop import train_step  # noqa: E402
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("block_format", sorted(FUSED_DEQUANTIZERS))
@@ -49,8 +45,12 @@ def test_the_fused_dequantizer_gives_the_references_bits(block_format):
 
 
 def fuse_dequantizers_of(weight):
-    class Holder:
+    class Holder:  # what fuse_dequantizers asks of a model: the dicts of weights it holds
         params = {"w": weight}
+
+        @classmethod
+        def weight_dicts(cls):
+            return (cls.params,)
 
     assert fuse_dequantizers(Holder) == 1
     return Holder.params["w"]

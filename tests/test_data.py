@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from minilora.io.data import SHIPPED_CORPORA, CorpusError, get_batch, load_corpus
+from minilora.io.data import SHIPPED_CORPORA, CorpusError, load_corpus
+from minilora.training.batches import get_batch
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from minilora.fast.cpu.host_memory import retain_freed_memory
 from minilora.fast.cpu.sharded_step import (
     THREADS_ENV_VAR,
     cpu_threads,
-    shard_bounds,
     sharded_forward_backward,
     sharded_train_step,
 )
@@ -22,7 +21,7 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
-from minilora.training.loop import train_step
+from minilora.training.step import split_bounds, train_step
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
 
@@ -33,7 +32,7 @@ def batch(B, seed=0):
 
 
 def forward_backward(model, x, y, dropout_key=None, shards=2):
-    return sharded_forward_backward(model, x, y, dropout_key, shard_bounds(x.shape[0], shards))
+    return sharded_forward_backward(model, x, y, dropout_key, split_bounds(x.shape[0], shards))
 
 
 def whole_batch(model, x, y):
@@ -89,17 +88,17 @@ def test_sharded_train_step_takes_the_same_step_as_the_reference_train_step():
     x, y = batch(5, seed=6)
     for _ in range(2):
         loss_ref = train_step(models[0], optimizers[0], x, y, 1e-2, grad_clip=0.5)
-        loss = sharded_train_step(models[1], optimizers[1], x, y, 1e-2, grad_clip=0.5, shards=2)
+        loss = sharded_train_step(shards=2)(models[1], optimizers[1], x, y, 1e-2, grad_clip=0.5)
         assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
     for name, ref in models[0].params.items():
         np.testing.assert_allclose(models[1].params[name], ref, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-def test_shard_bounds_cover_the_batch_without_empty_shards():
-    assert shard_bounds(16, 2) == [(0, 8), (8, 16)]
-    assert shard_bounds(5, 2) in ([(0, 2), (2, 5)], [(0, 3), (3, 5)])
-    assert shard_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
-    assert shard_bounds(7, 1) == [(0, 7)]
+def test_split_bounds_cover_the_batch_without_empty_shards():
+    assert split_bounds(16, 2) == [(0, 8), (8, 16)]
+    assert split_bounds(5, 2) in ([(0, 2), (2, 5)], [(0, 3), (3, 5)])
+    assert split_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert split_bounds(7, 1) == [(0, 7)]
 
 
 def test_cpu_threads_reads_the_environment(monkeypatch):

@@ -11,6 +11,7 @@ from minilora.io.data import SHIPPED_BASE as BASE_CHECKPOINT
 from minilora.lab.demo import DemoSettings, folio_spellings_per_1000, run_demo
 
 
+@pytest.mark.slow
 def test_shipped_base_reproduces_its_recorded_validation_bits_per_byte():
     recorded = load_checkpoint(BASE_CHECKPOINT).metadata["reference_eval"]
     model = ml.load_model(BASE_CHECKPOINT)

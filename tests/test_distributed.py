@@ -29,7 +29,7 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
-from minilora.training.loop import train_step
+from minilora.training.step import train_step
 
 DRIVER = Path(__file__).with_name("distributed_driver.py")
 TIMEOUT = 180  # seconds: a hung job fails the test instead of the whole suite

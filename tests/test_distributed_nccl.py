@@ -8,29 +8,21 @@ weights after warm-up steps, a capture (the all-reduce inside it) and replays.
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no GPU visible", allow_module_level=True)
-    from cupy.cuda import nccl
+from minilora.backend import to_numpy
+from minilora.config import GPTConfig
+from minilora.fast.cuda import use_cublas
+from minilora.fast.cuda.graph import GraphedStep
+from minilora.fast.cuda.ops import CUDA_OPS
+from minilora.fast.distributed.nccl_step import NcclGraphedStep
+from minilora.fast.distributed.world import World
+from minilora.jobs.finetune import make_optimizer
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.model import GPT, init_params
+from minilora.training.loop import TrainSettings
 
-    if not nccl.available:
-        pytest.skip("CuPy was built without NCCL", allow_module_level=True)
-except Exception as err:  # noqa: BLE001  (CuPy without a driver, a device or NCCL)
-    pytest.skip(f"no usable GPU or NCCL: {err}", allow_module_level=True)
-
-from minilora.backend import to_numpy  # noqa: E402
-from minilora.config import GPTConfig  # noqa: E402
-from minilora.fast.cuda import use_cublas  # noqa: E402
-from minilora.fast.cuda.graph import GraphedStep  # noqa: E402
-from minilora.fast.cuda.ops import CUDA_OPS  # noqa: E402
-from minilora.fast.distributed.nccl_step import NcclGraphedStep  # noqa: E402
-from minilora.fast.distributed.world import World  # noqa: E402
-from minilora.jobs.finetune import make_optimizer  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
-from minilora.training.loop import TrainSettings  # noqa: E402
+nccl = pytest.importorskip("cupy.cuda.nccl")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not nccl.available, reason="CuPy was built without NCCL")]
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 

@@ -19,7 +19,7 @@ from minilora.fast.cpu.ops import CPU_OPS
 from minilora.gradcheck import check_layer
 from minilora.model import GPT, init_params
 from minilora.optim import AdamW
-from minilora.training.loop import train_step
+from minilora.training.step import train_step
 
 TOL = 1e-12  # relative to the largest value: the two differ only in the order of float64 roundings
 

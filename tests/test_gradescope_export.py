@@ -101,6 +101,7 @@ def test_the_zip_holds_an_executable_setup_and_run_script_the_config_and_a_wheel
     assert Path(where.stdout.strip()).is_relative_to(exported.site)
 
 
+@pytest.mark.slow
 def test_the_reference_scores_full_marks_in_gradescopes_format(exported, tmp_path):
     submit(tmp_path / "root", student_files(tmp_path, solved=True))
     results = run_autograder(exported, tmp_path / "root")

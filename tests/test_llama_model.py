@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hf_llama import hf_llama  # noqa: E402
+from hf_llama import hf_llama
 
 from minilora.backend import count_matmuls
 from minilora.generate import KVCache
 from minilora.gradcheck import check_model
-from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params, llama_parameter_shapes
+from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params
 
 CONFIG = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=16, ffn_hidden=24, vocab_size=23, block_size=12,
                      rope_theta=500.0, rms_eps=1e-5)  # fmt: skip
@@ -38,8 +38,8 @@ def test_every_gradient_of_a_small_llama_matches_finite_differences(tied, pairin
 
 
 def test_frozen_weights_get_no_gradient_and_no_weight_gradient_product():
-    trainable = {name for name in llama_parameter_shapes(CONFIG) if name.startswith("model.layers.1.")}
-    model = perturbed(frozen=[name for name in llama_parameter_shapes(CONFIG) if name not in trainable])
+    trainable = {name for name in CONFIG.parameter_shapes() if name.startswith("model.layers.1.")}
+    model = perturbed(frozen=[name for name in CONFIG.parameter_shapes() if name not in trainable])
     _, _, cache = model.forward(*batch())
     with count_matmuls() as log:
         grads = model.backward(cache)

@@ -19,7 +19,7 @@ from minilora.lora.accounting import (
 )
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
-from minilora.model import GPT, init_params, parameter_shapes
+from minilora.model import GPT, init_params
 
 GPT2_SMALL = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
 GPT2_SMALL_PARAMS = 124_439_808  # Hugging Face's GPT2LMHeadModel("gpt2"), head tied to wte
@@ -41,7 +41,7 @@ def test_gpt2_small_c_attn_at_rank_8_trains_294912_parameters():
 
 
 def test_gpt2_small_summary_matches_peft_print_trainable_parameters():
-    base_total = sum(math.prod(shape) for shape in parameter_shapes(GPT2_SMALL).values())
+    base_total = sum(math.prod(shape) for shape in GPT2_SMALL.parameter_shapes().values())
     assert base_total == GPT2_SMALL_PARAMS
     trainable = lora_trainable_count(LoraConfig(r=8, target_modules=("c_attn",)), GPT2_SMALL)
     # What PEFT prints for GPT-2 with LoraConfig(r=8, target_modules=["c_attn"]).

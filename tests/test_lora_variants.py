@@ -291,7 +291,8 @@ def variant_layer(variant, suffixes, scaling=2.0, dropout_mask=None):
     """check_layer's forward(**inputs), and backward(dout, cache) -> (dx, db, the grads of ``suffixes``)."""
 
     def forward(x, W, b, **tensors):
-        return variant.forward(x, W, b, tensors, scaling, dropout_mask)
+        y, cache, _ = variant.forward(x, W, b, tensors, scaling, dropout_mask)  # and the backward to use
+        return y, cache
 
     def backward(dout, cache):
         dx, grads = variant.backward(dout, cache)
@@ -336,7 +337,7 @@ def test_variant_merge_gives_the_adapted_output_and_unmerge_restores_the_weight(
     inputs = variant_inputs(rng)
     x, W, b = inputs.pop("x"), inputs.pop("W"), inputs.pop("b")
     tensors = {suffix: inputs[suffix] for suffix in variant.suffixes}
-    adapted, _ = variant.forward(x, W, b, tensors, 2.0)
+    adapted, _, _ = variant.forward(x, W, b, tensors, 2.0)
     merged, undo = variant.merge(W, tensors, 2.0)
     np.testing.assert_allclose(x @ merged + b, adapted, rtol=1e-12, atol=1e-12)
     assert not np.allclose(merged, W)
@@ -348,8 +349,8 @@ def test_variant_backward_returns_no_bias_gradient_for_a_frozen_or_missing_bias(
     inputs = variant_inputs(rng)
     tensors = {suffix: inputs[suffix] for suffix in variant.suffixes}
     dout = rng.standard_normal((2, 4, 5))
-    _, with_bias = variant.forward(inputs["x"], inputs["W"], inputs["b"], tensors, 2.0)
-    _, without_bias = variant.forward(inputs["x"], inputs["W"], None, tensors, 2.0)
+    _, with_bias, _ = variant.forward(inputs["x"], inputs["W"], inputs["b"], tensors, 2.0)
+    _, without_bias, _ = variant.forward(inputs["x"], inputs["W"], None, tensors, 2.0)
     assert set(variant.backward(dout, with_bias, compute_db=False)[1]) == set(variant.suffixes)
     assert set(variant.backward(dout, without_bias)[1]) == set(variant.suffixes)
 

@@ -32,7 +32,7 @@ from minilora.lab.memory import (
 from minilora.layers import gelu_backward, gelu_forward
 from minilora.lora.config import LoraConfig, select_target_modules
 from minilora.lora.model import add_lora
-from minilora.model import GPT, init_params, parameter_shapes
+from minilora.model import GPT, init_params
 
 TINY = get_preset("tiny")
 SMALL = get_preset("small")
@@ -72,7 +72,7 @@ def held_by_a_real_forward(config, lora_config, B, T, dtype=np.float32):
 
 
 def base_bytes(config, itemsize=4):
-    return itemsize * sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    return itemsize * sum(math.prod(shape) for shape in config.parameter_shapes().values())
 
 
 def adapter_bytes(lora_config, config, itemsize=4):
@@ -111,8 +111,8 @@ def test_activations_of_a_batch_are_the_batch_size_times_those_of_one_sequence(l
     [
         (TINY, None),
         (TINY, ATTN_LORA),
-        (SMALL, None),
-        (SMALL, ATTN_LORA),
+        pytest.param(SMALL, None, marks=pytest.mark.slow),
+        pytest.param(SMALL, ATTN_LORA, marks=pytest.mark.slow),
         (ATTENTION_HEAVY, ATTN_LORA),
     ],
 )

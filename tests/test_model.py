@@ -8,7 +8,7 @@ import pytest
 from minilora.config import PRESETS, GPTConfig, get_preset
 from minilora.gradcheck import check_model
 from minilora.layers import REFERENCE_OPS, linear_backward
-from minilora.model import GPT, init_params, parameter_shapes
+from minilora.model import GPT, init_params
 
 MODEL_TOL = 1e-5
 
@@ -29,7 +29,7 @@ def random_batch(config, B=2, T=None, seed=0):
 
 
 def test_parameter_names_and_shapes_follow_hugging_face_gpt2():
-    shapes = parameter_shapes(get_preset("tiny"))
+    shapes = get_preset("tiny").parameter_shapes()
     C = 64
     assert shapes["transformer.wte.weight"] == (256, C)
     assert shapes["transformer.wpe.weight"] == (64, C)
@@ -43,7 +43,7 @@ def test_parameter_names_and_shapes_follow_hugging_face_gpt2():
 
 
 def test_config_without_bias_has_no_bias_parameters():
-    shapes = parameter_shapes(get_preset("tiny", bias=False))
+    shapes = get_preset("tiny", bias=False).parameter_shapes()
     assert not any(name.endswith(".bias") for name in shapes)
 
 
@@ -54,7 +54,7 @@ def test_preset_parameter_counts_match_the_gpt2_formula():
             12 * C * C + 13 * C
         )  # c_attn 3C^2+3C, c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, two LNs 4C
         expected = V * C + T * C + L * per_block + 2 * C
-        assert sum(int(np.prod(s)) for s in parameter_shapes(config).values()) == expected
+        assert sum(int(np.prod(s)) for s in config.parameter_shapes().values()) == expected
 
 
 def test_init_follows_gpt2_statistics():
@@ -105,7 +105,7 @@ def test_dropout_changes_training_loss_but_not_evaluation():
 
 def test_frozen_parameters_get_no_gradients_and_frozen_weights_no_weight_product():
     config = get_preset("tiny")
-    frozen = [name for name in parameter_shapes(config) if not name.startswith("transformer.h.1.")]
+    frozen = [name for name in config.parameter_shapes() if not name.startswith("transformer.h.1.")]
     model = perturbed_model(config, frozen=frozen)
     weight_products = []  # (C_in, C_out) of every weight gradient actually computed
 

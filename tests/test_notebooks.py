@@ -70,6 +70,8 @@ def test_committed_notebook_matches_its_py_twin_and_is_executed(source):
     assert not errors, f"committed with an error: {errors[0].ename}: {errors[0].evalue}"
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=lambda source: source.stem)
 def test_notebook_runs_top_to_bottom(source):
     nb, seconds = build.execute(source, timeout=NOTEBOOK_TIMEOUT)  # raises CellExecutionError if a cell fails

@@ -175,7 +175,7 @@ def test_optimiser_leaves_frozen_parameters_untouched():
 
 def test_default_decay_names_are_the_linear_matrices_only():
     params = init_params(CONFIG, dtype=np.float64)
-    decay = default_decay_names(params, list(params))
+    decay = default_decay_names(params, list(params), GPT.no_decay)
     expected = {
         f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
@@ -184,9 +184,10 @@ def test_default_decay_names_are_the_linear_matrices_only():
     assert not any(".ln_" in name for name in decay)
     assert WTE not in decay and WPE not in decay
     # only among the names asked about
-    assert default_decay_names(params, ["transformer.h.0.mlp.c_fc.weight", WTE]) == {
+    assert default_decay_names(params, ["transformer.h.0.mlp.c_fc.weight", WTE], GPT.no_decay) == {
         "transformer.h.0.mlp.c_fc.weight"
     }
+    assert WTE in default_decay_names(params, [WTE])  # a matrix a model does not name is decayed
 
 
 def test_cosine_lr_warms_up_linearly_then_decays_to_min_lr():

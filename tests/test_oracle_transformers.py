@@ -13,12 +13,12 @@ import re
 import numpy as np
 import pytest
 
+from minilora.config import GPTConfig
+from minilora.model import GPT, WPE, WTE, init_params
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 F = torch.nn.functional
-
-from minilora.config import GPTConfig  # noqa: E402
-from minilora.model import GPT, WPE, WTE, init_params  # noqa: E402
 
 # Measured in float64: logits 8e-16, loss 0, gradients 2e-15 relative. The tolerances keep a margin
 # of about 500 and no more, so that a wrong constant (GELU's 0.044716 for 0.044715 moves the logits by

@@ -9,15 +9,15 @@ torch, transformers or peft cannot be imported.
 import numpy as np
 import pytest
 
+from minilora.config import GPTConfig
+from minilora.io.peft import export_peft, import_peft
+from minilora.lora.config import LoraConfig
+from minilora.lora.model import add_lora
+from minilora.model import GPT, init_params
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-from minilora.config import GPTConfig  # noqa: E402
-from minilora.io.peft import export_peft, import_peft  # noqa: E402
-from minilora.lora.config import LoraConfig  # noqa: E402
-from minilora.lora.model import add_lora  # noqa: E402
-from minilora.model import GPT, init_params  # noqa: E402
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 TOL = 1e-5

@@ -131,6 +131,7 @@ def test_dora_on_a_quantized_base_is_refused_in_one_line():
         model.forward(np.zeros((1, 4), dtype=np.int64))
 
 
+@pytest.mark.slow
 def test_smollm2s_blocks_dequantize_bit_for_bit_as_gguf_does():
     gguf = pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
     from minilora.io.smollm2 import DownloadError, fetch_smollm2
@@ -156,6 +157,7 @@ def test_smollm2s_blocks_dequantize_bit_for_bit_as_gguf_does():
     assert checked == 211  # 210 projections in Q4_1 and the token embedding in Q8_0
 
 
+@pytest.mark.slow
 def test_smollm2_held_quantized_keeps_its_logits_in_under_0_72_bytes_a_parameter():
     pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
     from minilora.io.bpe import BPETokenizer
@@ -209,6 +211,7 @@ def test_a_row_that_is_not_whole_blocks_is_refused_in_one_line():
         quantize_gguf_blocks(np.zeros((2, 32), dtype=np.float32), "q5_0")
 
 
+@pytest.mark.slow
 def test_smollm2_requantized_to_one_format_holds_what_that_format_costs():
     pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
     from minilora.io.bpe import BPETokenizer

@@ -21,6 +21,7 @@ def expected_step_flops(B, T, r, adapted):
     return forward + backward + lora
 
 
+@pytest.mark.slow
 def test_the_smollm2_bench_counts_its_flops_and_starts_level_with_peft(capsys):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

@@ -17,6 +17,7 @@ import pytest
 from minilora.io.smollm2 import DownloadError, fetch_smollm2
 
 pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
+pytestmark = pytest.mark.slow  # every test runs SmolLM2-135M
 
 
 @pytest.fixture(scope="module")

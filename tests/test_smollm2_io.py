@@ -124,6 +124,7 @@ def random_texts(count: int, seed: int) -> list[str]:
 # Fetching and verifying
 
 
+@pytest.mark.slow
 def test_fetch_returns_a_verified_cached_file_without_downloading(gguf_path, monkeypatch):
     def no_download(into):
         raise AssertionError("fetch_smollm2 downloaded although a verified file was cached")
@@ -133,6 +134,7 @@ def test_fetch_returns_a_verified_cached_file_without_downloading(gguf_path, mon
     assert gguf_path.name == GGUF_NAME and gguf_path.stat().st_size == smollm2.GGUF_BYTES
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_corrupted_copy(gguf_path, tmp_path):
     copy = tmp_path / GGUF_NAME
     shutil.copyfile(gguf_path, copy)
@@ -161,6 +163,7 @@ def test_extract_refuses_a_wrong_file_and_leaves_no_partial_file(tmp_path):
     assert target.read_bytes() == b"the previous file"  # the rename never happened
 
 
+@pytest.mark.slow
 def test_fetch_replaces_a_corrupted_cached_file(gguf_path, tmp_path):
     cached = tmp_path / GGUF_NAME
     with open(gguf_path, "rb") as file:
@@ -197,6 +200,7 @@ def test_fetch_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
 # Config and tensors
 
 
+@pytest.mark.slow
 def test_config_is_smollm2_135m(metadata, model):
     config, _ = model
     assert config == {
@@ -218,6 +222,7 @@ def test_config_is_smollm2_135m(metadata, model):
     assert metadata["tokenizer.ggml.pre"] == "smollm" and metadata["tokenizer.ggml.add_bos_token"] is False
 
 
+@pytest.mark.slow
 def test_tensor_names_shapes_and_tied_head(model):
     config, tensors = model
     C, F, V = config["n_embd"], config["n_inner"], config["vocab_size"]
@@ -262,6 +267,7 @@ def decode_q4_1(raw: bytes) -> np.ndarray:
     return np.concatenate(values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, kind, rows",
     [
@@ -317,10 +323,12 @@ def test_bpe_merges_by_rank_on_a_toy_vocabulary():
         BPETokenizer(tokens, merges, [1] * len(tokens), pre="llama3")
 
 
+@pytest.mark.slow
 def test_smollm_pre_tokenizer_isolates_digits(tokenizer):
     assert tokenizer.pre_tokenize("in 2024, x2") == ["in", " ", "2", "0", "2", "4", ",", " x", "2"]
 
 
+@pytest.mark.slow
 def test_special_tokens_are_single_ids(tokenizer):
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size) == (1, 2, 2, 49152)
     ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n")
@@ -330,17 +338,20 @@ def test_special_tokens_are_single_ids(tokenizer):
         tokenizer.decode([0, 49152])
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trips_text(tokenizer):
     for text in HARD_TEXTS + random_texts(500, seed=1) + [corpus_text(name) for name in SHIPPED_CORPORA]:
         assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_tokenizer_agrees_with_tokenizers_on_corpora(tokenizer, reference):
     for name in SHIPPED_CORPORA:
         text = corpus_text(name)
         assert tokenizer.encode(text) == reference.encode(text).ids, name
 
 
+@pytest.mark.slow
 def test_tokenizer_agrees_with_tokenizers_on_non_ascii_text(tokenizer, reference):
     for text in HARD_TEXTS + random_texts(2000, seed=0):
         assert tokenizer.encode(text) == reference.encode(text).ids, repr(text)
@@ -351,6 +362,7 @@ def test_tokenizer_agrees_with_tokenizers_on_non_ascii_text(tokenizer, reference
 # Chat template
 
 
+@pytest.mark.slow
 def test_chat_prompt_follows_the_template_in_the_file(metadata):
     jinja2 = pytest.importorskip("jinja2.sandbox")
     template_text = metadata["tokenizer.chat_template"]

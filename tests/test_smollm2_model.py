@@ -12,6 +12,7 @@ from minilora.generate import generate_ids
 from minilora.io.smollm2 import DownloadError, chat_prompt, fetch_smollm2
 
 pytest.importorskip("gguf", reason="needs the llm extra: pip install -e '.[llm]'")
+pytestmark = pytest.mark.slow  # every test runs SmolLM2-135M
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minilora.lab.bench import BENCH_BATCH_SIZES, DEFAULT_TARGETS
+from minilora.lab.bench import BENCH_BATCH_SIZES, DEFAULT_LORA
 from minilora.lab.memory import ledger_table
-from minilora.lora.config import LoraConfig
 
 HERE = Path(__file__).parent
 PRESET_ORDER = ("tiny", "small", "medium", "gpt2s")
@@ -123,7 +122,7 @@ def memory_table(results) -> str:
 
 def plot_memory(results, path: Path, note: str = "") -> Path:
     """Stacked bars of the ledger per preset, full and LoRA, with the measured peak RSS increase as dots."""
-    rows = ledger_table(BENCH_BATCH_SIZES, LoraConfig(r=8, target_modules=DEFAULT_TARGETS))
+    rows = ledger_table(BENCH_BATCH_SIZES, DEFAULT_LORA)
     parts = ("weights", "gradients", "optimizer_state", "activations", "workspace")
     colors = ("#4c72b0", "#dd8452", "#c44e52", "#55a868", "#8c8c8c")
     measured = {(r["preset"], r["mode"]): r["memory"].get("peak_rss_increase_bytes") for r in results}

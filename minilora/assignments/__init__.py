@@ -7,4 +7,21 @@ with the hint and every other line is the reference, plus a notebook; ``minilora
 runs the assignment's pytest grader on a submission and scores it, points per part; ``minilora
 assignment export aN --gradescope`` packs the same grader as a Gradescope autograder (gradescope.py).
 Each release carries its handout (handouts/aN.md, handout.py). See docs/instructors.md.
+
+Reading order:
+
+    catalog.py        the seven assignments: what each teaches and which of the library's files it opens
+    release.py        a student copy with the assignment's holes opened, and its notebook
+    handout.py        the handouts, as markdown and as the release's notebook; their points tables
+    grading.py        a submission graded: the assignment's pytest grader run, points added up per part
+    sandbox.py        the student's code run in a child process that the grader talks to
+    sandbox_child.py  that child: it imports the student's modules and answers the grader's calls
+    train_tiny.py     a6's workbench: the student's optimiser on plain data, and a tiny GPT trained with it
+    gradescope.py     an assignment packed as a Gradescope autograder
+    planted_bugs.py   the planted bugs, written out as the patch files in bugs/
+    pipeline.py       the check that keeps it honest: the reference scores full marks, a blank release
+                      zero, and each planted bug loses points on a numeric check
+    graders/          package data: the pytest graders, grade_a1.py to grade_a7.py, and their conftest.py
+    bugs/             package data: the planted bugs, as patches against the reference release
+    handouts/         package data: each assignment's handout and its solutions, in markdown
 """

@@ -58,8 +58,8 @@ BUGS = [
         "a4",
         "model.py",
         "residual_not_summed",
-        'dx = dx + self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
-        'dx = self._layernorm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
+        'dx = dx + self._norm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
+        'dx = self._norm_backward(f"{p}.ln_2", dh, cache.ln_2, grads)',
     ),
     (
         "a4",

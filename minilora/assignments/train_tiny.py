@@ -111,7 +111,9 @@ def train_tiny_gpt(seed: int, steps: int = STEPS) -> dict:
     ops, used = layer_ops()
     model = GPT(CONFIG, init_params(CONFIG, seed=seed, dtype=np.float32))
     model.ops = ops
-    optimizer = optim.AdamW(model.params, model.trainable_names, lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = optim.AdamW(
+        model.params, model.trainable_names, lr=LR, weight_decay=WEIGHT_DECAY, no_decay=model.no_decay
+    )
     rng = np.random.default_rng(seed)  # the training batches
     eval_batch = counting_batch(np.random.default_rng([seed, 1]), EVAL_SEQUENCES)  # held out
     eval_before = float(model.forward(*eval_batch)[1])
@@ -136,10 +138,11 @@ def train_tiny_gpt(seed: int, steps: int = STEPS) -> dict:
 def adamw_steps(params: dict, grad_steps: list, lrs: list, **adamw_kwargs) -> list:
     """Your AdamW on copies of ``params``: one step per (grads, lr); the parameters after each step.
 
-    ``adamw_kwargs`` go to ``AdamW(params, names, ...)`` (betas, eps, weight_decay, decay_names).
+    ``adamw_kwargs`` go to ``AdamW(params, names, ...)`` (betas, eps, weight_decay, decay_names); the
+    GPT's embeddings are left undecayed, as in training (``no_decay=GPT.no_decay``).
     """
     params = {name: np.array(value, copy=True) for name, value in params.items()}
-    optimizer = optim_module().AdamW(params, list(params), **adamw_kwargs)
+    optimizer = optim_module().AdamW(params, list(params), **{"no_decay": GPT.no_decay, **adamw_kwargs})
     after = []
     for grads, lr in zip(grad_steps, lrs, strict=True):
         optimizer.step({name: np.array(g, copy=True) for name, g in grads.items()}, lr)

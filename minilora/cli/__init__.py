@@ -1,8 +1,21 @@
 """The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API.
 
-demo_command: demo.   base_commands: pretrain, eval, generate, baseline.   lora_commands: finetune, merge, info,
-export-peft, import-peft.   experiment_command: experiment.   assignment_command: assignment.   bench_command: bench.
-chat_command: chat.
+This file builds the parser from each command module's ``register`` and runs the chosen subcommand;
+an error a user can cause ends as one line on stderr and exit code 1. The command line sits above
+the reference and the fast path, and nothing in the library imports it.
+
+Reading order:
+
+    arg_types.py           argparse types that refuse a bad value in one line, before anything runs
+    demo_command.py        demo
+    base_commands.py       pretrain, eval, generate, baseline, and the flags they share
+    prompt_text.py         a prompt from the command line, a file or stdin; generated text made safe to print
+    lora_commands.py       finetune (LoRA or full), merge, info, export-peft, import-peft
+    chat_command.py        chat, with SmolLM2-135M-Instruct
+    bench_command.py       bench: time training steps, print one JSON line
+    experiment_command.py  experiment: the measurements behind docs/experiments
+    assignment_command.py  assignment: release, grade, verify, export
+    __main__.py            ``python -m minilora.cli``, the same as the ``minilora`` script
 """
 
 from __future__ import annotations

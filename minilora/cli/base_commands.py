@@ -17,7 +17,9 @@ from .arg_types import non_negative_float, non_negative_int, positive_float, pos
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 SMOLLM2_EVAL_BLOCK_SIZE = 256  # the windows finetune trains and scores SmolLM2 on (lora_commands.py)
 TRAINING_FLAG_TYPES = {  # the argparse type of each TrainSettings flag: bad values fail as they are typed
-    **dict.fromkeys(("steps", "batch_size", "eval_interval", "eval_windows", "log_interval"), positive_int),
+    **dict.fromkeys(
+        ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "log_interval"), positive_int
+    ),
     **dict.fromkeys(("warmup_steps", "seed"), non_negative_int),
     "lr": positive_float,
     **dict.fromkeys(("min_lr", "weight_decay", "grad_clip"), non_negative_float),

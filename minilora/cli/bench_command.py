@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import PRESETS
 from .arg_types import non_negative_int, positive_float, positive_int
 from .base_commands import add_memory_flags, add_quantized_flag
+from .lora_commands import lora_config_from_args
 
 
 def add_bench_parser(subparsers) -> None:
@@ -136,57 +137,14 @@ def add_bench_parser(subparsers) -> None:
     parser.set_defaults(run=run_bench_command)
 
 
-def lora_config_from_args(args, default_targets: str):
-    from ..lora.config import LoraConfig
-
-    targets = args.targets or default_targets
-    targets = targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(","))
-    return None if args.full else LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
-
-
-def smollm2_settings_from_args(args):
-    from ..lab.bench_smollm2 import SmolLM2BenchSettings
-
-    if args.full:
-        raise ValueError("--preset smollm2 times a LoRA step: leave out --full")
-    if args.peer_autocast != "none" or args.peer_compile:
-        raise ValueError(
-            "--peer-autocast and --peer-compile apply to the GPT presets, not to --preset smollm2"
-        )
-    given = {"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads}
-    return SmolLM2BenchSettings(
-        lora_config=lora_config_from_args(args, "q_proj,v_proj"),
-        device=args.device,
-        warmup=args.warmup,
-        steps=args.steps,
-        repeats=args.repeats,
-        seed=args.seed,
-        dtype=args.dtype,
-        corpus=args.corpus,
-        peer=None if args.peer == "none" else args.peer,
-        peer_threads=args.peer_threads,
-        peer_attention="eager" if args.peer_attention == "math" else args.peer_attention,
-        cuda_graph=not args.no_cuda_graph,
-        tf32=args.tf32,
-        reference=args.reference,
-        quantized=args.quantized,
-        gradient_checkpointing=args.gradient_checkpointing,
-        loss_chunk_rows=args.loss_chunk_rows,
-        **{name: value for name, value in given.items() if value is not None},
-    )
-
-
 def settings_from_args(args):
-    from ..lab.bench import BenchSettings
+    """The BenchSettings the flags describe, for any preset (each preset's kind refuses what it cannot time)."""
+    from ..lab.bench import BenchSettings, preset_kind
 
-    if args.quantized is not None or args.gradient_checkpointing or args.loss_chunk_rows is not None:
-        raise ValueError(
-            "--quantized, --gradient-checkpointing and --loss-chunk-rows apply to --preset smollm2"
-        )
-    lora_config = lora_config_from_args(args, "c_attn,attn.c_proj")
+    default_targets = ",".join(preset_kind(args.preset).lora_config.target_modules)
     return BenchSettings(
         preset=args.preset,
-        lora_config=lora_config,
+        lora_config=lora_config_from_args(args, default_targets),
         device=args.device,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -207,19 +165,17 @@ def settings_from_args(args):
         cuda_graph=not args.no_cuda_graph,
         tf32=args.tf32,
         reference=args.reference,
+        quantized=args.quantized,
+        gradient_checkpointing=args.gradient_checkpointing,
+        loss_chunk_rows=args.loss_chunk_rows,
     )
 
 
 def run_bench_command(args) -> None:
+    from ..lab.bench import run_bench
+
     log = None if args.quiet else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
-    if args.preset == "smollm2":
-        from ..lab.bench_smollm2 import run_smollm2_bench
-
-        result = run_smollm2_bench(smollm2_settings_from_args(args), log=log)
-    else:
-        from ..lab.bench import run_bench
-
-        result = run_bench(settings_from_args(args), log=log)
+    result = run_bench(settings_from_args(args), log=log)
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:

@@ -101,22 +101,28 @@ def add_finetune_parser(subparsers) -> None:
     parser.set_defaults(run=run_finetune)
 
 
-def lora_config_from_args(args) -> LoraConfig:
-    targets = (
-        args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
-    )
-    layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
-    init = "pissa" if args.variant == "pissa" else args.init
+def lora_config_from_args(args, default_targets: str | None = None) -> LoraConfig | None:
+    """The adapter the LoRA flags describe, None under --full; ``default_targets`` where --targets is not given.
+
+    finetune has every flag read here; bench only --r, --alpha, --targets and --full, so there the
+    others keep LoraConfig's defaults.
+    """
+    if args.full:
+        return None
+    flags, defaults = vars(args), LoraConfig()
+    targets = args.targets or default_targets
+    layers = flags.get("layers")
+    variant = flags.get("variant", "lora")
     return LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        use_rslora=args.rslora,
-        init=init,
-        bias=args.bias,
-        use_dora=args.variant == "dora",
+        lora_dropout=flags.get("lora_dropout", defaults.lora_dropout),
+        target_modules=targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(",")),
+        layers_to_transform=None if layers is None else tuple(int(i) for i in layers.split(",")),
+        use_rslora=flags.get("rslora", defaults.use_rslora),
+        init="pissa" if variant == "pissa" else flags.get("init", defaults.init),
+        bias=flags.get("bias", defaults.bias),
+        use_dora=variant == "dora",
     )
 
 
@@ -129,7 +135,7 @@ def run_finetune(args) -> None:
     if "lr" in given and "min_lr" not in given:
         given["min_lr"] = given["lr"] / 10
     settings = replace(FINETUNE_DEFAULTS, **given)
-    lora_config = None if args.full else lora_config_from_args(args)
+    lora_config = lora_config_from_args(args)
     block_size = args.block_size
     if block_size is None and args.base == SMOLLM2:
         block_size = SMOLLM2_BLOCK_SIZE

@@ -6,7 +6,7 @@ base model's config and a fingerprint of its weights). The same JSON sits in the
 file's metadata, which is the authority; the JSON file is for people. Both are written atomically.
 
 An adapter is a difference to one particular base: applied to another base it silently computes
-nonsense. So the base's fingerprint (checkpoint.weights_fingerprint, a SHA-256 of its weights,
+nonsense. So the base's fingerprint (backend.weights_fingerprint, a SHA-256 of its weights,
 taken when the adapter was added) is stored, and loading onto a base with another fingerprint is
 refused unless explicitly allowed.
 """
@@ -21,8 +21,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import device_of, to_device, to_numpy
 from ..lora.config import LoraConfig
-from ..lora.init import dense_reference
-from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
+from ..lora.model import LoraModel, as_plain_lora, lora_model_over
 from ..lora.variants import variant_for
 from .checkpoint import atomic_write_bytes
 from .json_text import parse_json_object
@@ -145,7 +144,7 @@ def install_adapter(
     if problem is not None:
         lora_model.delete_adapter(adapter_name)
         raise AdapterError(f"{source}: {problem}")
-    reference = dense_reference(lora_model.base_params)
+    reference = lora_model.dense_reference()
     for name, value in tensors.items():  # each in the dtype add_adapter gave it (float32 over float16)
         adapter.tensors[name] = to_device(value.astype(adapter.tensors[name].dtype), device_of(reference))
 
@@ -167,9 +166,7 @@ def load_adapter(model, path, adapter_name: str = "default", allow_base_mismatch
             f"{path}: the adapter was made for a model with config {document['base_config']}, "
             f"this base has {model.config.to_dict()}"
         )
-    lora_model = (
-        model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
-    )
+    lora_model = lora_model_over(model)
     fingerprint = lora_model.base_fingerprint
     if fingerprint != document["base_fingerprint"] and not allow_base_mismatch:
         raise AdapterError(

@@ -12,7 +12,6 @@ either the old checkpoint or the new one, never a mixture or a truncated file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
-from ..backend import get_xp, to_numpy
+from ..backend import to_numpy
 from .json_text import parse_json_object
 from .safetensors_read import read_tensors
 
@@ -138,7 +137,7 @@ BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.")  # a GPT block's parameters:
 def check_blocks_present(n_layer: int, names, source) -> None:
     """Raise CheckpointError unless ``names`` hold the blocks 0 .. n_layer - 1 of a GPT, and no others.
 
-    A config's n_layer sizes everything built from it (parameter_shapes is a dict of 12 n_layer
+    A config's n_layer sizes everything built from it (its parameter_shapes() is a dict of 12 n_layer
     names), so a file claiming n_layer = 3,000,000 beside two blocks of tensors would cost minutes
     and gigabytes before check_params_fit could object. This costs one pass over the names present.
     """
@@ -184,25 +183,6 @@ def check_optimizer_state(state: dict | None, names, kinds, source) -> None:
         )
 
 
-def all_finite(params: dict) -> bool:
-    """True if no parameter holds a NaN or an infinity (checked before a checkpoint is written)."""
-    return all(bool(get_xp(value).isfinite(value).all()) for value in params.values())
-
-
-def weights_fingerprint(params: dict) -> str:
-    """SHA-256 over a model's weights: name, shape and float32 bytes of each, in sorted name order.
-
-    Two models share a fingerprint exactly when they hold the same numbers (as float32), whatever
-    the device, so an adapter can check that it meets the base it was trained on.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(params):
-        value = np.ascontiguousarray(to_numpy(params[name]), dtype=np.float32)
-        digest.update(f"{name}:{value.shape}".encode())
-        digest.update(value.tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def resolve_checkpoint_path(path) -> Path:
     """A checkpoint file, or a run directory holding ``checkpoint.safetensors``."""
     path = Path(path)
@@ -216,7 +196,7 @@ def load_model(path, device: str | None = None, dtype=np.float32):
     """
     from ..backend import to_device
     from ..config import GPTConfig
-    from ..model import GPT, parameter_shapes
+    from ..model import GPT
 
     path = resolve_checkpoint_path(path)
     checkpoint = load_checkpoint(path)
@@ -224,6 +204,6 @@ def load_model(path, device: str | None = None, dtype=np.float32):
         raise CheckpointError(f"{path} has no model config in its metadata")
     config = GPTConfig.from_dict(checkpoint.metadata["config"])
     check_blocks_present(config.n_layer, checkpoint.params, path)  # before anything sized by the config
-    shapes = parameter_shapes(config)
+    shapes = config.parameter_shapes()
     check_params_fit(checkpoint.params, shapes, path)
     return GPT(config, {name: to_device(checkpoint.params[name].astype(dtype), device) for name in shapes})

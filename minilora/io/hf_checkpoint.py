@@ -22,7 +22,6 @@ import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
 from ..llama import EMBED, Llama
-from ..lora.model import LoraModel
 from .checkpoint import atomic_write_bytes
 
 HF_CONFIG = "config.json"
@@ -64,7 +63,7 @@ def hf_tensor(name: str, value, dtype) -> np.ndarray:
 
 def save_hf_llama(model: Llama, directory, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write ``model`` (a plain Llama: merge an adapter first) as a Hugging Face checkpoint folder."""
-    if not isinstance(model, Llama) or isinstance(model, LoraModel):
+    if model.config.family != "llama" or model.has_adapters:
         raise ValueError(
             f"save_hf_llama writes a plain Llama, got {type(model).__name__}: merge_and_unload() first"
         )

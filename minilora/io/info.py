@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..config import GPTConfig
+from ..config import GPT_LINEAR_MODULES, GPTConfig
 from ..lora.accounting import format_table, summary_line
-from ..lora.config import LINEAR_MODULES, LoraConfig
-from ..model import parameter_shapes
+from ..lora.config import LoraConfig
 from .adapters import AdapterError, read_adapter
 from .checkpoint import (
     BLOCK_NAME,
@@ -54,7 +53,7 @@ def describe_checkpoint(path) -> str:
     dtypes = sorted({str(value.dtype) for value in checkpoint.params.values()})
     lines.append(f"stored as {', '.join(dtypes)}")
     lines.append(f"{'module':<32} {'weight shape':>14} {'parameters':>12}")
-    for module, shape, count in module_rows(parameter_shapes(config)):
+    for module, shape, count in module_rows(config.parameter_shapes()):
         lines.append(f"{module:<32} {shape:>14} {count:>12,}")
     total = sum(int(value.size) for value in checkpoint.params.values())
     lines.append(f"{'total':<32} {'':>14} {total:>12,}")
@@ -79,7 +78,7 @@ def module_order(name: str) -> tuple:
     kind = name[match.end() :] if match else name
     return (
         int(match.group(1)) if match else -1,
-        LINEAR_MODULES.index(kind) if kind in LINEAR_MODULES else 99,
+        GPT_LINEAR_MODULES.index(kind) if kind in GPT_LINEAR_MODULES else 99,
         name,
     )
 
@@ -87,7 +86,7 @@ def module_order(name: str) -> tuple:
 def parameter_count(config: GPTConfig) -> int:
     """The parameters of a GPT of ``config``, from one block's count: nothing sized by n_layer is built."""
     one, two = (
-        sum(math.prod(s) for s in parameter_shapes(replace(config, n_layer=n)).values()) for n in (1, 2)
+        sum(math.prod(s) for s in replace(config, n_layer=n).parameter_shapes().values()) for n in (1, 2)
     )
     return one + (config.n_layer - 1) * (two - one)
 

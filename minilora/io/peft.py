@@ -27,9 +27,8 @@ from pathlib import Path
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import to_numpy
-from ..llama import Llama
-from ..lora.config import LoraConfig, linear_module_shapes
-from ..lora.model import LORA_CLASSES, LoraModel, as_plain_lora
+from ..lora.config import LoraConfig
+from ..lora.model import LoraModel, as_plain_lora, lora_model_over
 from .adapters import AdapterError, install_adapter
 from .checkpoint import atomic_write_bytes
 from .json_text import read_json_object
@@ -82,7 +81,7 @@ def export_peft(model: LoraModel, directory, overwrite: bool = False) -> Path:
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
-        "fan_in_fan_out": conv1d_layout(model),
+        "fan_in_fan_out": model.peft_fan_in_fan_out,
         "bias": "none",
         "target_modules": sorted(adapter.modules),  # the exact modules: PEFT matches a full name to itself
         "layers_to_transform": None,
@@ -164,25 +163,18 @@ def lora_config_from_peft(peft_config: dict, modules: list, conv1d: bool = True)
 def import_peft(model, directory, adapter_name: str = "default") -> LoraModel:
     """Load a PEFT LoRA (or DoRA) adapter onto a minilora base (a GPT or a LoraGPT) and activate it."""
     peft_config, tensors = read_peft(directory)
-    adaptable = linear_module_shapes(model.config)
+    adaptable = model.config.linear_modules()
     modules = sorted({name.rsplit(".", 1)[0] for name in tensors})
     unknown = [m for m in modules if m not in adaptable]
     if unknown:
         raise AdapterError(f"{directory}: the adapter targets {unknown}, which this model does not have")
     try:
-        lora_config = lora_config_from_peft(peft_config, modules, conv1d_layout(model))
+        lora_config = lora_config_from_peft(peft_config, modules, model.peft_fan_in_fan_out)
     except ValueError as err:  # AdapterError or LoraConfig's own: say which file it is about
         raise AdapterError(f"{Path(directory) / PEFT_CONFIG}: {err}") from None
-    lora_model = (
-        model if isinstance(model, LoraModel) else LORA_CLASSES[type(model)](model.config, model.params)
-    )
+    lora_model = lora_model_over(model)
     install_adapter(
         lora_model, adapter_name, lora_config, tensors, directory, describe_key=lambda n: repr(peft_key(n))
     )
     lora_model.set_adapter(adapter_name)
     return lora_model
-
-
-def conv1d_layout(model) -> bool:
-    """PEFT's fan_in_fan_out for this model: true for GPT-2's Conv1D modules, false for a Llama's nn.Linear."""
-    return not isinstance(model, Llama)

@@ -1,9 +1,13 @@
 """The jobs behind the commands: they wire the reference and the fast path together.
 
-- ``pretrain``: a base model from scratch, with checkpoints and exact resume (``minilora pretrain``);
-- ``finetune``: LoRA or full fine-tuning of a checkpoint, and ``fit``, the Python API's training call
-  (``minilora finetune``).
+They sit above the reference: they build the model and the optimiser, hand ``train_loop`` the fast
+step for the device (``minilora.fast.accelerate``) and save the results. The reference imports none
+of them.
 
-Both sit above the reference: they build the model and the optimiser, hand ``train_loop`` the fast
-step for the device (``minilora.fast.accelerate``) and save the results.
+Reading order:
+
+    pretrain.py  a base model from scratch, with checkpoints and exact resume (``minilora pretrain``)
+    finetune.py  LoRA or full fine-tuning of a base (``minilora finetune``), and ``fit``, the Python
+                 API's training call
+    resume.py    what both do first: the run's folder claimed, the state resumed, what resuming checks
 """

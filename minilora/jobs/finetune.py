@@ -13,35 +13,23 @@ the scored tokens spell, so the numbers compare across the two kinds of model.
 
 from __future__ import annotations
 
-import json
-from contextlib import nullcontext
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
-from ..backend import float_dtype, resolve_device, to_device
+from ..backend import float_dtype, resolve_device, to_device, weights_fingerprint
 from ..fast import accelerate, use_fast_layers
-from ..fast.distributed.world import current_world, from_writer
+from ..fast.distributed.world import from_writer
 from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
-from ..io.bases import load_base
-from ..io.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_params_fit,
-    load_checkpoint,
-    save_checkpoint,
-    weights_fingerprint,
-)
+from ..io.bases import Base, load_base
+from ..io.checkpoint import CheckpointError, check_params_fit, save_checkpoint
 from ..io.data import load_corpus, tokenize_corpus
 from ..io.provenance import provenance
-from ..io.run_folder import claim_run_folder
-from ..llama import set_activation_memory
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
 from ..training.evaluate import bits_per_byte
-from ..training.loop import TrainSettings, train_loop, train_step
-from .resume import check_kind, check_resumable, resuming_line
+from ..training.loop import TrainSettings, train_loop
+from .resume import TrainingRun, claimed_run
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"
@@ -68,6 +56,7 @@ def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) 
         betas=ADAM_BETAS,
         weight_decay=settings.weight_decay,
         lr_scale=lr_scale,
+        no_decay=model.no_decay,
     )
 
 
@@ -104,11 +93,49 @@ def fit(
     """Train any model (a GPT, or a LoraGPT's adapter) on a Corpus; returns the TrainResult.
 
     ``fast`` hands the model its device's fast path first (``minilora.fast.accelerate``: the fast
-    layer functions and step); ``fast=False`` trains with the reference ``train_step`` as it is.
+    layer functions and step); ``fast=False`` trains with the reference halves (``TrainingStep``).
+    Both accumulate ``settings.grad_accum`` micro-batches per optimiser step.
     """
     optimizer = make_optimizer(model, settings, loraplus_ratio)
-    step = accelerate(model, optimizer, settings.grad_clip) if fast else train_step
+    step = accelerate(model, optimizer, settings.grad_clip, grad_accum=settings.grad_accum) if fast else None
     return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress, step=step)
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """What one fine-tuning run is, as its state file records it: ``resume`` continues this very run."""
+
+    base_spec: str | None  # io/bases.py; None: the shipped base
+    corpus: str
+    lora_config: LoraConfig | None  # None: full fine-tuning
+    settings: TrainSettings
+    loraplus_ratio: float
+    block_size: int | None
+    quantized: str | None
+    gradient_checkpointing: bool
+    loss_chunk_rows: int | None
+    dtype: str
+
+    @classmethod
+    def from_metadata(cls, saved: dict) -> FinetuneRun:
+        """The run that a finetune state file's metadata describes."""
+        lora_config = None if saved["lora_config"] is None else LoraConfig.from_dict(saved["lora_config"])
+        return cls(
+            base_spec=saved["base_spec"],
+            corpus=saved["corpus"],
+            lora_config=lora_config,
+            settings=TrainSettings(**saved["settings"]),
+            loraplus_ratio=saved["loraplus_ratio"],
+            block_size=saved["block_size"],
+            quantized=saved["quantized"],
+            gradient_checkpointing=saved["gradient_checkpointing"],
+            loss_chunk_rows=saved["loss_chunk_rows"],
+            dtype=saved.get("dtype", "float32"),  # written before bf16 training existed: float32
+        )
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.lora_config is None else "lora"
 
 
 def finetune(
@@ -145,124 +172,150 @@ def finetune(
     the adapter and its optimiser state in float32 (docs/gpu.md, mixed precision).
     """
     device = resolve_device(device)
-    out_dir = Path(out_dir)
-    state_path = out_dir / STATE_NAME
-    world = current_world()  # under mpirun: every rank trains, rank 0 alone writes (fast/distributed)
-    progress = progress and world.is_writer
-    claim = claim_run_folder(out_dir, RUN_FILES, resume, overwrite) if world.is_writer else nullcontext()
-    with claim:
-        state = load_checkpoint(state_path) if resume else None
-        if state is not None:
-            run = check_kind(state, state_path, "finetune")
-            base_spec, corpus, block_size, quantized = (
-                run[k] for k in ("base_spec", "corpus", "block_size", "quantized")
-            )
-            lora_config = None if run["lora_config"] is None else LoraConfig.from_dict(run["lora_config"])
-            settings, loraplus_ratio = TrainSettings(**run["settings"]), run["loraplus_ratio"]
-            gradient_checkpointing, loss_chunk_rows = run["gradient_checkpointing"], run["loss_chunk_rows"]
-            dtype = run.get("dtype", "float32")
-        settings = replace(settings, **(settings_overrides or {}))
-        if quantized is not None and lora_config is None:
-            raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
-        check_training_dtype(dtype, device, lora_config, quantized)
-        loaded = load_base(base_spec, device, block_size, quantized)
-        if lora_config is None and not loaded.is_byte_level:
-            raise ValueError(
-                f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
-                "fine-tune it with LoRA (leave out --full)"
-            )
-        base = loaded.model
-        model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
-        set_activation_memory(model, gradient_checkpointing, loss_chunk_rows)
-        if dtype == "bfloat16":
-            from ..fast.cuda import use_cublas
-
-            model.cast_base(float_dtype(dtype))  # after add_lora: the adapter was made in float32
-            base.params.update(model.base_params)  # the base holds the bf16 copies: its float32 ones go
-            use_fast_layers(model)  # the evaluation before training too runs the fused kernels
-            use_cublas()  # and the bf16 products (CuPy's matmul has none)
-        base_fingerprint = weights_fingerprint(base.params) if lora_config is None else model.base_fingerprint
-        if state is not None and run["base_fingerprint"] != base_fingerprint:
-            raise CheckpointError(f"{state_path} was trained on another base than {loaded.name} holds now")
-        data = load_corpus(corpus)
-        if not loaded.is_byte_level:
-            data = tokenize_corpus(data, loaded.tokenizer)
-        val_before = (
-            run["val_bits_per_byte_before"]
-            if state is not None
-            else bits_per_byte(
-                model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
-            )
+    asked = FinetuneRun(base_spec, corpus, lora_config, settings, loraplus_ratio, block_size, quantized,
+                        gradient_checkpointing, loss_chunk_rows, dtype)  # fmt: skip
+    with claimed_run(out_dir, RUN_FILES, STATE_NAME, "finetune", resume, overwrite) as run:
+        job = asked if run.state is None else FinetuneRun.from_metadata(run.state.metadata)
+        job = replace(job, settings=replace(job.settings, **(settings_overrides or {})))
+        check_finetune_run(job, device)
+        loaded, model = build_model(job, device)
+        fingerprint = base_fingerprint(run, job, loaded, model)
+        data = finetune_corpus(job.corpus, loaded)
+        val_before = validation_before(run, model, data, job.settings)
+        metadata = run_metadata(job, loaded, model, fingerprint, val_before, device)
+        optimizer = make_optimizer(model, job.settings, job.loraplus_ratio)
+        start_step = resume_trainable(run, model, optimizer, job.settings.steps, device, say)
+        save = saver(run, model, optimizer, job, metadata)
+        step = accelerate(model, optimizer, job.settings.grad_clip, grad_accum=job.settings.grad_accum)
+        result = run.train(
+            model, optimizer, data, job.settings, save, start_step, step, progress, report=progress
         )
-        metadata = {
-            "kind": "finetune",
-            "mode": "full" if lora_config is None else "lora",
-            "corpus": corpus,
-            "base": loaded.name,
-            "base_spec": None if base_spec is None else str(base_spec),  # as given (None: the shipped base)
-            "block_size": block_size,
-            "quantized": quantized,
-            # the memory switches as the model holds them
-            "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),
-            "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
-            "dtype": dtype,
-            "base_fingerprint": base_fingerprint,
-            "config": model.config.to_dict(),
-            "settings": asdict(settings),
-            "lora_config": None if lora_config is None else lora_config.to_dict(),
-            "loraplus_ratio": loraplus_ratio,
-            "val_bits_per_byte_before": val_before,
-            "provenance": provenance(device, settings.seed),
-        }
-        optimizer = make_optimizer(model, settings, loraplus_ratio)
-        start_step = 0
-        if state is not None:
-            start_step = check_resumable(state, state_path, optimizer, settings.steps)
-            trainable = {name: tuple(model.params[name].shape) for name in model.trainable_names}
-            check_params_fit(state.params, trainable, state_path)
-            for name in trainable:  # in place: the adapter (or the model) and the optimiser hold these arrays
-                model.params[name][...] = to_device(state.params[name], device)
-            optimizer.load_state_dict(state.optimizer)
-            if world.is_writer:
-                say(resuming_line(start_step, settings.steps, state_path))
-
-        def save(step: int, val_bits_per_byte: float) -> None:
-            progress_state = {"step": step, "val_bits_per_byte": val_bits_per_byte}
-            if lora_config is None:
-                save_checkpoint(out_dir / FULL_CHECKPOINT, model.params, {**metadata, **progress_state})
-            else:
-                training = {**progress_state, "corpus": corpus, "base": metadata["base"]}
-                save_adapter(model, out_dir, extra={"training": training})
-            trainable = {name: model.params[name] for name in model.trainable_names}
-            save_checkpoint(state_path, trainable, {**metadata, **progress_state}, optimizer.state_dict())
-
-        step = accelerate(model, optimizer, settings.grad_clip)
-        result = train_loop(
-            model,
-            optimizer,
-            data,
-            settings,
-            save if world.is_writer else None,
-            start_step,
-            progress,
-            report=progress,
-            step=step,
-            saved_step=start_step if state is not None else None,
-            saved_in=out_dir,
-        )
-        saved = out_dir / (FULL_CHECKPOINT if lora_config is None else ADAPTER_WEIGHTS)
-        metrics = {
-            **metadata,
-            "trainable_params": model.num_parameters(trainable_only=True),
-            "all_params": model.num_parameters(),
-            "summary": model_summary_line(model),
-            "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
-            "saved": str(saved),
-            "saved_bytes": from_writer(world, lambda: saved.stat().st_size),  # rank 0 wrote it
-            "base_weights_bytes": sum(int(v.nbytes) for v in base.params.values()),  # as held in memory
-            "train_tokens": int(data.train.size),
-            "result": result.to_dict(),
-        }
-        if world.is_writer:
-            atomic_write_bytes(out_dir / METRICS_NAME, (json.dumps(metrics, indent=2) + "\n").encode())
+        metrics = final_metrics(run, job, loaded.model, model, metadata, data, result)
+        run.write_results(METRICS_NAME, metrics)
     return model, metrics
+
+
+def check_finetune_run(job: FinetuneRun, device: str) -> None:
+    """Refuse, before any weight is loaded, what this run cannot train (one line each)."""
+    if job.quantized is not None and job.lora_config is None:
+        raise ValueError("a quantized base is frozen: --quantized trains a LoRA adapter, not --full")
+    check_training_dtype(job.dtype, device, job.lora_config, job.quantized)
+
+
+def build_model(job: FinetuneRun, device: str) -> tuple[Base, object]:
+    """The loaded base and the model to train on it: the base with its adapter, or the base itself (full)."""
+    loaded = load_base(job.base_spec, device, job.block_size, job.quantized)
+    if job.lora_config is None and not loaded.is_byte_level:
+        raise ValueError(
+            f"full fine-tuning of {loaded.name} is not supported: its checkpoint format is the GPT's; "
+            "fine-tune it with LoRA (leave out --full)"
+        )
+    base = loaded.model
+    model = base if job.lora_config is None else add_lora(base, job.lora_config, seed=job.settings.seed)
+    model.set_activation_memory(job.gradient_checkpointing, job.loss_chunk_rows)
+    if job.dtype == "bfloat16":
+        hold_base_in_bfloat16(model, base)
+    return loaded, model
+
+
+def hold_base_in_bfloat16(model, base) -> None:
+    """Mixed precision: the frozen base in bf16 under the float32 adapter, trained by the bf16 kernels."""
+    from ..fast.cuda import use_cublas
+
+    model.cast_base(float_dtype("bfloat16"))  # after add_lora: the adapter was made in float32
+    base.params.update(model.base_params)  # the base holds the bf16 copies: its float32 ones go
+    use_fast_layers(model)  # the evaluation before training too runs the fused kernels
+    use_cublas()  # and the bf16 products (CuPy's matmul has none)
+
+
+def base_fingerprint(run: TrainingRun, job: FinetuneRun, loaded: Base, model) -> str:
+    """The fingerprint of the frozen base (of every weight, for --full); a resumed run's must be unchanged."""
+    fingerprint = weights_fingerprint(model.params) if job.lora_config is None else model.base_fingerprint
+    if run.state is not None and run.state.metadata["base_fingerprint"] != fingerprint:
+        raise CheckpointError(f"{run.state_path} was trained on another base than {loaded.name} holds now")
+    return fingerprint
+
+
+def finetune_corpus(corpus: str, loaded: Base):
+    """The corpus in the base's tokens: bytes for a GPT, SmolLM2's BPE ids for SmolLM2."""
+    data = load_corpus(corpus)
+    return data if loaded.is_byte_level else tokenize_corpus(data, loaded.tokenizer)
+
+
+def validation_before(run: TrainingRun, model, data, settings: TrainSettings) -> float:
+    """Bits per byte of the untrained model on the validation split (a resumed run's, as it was saved)."""
+    if run.state is not None:
+        return run.state.metadata["val_bits_per_byte_before"]
+    return bits_per_byte(
+        model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
+    )
+
+
+def run_metadata(
+    job: FinetuneRun, loaded: Base, model, fingerprint: str, val_before: float, device: str
+) -> dict:
+    """What every save records of the run: its arguments, its base, the model's config, its starting point."""
+    return {
+        "kind": "finetune",
+        "mode": job.mode,
+        "corpus": job.corpus,
+        "base": loaded.name,
+        # as given (None: the shipped base)
+        "base_spec": None if job.base_spec is None else str(job.base_spec),
+        "block_size": job.block_size,
+        "quantized": job.quantized,
+        # the memory switches as the model holds them
+        "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),
+        "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
+        "dtype": job.dtype,
+        "base_fingerprint": fingerprint,
+        "config": model.config.to_dict(),
+        "settings": asdict(job.settings),
+        "lora_config": None if job.lora_config is None else job.lora_config.to_dict(),
+        "loraplus_ratio": job.loraplus_ratio,
+        "val_bits_per_byte_before": val_before,
+        "provenance": provenance(device, job.settings.seed),
+    }
+
+
+def resume_trainable(run: TrainingRun, model, optimizer: AdamW, steps: int, device: str, say) -> int:
+    """The step training starts at; a resumed run's trainable tensors and optimiser state are restored first."""
+    if run.state is not None:
+        trainable = {name: tuple(model.params[name].shape) for name in model.trainable_names}
+        check_params_fit(run.state.params, trainable, run.state_path)
+        for name in trainable:  # in place: the adapter (or the model) and the optimiser hold these arrays
+            model.params[name][...] = to_device(run.state.params[name], device)
+    return run.resume_optimizer(optimizer, steps, say)
+
+
+def saver(run: TrainingRun, model, optimizer: AdamW, job: FinetuneRun, metadata: dict):
+    """The ``save`` for train_loop: the adapter (or the full checkpoint), then the state that resumes the run."""
+
+    def save(step: int, val_bits_per_byte: float) -> None:
+        progress_state = {"step": step, "val_bits_per_byte": val_bits_per_byte}
+        if job.lora_config is None:
+            save_checkpoint(run.folder / FULL_CHECKPOINT, model.params, {**metadata, **progress_state})
+        else:
+            training = {**progress_state, "corpus": job.corpus, "base": metadata["base"]}
+            save_adapter(model, run.folder, extra={"training": training})
+        trainable = {name: model.params[name] for name in model.trainable_names}
+        save_checkpoint(run.state_path, trainable, {**metadata, **progress_state}, optimizer.state_dict())
+
+    return save
+
+
+def final_metrics(run: TrainingRun, job: FinetuneRun, base, model, metadata: dict, data, result) -> dict:
+    """finetune_metrics.json: the run's metadata, its sizes and parameter counts, and the training's result."""
+    saved = run.folder / (FULL_CHECKPOINT if job.lora_config is None else ADAPTER_WEIGHTS)
+    return {
+        **metadata,
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "all_params": model.num_parameters(),
+        "summary": model_summary_line(model),
+        "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
+        "saved": str(saved),
+        "saved_bytes": from_writer(run.world, lambda: saved.stat().st_size),  # rank 0 wrote it
+        "base_weights_bytes": sum(int(v.nbytes) for v in base.params.values()),  # as held in memory
+        "train_tokens": int(data.train.size),
+        "result": result.to_dict(),
+    }

@@ -7,29 +7,18 @@ config, the training settings and the corpus name, so ``resume`` needs nothing e
 
 from __future__ import annotations
 
-import json
-from contextlib import nullcontext
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from ..backend import resolve_device, to_device
 from ..config import GPTConfig
 from ..fast import accelerate
-from ..fast.distributed.world import current_world
-from ..io.checkpoint import (
-    atomic_write_bytes,
-    check_blocks_present,
-    check_params_fit,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..io.checkpoint import check_blocks_present, check_params_fit, save_checkpoint
 from ..io.data import load_corpus
 from ..io.provenance import provenance
-from ..io.run_folder import claim_run_folder
-from ..model import GPT, init_params, parameter_shapes
+from ..model import GPT, init_params
 from ..optim import AdamW
-from ..training.loop import TrainSettings, train_loop
-from .resume import check_kind, check_resumable, resuming_line
+from ..training.loop import TrainSettings
+from .resume import TrainingRun, claimed_run
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESULTS_NAME = "pretrain_results.json"
@@ -59,22 +48,10 @@ def pretrain(
     ``say`` prints the "resuming from step N" line.
     """
     device = resolve_device(device)
-    out_dir = Path(out_dir)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    world = current_world()  # under mpirun: every rank trains, rank 0 alone writes (fast/distributed)
-    progress = progress and world.is_writer
-    claim = claim_run_folder(out_dir, RUN_FILES, resume, overwrite) if world.is_writer else nullcontext()
-    with claim:
-        checkpoint = load_checkpoint(checkpoint_path) if resume else None
-        if checkpoint is not None:
-            meta = check_kind(checkpoint, checkpoint_path, "pretrain")
-            corpus, config = meta["corpus"], GPTConfig.from_dict(meta["config"])
-            settings = TrainSettings(**meta["settings"])
-            check_blocks_present(config.n_layer, checkpoint.params, checkpoint_path)  # before sizing by it
-            check_params_fit(checkpoint.params, parameter_shapes(config), checkpoint_path)
-            params = {name: to_device(checkpoint.params[name], device) for name in parameter_shapes(config)}
-        else:
-            params = init_params(config, seed=settings.seed, device=device)
+    with claimed_run(out_dir, RUN_FILES, CHECKPOINT_NAME, "pretrain", resume, overwrite) as run:
+        if run.state is not None:
+            corpus, config, settings = saved_arguments(run.state.metadata)
+        params = starting_weights(run, config, settings.seed, device)
         settings = replace(settings, **(settings_overrides or {}))
         model = GPT(config, params)
         optimizer = AdamW(
@@ -84,12 +61,7 @@ def pretrain(
             betas=ADAM_BETAS,
             weight_decay=settings.weight_decay,
         )
-        start_step = 0
-        if checkpoint is not None:
-            start_step = check_resumable(checkpoint, checkpoint_path, optimizer, settings.steps)
-            optimizer.load_state_dict(checkpoint.optimizer)
-            if world.is_writer:
-                say(resuming_line(start_step, settings.steps, checkpoint_path))
+        start_step = run.resume_optimizer(optimizer, settings.steps, say)
         data = load_corpus(corpus)
         metadata = {
             "kind": "pretrain",
@@ -101,23 +73,28 @@ def pretrain(
 
         def save(step: int, val_bits_per_byte: float) -> None:
             state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
-            save_checkpoint(checkpoint_path, model.params, state, optimizer.state_dict())
+            save_checkpoint(run.state_path, model.params, state, optimizer.state_dict())
 
-        step = accelerate(model, optimizer, settings.grad_clip)  # the device's fast layer functions and step
-        result = train_loop(
-            model,
-            optimizer,
-            data,
-            settings,
-            save if world.is_writer else None,
-            start_step,
-            progress,
-            report=world.is_writer,
-            step=step,
-            saved_step=start_step if checkpoint is not None else None,
-            saved_in=out_dir,
+        step = accelerate(
+            model, optimizer, settings.grad_clip, grad_accum=settings.grad_accum
+        )  # the fast path
+        result = run.train(model, optimizer, data, settings, save, start_step, step, progress, report=True)
+        run.write_results(
+            RESULTS_NAME, {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
         )
-        summary = {**metadata, "parameters": model.num_parameters(), "result": result.to_dict()}
-        if world.is_writer:
-            atomic_write_bytes(out_dir / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
     return model, result
+
+
+def saved_arguments(metadata: dict) -> tuple[str, GPTConfig, TrainSettings]:
+    """The corpus, config and settings that a pretraining checkpoint's metadata records."""
+    return metadata["corpus"], GPTConfig.from_dict(metadata["config"]), TrainSettings(**metadata["settings"])
+
+
+def starting_weights(run: TrainingRun, config: GPTConfig, seed: int, device: str) -> dict:
+    """The weights training starts from: the resumed checkpoint's, checked against ``config``, or fresh ones."""
+    checkpoint = run.state
+    if checkpoint is None:
+        return init_params(config, seed=seed, device=device)
+    check_blocks_present(config.n_layer, checkpoint.params, run.state_path)  # before sizing by it
+    check_params_fit(checkpoint.params, config.parameter_shapes(), run.state_path)
+    return {name: to_device(checkpoint.params[name], device) for name in config.parameter_shapes()}

@@ -2,26 +2,44 @@
 
 ``run_bench(BenchSettings(...))`` times the training loop's work, forward + backward + gradient
 clipping + AdamW, for a preset in LoRA or full mode, after a warm-up, and returns one flat dict that
-``minilora bench`` prints as a JSON line. What it measures, and how:
+``minilora bench`` prints as a JSON line. The presets are minilora's GPT sizes (config.PRESETS) and
+``smollm2``, SmolLM2-135M-Instruct's LoRA step. One runner times them all; what depends on the
+model is its preset's kind (``GPTBench``, ``SmolLM2Bench``): how the model is built, how its FLOPs
+are known, and which peer it is timed against. What it measures, and how:
 
 - Step time: each step on its own clock (the GPU is synchronised first), ``steps`` steps per run,
   ``repeats`` runs; median, min and max over every timed step. tokens/s = B T / median step time.
-- FLOPs per step count matrix products only (``step_flops``): the forward makes 2 N P for the
-  matmul parameters P (N = B T tokens) plus 4 B T^2 C per layer for q k^T and att v over the full
-  T x T (no causal saving: minilora computes the masked half too). Full fine-tuning's backward is
-  twice the forward. LoRA's backward has the input gradients of the frozen weights (once the
-  forward) but no dW of them, plus all of the adapter's products (twice its forward).
-  ``minilora.backend.count_matmuls`` checks this formula in the tests.
-- MFU = achieved FLOP/s over a float32 matmul peak measured in the same process, with the same BLAS
-  and thread settings, before and after the timed runs (the larger counts).
-- Memory: the ledger of ``minilora.lab.memory`` against the peak resident set (VmHWM, reset before the
-  model is built), and, on the CPU, the peak of one traced step (``tracemalloc`` sees NumPy's
-  arrays); on a GPU the CuPy memory pool's high-water mark.
-- The peer (``peer="torch"``): ``minilora.lab.torch_peer``, the same model and step in
-  PyTorch eager, is loaded by path from the source checkout (minilora never imports torch), given
-  minilora's initial weights and the same batches, and timed in the same process, run for run
-  alternating with minilora, so both see the same machine state; ``ratio`` is minilora's tokens/s
-  over the peer's, per run.
+- FLOPs per step count matrix products only. A GPT's come from the formula ``step_flops``: the
+  forward makes 2 N P for the matmul parameters P (N = B T tokens) plus 4 B T^2 C per layer for
+  q k^T and att v over the full T x T (no causal saving: minilora computes the masked half too).
+  Full fine-tuning's backward is twice the forward. LoRA's backward has the input gradients of the
+  frozen weights (once the forward) but no dW of them, plus all of the adapter's products (twice its
+  forward). ``minilora.backend.count_matmuls`` checks this formula in the tests. SmolLM2's are
+  counted, not estimated: every product of the first warm-up step, through ``count_matmuls``,
+  including the masked half of attention's T x T.
+- MFU = achieved FLOP/s over a matmul peak in the run's dtype measured in the same process, with the
+  same BLAS and thread settings, before and after the timed runs (the larger counts).
+- Memory: the peak resident set (VmHWM) over the resident set before the model is built, the peak
+  reset there (the batches' tokens are loaded before); SmolLM2's peak is reset again once it is
+  loaded, so the loader's temporary copies are left out. On a GPU the CuPy memory pool's high-water
+  mark (its free blocks released before the model is built, and for SmolLM2 after, so a bf16 run's
+  float32 originals are left out too). A GPT also gets the ledger of ``minilora.lab.memory`` and,
+  on the CPU, the peak of one traced step (``tracemalloc`` sees NumPy's arrays).
+- The peer (``peer="torch"``), imported only then and by path from the source checkout (minilora
+  never imports torch): for a GPT ``minilora.lab.torch_peer``, the same model and step in PyTorch
+  eager, given minilora's initial weights; for SmolLM2 transformers' ``LlamaForCausalLM`` with a
+  ``peft`` adapter (``minilora.lab.peft_peer``), given the same float32 weights and the very adapter
+  minilora made (lora_A random, lora_B zero), written in PEFT's format, so the first losses agree to
+  float32 rounding (``first_loss_rel_diff``). With ``dtype`` "bfloat16" on a GPU (mixed precision,
+  as ``minilora finetune --dtype bfloat16``) minilora casts its frozen base to bf16 after adding the
+  adapter, and SmolLM2's peer is a bf16 base under PEFT's float32 adapter; the adapter and AdamW's
+  state stay float32 on both sides, and the first losses agree to bf16 rounding. Both sides get the
+  same batches and AdamW settings and are timed in the same process, run for run alternating with
+  minilora, so both see the same machine state; ``ratio`` is minilora's tokens/s over the peer's,
+  per run, and ``memory_ratio`` minilora's peak memory over the peer's (on the GPU each side's own
+  allocator, CuPy's pool against torch's max_memory_allocated; on the CPU each side's peak resident
+  set over its resident set before it built its model). On the CPU both share one process and
+  minilora goes first, so the peer may reuse pages minilora freed: if anything, this favours the peer.
 
 Benchmarks are never timed tests: the tests check the formulas, the fields and the peer's loss,
 never a wall time.
@@ -35,6 +53,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from contextlib import nullcontext
@@ -44,6 +63,7 @@ import numpy as np
 
 from ..backend import (
     FLOAT_DTYPES,
+    count_matmuls,
     float_dtype,
     get_backend,
     host_rng,
@@ -57,19 +77,35 @@ from ..config import GPTConfig, get_preset
 from ..fast import accelerate
 from ..fast.cpu.host_memory import retain_freed_memory
 from ..fast.cuda.graph import GraphedStep
-from ..io.data import get_batch, load_corpus
+from ..io.bases import SMOLLM2, load_base
+from ..io.bpe import BPETokenizer
+from ..io.data import load_corpus, tokenize_corpus
+from ..io.peft import export_peft
 from ..io.provenance import provenance
+from ..io.smollm2 import fetch_smollm2
 from ..jobs.finetune import ADAM_BETAS, check_training_dtype, make_optimizer
 from ..lora.config import LoraConfig, select_target_modules
 from ..lora.model import add_lora
 from ..model import GPT, init_params
-from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings, train_step
+from ..training.batches import get_batch
+from ..training.loop import DATA_STREAM, DROPOUT_STREAM, TrainSettings
+from ..training.step import train_step
 from .memory import memory_ledger
 
-BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per preset (T = block_size)
-DEFAULT_LORA = LoraConfig(
-    r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj")
-)  # the bench's adapter
+BENCH_BATCH_SIZES = {"tiny": 16, "small": 16, "medium": 16, "gpt2s": 8}  # B per GPT preset (T = block_size)
+DEFAULT_LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("c_attn", "attn.c_proj"))  # the GPTs' adapter
+SMOLLM2_LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"))  # PEFT's default targets
+SMOLLM2_BATCH_SHAPE = (4, 256)  # B, and T in BPE tokens
+PRESET_ADAPTER = "the preset's"  # BenchSettings.lora_config's default: the preset's kind's own adapter
+TRANSFORMERS_ATTENTION = {"math": "eager", "sdpa": "sdpa"}  # peer_attention as transformers names it
+RECORDED_SETTINGS = (
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "corpus",
+    "peak_size",
+)  # the result's "settings"
 OPENBLAS_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # read by OpenBLAS once, when NumPy loads it
 PEAK_SIZES = {"cpu": 2048, "cuda": 8192}  # n of the (n, n) @ (n, n) product that measures the peak
 PEAK_REPEATS = 5
@@ -128,62 +164,80 @@ def step_flops(
 
 @dataclass
 class BenchSettings:
-    preset: str = "medium"
-    lora_config: LoraConfig | None = DEFAULT_LORA  # the adapter to train; None: full fine-tuning
+    preset: str = "medium"  # a GPT preset (config.PRESETS) or "smollm2"
+    lora_config: LoraConfig | str | None = PRESET_ADAPTER  # the adapter to train; None: full fine-tuning
     device: str | None = None  # cpu or cuda; None: $MINILORA_DEVICE, else cpu
-    batch_size: int | None = None  # None: BENCH_BATCH_SIZES[preset]
-    seq_len: int | None = None  # T; None: the preset's block_size
+    batch_size: int | None = None  # None: the preset's (BENCH_BATCH_SIZES; smollm2 4)
+    seq_len: int | None = None  # T; None: the preset's block_size (smollm2 256 tokens)
     warmup: int = 2  # untimed steps first, at least 1 (the first allocates AdamW's state)
     steps: int = 5  # timed steps per run
     repeats: int = 3  # runs; with a peer, minilora's and the peer's runs alternate
     lr: float = 1e-3
-    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices (both models alike)
+    # AdamW's decoupled decay, on matrices (both models alike); None: the preset's, 0.1 for a GPT (as
+    # pretraining), 0.0 for smollm2 (as minilora finetune and PEFT's examples)
+    weight_decay: float | None = None
     grad_clip: float = 1.0  # global norm clipping, as the training loop does; 0 turns it off
     seed: int = 0
     dtype: str = "float32"
-    corpus: str | None = "shakespeare_modern"  # batches from this corpus; None: uniform random tokens
-    peer: str | None = None  # "torch": time minilora.lab.torch_peer side by side
+    # batches from this corpus (smollm2: its validation split in BPE ids); None: uniform random tokens
+    corpus: str | None = "shakespeare_modern"
+    peer: str | None = None  # "torch": time the preset's PyTorch peer side by side
     peer_threads: int = 2  # torch.set_num_threads
-    peer_attention: str = "math"  # the peer's attention: "math" (full T x T, as minilora) or "sdpa"
-    peer_autocast: str | None = None  # the peer's forward under torch.autocast: None or "bfloat16"
-    peer_compile: bool = False  # the peer's forward through torch.compile
+    peer_attention: str = "math"  # "math" (full T x T, as minilora; transformers' "eager") or "sdpa"
+    peer_autocast: str | None = None  # a GPT peer's forward under torch.autocast: None or "bfloat16"
+    peer_compile: bool = False  # a GPT peer's forward through torch.compile
     threads: int | None = (
         None  # CPU threads: batch shards and BLAS threads; None: data_parallel.cpu_threads()
     )
     peak_size: int | None = None  # n of the peak matmul; None: PEAK_SIZES[device]
-    trace_memory: bool = True  # one extra, untimed step under tracemalloc (CPU only)
+    trace_memory: bool = True  # a GPT's extra, untimed step under tracemalloc (CPU only)
     cuda_graph: bool = True  # on a GPU, replay the step as a CUDA graph (fast.cuda.graph.GraphedStep)
     reference: bool = False  # time the reference layers and train_step instead of the fast path
     tf32: bool = False  # on a GPU, float32 products on TF32 tensor cores (both minilora and the peer)
+    quantized: str | None = (
+        None  # smollm2, QLoRA: the frozen matrices in blocks, "gguf", "q4_1", "q8_0", "nf4"
+    )
+    gradient_checkpointing: bool = False  # smollm2: recompute each block in the backward (llama.py)
+    loss_chunk_rows: int | None = None  # smollm2: the head and the loss this many positions at a time
 
     def __post_init__(self):
         for name in ("warmup", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.peer not in (None, "torch"):
             raise ValueError(f"unknown peer {self.peer!r}; the only peer is 'torch'")
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
+        kind = self.kind  # an unknown preset fails here, with the list of presets
+        if isinstance(self.lora_config, str):
+            self.lora_config = kind.lora_config
+        if self.weight_decay is None:
+            self.weight_decay = kind.weight_decay
+        kind.check(self)
         if self.dtype == "bfloat16" and self.lora_config is None:
             raise ValueError(
                 "dtype bfloat16 trains LoRA adapters in float32 over a bf16 base; full fine-tuning would "
                 "need float32 master copies of every weight, which minilora does not keep: use float32"
             )
-        get_preset(self.preset)  # an unknown preset fails here, with the list of presets
+
+    @property
+    def kind(self) -> GPTBench | SmolLM2Bench:
+        return preset_kind(self.preset)
 
     @property
     def mode(self) -> str:
         return "full" if self.lora_config is None else "lora"
 
     def config(self) -> GPTConfig:
-        return get_preset(self.preset, dropout=0.0)
+        """A GPT preset's config, dropout off."""
+        return GPTBench(self.preset).config()
 
     def batch_shape(self) -> tuple[int, int]:
-        config = self.config()
-        T = config.block_size if self.seq_len is None else self.seq_len
-        if not 1 <= T <= config.block_size:
-            raise ValueError(f"seq_len {T} must be in 1..block_size={config.block_size}")
-        return (BENCH_BATCH_SIZES[self.preset] if self.batch_size is None else self.batch_size), T
+        """(B, T) of every batch."""
+        return self.kind.batch_shape(self)
 
 
 # The host's resident set, from /proc (Linux). Writing 5 to clear_refs resets the peak (VmHWM), so
@@ -350,6 +404,11 @@ def blas_threads(threads: int | None):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
+def preset_kind(preset: str) -> GPTBench | SmolLM2Bench:
+    """What the runner asks of a preset's model: its defaults, how it is built, its FLOPs, its peer."""
+    return SmolLM2Bench() if preset == SMOLLM2 else GPTBench(preset)
+
+
 def run_bench(settings: BenchSettings, log=None) -> dict:
     """Run the benchmark described by ``settings``; returns the result dict (see the module docstring).
 
@@ -357,237 +416,507 @@ def run_bench(settings: BenchSettings, log=None) -> dict:
     """
     log = log or (lambda message: None)
     device = resolve_device(settings.device)
+    settings.kind.check_dtype(settings, device)  # before CuPy or any weight is touched
     with blas_threads(settings.threads):
-        return _run(settings, device, log)
+        return _run(BenchRun(settings, device, log))
 
 
-def _run(settings: BenchSettings, device: str, log) -> dict:
-    xp = get_backend(device)
-    if settings.dtype == "bfloat16":
-        check_training_dtype(settings.dtype, device, settings.lora_config, quantized=None)  # finetune's rules
-    if xp is np:
-        retain_freed_memory()  # as the training jobs do; the peer, in the same process, gets it too
-    else:
-        from ..fast.cuda import blas as cuda_blas
-
-        cuda_blas.use_tf32(settings.tf32)
-    config, lora_config = settings.config(), settings.lora_config
-    B, T = settings.batch_shape()
-    peak_n = settings.peak_size or PEAK_SIZES[device]
-    data = None if settings.corpus is None else load_corpus(settings.corpus).train
-
-    def batch(step: int):
-        rng = host_rng(settings.seed, DATA_STREAM, step)
-        if data is None:
-            return rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T))
-        return get_batch(data, B, T, rng)
-
-    log(f"matmul peak: ({peak_n} x {peak_n}) @ ({peak_n} x {peak_n}) {settings.dtype} on {device}")
-    peak_before = matmul_peak_gflops(xp, peak_n, settings.dtype)
-
-    # minilora: build, snapshot the initial weights for the peer, warm up; memory is measured here,
-    # before torch is imported.
-    pool = None if xp is np else xp.get_default_memory_pool()
-    if pool is not None:
-        pool.free_all_blocks()
-    peak_reset = reset_peak_rss()
-    rss_before = current_rss_bytes()
-    base = GPT(
-        config, init_params(config, seed=settings.seed, dtype=float_dtype(settings.dtype), device=device)
+def _run(run: BenchRun) -> dict:
+    """The phases of one benchmark, in order: each measures what the next must not disturb."""
+    settings, n = run.settings, run.peak_n
+    run.log(f"matmul peak: ({n} x {n}) @ ({n} x {n}) {settings.dtype} on {run.device}")
+    peak_before = run.matmul_peak()
+    run.build()  # the model's memory is measured from here, before torch is imported
+    warm = run.warm_up()
+    peer, record = start_peer(run) if settings.peer else (None, None)
+    timed, peer_timed, loss, peer_loss = time_runs(
+        run.minilora_step, peer, run.batch, settings.warmup, settings.steps, settings.repeats, run.log
     )
-    model = base if lora_config is None else add_lora(base, lora_config, seed=settings.seed)
-    optimizer = make_optimizer(model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay))
-    initial = (
-        # float32 copies (a bf16 base's values exactly): the peer keeps float32 weights under its autocast
-        {
-            name: to_numpy(value).astype(np.promote_types(value.dtype, np.float32))
-            for name, value in model.params.items()
-        }
-        if settings.peer
-        else None
-    )
+    result = bench_result(run, warm, timed, float(loss), (peak_before, run.matmul_peak()))
+    if peer is not None:
+        add_peer(result, record, peer_timed, float(peer_loss), run.memory.increase(warm.peak_rss))
+    return result
 
-    if settings.reference:  # the readable layers and train_step, as a student reads them
-        train = train_step
-    else:  # the fast layer functions and step the training jobs use (minilora.fast)
-        train = accelerate(
-            model,
-            optimizer,
-            settings.grad_clip,
-            shards=settings.threads,
-            cuda_graph=settings.cuda_graph,
-            graph_warmup=1,
+
+@dataclass(frozen=True)
+class MemoryMark:
+    """Where a model's memory is measured from: the resident set before it is built, the peak reset there."""
+
+    rss_before: int | None
+    peak_reset: bool  # False where the OS cannot reset the peak: it is then the whole process's
+
+    @classmethod
+    def now(cls, xp) -> MemoryMark:
+        """Release the GPU pool's free blocks, reset the peak resident set, and read the resident set."""
+        if xp is not np:
+            xp.get_default_memory_pool().free_all_blocks()
+        peak_reset = reset_peak_rss()
+        return cls(current_rss_bytes(), peak_reset)
+
+    def increase(self, peak_rss: int) -> int | None:
+        """How far the resident set rose above the mark at its peak (None if the peak could not be reset)."""
+        return increase(peak_rss, self.rss_before) if self.peak_reset else None
+
+
+@dataclass
+class Built:
+    """The model a run times, as its preset's kind built it."""
+
+    model: object  # a GPT or a Llama, with its adapter unless full fine-tuning
+    config: object  # its GPTConfig or LlamaConfig
+    peer_start: object = None  # what the peer starts from (minilora's weights, adapter); None without one
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What minilora's untimed steps measured."""
+
+    loss_first: float
+    counted_flops: int  # the products of the first step, through backend.count_matmuls
+    peak_rss: int  # the peak resident set, the model built and its steps taken
+    peak_device: int | None  # what the GPU's pools hold then (None on the CPU)
+
+
+class BenchRun:
+    """One benchmark run: its settings and device, the batches, and minilora's model and step once built."""
+
+    def __init__(self, settings: BenchSettings, device: str, log):
+        self.settings, self.kind, self.device, self.log = settings, settings.kind, device, log
+        self.B, self.T = settings.batch_shape()
+        self.xp = prepare_device(settings, device)
+        self.peak_n = settings.peak_size or PEAK_SIZES[device]
+        self.tokens = self.kind.tokens(settings)  # loaded before the memory is marked: they are not the model
+
+    def matmul_peak(self) -> float:
+        """The best GFLOP/s of the peak product in the run's dtype, now."""
+        return matmul_peak_gflops(self.xp, self.peak_n, self.settings.dtype)
+
+    def build(self) -> None:
+        """minilora's model (its preset kind's), its optimiser and its step; the memory is marked first."""
+        settings = self.settings
+        self.memory = MemoryMark.now(self.xp)
+        self.built = self.kind.build(self)
+        self.model = self.built.model
+        self.optimizer = make_optimizer(
+            self.model, TrainSettings(lr=settings.lr, weight_decay=settings.weight_decay)
         )
-    graphed = isinstance(train, GraphedStep)
+        if settings.reference:  # the readable layers and train_step, as a student reads them
+            self.train = train_step
+        else:  # the fast layer functions and step the training jobs use (minilora.fast)
+            self.train = accelerate(
+                self.model,
+                self.optimizer,
+                settings.grad_clip,
+                shards=settings.threads,
+                cuda_graph=settings.cuda_graph,
+                graph_warmup=1,
+            )
 
-    def minilora_step(step: int):
-        x, y = batch(step)  # host arrays: the forward range-checks and moves them, as in the training loop
-        synchronize(xp)
+    def batch(self, step: int):
+        """The (x, y) host arrays of ``step``: windows of the tokens as the training loop draws them, or random ids."""
+        rng = host_rng(self.settings.seed, DATA_STREAM, step)
+        if self.tokens is None:
+            ids = (0, self.built.config.vocab_size, (self.B, self.T))
+            return rng.integers(*ids), rng.integers(*ids)
+        return get_batch(self.tokens, self.B, self.T, rng)
+
+    def minilora_step(self, step: int) -> tuple[float, object]:
+        """One training step on ``step``'s batch, on its own clock: (seconds, loss)."""
+        settings = self.settings
+        # host arrays: the forward range-checks and moves them, as in the training loop
+        x, y = self.batch(step)
+        synchronize(self.xp)
         started = time.perf_counter()
-        loss = train(
-            model, optimizer, x, y, settings.lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step)
-        )
-        synchronize(xp)
+        dropout_key = (settings.seed, DROPOUT_STREAM, step)
+        loss = self.train(self.model, self.optimizer, x, y, settings.lr, settings.grad_clip, dropout_key)
+        synchronize(self.xp)
         return time.perf_counter() - started, loss
 
-    log(f"minilora {settings.preset} {settings.mode}: {settings.warmup} warm-up steps")
-    losses = [minilora_step(step)[1] for step in range(settings.warmup)]
-    loss_first = float(losses[0])
-    peak_rss = peak_rss_bytes()
-    peak_device = (
-        None if pool is None else int(pool.total_bytes() + (train.pool.total_bytes() if graphed else 0))
-    )
+    def warm_up(self) -> Warmup:
+        """The untimed steps: the first one's loss and its products counted, then the memory the model took."""
+        settings = self.settings
+        self.log(f"minilora {settings.preset} {settings.mode}: {settings.warmup} warm-up steps")
+        with count_matmuls() as products:  # the first step runs eagerly, also under a CUDA graph
+            loss_first = float(self.minilora_step(0)[1])
+        for step in range(1, settings.warmup):
+            self.minilora_step(step)
+        return Warmup(loss_first, products.flops, peak_rss_bytes(), self.device_pool_bytes())
 
-    peer = peer_record = None
-    if settings.peer:
-        peer, peer_record = _build_peer(settings, device, model, optimizer, initial, config, lora_config, log)
-        warm_up_peer(peer, peer_record, batch, settings.warmup)
+    def device_pool_bytes(self) -> int | None:
+        """What CuPy's pools hold on the GPU, the CUDA graph's own included (None on the CPU)."""
+        if self.xp is np:
+            return None
+        graph_pool = self.train.pool.total_bytes() if isinstance(self.train, GraphedStep) else 0
+        return int(self.xp.get_default_memory_pool().total_bytes() + graph_pool)
 
-    timed, peer_timed, loss, peer_loss = time_runs(
-        minilora_step, peer, batch, settings.warmup, settings.steps, settings.repeats, log
-    )
-    step = settings.warmup + settings.repeats * settings.steps  # the next unused batch
-    loss_last = float(loss)
-    peak_after = matmul_peak_gflops(xp, peak_n, settings.dtype)
-    peak = max(peak_before, peak_after)
 
-    traced = None
-    if settings.trace_memory and xp is np:
-        tracemalloc.start()
-        try:
-            minilora_step(step)
-            traced = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+def prepare_device(settings: BenchSettings, device: str):
+    """The device's array module, set up as the training jobs set it up."""
+    xp = get_backend(device)
+    if xp is np:
+        retain_freed_memory()  # as the training jobs do; the peer, in the same process, gets it too
+        return xp
+    from ..fast.cuda import blas as cuda_blas
+    from ..fast.cuda import use_cublas
 
-    flops = step_flops(config, B, T, lora_config)
-    # The ledger's probes run on the CPU: with the CPU's own layer functions there, with the reference's for a GPU.
-    ledger_ops = model.ops if xp is np else None
-    # (a bf16 run's ledger is counted in float32: its probes run on the CPU, where bf16 is emulated)
-    ledger_dtype = np.float32 if settings.dtype == "bfloat16" else np.dtype(settings.dtype)
-    ledger = memory_ledger(config, B, T, lora_config, dtype=ledger_dtype, ops=ledger_ops)
-    result = {
+    cuda_blas.use_tf32(settings.tf32)
+    if settings.dtype == "bfloat16":
+        use_cublas()  # the bf16 products, the peak's and the reference step's too (CuPy's matmul has none)
+    return xp
+
+
+def start_peer(run: BenchRun) -> tuple[object, dict]:
+    """The preset's peer, built from minilora's starting point, after its untimed steps; and its record."""
+    peer, record = run.kind.build_peer(run)
+    run.built.peer_start = None  # the peer holds its own copies now: ours go before its steps run
+    warm_up_peer(peer, record, run.batch, run.settings.warmup)
+    return peer, record
+
+
+def bench_result(
+    run: BenchRun, warm: Warmup, timed: Timed, loss_last: float, peaks: tuple[float, float]
+) -> dict:
+    """The result's fields: the run's shape, its times, FLOPs and MFU, memory, losses and machine."""
+    settings, model, tokens = run.settings, run.model, run.B * run.T
+    flops = run.kind.flops(run, warm.counted_flops)
+    return {
         "preset": settings.preset,
         "mode": settings.mode,
-        **_lora_fields(lora_config),
-        "device": device,
+        **lora_fields(settings.lora_config),
+        "device": run.device,
         "dtype": settings.dtype,
-        "batch_size": B,
-        "seq_len": T,
-        "tokens_per_step": B * T,
+        "batch_size": run.B,
+        "seq_len": run.T,
+        "tokens_per_step": tokens,
         "params_total": model.num_parameters(),
         "params_trainable": model.num_parameters(trainable_only=True),
         "warmup_steps": settings.warmup,
         "steps": settings.steps,
         "repeats": settings.repeats,
-        **throughput(timed, B * T, flops["total"], peak),
-        "flops_per_step": flops["total"],
-        "flops": flops,
-        "matmul_peak_gflops": peak,
-        "matmul_peak": {"n": peak_n, "before_gflops": peak_before, "after_gflops": peak_after},
-        "peak_rss_bytes": peak_rss,
-        "peak_device_bytes": peak_device,
-        "memory": {
-            "ledger": ledger.to_dict(),
-            "rss_before_model_bytes": rss_before,
-            "peak_rss_increase_bytes": increase(peak_rss, rss_before) if peak_reset else None,
-            "peak_rss_increase_over_ledger": ratio_or_none(
-                increase(peak_rss, rss_before) if peak_reset else None, ledger.total
-            ),
-            "traced_step_peak_bytes": traced,
-            "traced_step_over_ledger": ratio_or_none(traced, ledger.per_step),
-            "peak_device_over_ledger": ratio_or_none(peak_device, ledger.total),
-        },
-        "loss_first": loss_first,
+        **throughput(timed, tokens, flops["flops_per_step"], max(peaks)),
+        **flops,
+        "matmul_peak_gflops": max(peaks),
+        "matmul_peak": {"n": run.peak_n, "before_gflops": peaks[0], "after_gflops": peaks[1]},
+        "peak_rss_bytes": warm.peak_rss,
+        "peak_device_bytes": warm.peak_device,
+        **run.kind.memory_fields(run, warm),
+        "loss_first": warm.loss_first,
         "loss_last": loss_last,
         "threads": settings.threads,
         "blas": blas_info(),
         "openblas_env": openblas_env(),
-        "cuda_graph": graphed,
+        "cuda_graph": isinstance(run.train, GraphedStep),
         "layer_ops": model.ops.name,
-        "gpu": gpu_info(xp),
+        "gpu": gpu_info(run.xp),
         "peer": None,
         "ratio": None,
-        "settings": {
-            key: value
-            for key, value in asdict(settings).items()
-            if key in ("lr", "weight_decay", "grad_clip", "seed", "corpus", "peak_size")
-        },
-        "provenance": provenance(device, settings.seed),
+        "memory_ratio": None,
+        "settings": {key: value for key, value in asdict(settings).items() if key in RECORDED_SETTINGS},
+        "provenance": provenance(run.device, settings.seed),
     }
-    if peer is not None:
-        peer_record.update(throughput(peer_timed, B * T, flops["total"], peak))
-        peer_record["loss_last"] = float(peer_loss)
-        peer_record["first_loss_rel_diff"] = abs(peer_record["loss_first"] - loss_first) / abs(loss_first)
-        own_peak = peer_record["autocast_matmul_peak_gflops"] or peer_record["matmul_peak_gflops"]
-        peer_record["mfu_vs_own_peak"] = peer_record["achieved_gflops"] / own_peak
-        result["peer"] = peer_record
-        ratios = [
-            mine / theirs
-            for mine, theirs in zip(result["runs_tokens_per_s"], peer_record["runs_tokens_per_s"])
-        ]
-        result["ratio"] = {**spread(ratios), "runs": ratios}
-    return result
 
 
-def _build_peer(settings, device, model, optimizer, initial, config, lora_config, log):
-    log("loading the PyTorch peer, minilora.lab.torch_peer")
-    module = load_torch_peer()
-    info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
-    peak_n = settings.peak_size or PEAK_SIZES[device]
-    peak = module.matmul_peak_gflops(peak_n, dtype=settings.dtype, device=device)  # the same dtype as ours
-    # Under autocast the products run in bf16 (or fp16): its MFU is against that peak, measured here too.
-    autocast_peak = (
-        None
-        if settings.peer_autocast is None
-        else module.matmul_peak_gflops(peak_n, dtype=settings.peer_autocast, device=device)
+def add_peer(result: dict, record: dict, peer_timed: Timed, peer_loss: float, rss_increase) -> None:
+    """The peer's measurements into ``result``, with minilora's speed and memory over the peer's.
+
+    ``rss_increase``: how far minilora's resident set rose (MemoryMark.increase), its memory on the CPU.
+    """
+    loss_first = result["loss_first"]
+    record.update(
+        throughput(
+            peer_timed, result["tokens_per_step"], result["flops_per_step"], result["matmul_peak_gflops"]
+        )
     )
-    reset_peak_rss()
-    rss_before = current_rss_bytes()
-    module.peak_device_bytes(device, reset=True)
+    record["loss_last"] = peer_loss
+    record["first_loss_rel_diff"] = abs(record["loss_first"] - loss_first) / abs(loss_first)
+    # Under autocast the products run in bf16: the peer's own MFU is against that peak.
+    own_peak = record.get("autocast_matmul_peak_gflops") or record["matmul_peak_gflops"]
+    record["mfu_vs_own_peak"] = record["achieved_gflops"] / own_peak
+    ratios = [mine / theirs for mine, theirs in zip(result["runs_tokens_per_s"], record["runs_tokens_per_s"])]
+    if result["peak_device_bytes"] is not None:
+        memory = result["peak_device_bytes"], record["peak_device_bytes"]
+    else:
+        memory = rss_increase, record["peak_rss_increase_bytes"]
+    result["peer"] = record
+    result["ratio"] = {**spread(ratios), "runs": ratios}
+    result["memory_ratio"] = ratio_or_none(*memory)  # None where the peer's figure is missing or 0
+
+
+class GPTBench:
+    """A GPT preset: fresh weights, the FLOP formula, the memory ledger, and the PyTorch GPT as the peer."""
+
+    lora_config = DEFAULT_LORA
+    weight_decay = 0.1
+
+    def __init__(self, preset: str):
+        get_preset(preset)  # an unknown preset fails here, with the list of presets
+        self.preset = preset
+
+    def config(self) -> GPTConfig:
+        return get_preset(self.preset, dropout=0.0)
+
+    def batch_shape(self, settings: BenchSettings) -> tuple[int, int]:
+        """B from BENCH_BATCH_SIZES unless given; T the block size unless given, and within it."""
+        config = self.config()
+        T = config.block_size if settings.seq_len is None else settings.seq_len
+        if not 1 <= T <= config.block_size:
+            raise ValueError(f"seq_len {T} must be in 1..block_size={config.block_size}")
+        return (BENCH_BATCH_SIZES[self.preset] if settings.batch_size is None else settings.batch_size), T
+
+    def check(self, settings: BenchSettings) -> None:
+        """Refuse SmolLM2's own settings."""
+        if (
+            settings.quantized is not None
+            or settings.gradient_checkpointing
+            or settings.loss_chunk_rows is not None
+        ):
+            raise ValueError(
+                "--quantized, --gradient-checkpointing and --loss-chunk-rows apply to --preset smollm2"
+            )
+
+    def check_dtype(self, settings: BenchSettings, device: str) -> None:
+        """float32 and float64 as they are; bfloat16 under finetune's rules."""
+        if settings.dtype == "bfloat16":
+            check_training_dtype(settings.dtype, device, settings.lora_config, quantized=None)
+
+    def tokens(self, settings: BenchSettings):
+        """The corpus's training split, in bytes (None: random tokens)."""
+        return None if settings.corpus is None else load_corpus(settings.corpus).train
+
+    def build(self, run: BenchRun) -> Built:
+        """The preset's GPT from seeded weights, with the adapter; the peer starts from float32 copies of them."""
+        settings, config = run.settings, self.config()
+        params = init_params(config, seed=settings.seed, dtype=float_dtype(settings.dtype), device=run.device)
+        base = GPT(config, params)
+        model = (
+            base if settings.lora_config is None else add_lora(base, settings.lora_config, seed=settings.seed)
+        )
+        # float32 copies (a bf16 base's values exactly): the peer keeps float32 weights under its autocast
+        initial = (
+            {
+                name: to_numpy(value).astype(np.promote_types(value.dtype, np.float32))
+                for name, value in model.params.items()
+            }
+            if settings.peer
+            else None
+        )
+        return Built(model, config, initial)
+
+    def flops(self, run: BenchRun, counted_flops: int) -> dict:
+        """The formula's FLOPs, total and parts (the products a fast step counts miss its fused kernels')."""
+        flops = step_flops(run.built.config, run.B, run.T, run.settings.lora_config)
+        return {"flops_per_step": flops["total"], "flops": flops}
+
+    def memory_fields(self, run: BenchRun, warm: Warmup) -> dict:
+        """The memory ledger against what was measured, and on the CPU the peak of one traced step."""
+        settings, xp = run.settings, run.xp
+        traced = traced_step_peak(run) if settings.trace_memory and xp is np else None
+        # The ledger's probes run on the CPU: with the CPU's own layer functions there, with the reference's for a GPU.
+        ledger_ops = run.model.ops if xp is np else None
+        # (a bf16 run's ledger is counted in float32: its probes run on the CPU, where bf16 is emulated)
+        ledger_dtype = np.float32 if settings.dtype == "bfloat16" else np.dtype(settings.dtype)
+        ledger = memory_ledger(
+            run.built.config, run.B, run.T, settings.lora_config, dtype=ledger_dtype, ops=ledger_ops
+        )
+        rss_increase = run.memory.increase(warm.peak_rss)
+        return {
+            "memory": {
+                "ledger": ledger.to_dict(),
+                "rss_before_model_bytes": run.memory.rss_before,
+                "peak_rss_increase_bytes": rss_increase,
+                "peak_rss_increase_over_ledger": ratio_or_none(rss_increase, ledger.total),
+                "traced_step_peak_bytes": traced,
+                "traced_step_over_ledger": ratio_or_none(traced, ledger.per_step),
+                "peak_device_over_ledger": ratio_or_none(warm.peak_device, ledger.total),
+            }
+        }
+
+    def build_peer(self, run: BenchRun) -> tuple[object, dict]:
+        """minilora.lab.torch_peer's GPT on minilora's initial weights; its record, with its own matmul peaks."""
+        settings, device = run.settings, run.device
+        run.log("loading the PyTorch peer, minilora.lab.torch_peer")
+        module = load_torch_peer()
+        info = module.configure(settings.peer_threads, device, tf32=settings.tf32)
+        peak = module.matmul_peak_gflops(run.peak_n, dtype=settings.dtype, device=device)  # our dtype
+        autocast_peak = (
+            None
+            if settings.peer_autocast is None
+            else module.matmul_peak_gflops(run.peak_n, dtype=settings.peer_autocast, device=device)
+        )
+        reset_peak_rss()
+        rss_before = current_rss_bytes()
+        module.peak_device_bytes(device, reset=True)
+        peer = torch_gpt(module, run)
+        run.log(
+            f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
+            f"attention {settings.peer_attention}, autocast {settings.peer_autocast}, "
+            f"compile {settings.peer_compile}: {settings.warmup} warm-up steps"
+        )
+        record = {"name": "torch", **info, "attention": settings.peer_attention, "autocast": settings.peer_autocast,
+                  "compile": settings.peer_compile, "matmul_peak_gflops": peak,
+                  "autocast_matmul_peak_gflops": autocast_peak, "_rss_before": rss_before}  # fmt: skip
+        return peer, record
+
+
+def torch_gpt(module, run: BenchRun):
+    """The peer's TorchGPT: minilora's shape, initial weights, adapter and AdamW settings."""
+    settings, config, lora_config = run.settings, run.built.config, run.settings.lora_config
     spec = {
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_embd": config.n_embd,
         "vocab_size": config.vocab_size,
     }
-    peer = module.TorchGPT(
+    return module.TorchGPT(
         spec,
-        initial,
-        model.trainable_names,
-        adapted=() if lora_config is None else tuple(model.adapted_modules),
+        run.built.peer_start,
+        run.model.trainable_names,
+        adapted=() if lora_config is None else tuple(run.model.adapted_modules),
         scaling=1.0 if lora_config is None else lora_config.scaling,
         lr=settings.lr,
         betas=ADAM_BETAS,
-        eps=optimizer.eps,
+        eps=run.optimizer.eps,
         weight_decay=settings.weight_decay,
-        decay_names=sorted(optimizer.decay_names),
+        decay_names=sorted(run.optimizer.decay_names),
         grad_clip=settings.grad_clip,
         dtype="float32" if settings.dtype == "bfloat16" else settings.dtype,  # bf16: the peer's autocast
         attention=settings.peer_attention,
-        device=device,
+        device=run.device,
         autocast=settings.peer_autocast,
         compile=settings.peer_compile,
     )
-    log(
-        f"PyTorch peer: torch {info['torch']} on {device}, {info['threads']} threads, "
-        f"attention {settings.peer_attention}, autocast {settings.peer_autocast}, "
-        f"compile {settings.peer_compile}: {settings.warmup} warm-up steps"
-    )
-    record = {
-        "name": "torch",
-        **info,
-        "attention": settings.peer_attention,
-        "autocast": settings.peer_autocast,
-        "compile": settings.peer_compile,
-        "matmul_peak_gflops": peak,
-        "autocast_matmul_peak_gflops": autocast_peak,
-        "_rss_before": rss_before,
-    }
-    return peer, record
 
 
-def _lora_fields(lora_config: LoraConfig | None) -> dict:
+def traced_step_peak(run: BenchRun) -> int:
+    """The peak bytes of one more, untimed step (on the next unused batch) under tracemalloc."""
+    settings = run.settings
+    tracemalloc.start()
+    try:
+        run.minilora_step(settings.warmup + settings.repeats * settings.steps)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+class SmolLM2Bench:
+    """SmolLM2-135M-Instruct's LoRA step: its GGUF weights, counted FLOPs, transformers + PEFT as the peer."""
+
+    lora_config = SMOLLM2_LORA
+    weight_decay = 0.0
+
+    def batch_shape(self, settings: BenchSettings) -> tuple[int, int]:
+        """SMOLLM2_BATCH_SHAPE, B and T each unless given."""
+        default_B, default_T = SMOLLM2_BATCH_SHAPE
+        B = default_B if settings.batch_size is None else settings.batch_size
+        T = default_T if settings.seq_len is None else settings.seq_len
+        return B, T
+
+    def check(self, settings: BenchSettings) -> None:
+        """Refuse what this preset does not time: full fine-tuning, the GPT peer's switches, a quantized peer."""
+        if settings.lora_config is None:
+            raise ValueError("--preset smollm2 times a LoRA step: leave out --full")
+        if settings.peer_autocast is not None or settings.peer_compile:
+            raise ValueError(
+                "--peer-autocast and --peer-compile apply to the GPT presets, not to --preset smollm2"
+            )
+        if settings.quantized is not None and settings.peer is not None:
+            raise ValueError(
+                "the peer has no quantized base here (PEFT delegates that to bitsandbytes): no --peer"
+            )
+
+    def check_dtype(self, settings: BenchSettings, device: str) -> None:
+        """finetune's rules: float32, or bfloat16 on a GPU over a plain base."""
+        check_training_dtype(settings.dtype, device, settings.lora_config, settings.quantized)
+
+    def tokens(self, settings: BenchSettings):
+        """The corpus's validation split in SmolLM2's BPE ids (None: random tokens)."""
+        if settings.corpus is None:
+            return None
+        return tokenize_corpus(load_corpus(settings.corpus), BPETokenizer.from_gguf(fetch_smollm2())).val
+
+    def build(self, run: BenchRun) -> Built:
+        """SmolLM2 with the adapter, in the run's dtype; the loader's temporary copies are let go, the peak reset."""
+        settings = run.settings
+        run.log(f"loading SmolLM2-135M-Instruct on {run.device}")
+        # No reference to the loaded base is kept: no float32 copy outlives a bf16 cast.
+        base = load_base(SMOLLM2, run.device, block_size=run.T, quantized=settings.quantized)
+        model = add_lora(base.model, settings.lora_config, seed=settings.seed)
+        del base
+        model.set_activation_memory(settings.gradient_checkpointing, settings.loss_chunk_rows)
+        peer_start = peft_start(model) if settings.peer else None
+        if settings.dtype == "bfloat16":
+            # After add_lora, which made the adapter in float32, and after the peer's copies: the peer
+            # casts the float32 weights itself, as a PEFT user does.
+            model.cast_base(float_dtype(settings.dtype))
+        if run.xp is not np:  # the loader's temporaries and a bf16 run's float32 originals go back to the GPU
+            run.xp.get_default_memory_pool().free_all_blocks()
+        reset_peak_rss()  # the steps' peak, from here: the loader's temporary copies are gone
+        return Built(model, model.config, peer_start)
+
+    def flops(self, run: BenchRun, counted_flops: int) -> dict:
+        """The products the first step made, counted."""
+        return {"flops_per_step": counted_flops}
+
+    def memory_fields(self, run: BenchRun, warm: Warmup) -> dict:
+        """How the base is held (its format, the memory switches, its bytes as held), and how far the RSS rose."""
+        settings = run.settings
+        return {
+            "quantized": settings.quantized,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "loss_chunk_rows": settings.loss_chunk_rows,
+            "base_weights_bytes": sum(int(value.nbytes) for value in run.model.base_params.values()),
+            "peak_rss_increase_bytes": run.memory.increase(warm.peak_rss),
+        }
+
+    def build_peer(self, run: BenchRun) -> tuple[object, dict]:
+        """transformers' SmolLM2 under minilora's adapter in PEFT's format; its record, with its own matmul peak."""
+        settings, device = run.settings, run.device
+        run.log("loading the transformers + PEFT peer, minilora.lab.peft_peer")
+        module, torch_peer = load_peft_peer(), load_torch_peer()
+        info = torch_peer.configure(settings.peer_threads, device, tf32=settings.tf32)
+        peak = torch_peer.matmul_peak_gflops(run.peak_n, dtype=settings.dtype, device=device)  # as ours
+        rss_before = current_rss_bytes()
+        module.peak_device_bytes(device, reset=True)
+        weights, adapter_dir = run.built.peer_start
+        attention = TRANSFORMERS_ATTENTION[settings.peer_attention]
+        with adapter_dir as adapter_path:
+            peer = module.PeftLlama(
+                run.built.config.to_dict(), weights, adapter_path, lr=settings.lr, betas=ADAM_BETAS,
+                eps=run.optimizer.eps, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+                attention=attention, dtype=settings.dtype, device=device,
+            )  # fmt: skip
+        reset_peak_rss()  # the peer's steps' peak, from here: its loader's copies are gone too
+        run.log(
+            f"peer: torch {info['torch']}, transformers + PEFT, {settings.dtype}, {attention}, "
+            f"{info['threads']} threads"
+        )
+        record = {"name": "transformers+peft", **info, **module.versions(), "attention": attention,
+                  "params_trainable": peer.num_trainable(), "matmul_peak_gflops": peak,
+                  "_rss_before": rss_before}  # fmt: skip
+        return peer, record
+
+
+def peft_start(model) -> tuple[dict, tempfile.TemporaryDirectory]:
+    """What the PEFT peer starts from: copies of the float32 base weights, and this very adapter in PEFT's format."""
+    adapter_dir = tempfile.TemporaryDirectory(prefix="minilora-bench-")
+    export_peft(model, adapter_dir.name)
+    return {name: to_numpy(value) for name, value in model.base_params.items()}, adapter_dir
+
+
+def load_peft_peer():
+    """``minilora.lab.peft_peer``, imported only now: minilora itself never imports torch."""
+    try:
+        return importlib.import_module("minilora.lab.peft_peer")
+    except ModuleNotFoundError as err:
+        if err.name in ("torch", "transformers", "peft"):
+            raise BenchError(
+                f"--peer torch on smollm2 needs {err.name}, which minilora never installs: "
+                "pip install 'torch==2.13.0' transformers peft"
+            ) from err
+        raise
+
+
+def lora_fields(lora_config: LoraConfig | None) -> dict:
     """The adapter's r, lora_alpha and targets as the result's own fields (None each for full fine-tuning)."""
     if lora_config is None:
         return {"r": None, "lora_alpha": None, "targets": None}

@@ -38,7 +38,7 @@ def measure(mode: str, preset: str, batch_size: int, steps: int, warmup: int, r:
     if mode == "lora":
         model = add_lora(model, LoraConfig(r=r), seed=0)
     model.ops = CPU_OPS
-    optimizer = AdamW(model.params, model.trainable_names, lr=1e-4)
+    optimizer = AdamW(model.params, model.trainable_names, lr=1e-4, no_decay=model.no_decay)
     step = MpiStep(world, optimizer.names)
     rng = np.random.default_rng(0)
     step_times, comm_times = [], []

@@ -141,43 +141,40 @@ def run_demo(
     fast_generation: generate through the device's fast decoder (``minilora.fast.accelerate_generation``:
     on a GPU the one-token step as a CUDA graph); False keeps the reference generation.
     """
-    started = time.perf_counter()
-    phases = {}  # seconds per phase of the demo, reported in results.json
-    device = resolve_device(device)
-    out_dir = Path(out_dir)
-    with timed(phases, "load", np):
-        base = load_model(base_path, device)
-        base.ops = fast_ops(base.xp)  # the device's fast layer functions, as training hands the adapted model
-        folio, modern = load_corpus("shakespeare_folio"), load_corpus("shakespeare_modern")
-    xp = base.xp
-
-    def decoder(model):
-        return accelerate_generation(model) if fast_generation else generate_ids
-
-    def bpb(model, corpus):
-        return bits_per_byte(
-            model, corpus.val, batch_size=settings.batch_size, max_windows=settings.eval_windows
-        )
-
-    say(
-        f"base model: {base_path.name if isinstance(base_path, Path) else base_path}, "
-        f"{base.num_parameters():,} parameters, on {device}"
+    demo = DemoRun(out_dir, resolve_device(device), settings, say, fast_generation)
+    base, folio, modern = demo.load(base_path)
+    before, samples_before = demo.measure_base(base, base_path, folio, modern)
+    model = demo.add_adapter(base)
+    training, after = demo.train(model, folio, modern, before)
+    sizes = demo.save_adapter(model, base, base_path)
+    samples_after, spelling = demo.compare_samples(model, folio, samples_before)
+    merged, merge_error = demo.check_merge(model, folio)
+    timing = demo.time_generations(base, model, merged)
+    demo.plot(training, before, after)
+    return demo.write_results(
+        {
+            "settings": asdict(settings),
+            "device": demo.device,
+            "base": f"data/{SHIPPED_BASE.name}" if Path(base_path) == SHIPPED_BASE else str(base_path),
+            "trainable_params": model.num_parameters(trainable_only=True),
+            "all_params": model.num_parameters(),
+            "summary": model_summary_line(model),
+            "bits_per_byte_before": before,
+            "bits_per_byte_after": after,
+            "folio_spellings_per_1000_chars": spelling,
+            "samples_before": samples_before,
+            "samples_after": samples_after,
+            "merge_max_relative_logit_difference": merge_error,
+            "generation_seconds": timing,
+            **sizes,
+            "training": training.to_dict(),
+        }
     )
-    with timed(phases, "evaluate", xp):
-        before = {"folio": bpb(base, folio), "modern": bpb(base, modern)}
-    say(
-        f"held-out Folio plays (Hamlet, Macbeth, The Tempest): {before['folio']:.4f} bits/byte; "
-        f"the same plays in modern spelling: {before['modern']:.4f}"
-    )
-    with timed(phases, "generate samples", xp):
-        samples_before = samples_of(base, settings, decoder(base))
 
-    lora_config = settings.lora_config
-    with timed(phases, "add adapter", xp):
-        model = add_lora(base, lora_config, seed=settings.seed)
-    say("\n" + format_table(lora_parameter_table(lora_config, base.config)))
-    say(model_summary_line(model))
-    train_settings = TrainSettings(
+
+def demo_train_settings(settings: DemoSettings) -> TrainSettings:
+    """The LoRA training run of the demo: warmup, then cosine decay to a tenth, two evaluations."""
+    return TrainSettings(
         steps=settings.steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
@@ -189,109 +186,183 @@ def run_demo(
         seed=settings.seed,
         log_interval=1,
     )
-    say(
-        f"\nLoRA fine-tuning on the Folio training plays: {settings.steps} steps of {settings.batch_size} x "
-        f"{base.config.block_size} bytes"
-    )
-    with timed(phases, "train (with its evaluations)", xp):
-        result = fit(model, folio, train_settings)
-    with timed(phases, "evaluate", xp):
-        after = {"folio": result.evals[-1]["val_bits_per_byte"], "modern": bpb(model, modern)}  # loop's last
-    say(
-        f"Folio: {before['folio']:.4f} -> {after['folio']:.4f} bits/byte (learned); "
-        f"modern: {before['modern']:.4f} -> {after['modern']:.4f} (forgotten)"
-    )
 
-    with timed(phases, "save adapter", xp):
-        adapter_file = save_adapter(model, out_dir / "adapter")
-    sizes = {
-        "adapter_bytes": adapter_file.stat().st_size,
-        "base_file_bytes": Path(base_path).stat().st_size,
-        "base_float32_bytes": sum(int(base.params[name].nbytes) for name in base.params),
-    }
-    say(
-        f"adapter on disk: {sizes['adapter_bytes']:,} bytes; the base: {sizes['base_file_bytes']:,} bytes "
-        f"(float16), {sizes['base_float32_bytes']:,} in float32"
-    )
 
-    with timed(phases, "generate samples", xp):
-        samples_after = samples_of(model, settings, decoder(model))
-    spelling = {
-        "before": folio_spellings_per_1000("".join(samples_before)),
-        "after": folio_spellings_per_1000("".join(samples_after)),
-        "folio_training_text": folio_spellings_per_1000(
-            folio.train[:200_000].tobytes().decode("utf-8", "replace")
-        ),
-    }
-    say(f"\nthe same prompt, seed 0, before:\n{settings.prompt}{samples_before[0][:300]}")
-    say(f"\n... and after:\n{settings.prompt}{samples_after[0][:300]}")
-    say(
-        f"\nFolio spellings ({', '.join(FOLIO_SPELLINGS[:6])}, ...) per 1,000 generated characters: "
-        f"{spelling['before']:.2f} before, {spelling['after']:.2f} after "
-        f"(the Folio text itself: {spelling['folio_training_text']:.2f})"
-    )
+class DemoRun:
+    """One run of the demo, phase by phase: where it prints and writes, and the seconds each phase took."""
 
-    with timed(phases, "merge check", xp):
-        idx = folio.val[: base.config.block_size][None, :].astype(np.int64)
-        logits_unmerged = to_numpy(model.forward(idx)[0]).astype(np.float64)
-        merged = model.merge_and_unload()
-        logits_merged = to_numpy(merged.forward(idx)[0]).astype(np.float64)
-    merge_error = float(np.max(np.abs(logits_merged - logits_unmerged)) / np.max(np.abs(logits_unmerged)))
-    with timed(phases, "time generation", xp):
-        timing = {
-            "base": time_generation(base, settings, decoder=decoder(base)),
-            "lora_unmerged": time_generation(model, settings, decoder=decoder(model)),
-            "merged": time_generation(merged, settings, decoder=decoder(merged)),
+    def __init__(self, out_dir, device: str, settings: DemoSettings, say, fast_generation: bool):
+        self.started = time.perf_counter()
+        self.out_dir, self.device, self.settings, self.say = Path(out_dir), device, settings, say
+        self.fast_generation = fast_generation
+        self.phases = {}  # seconds per phase of the demo, reported in results.json
+        self.xp = np  # the device's array module, once the base is loaded
+
+    def timed(self, name: str):
+        """Add the seconds the ``with`` block takes to the phase ``name``."""
+        return timed(self.phases, name, self.xp)
+
+    def decoder(self, model):
+        """The generation decoder for ``model``: the device's fast one, or the reference."""
+        return accelerate_generation(model) if self.fast_generation else generate_ids
+
+    def bits_per_byte(self, model, corpus) -> float:
+        """``model``'s bits per byte on ``corpus``'s validation split, on the demo's windows."""
+        settings = self.settings
+        return bits_per_byte(
+            model, corpus.val, batch_size=settings.batch_size, max_windows=settings.eval_windows
+        )
+
+    def load(self, base_path):
+        """The base model, on the device with its fast layer functions, and the Folio and modern corpora."""
+        with self.timed("load"):
+            base = load_model(base_path, self.device)
+            base.ops = fast_ops(
+                base.xp
+            )  # the device's fast layer functions, as training hands the adapted model
+            folio, modern = load_corpus("shakespeare_folio"), load_corpus("shakespeare_modern")
+        self.xp = base.xp
+        return base, folio, modern
+
+    def measure_base(self, base, base_path, folio, modern) -> tuple[dict, list[str]]:
+        """The base's bits per byte on both held-out sets, and its samples: the starting point."""
+        name = base_path.name if isinstance(base_path, Path) else base_path
+        self.say(f"base model: {name}, {base.num_parameters():,} parameters, on {self.device}")
+        with self.timed("evaluate"):
+            before = {"folio": self.bits_per_byte(base, folio), "modern": self.bits_per_byte(base, modern)}
+        self.say(
+            f"held-out Folio plays (Hamlet, Macbeth, The Tempest): {before['folio']:.4f} bits/byte; "
+            f"the same plays in modern spelling: {before['modern']:.4f}"
+        )
+        with self.timed("generate samples"):
+            samples = samples_of(base, self.settings, self.decoder(base))
+        return before, samples
+
+    def add_adapter(self, base):
+        """The base with the demo's LoRA adapter, its parameter table and summary printed."""
+        lora_config = self.settings.lora_config
+        with self.timed("add adapter"):
+            model = add_lora(base, lora_config, seed=self.settings.seed)
+        self.say("\n" + format_table(lora_parameter_table(lora_config, base.config)))
+        self.say(model_summary_line(model))
+        return model
+
+    def train(self, model, folio, modern, before: dict):
+        """Train the adapter on the Folio plays; returns the TrainResult and the bits per byte after."""
+        settings = self.settings
+        self.say(
+            f"\nLoRA fine-tuning on the Folio training plays: {settings.steps} steps of {settings.batch_size} x "
+            f"{model.config.block_size} bytes"
+        )
+        with self.timed("train (with its evaluations)"):
+            result = fit(model, folio, demo_train_settings(settings))
+        with self.timed("evaluate"):
+            # the Folio's from the loop's last evaluation
+            after = {
+                "folio": result.evals[-1]["val_bits_per_byte"],
+                "modern": self.bits_per_byte(model, modern),
+            }
+        self.say(
+            f"Folio: {before['folio']:.4f} -> {after['folio']:.4f} bits/byte (learned); "
+            f"modern: {before['modern']:.4f} -> {after['modern']:.4f} (forgotten)"
+        )
+        return result, after
+
+    def save_adapter(self, model, base, base_path) -> dict:
+        """Write the adapter into ``<out>/adapter``; returns its size against the base's, on disk and in memory."""
+        with self.timed("save adapter"):
+            adapter_file = save_adapter(model, self.out_dir / "adapter")
+        sizes = {
+            "adapter_bytes": adapter_file.stat().st_size,
+            "base_file_bytes": Path(base_path).stat().st_size,
+            "base_float32_bytes": sum(int(base.params[name].nbytes) for name in base.params),
         }
-    say(
-        f"\nmerged vs unmerged logits: max relative difference {merge_error:.1e}; "
-        f"merged model: {merged.num_parameters():,} parameters, as the base"
-    )
-    say(
-        "generating {} bytes: base {:.3f} s, unmerged adapter {:.3f} s, merged {:.3f} s".format(
-            settings.timing_tokens, timing["base"], timing["lora_unmerged"], timing["merged"]
+        self.say(
+            f"adapter on disk: {sizes['adapter_bytes']:,} bytes; the base: {sizes['base_file_bytes']:,} bytes "
+            f"(float16), {sizes['base_float32_bytes']:,} in float32"
         )
-    )
+        return sizes
 
-    with timed(phases, "plot", xp):
-        plot_loss_curve(
-            result.losses,
-            [{"step": 0, "val_bits_per_byte": before["folio"]}, *result.evals],  # step 0: the base
-            out_dir / "loss_curve.png",
-            title=f"LoRA r={settings.lora_config.r} on the Folio plays",
-            eval_label="Folio validation (learned)",
-            others={
-                "modern plays validation (forgotten)": [
-                    {"step": 0, "val_bits_per_byte": before["modern"]},
-                    {"step": settings.steps, "val_bits_per_byte": after["modern"]},
-                ]
-            },
+    def compare_samples(self, model, folio, samples_before: list[str]) -> tuple[list[str], dict]:
+        """The adapted model's samples, and the Folio spellings per 1,000 characters before, after and in the Folio."""
+        settings = self.settings
+        with self.timed("generate samples"):
+            samples_after = samples_of(model, settings, self.decoder(model))
+        spelling = {
+            "before": folio_spellings_per_1000("".join(samples_before)),
+            "after": folio_spellings_per_1000("".join(samples_after)),
+            "folio_training_text": folio_spellings_per_1000(
+                folio.train[:200_000].tobytes().decode("utf-8", "replace")
+            ),
+        }
+        self.say(f"\nthe same prompt, seed 0, before:\n{settings.prompt}{samples_before[0][:300]}")
+        self.say(f"\n... and after:\n{settings.prompt}{samples_after[0][:300]}")
+        self.say(
+            f"\nFolio spellings ({', '.join(FOLIO_SPELLINGS[:6])}, ...) per 1,000 generated characters: "
+            f"{spelling['before']:.2f} before, {spelling['after']:.2f} after "
+            f"(the Folio text itself: {spelling['folio_training_text']:.2f})"
         )
-    results = {
-        "settings": asdict(settings),
-        "device": device,
-        "base": f"data/{SHIPPED_BASE.name}" if Path(base_path) == SHIPPED_BASE else str(base_path),
-        "trainable_params": model.num_parameters(trainable_only=True),
-        "all_params": model.num_parameters(),
-        "summary": model_summary_line(model),
-        "bits_per_byte_before": before,
-        "bits_per_byte_after": after,
-        "folio_spellings_per_1000_chars": spelling,
-        "samples_before": samples_before,
-        "samples_after": samples_after,
-        "merge_max_relative_logit_difference": merge_error,
-        "generation_seconds": timing,
-        **sizes,
-        "training": result.to_dict(),
-        "phase_seconds": phases,
-        "wall_seconds": time.perf_counter() - started,
-        "provenance": provenance(device, settings.seed),
-    }
-    atomic_write_bytes(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    say(
-        f"\nwrote {out_dir / 'results.json'}, {out_dir / 'loss_curve.png'} and {out_dir / 'adapter' / ADAPTER_WEIGHTS} "
-        f"in {results['wall_seconds']:.0f} s ("
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
-        + ")"
-    )
-    return results
+        return samples_after, spelling
+
+    def check_merge(self, model, folio):
+        """The adapter merged into a plain model, and the largest relative difference of its logits from ``model``'s."""
+        with self.timed("merge check"):
+            idx = folio.val[: model.config.block_size][None, :].astype(np.int64)
+            logits_unmerged = to_numpy(model.forward(idx)[0]).astype(np.float64)
+            merged = model.merge_and_unload()
+            logits_merged = to_numpy(merged.forward(idx)[0]).astype(np.float64)
+        merge_error = float(np.max(np.abs(logits_merged - logits_unmerged)) / np.max(np.abs(logits_unmerged)))
+        self.say(
+            f"\nmerged vs unmerged logits: max relative difference {merge_error:.1e}; "
+            f"merged model: {merged.num_parameters():,} parameters, as the base"
+        )
+        return merged, merge_error
+
+    def time_generations(self, base, model, merged) -> dict:
+        """Seconds to generate with the base, the unmerged adapter and the merged model (as fast as the base)."""
+        settings = self.settings
+        with self.timed("time generation"):
+            timing = {
+                "base": time_generation(base, settings, decoder=self.decoder(base)),
+                "lora_unmerged": time_generation(model, settings, decoder=self.decoder(model)),
+                "merged": time_generation(merged, settings, decoder=self.decoder(merged)),
+            }
+        self.say(
+            "generating {} bytes: base {:.3f} s, unmerged adapter {:.3f} s, merged {:.3f} s".format(
+                settings.timing_tokens, timing["base"], timing["lora_unmerged"], timing["merged"]
+            )
+        )
+        return timing
+
+    def plot(self, training, before: dict, after: dict) -> None:
+        """loss_curve.png: the training loss, the Folio validation from step 0 (the base), and the forgetting."""
+        settings = self.settings
+        with self.timed("plot"):
+            plot_loss_curve(
+                training.losses,
+                [{"step": 0, "val_bits_per_byte": before["folio"]}, *training.evals],  # step 0: the base
+                self.out_dir / "loss_curve.png",
+                title=f"LoRA r={settings.lora_config.r} on the Folio plays",
+                eval_label="Folio validation (learned)",
+                others={
+                    "modern plays validation (forgotten)": [
+                        {"step": 0, "val_bits_per_byte": before["modern"]},
+                        {"step": settings.steps, "val_bits_per_byte": after["modern"]},
+                    ]
+                },
+            )
+
+    def write_results(self, results: dict) -> dict:
+        """results.json: ``results`` with the phases' seconds, the wall time and the provenance; returns it."""
+        results = {
+            **results,
+            "phase_seconds": self.phases,
+            "wall_seconds": time.perf_counter() - self.started,
+            "provenance": provenance(self.device, self.settings.seed),
+        }
+        atomic_write_bytes(self.out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        out = self.out_dir
+        written = f"{out / 'results.json'}, {out / 'loss_curve.png'} and {out / 'adapter' / ADAPTER_WEIGHTS}"
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
+        self.say(f"\nwrote {written} in {results['wall_seconds']:.0f} s ({phases})")
+        return results

@@ -57,6 +57,19 @@ class RunSpec:
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def lora_config(self):
+        """The LoraConfig of a LoRA run (None for full fine-tuning): the one place it is built from the fields.
+
+        The fields stay flat because they are the rows of runs.jsonl, compared field by field.
+        """
+        from ..lora.config import LoraConfig
+
+        if self.method == "full":
+            return None
+        return LoraConfig(
+            r=self.r, lora_alpha=self.lora_alpha, target_modules=self.targets, use_rslora=self.use_rslora
+        )
+
 
 def lora_spec(
     experiment, label, corpus, r, targets=ALL_LINEAR, use_rslora=False, alpha=None, **kw
@@ -134,7 +147,6 @@ def run_one(spec: RunSpec, device: str) -> dict:
     from ..io.checkpoint import load_model
     from ..io.data import load_corpus
     from ..jobs.finetune import fit
-    from ..lora.config import LoraConfig
     from ..lora.model import add_lora
     from ..training.evaluate import bits_per_byte
     from ..training.loop import TrainSettings
@@ -150,13 +162,8 @@ def run_one(spec: RunSpec, device: str) -> dict:
         bpb(base, target),
         bpb(base, modern),
     )  # before training: full fine-tuning changes base
-    if spec.method == "lora":
-        config = LoraConfig(
-            r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets, use_rslora=spec.use_rslora
-        )
-        model = add_lora(base, config, seed=spec.seed)
-    else:
-        model = base
+    lora_config = spec.lora_config()
+    model = base if lora_config is None else add_lora(base, lora_config, seed=spec.seed)
     settings = TrainSettings(
         steps=spec.steps,
         batch_size=spec.batch_size,

@@ -74,7 +74,7 @@ from ..backend import host_rng
 from ..config import GPTConfig, get_preset
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
-from ..model import GPT, parameter_shapes
+from ..model import GPT
 
 ADAM_BUFFERS = 2  # exp_avg and exp_avg_sq
 PROBE_BATCH_SIZES = (1, 2)  # the two points the activation and workspace lines are drawn through
@@ -225,7 +225,7 @@ def probe_model(config: GPTConfig, lora_config: LoraConfig | None = None, dtype=
     With ``lora_config`` it is ``add_lora``'s model; ``ops``, if given, becomes ``model.ops``
     (a model that has no ``ops`` of its own ignores it).
     """
-    params = {name: np.zeros(shape, dtype=dtype) for name, shape in parameter_shapes(config).items()}
+    params = {name: np.zeros(shape, dtype=dtype) for name, shape in config.parameter_shapes().items()}
     model = GPT(config, params)
     if lora_config is not None:
         model = add_lora(model, lora_config)
@@ -236,7 +236,7 @@ def probe_model(config: GPTConfig, lora_config: LoraConfig | None = None, dtype=
 
 def weight_arrays(model) -> list:
     """Every parameter array the model keeps: ``params``, and a LoRA model's ``base_params`` beside them."""
-    return [*model.params.values(), *getattr(model, "base_params", {}).values()]
+    return [value for weights in model.weight_dicts() for value in weights.values()]
 
 
 def probe_step(model, batch_size: int, seq_len: int) -> StepProbe:
@@ -252,9 +252,8 @@ def probe_step(model, batch_size: int, seq_len: int) -> StepProbe:
             "before tracemalloc.start() or after tracemalloc.stop(), not inside"
         )
     tracer = SegmentTracer()
-    ops = getattr(model, "ops", None)
-    if ops is not None:
-        model.ops = tracer.wrap(ops)
+    ops = model.ops
+    model.ops = tracer.wrap(ops)
     idx = np.zeros((batch_size, seq_len), dtype=np.int64)  # token 0 everywhere: only the shape matters
     targets = np.zeros((batch_size, seq_len), dtype=np.int64)
     weights = weight_arrays(model)
@@ -270,8 +269,7 @@ def probe_step(model, batch_size: int, seq_len: int) -> StepProbe:
             finally:
                 tracemalloc.stop()
     finally:
-        if ops is not None:
-            model.ops = ops
+        model.ops = ops
     segments = tuple((label, peak - start) for label, peak in tracer.segments())
     return StepProbe(batch_size, activations, cached_array_bytes(grads, exclude=weights), segments)
 

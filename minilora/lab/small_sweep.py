@@ -27,7 +27,6 @@ import numpy as np
 from ..fast import fast_ops
 from ..io.data import CHECKOUT_DATA_DIR
 from ..jobs.finetune import fit
-from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..model import GPT
 from ..training.evaluate import bits_per_byte
@@ -56,10 +55,9 @@ def run_live(spec: RunSpec, base: GPT, target, modern, before: dict, warmup_step
     """
     started = time.perf_counter()
     if spec.method == "lora":
-        config = LoraConfig(
-            r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets, use_rslora=spec.use_rslora
-        )
-        model = add_lora(base, config, seed=spec.seed)  # shares the frozen weights; the base stays intact
+        model = add_lora(
+            base, spec.lora_config(), seed=spec.seed
+        )  # shares the frozen weights; the base stays intact
     else:
         model = GPT(base.config, {name: value.copy() for name, value in base.params.items()})  # full: a copy
     settings = TrainSettings(

@@ -2,9 +2,27 @@
 
 Every ``name_forward(...)`` returns ``(out, cache)``; every ``name_backward(dout, cache)`` returns
 fresh gradients for the forward's inputs, in the order they were passed. Caches are named tuples.
-``ops.REFERENCE_OPS`` gathers the GPT-2 ones into the namespace a model calls (see ops.py); the
-Llama-family ones (rmsnorm, rope, swiglu, gqa_attention) are not in it yet. ``flash_attention`` is
-the tiled attention that a GPU kernel will follow; no model calls it.
+The files import only the backend and each other. ``ops.REFERENCE_OPS`` gathers the pairs of both
+families into the namespace a model calls; a fast path hands a model its own (``minilora.fast``).
+
+Reading order:
+
+    linear.py            y = x W + b, W of shape (C_in, C_out); the backward can skip dW (LoRA's saving)
+    gelu.py              GELU with GPT-2's tanh approximation
+    cross_entropy.py     softmax and cross-entropy fused into one layer, a mean over positions
+    layernorm.py         LayerNorm over the channel axis; the cache keeps xhat and rstd
+    embedding.py         token and position tables: a lookup, and a backward that sums repeated rows
+    dropout.py           inverted dropout with an explicit mask
+    residual.py          the residual sum x + branch, named so that a fast path can replace it
+    attention.py         causal multi-head attention over the fused q, k, v, and its cached forward
+    ops.py               LayerOps, the namespace of pairs a model calls, and REFERENCE_OPS
+    rmsnorm.py           Llama's RMSNorm: LayerNorm without the mean and the bias
+    rope.py              rotary position embeddings, in both pairings of a head's dimensions
+    swiglu.py            the SwiGLU gate of Llama's MLP, silu(g) * u
+    gqa_attention.py     grouped-query causal attention: fewer key/value heads than query heads
+    quantized_linear.py  the linear layer and table lookup over a quantized frozen weight (QLoRA's base)
+    flash_attention.py   attention tile by tile, never holding the (T, T) probabilities: the GPU's
+                         flash kernel follows it; no model calls it
 """
 
 from .attention import (

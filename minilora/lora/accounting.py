@@ -2,19 +2,17 @@
 
 An adapted (C_in x C_out) weight gets lora_A (r x C_in) and lora_B (C_out x r): r (C_in + C_out)
 trainable numbers instead of C_in C_out. For GPT-2 small's c_attn (768 x 2304) at r = 8 that is
-24,576 instead of 1,769,472, 1.4% of the matrix. These counts need only the configs, so they work
-for shapes too large to build here.
+24,576 instead of 1,769,472, 1.4% of the matrix. These counts need only the configs (any family's:
+each states its parameter shapes), so they work for shapes too large to build here.
 """
 
 from __future__ import annotations
 
-from ..config import GPTConfig
-from ..model import parameter_shapes
 from .config import LoraConfig, select_target_modules
 from .init import trainable_biases
 
 
-def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> list[dict]:
+def lora_parameter_table(lora_config: LoraConfig, model_config) -> list[dict]:
     """One row per adapted module: its name, weight shape, rank and adapter parameter count."""
     r = lora_config.r
     return [
@@ -23,11 +21,13 @@ def lora_parameter_table(lora_config: LoraConfig, model_config: GPTConfig) -> li
     ]
 
 
-def lora_trainable_count(lora_config: LoraConfig, model_config: GPTConfig) -> int:
-    """lora_A and lora_B of every adapted module, plus the biases the config trains."""
+def lora_trainable_count(lora_config: LoraConfig, model_config) -> int:
+    """lora_A and lora_B of every adapted module, DoRA's magnitudes (C_out each), the biases it trains."""
     count = sum(row["adapter_params"] for row in lora_parameter_table(lora_config, model_config))
-    shapes = parameter_shapes(model_config)
+    shapes = model_config.parameter_shapes()
     modules = select_target_modules(lora_config, model_config)
+    if lora_config.use_dora:
+        count += sum(C_out for _, C_out in modules.values())
     return count + sum(shapes[name][0] for name in trainable_biases(lora_config, modules, shapes))
 
 
@@ -38,7 +38,7 @@ def summary_line(trainable: int, total: int) -> str:
 
 
 def model_summary_line(model) -> str:
-    """The summary of a built model (a GPT or a LoraGPT): everything it holds counts as a parameter."""
+    """The summary of a built model (with adapters or without): everything it holds counts as a parameter."""
     return summary_line(model.num_parameters(trainable_only=True), model.num_parameters())
 
 

@@ -1,8 +1,9 @@
 """What to adapt and how: LoraConfig and PEFT's rules for choosing the modules to adapt.
 
 Names follow PEFT: r, lora_alpha, lora_dropout, target_modules, layers_to_transform, use_rslora,
-bias. A module is one of the model's four linear layers per block, named like
-``transformer.h.3.attn.c_attn``. target_modules picks them the way PEFT does:
+bias. A module is one of the linear layers the model's config offers (``config.linear_modules()``:
+a GPT's four per block, ``transformer.h.3.attn.c_attn``; a Llama's seven, ``model.layers.3.self_attn.q_proj``).
+target_modules picks them the way PEFT does:
 
 - a list of names matches every module whose name equals one of them or ends with "." + it, so
   "c_attn" picks every block's attention projection and "c_proj" both attn.c_proj and mlp.c_proj;
@@ -21,38 +22,15 @@ import re
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from ..llama import LLAMA_LINEAR_MODULES, LlamaConfig, llama_parameter_shapes
-from ..validate import check_bool, check_float, check_int
+from ..validate import ConfigFields, check_bool, check_float, check_int
 from .layer import lora_scaling
 
-LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 INITS = ("default", "gaussian", "random", "pissa")
 BIASES = ("none", "all", "lora_only")
 
 
-def linear_module_shapes(config) -> dict[str, tuple[int, int]]:
-    """Every adaptable module name with its weight shape (C_in, C_out), for a GPT's or a Llama's config."""
-    if isinstance(config, LlamaConfig):
-        shapes = llama_parameter_shapes(config)
-        return {name.removesuffix(".weight"): shapes[name] for i in range(config.n_layer)
-                for name in (f"model.layers.{i}.{m}.weight" for m in LLAMA_LINEAR_MODULES)}  # fmt: skip
-    C = config.n_embd
-    shape = {
-        "attn.c_attn": (C, 3 * C),
-        "attn.c_proj": (C, C),  # (C_in, C_out) of each kind of module
-        "mlp.c_fc": (C, 4 * C),
-        "mlp.c_proj": (4 * C, C),
-    }
-    return {f"{block_prefix(config, i)}{m}": shape[m] for i in range(config.n_layer) for m in LINEAR_MODULES}
-
-
-def block_prefix(config, i: int) -> str:
-    """The names of block i's modules begin with this: ``transformer.h.3.`` (GPT), ``model.layers.3.`` (Llama)."""
-    return f"model.layers.{i}." if isinstance(config, LlamaConfig) else f"transformer.h.{i}."
-
-
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(ConfigFields):
     r: int = 8  # rank of the update
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)
     lora_dropout: float = 0.0  # dropout on the adapter's input during training
@@ -98,15 +76,6 @@ class LoraConfig:
                 values[key] = list(values[key])
         return values
 
-    @classmethod
-    def from_dict(cls, values: dict) -> LoraConfig:
-        if not isinstance(values, dict):
-            raise ValueError(f"a LoraConfig must be a mapping of its fields, got {type(values).__name__}")
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown LoraConfig fields {sorted(map(str, unknown))}")
-        return cls(**values)
-
 
 def checked_target_modules(targets) -> tuple[str, ...] | str:
     """target_modules as a tuple of names, or one string that is "all-linear" or a valid regular expression."""
@@ -144,7 +113,7 @@ def _matches(name: str, targets) -> bool:
 
 def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tuple[int, int]]:
     """The modules to adapt, with their weight shapes; a clear error when the choice is not possible."""
-    shapes = linear_module_shapes(model_config)
+    shapes = model_config.linear_modules()
     chosen = {name: shape for name, shape in shapes.items() if _matches(name, lora_config.target_modules)}
     if lora_config.layers_to_transform is not None:
         bad = [i for i in lora_config.layers_to_transform if not 0 <= i < model_config.n_layer]
@@ -152,7 +121,7 @@ def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tu
             raise ValueError(
                 f"layers_to_transform {bad} out of range: the model has blocks 0..{model_config.n_layer - 1}"
             )
-        keep = {block_prefix(model_config, i) for i in lora_config.layers_to_transform}
+        keep = {model_config.block_prefix(i) for i in lora_config.layers_to_transform}
         chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
     if not chosen:
         raise ValueError(

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import device_of, get_xp, to_device, to_numpy
-from ..quant.weight import QuantizedWeight
 from .config import LoraConfig
 from .dora import dora_weight_norm
 from .variants import MAGNITUDE, DoraVariant, LoraVariant, variant_for
@@ -177,18 +176,15 @@ def trainable_biases(lora_config: LoraConfig, modules: dict, params) -> list[str
     return []
 
 
-def dense_reference(base_params: dict):
-    """The base's first parameter held as an array (not quantized blocks): the adapter's device and dtype."""
-    return next(value for value in base_params.values() if not isinstance(value, QuantizedWeight))
-
-
-def create_adapter(lora_config: LoraConfig, modules: dict, base_params: dict, seed: int = 0) -> Adapter:
+def create_adapter(
+    lora_config: LoraConfig, modules: dict, base_params: dict, reference, seed: int = 0
+) -> Adapter:
     """A new adapter on ``modules`` of the base, on the base's device; trainable tensors in ``adapter_dtype``.
 
+    ``reference`` is a base weight held as an array: its device and dtype are the adapter's.
     Trainable, in this order: the factors (module by module), DoRA's magnitudes, the chosen biases.
     PiSSA's residual weights sit in ``tensors`` too, frozen.
     """
-    reference = dense_reference(base_params)
     if lora_config.init == "pissa":
         factors, residuals = init_pissa_factors(lora_config, {m: base_params[f"{m}.weight"] for m in modules})
     else:

@@ -35,22 +35,22 @@ it; ``unmerge()`` undoes it; ``merge_and_unload()`` returns a plain GPT with mer
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 from typing import NamedTuple
 
-from ..backend import device_of, get_xp, to_device
-from ..io.checkpoint import weights_fingerprint
+from ..backend import device_of, get_xp, to_device, weights_fingerprint
 from ..layers import make_dropout_mask
 from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
-from .init import Adapter, combined_adapter, create_adapter, dense_reference, reduce_rank
+from .init import Adapter, combined_adapter, create_adapter, reduce_rank
 from .ops import REFERENCE_LORA_OPS
 
 
 class AdaptedLinearCache(NamedTuple):
-    """What the forward of an adapted module keeps: the variant that ran it, and that variant's cache."""
+    """What the forward of an adapted module keeps: the variant's backward for it, and its cache."""
 
-    variant: object  # the adapter's LoraVariant or DoraVariant
+    backward: object  # the variant's method that inverts the forward that ran (LoRA's, QLoRA's, DoRA's)
     layer: object  # its layer cache (a LoraLinearCache or a DoraCache)
     ops: object  # the LoraOps whose forward made ``layer``, and whose backward takes it (ops.py)
 
@@ -62,6 +62,7 @@ class LoraModel:
     """
 
     base_model_class = None  # the plain model that merge_and_unload() returns
+    has_adapters = True
 
     def __init__(self, config, base_params: dict):
         self.base_params = dict(base_params)
@@ -73,6 +74,25 @@ class LoraModel:
         self._base_fingerprint = None
         self.lora_ops = REFERENCE_LORA_OPS  # the adapter layer functions; a fast path replaces it from above
         super().__init__(config, dict(base_params), frozen=list(base_params))
+        self.base_formats = dict(self.formats)  # how each base weight is held, as it entered
+
+    def use_layer_ops(self, ops, lora_ops=None) -> None:
+        """The fast path's seam: the layer functions, and the adapter layers' (None: keep the current)."""
+        super().use_layer_ops(ops)
+        if lora_ops is not None:
+            self.lora_ops = lora_ops
+
+    def weight_dicts(self) -> tuple[dict, ...]:
+        return (self.params, self.base_params)
+
+    def uses_dropout(self) -> bool:
+        """The model's own dropout, or the active adapter's on its input."""
+        adapter = self._live_adapter()
+        return super().uses_dropout() or (adapter is not None and adapter.config.lora_dropout > 0)
+
+    def dense_reference(self):
+        """A base weight held as an array (not quantized blocks): its device and dtype are the adapters'."""
+        return next(self.base_params[name] for name in self.base_params if self.base_formats[name].trainable)
 
     # The active adapter and what it makes trainable.
 
@@ -112,7 +132,7 @@ class LoraModel:
 
     @property
     def base_fingerprint(self) -> str:
-        """SHA-256 of the base weights, taken before any merge (see checkpoint.weights_fingerprint)."""
+        """SHA-256 of the base weights, taken before any merge (see backend.weights_fingerprint)."""
         if self._base_fingerprint is None:
             self._base_fingerprint = weights_fingerprint(self.base_params)
         return self._base_fingerprint
@@ -146,7 +166,9 @@ class LoraModel:
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first")
         modules = select_target_modules(lora_config, self.config)
-        self.adapters[name] = create_adapter(lora_config, modules, self.base_params, seed=seed)
+        self.adapters[name] = create_adapter(
+            lora_config, modules, self.base_params, self.dense_reference(), seed
+        )
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: the base alone)."""
@@ -156,6 +178,7 @@ class LoraModel:
         self.params.clear()  # refilled in place: optimisers and callers keep a valid reference
         self.params.update(self.base_params)
         self.params.update(tensors)
+        self.record_formats()
 
     def delete_adapter(self, name: str) -> None:
         self._refuse_while_merged("delete an adapter")
@@ -178,12 +201,14 @@ class LoraModel:
         shadowing = [] if self.active_adapter is None else self.adapter.tensors  # names the adapter replaces
         own = {name: self.params[name] for name in shadowing if name in self.base_params}
         self.params.update({name: self.base_params[name] for name in own})
+        self.record_formats()
         enabled, self.enabled = self.enabled, False
         try:
             yield self
         finally:
             self.enabled = enabled
             self.params.update(own)
+            self.record_formats()
             if was_merged:
                 self.merge()
 
@@ -205,7 +230,7 @@ class LoraModel:
                     f"adapter {name!r} is not plain LoRA (DoRA, PiSSA or trained biases): "
                     "only plain adapters combine exactly by concatenation"
                 )
-        self.adapters[new_name] = combined_adapter(parts, weights, dense_reference(self.base_params))
+        self.adapters[new_name] = combined_adapter(parts, weights, self.dense_reference())
 
     def _named(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -236,24 +261,25 @@ class LoraModel:
             return super().linear_forward(name, x, dropout_rng)
         p = adapter.config.lora_dropout
         mask = None if dropout_rng is None or p == 0 else make_dropout_mask(dropout_rng, x.shape, p, x.dtype)
-        W, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
-        y, layer = adapter.variant.forward(
+        weight = f"{name}.weight"
+        y, layer, backward = adapter.variant.forward(
             x,
-            W,
-            b,
+            self.params[weight],
+            self.params.get(f"{name}.bias"),
             adapter.module_tensors(self.params, name),
             adapter.config.scaling,
             mask,
             ops=self.lora_ops,
+            base=self.formats[weight],
         )
-        return y, AdaptedLinearCache(variant=adapter.variant, layer=layer, ops=self.lora_ops)
+        return y, AdaptedLinearCache(backward=backward, layer=layer, ops=self.lora_ops)
 
     def linear_backward(self, name: str, dout, cache, grads: dict):
         """dx of module ``name``; the adapter's gradients go into ``grads`` under the module's names."""
         if self._adapting(name) is None:  # the forward ran the base layer here
             return super().linear_backward(name, dout, cache, grads)
         train_bias = self.is_trainable(f"{name}.bias")  # a frozen bias's gradient is not even summed
-        dx, layer_grads = cache.variant.backward(dout, cache.layer, compute_db=train_bias, ops=cache.ops)
+        dx, layer_grads = cache.backward(dout, cache.layer, compute_db=train_bias, ops=cache.ops)
         for suffix, grad in layer_grads.items():  # "lora_A" -> "transformer.h.0.attn.c_attn.lora_A"
             grads[f"{name}.{suffix}"] = grad
         return dx
@@ -273,9 +299,11 @@ class LoraModel:
 
         Returns (merged weight, what unmerge needs: None for LoRA, the column norms n for DoRA).
         """
-        adapter = self.adapter
+        adapter, weight = self.adapter, f"{name}.weight"
         tensors = adapter.module_tensors(self.params, name)
-        return adapter.variant.merge(self.params[f"{name}.weight"], tensors, adapter.config.scaling)
+        return adapter.variant.merge(
+            self.params[weight], tensors, adapter.config.scaling, self.formats[weight]
+        )
 
     def merge(self) -> None:
         """Fold the active adapter into its weights in place; the forward then skips the adapter.
@@ -375,32 +403,41 @@ def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
     return plain, tensors
 
 
-class LoraGPT(LoraModel, GPT):
-    """A GPT with named LoRA adapters."""
+@cache
+def lora_class(model_class: type) -> type:
+    """The LoRA model class of a family: ``LoraModel``'s adapter hooks in front of the family's class.
 
-    base_model_class = GPT
+    ``lora_class(GPT)`` is ``LoraGPT``, whose ``linear_forward`` is LoraModel's and whose blocks are
+    the GPT's. A new family needs no edit here: its LoRA class is made the first time it is asked for.
+    """
+    name = f"Lora{model_class.__name__}"
+    namespace = {
+        "base_model_class": model_class,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"A {model_class.__name__} with named LoRA adapters.",
+    }
+    return type(name, (LoraModel, model_class), namespace)
 
 
-class LoraLlama(LoraModel, Llama):
-    """A Llama with named LoRA adapters, on PEFT's module names (q_proj, k_proj, ..., down_proj)."""
-
-    base_model_class = Llama
+LoraGPT = lora_class(GPT)
+LoraLlama = lora_class(Llama)  # PEFT's module names: q_proj, k_proj, ..., down_proj
 
 
-LORA_CLASSES = {GPT: LoraGPT, Llama: LoraLlama}
+def lora_model_over(model) -> LoraModel:
+    """``model`` itself if it has adapters already, else a LoRA model of its family over its weights."""
+    return model if model.has_adapters else lora_class(type(model))(model.config, model.params)
 
 
 def add_lora(model, lora_config: LoraConfig, seed: int = 0, adapter_name: str = "default") -> LoraModel:
-    """Wrap a base model (a GPT or a Llama) with one freshly initialised adapter, active (see init.create_adapter).
+    """Wrap a base model (a GPT, a Llama, any family) with one fresh adapter, active (see init.create_adapter).
 
     The LoRA model shares the base's weight arrays (merge() changes them in place); biases the
     adapter trains and PiSSA's residual weights are copies, so training never alters the base.
     """
-    if isinstance(model, LoraModel):
+    if model.has_adapters:
         raise TypeError("this model already has adapters; use its add_adapter() to add another")
-    if type(model) not in LORA_CLASSES:
-        raise TypeError(f"add_lora takes a GPT or a Llama, not a {type(model).__name__}")
-    lora_model = LORA_CLASSES[type(model)](model.config, model.params)
+    lora_model = lora_model_over(model)
     lora_model.add_adapter(adapter_name, lora_config, seed=seed)
     lora_model.set_adapter(adapter_name)
     return lora_model

@@ -5,10 +5,15 @@ hands the variant the frozen weight W (C_in, C_out), the bias b (or None), the a
 tensors of that module in a dict keyed by suffix, the scaling s and the dropout mask, and gets
 back what it needs:
 
-    forward(x, W, b, tensors, scaling, dropout_mask, ops)  -> (y, cache)
-    backward(dout, cache, compute_db, ops)                  -> (dx, {suffix: gradient})
-    merge(W, tensors, scaling)                         -> (W', what unmerge needs)
-    unmerge(W', tensors, scaling, undo)                -> W
+    forward(x, W, b, tensors, scaling, dropout_mask, ops, base)  -> (y, cache, backward)
+    backward(dout, cache, compute_db, ops)                        -> (dx, {suffix: gradient})
+    merge(W, tensors, scaling, base)                              -> (W', what unmerge needs)
+    unmerge(W', tensors, scaling, undo)                           -> W
+
+``base`` is the format the frozen W is held in (weight_formats.py: dense, or quantized blocks for
+QLoRA), which the model recorded when the weight entered it. The forward picks its layer pair by it
+once and returns, with its cache, the backward that inverts it: the model keeps that backward
+beside the cache, so no backward asks what kind of weight or cache it has.
 
 A suffix names a tensor next to the weight, as PEFT does: ``...c_attn.lora_A`` has the suffix
 "lora_A"; a bias gradient comes back under "bias". The math stays in the layer functions of
@@ -25,8 +30,7 @@ the making of every adapter's tensors.
 
 from __future__ import annotations
 
-from ..layers.quantized_linear import QuantizedLinearCache
-from ..quant.weight import QuantizedWeight
+from ..weight_formats import DENSE, QUANTIZED, WeightFormat
 from .config import LoraConfig
 from .dora import dora_merged_weight
 from .layer import lora_delta_weight, merge_weight, require_finite
@@ -50,31 +54,47 @@ class LoraVariant:
     suffixes = FACTORS  # the adapter's tensors per module
 
     def forward(
-        self, x, W, b, tensors: dict, scaling: float, dropout_mask=None, ops: LoraOps = REFERENCE_LORA_OPS
+        self,
+        x,
+        W,
+        b,
+        tensors: dict,
+        scaling: float,
+        dropout_mask=None,
+        ops: LoraOps = REFERENCE_LORA_OPS,
+        base: WeightFormat = DENSE,
     ):
         """y = x W + b + s (drop(x) lora_A^T) lora_B^T.   x: (..., C_in) -> y: (..., C_out).
 
         With W held quantized this is QLoRA (qlora.py): the same adapter beside the dequantized product.
+        Returns (y, cache, the backward that takes the cache).
         """
-        layer = ops.qlora_linear_forward if isinstance(W, QuantizedWeight) else ops.lora_linear_forward
-        return layer(x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask)
+        if base is QUANTIZED:
+            y, cache = ops.qlora_linear_forward(
+                x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask
+            )
+            return y, cache, self.qlora_backward
+        y, cache = ops.lora_linear_forward(
+            x, W, b, tensors["lora_A"], tensors["lora_B"], scaling, dropout_mask
+        )
+        return y, cache, self.backward
 
     def backward(self, dout, cache, compute_db: bool = True, ops: LoraOps = REFERENCE_LORA_OPS):
         """dx and {"lora_A": dlora_A, "lora_B": dlora_B, "bias": db}; W is frozen, so dW is never formed."""
-        if isinstance(cache.base, QuantizedLinearCache):  # QLoRA: the quantized base's bias is frozen too
-            dx, dlora_A, dlora_B = ops.qlora_linear_backward(dout, cache)
-            return dx, {"lora_A": dlora_A, "lora_B": dlora_B}
         dx, _, db, dlora_A, dlora_B = ops.lora_linear_backward(dout, cache, compute_db=compute_db)  # dW: None
         return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B}, db)
 
-    def merge(self, W, tensors: dict, scaling: float):
+    def qlora_backward(self, dout, cache, compute_db: bool = True, ops: LoraOps = REFERENCE_LORA_OPS):
+        """QLoRA's dx and {"lora_A", "lora_B"}: the quantized base's bias is frozen with its blocks."""
+        dx, dlora_A, dlora_B = ops.qlora_linear_backward(dout, cache)
+        return dx, {"lora_A": dlora_A, "lora_B": dlora_B}
+
+    def merge(self, W, tensors: dict, scaling: float, base: WeightFormat = DENSE):
         """W' = W + s lora_A^T lora_B^T (a new array, checked finite); unmerge needs nothing more.
 
         A quantized W is dequantized first: the merged weight is dense (float32).
         """
-        if isinstance(W, QuantizedWeight):
-            W = W.dequantize().T if W.layout == "linear" else W.dequantize()
-        return merge_weight(W, tensors["lora_A"], tensors["lora_B"], scaling), None
+        return merge_weight(base.to_dense(W), tensors["lora_A"], tensors["lora_B"], scaling), None
 
     def unmerge(self, merged, tensors: dict, scaling: float, undo=None):
         """W = W' - s lora_A^T lora_B^T, within rounding."""
@@ -96,14 +116,25 @@ class DoraVariant:
         self.exact_norm_gradient = exact_norm_gradient  # differentiate through n = ||V|| (the paper does not)
 
     def forward(
-        self, x, W, b, tensors: dict, scaling: float, dropout_mask=None, ops: LoraOps = REFERENCE_LORA_OPS
+        self,
+        x,
+        W,
+        b,
+        tensors: dict,
+        scaling: float,
+        dropout_mask=None,
+        ops: LoraOps = REFERENCE_LORA_OPS,
+        base: WeightFormat = DENSE,
     ):
-        """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out)."""
-        if isinstance(W, QuantizedWeight):
+        """y = (m / n) (x W + s (drop(x) lora_A^T) lora_B^T) + b.   x: (..., C_in) -> y: (..., C_out).
+
+        Returns (y, cache, the backward that takes the cache).
+        """
+        if base is not DENSE:
             raise ValueError(
                 "DoRA on a quantized base is not supported (it needs W's column norms): use plain LoRA"
             )
-        return ops.dora_linear_forward(
+        y, cache = ops.dora_linear_forward(
             x,
             W,
             b,
@@ -114,16 +145,17 @@ class DoraVariant:
             dropout_mask,
             exact_norm_gradient=self.exact_norm_gradient,
         )
+        return y, cache, self.backward
 
     def backward(self, dout, cache, compute_db: bool = True, ops: LoraOps = REFERENCE_LORA_OPS):
         """dx and {"lora_A", "lora_B", "lora_magnitude_vector", "bias"}: their gradients; W gets none."""
         dx, db, dlora_A, dlora_B, dm = ops.dora_linear_backward(dout, cache, compute_db=compute_db)
         return dx, _with_bias({"lora_A": dlora_A, "lora_B": dlora_B, MAGNITUDE: dm}, db)
 
-    def merge(self, W, tensors: dict, scaling: float):
+    def merge(self, W, tensors: dict, scaling: float, base: WeightFormat = DENSE):
         """W' = (m / n) (W + s lora_A^T lora_B^T) (checked finite), and n, which unmerge needs."""
         merged, weight_norm = dora_merged_weight(
-            W, tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE], scaling
+            base.to_dense(W), tensors["lora_A"], tensors["lora_B"], tensors[MAGNITUDE], scaling
         )
         return require_finite(merged), weight_norm
 

@@ -1,9 +1,15 @@
 """Frozen weights kept quantized: GGUF's Q4_1 and Q8_0 blocks as a file ships them, and NF4 with
 double quantization as in the QLoRA paper (Dettmers et al., 2023), each dequantized on the fly.
 
-``QuantizedWeight`` (weight.py) holds one matrix as its blocks; the formats are plain functions
-(gguf_blocks.py, nf4.py); the layer pair that multiplies by such a weight is
-``minilora.layers.quantized_linear``.
+Reference code: the formats are plain array functions, and ``quantize_weight`` below picks one by
+name. The layer pair that multiplies by such a weight is ``minilora.layers.quantized_linear``, and
+``minilora.weight_formats`` records which of a model's weights are held this way.
+
+Reading order:
+
+    weight.py       QuantizedWeight: one matrix as rows of blocks, dequantized a slab of rows at a time
+    gguf_blocks.py  GGUF's Q4_1 and Q8_0 blocks, read as the file stores them, dequantized as llama.cpp does
+    nf4.py          NF4's codebook of normal quantiles, with double quantization of the block constants
 """
 
 from .gguf_blocks import quantize_gguf_blocks, quantized_from_gguf

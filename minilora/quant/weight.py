@@ -78,6 +78,16 @@ class QuantizedWeight:
         step = max(1, SLAB_VALUES // self.cols)
         return [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)]
 
+    def dense(self):
+        """The model's logical matrix, dequantized whole on the weight's device: float32 ``shape``."""
+        stored = self.dequantize()
+        return stored.T if self.layout == "linear" else stored
+
+    def transposed(self) -> QuantizedWeight:
+        """The same blocks read as the transpose: a table as the (C, V) head it ties to, and back."""
+        flipped = "table" if self.layout == "linear" else "linear"
+        return QuantizedWeight(self.format, self.rows, self.cols, flipped, self.arrays, self.dequantize_rows)
+
     def map_arrays(self, function) -> QuantizedWeight:
         """The same weight with ``function`` applied to each array (to move it to a device, say)."""
         return QuantizedWeight(self.format, self.rows, self.cols, self.layout,

@@ -1,10 +1,11 @@
-"""The training loop: batches, forward, backward, clipping, an optimiser step, evaluation, checkpoints.
+"""The training loop: batches, one optimiser step each, evaluation, checkpoints.
 
-One step is ``train_step``: forward, backward, gradient clipping and the optimiser's update, in that
-order, in plain code. ``train_loop`` calls it once per batch. It also takes any other callable with
-the same signature as ``step=``: that is the seam through which a faster step plugs in from above
-(``minilora.fast``: the batch split across CPU cores, or the step replayed as a CUDA graph). The
-loop itself knows nothing about those.
+One step is ``step.train_step``: forward and backward, then clipping and the optimiser's update, in
+plain code. ``train_loop`` runs a ``TrainingStep`` (step.py: those two halves, with gradient
+accumulation over ``settings.grad_accum`` micro-batches) once per batch. It also takes any other
+callable with ``train_step``'s signature as ``step=``: that is the seam through which a faster step
+plugs in from above (``minilora.fast``: the batch split across CPU cores, or the step replayed as a
+CUDA graph). The loop itself knows nothing about those.
 
 Every step's randomness is a pure function of (seed, step): the batch comes from a host generator
 seeded with (seed, DATA_STREAM, step) and the dropout masks from a device generator seeded with
@@ -26,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from ..backend import device_rng, host_rng, synchronize
-from ..io.checkpoint import all_finite
-from ..io.data import get_batch
-from ..optim import clip_grad_norm, cosine_lr
+from ..backend import all_finite, host_rng, synchronize
+from ..optim import cosine_lr
 from ..validate import check_float, check_int
+from .batches import get_batch
 from .evaluate import bits_per_byte
+from .step import TrainingStep
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
 
@@ -43,7 +44,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainSettings:
     steps: int = 2000  # total optimiser steps
-    batch_size: int = 16  # B sequences per step, each of the model's block_size tokens
+    batch_size: int = 16  # B sequences per micro-batch, each of the model's block_size tokens
+    grad_accum: int = 1  # micro-batches per optimiser step: each step trains on grad_accum x batch_size rows
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float | None = None  # learning rate at the end of the cosine decay; None: lr / 10
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps to lr
@@ -56,7 +58,7 @@ class TrainSettings:
 
     def __post_init__(self):
         # Each check names its field; NaN and the infinities are refused (a NaN grad_clip turns clipping off).
-        for name in ("steps", "batch_size", "eval_interval", "eval_windows", "log_interval"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows", "log_interval"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))
         for name in ("warmup_steps", "seed"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=0))
@@ -79,23 +81,6 @@ class TrainResult:
         return asdict(self)
 
 
-def train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
-    """One batch's work: forward, backward, clipping, the optimiser's update. Returns the loss.
-
-    x, y: (B, T) token ids; lr: this step's learning rate (None: the optimiser's own); grad_clip:
-    the global gradient-norm limit (0: off); dropout_key, e.g. (seed, DROPOUT_STREAM, step), seeds
-    this step's dropout masks (None: no dropout). The loss stays a device scalar. The locals die at
-    return, so the step's activations are freed before the next step allocates its own.
-    """
-    dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
-    loss, cache = model.forward(x, y, dropout_rng=dropout_rng)[1:]  # the logits are not kept: freed here
-    grads = model.backward(cache)
-    if grad_clip > 0:
-        clip_grad_norm(grads, grad_clip)
-    optimizer.step(grads, lr)
-    return loss
-
-
 def train_loop(
     model,
     optimizer,
@@ -105,7 +90,7 @@ def train_loop(
     start_step: int = 0,
     progress: bool = True,
     report: bool = True,
-    step=train_step,
+    step=None,
     saved_step: int | None = None,
     saved_in=None,
 ) -> TrainResult:
@@ -116,11 +101,13 @@ def train_loop(
     diverged model is never saved. ``saved_step``: the step of the checkpoint already on disk (the
     one a resumed run started from), None if there is none; ``saved_in``: where the checkpoints go
     (a folder), for the divergence message. ``progress`` shows a progress bar; ``report`` prints a
-    line per evaluation. ``step`` does one batch's work, called as ``train_step`` is (the default).
+    line per evaluation. ``step`` does one optimiser step's work on a batch of grad_accum x batch_size
+    rows, called as ``train_step`` is (default: the reference halves, ``TrainingStep``, with grad_accum).
     """
     if start_step >= settings.steps:
         raise ValueError(f"nothing to train: the run is at step {start_step} and steps is {settings.steps}")
-    B, T = settings.batch_size, model.config.block_size
+    B, T = settings.batch_size * settings.grad_accum, model.config.block_size  # rows of one optimiser step
+    step = TrainingStep(grad_accum=settings.grad_accum) if step is None else step
     xp = model.xp
     result = TrainResult()
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
@@ -152,7 +139,9 @@ def train_loop(
         if done % settings.eval_interval == 0 or done == settings.steps:
             synchronize(xp)
             eval_started = time.perf_counter()
-            val = bits_per_byte(model, corpus.val, B, settings.eval_windows, token_bytes=corpus.token_bytes)
+            val = bits_per_byte(
+                model, corpus.val, settings.batch_size, settings.eval_windows, token_bytes=corpus.token_bytes
+            )
             result.evals.append({"step": done, "val_bits_per_byte": val})
             if report:
                 bar.write(f"step {done}: val {val:.4f} bits/byte")

@@ -16,8 +16,9 @@ equal the one-piece backward's up to float rounding (a test checks this in float
 
 With one shard the step is the reference ``train_step``. Dropout masks are drawn per shard from
 (seed, stream, step, shard) when there are several shards, so results with dropout depend on the
-shard count, as they would on the number of GPUs. ``sharded_train_step`` has ``train_step``'s
-signature, so ``training.loop.train_loop(..., step=sharded_train_step)`` runs it.
+shard count, as they would on the number of GPUs. The split replaces the first half of the step
+(training/step.py); ``sharded_train_step()`` is the ``TrainingStep`` with it and the reference
+update, which ``training.loop.train_loop(..., step=...)`` runs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
-import numpy as np
-
 from ...backend import device_rng
-from ...optim import clip_grad_norm
-from ...training.loop import train_step
+from ...training.step import TrainingStep, apply_update, forward_backward, split_bounds
 
 THREADS_ENV_VAR = "MINILORA_CPU_THREADS"
 
@@ -57,17 +55,11 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-def shard_bounds(batch_size: int, shards: int) -> list[tuple[int, int]]:
-    """(start, stop) rows of each shard: as equal as possible, none empty (at most batch_size shards)."""
-    shards = max(1, min(shards, batch_size))
-    edges = np.linspace(0, batch_size, shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, bounds):
+def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, bounds, dloss: float = 1.0):
     """Loss and summed gradients of the shards ``bounds`` of one batch, one thread each.
 
-    x, y: (B, T) token ids -> (loss 0-d array, grads dict), the same as one piece up to rounding.
+    x, y: (B, T) token ids -> (loss 0-d array, grads dict), the same as one piece up to rounding:
+    the first half of a step (``training.step.forward_backward``), dloss included.
     """
     xp, B = model.xp, x.shape[0]
 
@@ -76,7 +68,7 @@ def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, b
         rng = None if dropout_key is None else device_rng(xp, *dropout_key, shard)
         loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)[1:]  # logits freed now
         weight = (stop - start) / B  # this shard's share of the mean over the whole batch
-        return loss * weight, model.backward(cache, dloss=weight)
+        return loss * weight, model.backward(cache, dloss=dloss * weight)
 
     with _blas_controller().limit(limits=1, user_api="blas"):  # one core per shard
         results = list(_pool(len(bounds)).map(run_shard, range(len(bounds))))
@@ -88,18 +80,22 @@ def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, b
     return loss, grads
 
 
-def sharded_train_step(
-    model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None, shards: int | None = None
-):
-    """``training.loop.train_step`` with the forward and backward split into ``shards`` threads.
+class ShardedForwardBackward:
+    """The first half of a CPU step with the batch cut into ``shards`` threads (None: one per core).
 
-    ``shards`` defaults to ``cpu_threads()``; a batch too small to split runs the reference step.
+    A batch too small to split runs the reference half.
     """
-    bounds = shard_bounds(x.shape[0], cpu_threads() if shards is None else shards)
-    if len(bounds) == 1:
-        return train_step(model, optimizer, x, y, lr, grad_clip, dropout_key)
-    loss, grads = sharded_forward_backward(model, x, y, dropout_key, bounds)
-    if grad_clip > 0:
-        clip_grad_norm(grads, grad_clip)
-    optimizer.step(grads, lr)
-    return loss
+
+    def __init__(self, shards: int | None = None):
+        self.shards = shards
+
+    def __call__(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+        bounds = split_bounds(x.shape[0], cpu_threads() if self.shards is None else self.shards)
+        if len(bounds) == 1:
+            return forward_backward(model, x, y, dropout_key, dloss)
+        return sharded_forward_backward(model, x, y, dropout_key, bounds, dloss)
+
+
+def sharded_train_step(shards: int | None = None, grad_accum: int = 1) -> TrainingStep:
+    """The CPU's ``step`` for ``train_loop``: the sharded first half, the reference update."""
+    return TrainingStep(ShardedForwardBackward(shards), apply_update, grad_accum)

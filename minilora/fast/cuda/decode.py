@@ -10,7 +10,7 @@ What this does instead, with the reference's own cache layout and block code:
 - the keys and values stay on the device in a ``generate.KVCache`` of fixed size (B, H, T_max, hs)
   per layer; the prompt (and, once the context is full, the kept half) is a prefill through the
   model's own ``forward(idx, kv_cache=...)``, as in the reference;
-- the one-token step is the model's own ``_block_forward`` per layer (so LoRA adapters, biases and
+- the one-token step is the model's own ``block_forward`` per layer (so LoRA adapters, biases and
   every variant's linear layer apply as in training), handed a layer namespace whose
   ``cached_attention_forward`` reads the position from a device counter
   (``kernels/decode.decode_attention_forward``). Every shape is fixed, so the step is captured once
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...backend import host_rng
-from ...generate import KVCache, check_sampling
+from ...generate import KVCache, checked_request
 from ...model import WPE, WTE
 from . import use_cublas
 from .kernels.decode import decode_attention_forward, decode_embedding, sample_tokens
@@ -44,7 +44,7 @@ from .ops import CUDA_OPS
 
 
 class DeviceLengthCache(NamedTuple):
-    """What ``_block_forward`` reads from a cache in the decode step: the buffers, and the length on the device."""
+    """What ``block_forward`` reads from a cache in the decode step: the buffers, and the length on the device."""
 
     keys: list  # (B, H, T_max, hs) per layer, the KVCache's own arrays
     values: list
@@ -95,8 +95,8 @@ class GraphedDecoder:
         model, params = self.step_model, self.model.params
         x = decode_embedding(self.ids, self.counters, params[WTE], params[WPE])  # (B, 1, C)
         for i in range(model.config.n_layer):
-            x, _ = model._block_forward(i, x, None, self.step_cache)
-        x, _ = model._layernorm_forward("transformer.ln_f", x)
+            x, _ = model.block_forward(i, x, None, self.step_cache)
+        x, _ = model.final_norm(x)
         logits, _ = model.ops.linear_forward(x, params[WTE].T)  # tied head, (B, 1, V)
         self.logits[...] = logits[:, 0]
         self.counters += 1
@@ -182,12 +182,7 @@ def cuda_generate_ids(
     stop_id: int | None = None,
 ) -> np.ndarray:
     """``generate.generate_ids`` for a GPT on a GPU: the same arguments, checks and result (B, T0 + n)."""
-    check_sampling(temperature, top_k)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
-    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must have shape (B, T0) with T0 >= 1, got {prompt_ids.shape}")
+    prompt_ids = checked_request(prompt_ids, max_new_tokens, temperature, top_k)
     model.check_token_ids(prompt_ids[:, -model.config.block_size :], "idx")  # on the host, as the reference
     if max_new_tokens == 0:
         return prompt_ids.copy()
@@ -197,14 +192,11 @@ def cuda_generate_ids(
 
 
 def can_decode(model) -> bool:
-    """Whether ``cuda_generate_ids`` takes this model: a GPT (LoRA or not) on a GPU, float32/64, not quantized."""
-    from ...model import GPT
-    from ...quant.weight import QuantizedWeight
+    """Whether ``cuda_generate_ids`` takes this model: a GPT (LoRA or not) on a GPU, float32/64, not quantized.
 
-    if not isinstance(model, GPT) or model.xp.__name__ != "cupy":
+    The decoder is the GPT family's twin: it embeds at a device position through the GPT's position
+    table, so a model of another family (``config.family``) goes to the reference's decoder.
+    """
+    if model.config.family != "gpt" or model.xp.__name__ != "cupy" or model.quantized_names:
         return False
-    arrays = model.params.values()
-    return not any(isinstance(a, QuantizedWeight) for a in arrays) and model.params[WTE].dtype.name in (
-        "float32",
-        "float64",
-    )
+    return model.params[WTE].dtype.name in ("float32", "float64")

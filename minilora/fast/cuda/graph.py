@@ -5,11 +5,12 @@ costs CuPy some microseconds of host time, and the GPU, which finishes most of t
 waits for the host. A CUDA graph records the kernels of one step once; replaying it launches all of
 them with one call, so the step runs at the speed of the GPU instead of the speed of Python.
 
-What is captured: the model's forward and backward and the gradient clipping (the reference
-``clip_grad_norm``), everything between "the batch is on the device" and "the gradients are ready".
-The optimiser runs after the graph on the same stream, as ordinary launches (one, with the fused
-AdamW): its learning rate and bias corrections change every step, and a graph would freeze them at
-their values during the capture.
+What is captured: the first half of the step (training/step.py), the model's forward and backward,
+everything between "the batch is on the device" and "the gradients are ready". The second half
+runs after the graph on the same stream, as ordinary launches: the fused clipping (a few launches;
+its table of pointers is uploaded from the host, which a capture forbids) and the fused AdamW (one
+launch: its learning rate and bias corrections change every step, and a graph would freeze them at
+their values during the capture). With gradient accumulation the graph replays once per micro-batch.
 
 What makes replaying safe:
 
@@ -27,45 +28,36 @@ What makes replaying safe:
 
 The loss is an array the graph overwrites on every replay: read it before the next call.
 
-``GraphedStep`` and ``cuda_train_step`` are called as ``training.loop.train_step`` is, so either is a
-``step=`` for ``train_loop``.
+``GraphedStep`` and ``cuda_train_step`` are ``TrainingStep``s, called as ``training.step.train_step``
+is, so either is a ``step=`` for ``train_loop``.
 """
 
 from __future__ import annotations
 
-from ...backend import device_rng
-from ...optim import clip_grad_norm
+from ...training.step import TrainingStep
 from . import use_cublas
-from .optim import fused_clip_grad_norm, optimizer_step
+from .optim import fused_apply_update
 
 
 def can_capture(model) -> bool:
-    """Whether a model's training step can be captured: it lives on a GPU and uses no dropout."""
-    lora_config = getattr(model, "lora_config", None)  # LoraGPT's active adapter (None when it has none)
-    lora_dropout = lora_config.lora_dropout if lora_config is not None else 0.0
-    dropout = getattr(model.config, "dropout", 0.0)  # a Llama has none
-    return model.xp.__name__ == "cupy" and dropout == 0 and lora_dropout == 0
+    """Whether a model's training step can be captured: it lives on a GPU and draws no dropout masks."""
+    return model.xp.__name__ == "cupy" and not model.uses_dropout()
 
 
-def cuda_train_step(model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
-    """``train_step`` on the GPU, launched eagerly, with the fused clipping and AdamW update."""
-    dropout_rng = None if dropout_key is None else device_rng(model.xp, *dropout_key)
-    loss, cache = model.forward(x, y, dropout_rng=dropout_rng)[1:]  # the logits are freed at once
-    grads = model.backward(cache)
-    if grad_clip > 0:
-        fused_clip_grad_norm(grads, grad_clip)
-    optimizer_step(optimizer, grads, lr)
-    return loss
+def cuda_train_step(grad_accum: int = 1) -> TrainingStep:
+    """``train_step`` on the GPU, launched eagerly: the reference first half, the fused clipping and AdamW."""
+    return TrainingStep(apply_update=fused_apply_update, grad_accum=grad_accum)
 
 
-class GraphedStep:
+class GraphedStep(TrainingStep):
     """A training step for one model and optimiser on a GPU: ``warmup`` eager steps, then graph replays.
 
-    One call is the training loop's work for a batch: forward, backward, clipping and the optimiser's
-    step. x, y: (B, T) host arrays of token ids of a fixed shape (range-checked on the host).
+    One call is the training loop's work for a batch: forward and backward (the captured first half,
+    once per micro-batch), then the fused clipping and update. x, y: (B, T) host arrays of token ids
+    of a fixed shape (range-checked on the host).
     """
 
-    def __init__(self, model, optimizer, grad_clip: float, warmup: int = 2):
+    def __init__(self, model, optimizer, grad_clip: float, warmup: int = 2, grad_accum: int = 1):
         import cupy
 
         if model.xp is not cupy:
@@ -77,6 +69,7 @@ class GraphedStep:
             )
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the capture reuses the warm-up's memory), got {warmup}")
+        super().__init__(self.forward_backward, fused_apply_update, grad_accum)
         use_cublas()  # CuPy's own matmul refuses to run while a stream captures; our cuBLAS handle does not
         self.cupy = cupy
         self.model = model
@@ -88,6 +81,7 @@ class GraphedStep:
         self.graph = None
         self.calls = 0
         self.x = self.y = None  # the static input buffers, made on the first call
+        self.dloss = None  # the backward's seed, fixed by the capture (1 / grad_accum for even micro-batches)
         self.outputs = None  # (loss, grads) written by every replay
 
     def __call__(self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
@@ -96,23 +90,21 @@ class GraphedStep:
             raise ValueError(
                 "this GraphedStep was built for another model, optimiser or grad_clip; make a new one"
             )
-        return self.replay(x, y, lr)
-
-    def replay(self, x, y, lr: float | None = None):
-        """One step on the batch (x, y); returns the loss (overwritten by the next replay)."""
         caller = self.cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # the step starts after the caller's earlier work
-        with self.stream:  # the upload, the step and the optimiser, in this stream's order
-            ids = (
-                self.model.check_token_ids(x, "idx"),
-                self.model.check_token_ids(y, "targets"),
-            )  # host range check
-            loss, grads = self._forward_backward(*ids)
-            optimizer_step(self.optimizer, grads, lr)  # after the graph, in stream order; default memory pool
-        caller.wait_event(
-            self.stream.record()
-        )  # the caller's later work (reading the loss) waits for the step
+        with self.stream:  # the uploads, the replays and the update, in this stream's order
+            loss = super().__call__(model, optimizer, x, y, lr, grad_clip)
+        caller.wait_event(self.stream.record())  # the caller's later work (reading the loss) waits for it
         return loss
+
+    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+        """The captured first half on (x, y): (loss, grads), both overwritten by the next replay."""
+        ids = (model.check_token_ids(x, "idx"), model.check_token_ids(y, "targets"))  # host range check
+        if self.dloss is None:
+            self.dloss = dloss
+        if dloss != self.dloss:
+            raise ValueError(f"GraphedStep captured a backward seeded with {self.dloss}, got {dloss}")
+        return self._forward_backward(*ids)
 
     def _forward_backward(self, x, y):
         cupy = self.cupy
@@ -138,7 +130,4 @@ class GraphedStep:
 
     def _step(self):
         _, loss, cache = self.model.forward(self.x, self.y)
-        grads = self.model.backward(cache)
-        if self.grad_clip > 0:
-            clip_grad_norm(grads, self.grad_clip)  # the reference sums: the fused norm cannot be captured
-        return loss, grads
+        return loss, self.model.backward(cache, dloss=self.dloss)

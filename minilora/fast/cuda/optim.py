@@ -5,7 +5,8 @@
 a dozen per tensor, on the optimiser's own state buffers: checkpoints and the step count are the
 reference's. ``fused_clip_grad_norm`` is ``minilora.optim.clip_grad_norm`` with the global norm in two
 launches (kernels/grad_norm.py); its table of pointers is uploaded from the host, which a CUDA graph
-capture forbids, so a captured step clips with the reference function.
+capture forbids, so it runs after the graph. ``fused_apply_update`` is the two together: the second
+half of a step (training/step.py) on a GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def optimizer_step(optimizer, grads: dict, lr: float | None = None) -> None:
         fused_adamw_step(optimizer, grads, lr)
     else:
         optimizer.step(grads, lr)
+
+
+def fused_apply_update(optimizer, grads: dict, lr: float | None, grad_clip: float) -> None:
+    """``training.step.apply_update`` in fused kernels: the global-norm clipping, then the update."""
+    if grad_clip > 0:
+        fused_clip_grad_norm(grads, grad_clip)
+    optimizer_step(optimizer, grads, lr)
 
 
 def fused_clip_grad_norm(grads: dict, max_norm: float):

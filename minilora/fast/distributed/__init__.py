@@ -1,7 +1,15 @@
 """Data parallelism across processes: ``mpirun -n N minilora pretrain|finetune ...``.
 
-``world`` says which rank this process is; ``mpi_step`` is the CPU step (each rank a shard of the
-batch, the gradients gathered and summed in rank order over MPI); ``nccl_step`` the GPU one (an NCCL
-all-reduce inside the CUDA graph); ``traffic`` counts the bytes a step sends, LoRA against a full
-fine-tune. docs/distributed.md shows how to run it and what it measured.
+Every rank draws the same global batch, runs the first half of the step (training/step.py) on its
+own rows, and the trainable gradients are summed across ranks, so that every rank makes the same
+update. A one-process run never imports MPI. docs/distributed.md shows how to run it and what it
+measured.
+
+Reading order:
+
+    world.py      which rank this process is, out of how many, read from the launcher's variables
+    mpi_step.py   the CPU step: each rank a shard of the batch, the gradients summed in rank order over MPI
+    nccl_step.py  the GPU step: an NCCL all-reduce of the flat gradients inside the CUDA-graph step
+    launch.py     the data-parallel step for the model's device (``fast.accelerate`` calls it)
+    traffic.py    the bytes a step sends, counted from the configs alone: LoRA against a full fine-tune
 """

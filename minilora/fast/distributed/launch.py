@@ -7,12 +7,14 @@ import numpy as np
 from .world import World
 
 
-def distributed_step(model, optimizer, grad_clip: float, world: World, graph_warmup: int = 2):
+def distributed_step(
+    model, optimizer, grad_clip: float, world: World, graph_warmup: int = 2, grad_accum: int = 1
+):
     """``MpiStep`` for a NumPy model, ``NcclGraphedStep`` (one GPU per rank) for a CuPy one."""
     if model.xp is np:
         from .mpi_step import MpiStep
 
-        return MpiStep(world, optimizer.names)
+        return MpiStep(world, optimizer.names, grad_accum)
     from ..cuda import use_cublas
     from ..cuda.graph import can_capture
     from .nccl_step import NcclGraphedStep
@@ -22,4 +24,4 @@ def distributed_step(model, optimizer, grad_clip: float, world: World, graph_war
             "the multi-GPU step is a CUDA graph, which cannot hold dropout: train with dropout 0"
         )
     use_cublas()  # the model lives on the current GPU already: one GPU per rank is chosen before it is built
-    return NcclGraphedStep(model, optimizer, grad_clip, world, warmup=graph_warmup)
+    return NcclGraphedStep(model, optimizer, grad_clip, world, warmup=graph_warmup, grad_accum=grad_accum)

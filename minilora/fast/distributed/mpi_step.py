@@ -2,7 +2,7 @@
 
 This is ``fast.cpu.sharded_step`` with processes instead of threads, so it can span machines. Every
 rank draws the same global batch of B sequences (the batch is a function of seed and step), keeps
-its rows ``shard_bounds(B, size)[rank]``, and runs forward and backward on them with the backward
+its rows ``split_bounds(B, size)[rank]``, and runs forward and backward on them with the backward
 seeded with dloss = B_i / B: its share of the mean over the whole batch. The trainable gradients
 (and the shard's loss) are then packed into one flat buffer, exchanged, and summed; every rank ends
 with the whole batch's gradients, clips them and takes the same optimiser step, so the parameters
@@ -32,12 +32,12 @@ import time
 import numpy as np
 
 from ...backend import device_rng
-from ...optim import clip_grad_norm
-from ..cpu.sharded_step import _blas_controller, shard_bounds
+from ...training.step import TrainingStep, apply_update, split_bounds
+from ..cpu.sharded_step import _blas_controller
 from .world import World
 
 
-def shard_forward_backward(model, x, y, dropout_key, start: int, stop: int, shard_id: int | None):
+def shard_forward_backward(model, x, y, dropout_key, start: int, stop: int, shard_id: int | None, dloss=1.0):
     """This shard's weighted loss and gradients: rows start:stop of (B, T) x, y, weighted B_i / B."""
     B = x.shape[0]
     rng = (
@@ -47,7 +47,7 @@ def shard_forward_backward(model, x, y, dropout_key, start: int, stop: int, shar
     )
     loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)[1:]  # the logits freed now
     weight = (stop - start) / B  # this shard's share of the mean over all B sequences
-    return loss * weight, model.backward(cache, dloss=weight)
+    return loss * weight, model.backward(cache, dloss=dloss * weight)
 
 
 def pack(grads: dict, names, loss, out: np.ndarray) -> np.ndarray:
@@ -71,35 +71,39 @@ def unpack(flat: np.ndarray, grads: dict, names) -> dict:
     return views
 
 
-class MpiStep:
-    """``train_step`` over the ranks of ``world``: called as ``training.loop.train_step`` is.
+class MpiStep(TrainingStep):
+    """A ``TrainingStep`` over the ranks of ``world``: called as ``training.step.train_step`` is.
 
-    Counters for the bench and the docs: ``bytes_sent`` per step (this rank's buffer, sent to each
-    of the other ranks), ``comm_seconds`` (time inside the exchange and the sum, summed over steps).
+    Its first half is this rank's shard, then the exchange; the update is the reference's. With
+    gradient accumulation each micro-batch is exchanged on its own (N exchanges a step).
+    Counters for the bench and the docs: ``bytes_sent`` per exchange (this rank's buffer, sent to
+    each of the other ranks), ``comm_seconds`` (time inside the exchange and the sum, summed).
     """
 
-    def __init__(self, world: World, trainable_names):
+    def __init__(self, world: World, trainable_names, grad_accum: int = 1):
+        super().__init__(self.forward_backward, apply_update, grad_accum)
         self.world = world
         self.names = list(trainable_names)
         self.buffers = None  # (own flat buffer (n + 1,), gathered (size, n + 1)), made on the first call
         self.comm_seconds = 0.0
-        self.steps = 0
+        self.exchanges = 0
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes this rank sends in one step's exchange (its buffer to each of the size - 1 others)."""
+        """Bytes this rank sends in one exchange (its buffer to each of the size - 1 others)."""
         return 0 if self.buffers is None else self.buffers[0].nbytes * (self.world.size - 1)
 
-    def __call__(self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
+    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+        """The whole batch's loss and gradients, every rank computing its rows and all of them summed."""
         world = self.world
-        start, stop = shard_bounds(x.shape[0], world.size)[world.rank] if x.shape[0] >= world.size else (0, 0)
+        start, stop = split_bounds(x.shape[0], world.size)[world.rank] if x.shape[0] >= world.size else (0, 0)
         if stop == start:
             raise ValueError(
-                f"batch_size {x.shape[0]} is smaller than the {world.size} ranks: each needs a row"
+                f"a batch of {x.shape[0]} rows is smaller than the {world.size} ranks: each needs a row"
             )
         shard_id = world.rank if world.size > 1 else None
         with _blas_controller().limit(limits=1, user_api="blas"):  # one core per rank, as one per shard
-            loss, grads = shard_forward_backward(model, x, y, dropout_key, start, stop, shard_id)
+            loss, grads = shard_forward_backward(model, x, y, dropout_key, start, stop, shard_id, dloss)
         if self.buffers is None:
             n = sum(grads[name].size for name in self.names)
             dtype = grads[self.names[0]].dtype
@@ -109,12 +113,8 @@ class MpiStep:
         started = time.perf_counter()
         total = self.exchange(own, gathered)  # (n + 1,): the whole batch's gradients and loss
         self.comm_seconds += time.perf_counter() - started
-        self.steps += 1
-        summed = unpack(total, grads, self.names)
-        if grad_clip > 0:
-            clip_grad_norm(summed, grad_clip)
-        optimizer.step(summed, lr)
-        return total[-1:].reshape(())  # the loss, a 0-d array
+        self.exchanges += 1
+        return total[-1:].reshape(()), unpack(total, grads, self.names)  # the loss, a 0-d array
 
     def exchange(self, own: np.ndarray, gathered: np.ndarray) -> np.ndarray:
         """Every rank's buffer gathered, then summed in rank order: the same bits on every rank."""

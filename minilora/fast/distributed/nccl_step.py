@@ -2,8 +2,8 @@
 
 Each GPU is one MPI rank (or the only process). Rank 0 makes an NCCL unique id, sends it to the others
 over MPI (``comm.bcast``; with one rank nothing is sent), and every rank joins the communicator with it.
-The step is ``cuda.graph.GraphedStep``'s with three changes: the rank takes its rows of the global
-batch, its backward is seeded with B_i / B, and between the backward and the clipping the trainable
+The step is ``cuda.graph.GraphedStep``'s with three changes to its first half: the rank takes its
+rows of the global batch, its backward is seeded with B_i / B, and after the backward the trainable
 gradients (and the loss) are packed into one flat buffer and summed in place across the GPUs by
 ``ncclAllReduce`` on the step's stream. NCCL allows its calls inside CUDA-graph capture (NCCL 2.9 and
 later), so the all-reduce is part of the captured graph and replays with it; the warm-up steps run
@@ -17,8 +17,7 @@ plain ``GraphedStep`` (tests/test_distributed_nccl.py).
 
 from __future__ import annotations
 
-from ...optim import clip_grad_norm
-from ..cpu.sharded_step import shard_bounds
+from ...training.step import split_bounds
 from ..cuda.graph import GraphedStep
 from .world import World
 
@@ -34,32 +33,37 @@ def nccl_communicator(world: World):
 
 
 class NcclGraphedStep(GraphedStep):
-    """``GraphedStep`` whose captured work ends with an all-reduce of the gradients over ``world``'s GPUs.
+    """``GraphedStep`` whose captured first half ends with an all-reduce of the gradients over ``world``'s GPUs.
 
-    x, y: the global (B, T) batch on the host; this rank uses rows ``shard_bounds(B, size)[rank]``.
+    x, y: the global (B, T) batch on the host; this rank uses rows ``split_bounds(B, size)[rank]``
+    of each micro-batch.
     """
 
-    def __init__(self, model, optimizer, grad_clip: float, world: World, warmup: int = 2):
-        super().__init__(model, optimizer, grad_clip, warmup)
+    def __init__(
+        self, model, optimizer, grad_clip: float, world: World, warmup: int = 2, grad_accum: int = 1
+    ):
+        super().__init__(model, optimizer, grad_clip, warmup, grad_accum)
         self.world = world
         self.nccl_comm = nccl_communicator(world)
         self.names = list(optimizer.names)
         self.weight = None  # this rank's B_i / B, set by the first call
 
-    def replay(self, x, y, lr: float | None = None):
+    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0):
         B = x.shape[0]
         if B < self.world.size:
-            raise ValueError(f"batch_size {B} is smaller than the {self.world.size} ranks: each needs a row")
-        start, stop = shard_bounds(B, self.world.size)[self.world.rank]
+            raise ValueError(
+                f"a batch of {B} rows is smaller than the {self.world.size} ranks: each needs a row"
+            )
+        start, stop = split_bounds(B, self.world.size)[self.world.rank]
         self.weight = (stop - start) / B
-        return super().replay(x[start:stop], y[start:stop], lr)
+        return super().forward_backward(model, x[start:stop], y[start:stop], dropout_key, dloss)
 
     def _step(self):
         from cupy.cuda import nccl
 
         cupy = self.cupy
         _, loss, cache = self.model.forward(self.x, self.y)
-        grads = self.model.backward(cache, dloss=self.weight)
+        grads = self.model.backward(cache, dloss=self.dloss * self.weight)
         # One buffer filled slice by slice: cupy.concatenate of many arrays copies their pointers from
         # the host, which a stream being captured refuses; a slice assignment is one device kernel each.
         total = sum(grads[name].size for name in self.names)
@@ -79,6 +83,4 @@ class NcclGraphedStep(GraphedStep):
             size = grads[name].size
             summed[name] = flat[offset : offset + size].reshape(grads[name].shape)
             offset += size
-        if self.grad_clip > 0:
-            clip_grad_norm(summed, self.grad_clip)
         return flat[-1].reshape(()), summed

@@ -13,9 +13,11 @@ LoRA's to a full fine-tune's holds for any algorithm.
 
 from __future__ import annotations
 
-from ...llama import LlamaConfig, llama_parameter_shapes
-from ...lora.config import LoraConfig, select_target_modules
-from ...model import parameter_shapes
+import math
+
+from ...llama import LlamaConfig
+from ...lora.accounting import lora_trainable_count
+from ...lora.config import LoraConfig
 
 # SmolLM2-135M's shape (the GGUF file's header, io/llama_gguf.py, gives the same numbers)
 SMOLLM2_SHAPE = LlamaConfig(
@@ -24,29 +26,8 @@ SMOLLM2_SHAPE = LlamaConfig(
 
 
 def full_trainable_count(model_config) -> int:
-    """Every weight of a GPT or a Llama (a tied head counted once): what a full fine-tune trains."""
-    shapes = (
-        llama_parameter_shapes(model_config)
-        if isinstance(model_config, LlamaConfig)
-        else parameter_shapes(model_config)
-    )
-    count = 0
-    for shape in shapes.values():
-        size = 1
-        for dim in shape:
-            size *= dim
-        count += size
-    return count
-
-
-def lora_trainable_count(lora_config: LoraConfig, model_config) -> int:
-    """lora_A (C_in, r) and lora_B (r, C_out) of every adapted matrix: r (C_in + C_out) each (no biases)."""
-    if lora_config.bias != "none":
-        raise ValueError("lora_trainable_count counts adapters without trained biases (bias='none')")
-    return sum(
-        lora_config.r * (C_in + C_out)
-        for C_in, C_out in select_target_modules(lora_config, model_config).values()
-    )
+    """Every weight the config's family holds (a tied head counted once): what a full fine-tune trains."""
+    return sum(math.prod(shape) for shape in model_config.parameter_shapes().values())
 
 
 def step_bytes(trainable: int, itemsize: int = 4) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from ....quant.weight import QuantizedWeight
+from ....weight_formats import QUANTIZED, format_of
 
 THREADS = 256
 
@@ -113,9 +113,9 @@ def fuse_dequantizers(model) -> int:
     Returns how many weights were changed. The weights' blocks are shared, not copied.
     """
     changed = 0
-    for params in (model.params, getattr(model, "base_params", {})):
+    for params in model.weight_dicts():
         for name, value in params.items():
-            if isinstance(value, QuantizedWeight) and value.format in FUSED_DEQUANTIZERS:
+            if format_of(value) is QUANTIZED and value.format in FUSED_DEQUANTIZERS:
                 params[name] = dataclasses.replace(value, dequantize_rows=FUSED_DEQUANTIZERS[value.format])
                 changed += 1
     return changed
