@@ -265,8 +265,8 @@ def run_metadata(
         "block_size": job.block_size,
         "quantized": job.quantized,
         # the memory switches as the model holds them
-        "gradient_checkpointing": getattr(model, "gradient_checkpointing", False),
-        "loss_chunk_rows": getattr(model, "loss_chunk_rows", None),
+        "gradient_checkpointing": model.gradient_checkpointing,
+        "loss_chunk_rows": model.loss_chunk_rows,
         "dtype": job.dtype,
         "base_fingerprint": fingerprint,
         "config": model.config.to_dict(),
