@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import REFERENCE_OPS
+from .validate import check_int
 from .weight_formats import WeightFormat, format_of
 
 
@@ -93,10 +94,8 @@ class LanguageModel:
             raise ValueError(
                 f"gradient checkpointing and loss chunks are not implemented for {type(self).__name__}"
             )
-        if loss_chunk_rows is not None and (not isinstance(loss_chunk_rows, int) or loss_chunk_rows <= 0):
-            raise ValueError(
-                f"loss_chunk_rows must be a positive number of positions, got {loss_chunk_rows!r}"
-            )
+        if loss_chunk_rows is not None:
+            loss_chunk_rows = check_int("loss_chunk_rows", loss_chunk_rows, minimum=1)
         self.gradient_checkpointing, self.loss_chunk_rows = gradient_checkpointing, loss_chunk_rows
 
     @property

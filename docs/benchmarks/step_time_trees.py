@@ -7,8 +7,9 @@ The fast path's step (``minilora.fast.accelerate``: fused kernels, the step capt
 for a LoRA adapter (r = 8: GPT-2's c_attn and attn.c_proj, the Llama's q_proj and v_proj) over a bf16
 or float32 base, warmed up, then ``--repeats`` runs of ``--steps`` steps, each timed between two
 device synchronisations. Prints one JSON line: the median step time of each run in milliseconds.
-It uses only what the trees compared share (the model classes, add_lora, make_optimizer, accelerate),
-so the same script times a tree before and after a change; alternate the two in one session.
+It uses only what the trees compared share (gpu_kernel_profile.build's models, make_optimizer,
+accelerate), so the same script times a tree before and after a change; alternate the two in one
+session.
 "smollm2-shape" is a Llama of SmolLM2-135M's shape with random weights: a step's time does not
 depend on the weights' values.
 """
@@ -20,27 +21,12 @@ import json
 import statistics
 import time
 
+from gpu_kernel_profile import build  # the same models as the kernel profile, beside this script
+
 from minilora.backend import float_dtype, host_rng, synchronize
-from minilora.config import get_preset
 from minilora.fast import accelerate
 from minilora.jobs.finetune import make_optimizer
-from minilora.llama import Llama, LlamaConfig, init_llama_params
-from minilora.lora.config import LoraConfig
-from minilora.lora.model import add_lora
-from minilora.model import GPT, init_params
 from minilora.training.loop import TrainSettings
-
-
-def build(model_name: str, seq: int):
-    """A LoRA model of the named shape on the GPU, seeded."""
-    if model_name == "smollm2-shape":
-        config = LlamaConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_hidden=1536, vocab_size=49152,
-                             block_size=seq, rope_theta=100000.0)  # fmt: skip
-        base = Llama(config, init_llama_params(config, seed=0, device="cuda"))
-        return add_lora(base, LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj")), seed=0)
-    config = get_preset(model_name)
-    base = GPT(config, init_params(config, seed=0, device="cuda"))
-    return add_lora(base, LoraConfig(r=8, target_modules=("c_attn", "attn.c_proj")), seed=0)
 
 
 def main() -> None:
