@@ -152,7 +152,10 @@ class AdamW(Optimizer):
         self.eps = eps
 
     def step(self, grads: dict, lr: float | None = None) -> None:
-        """One update of every trainable parameter, in place; ``lr`` is this step's rate (None: self.lr)."""
+        """One update of every trainable parameter, in place; ``lr`` is this step's rate (None: self.lr).
+
+        The gradients are read, never written: a caller may still log them or accumulate into them.
+        """
         lr, t = self.begin_step(grads, lr)
         for name in self.names:
             p, g = self.params[name], grads[name]
@@ -216,9 +219,9 @@ class SGD(Optimizer):
 def clip_grad_norm(grads: dict, max_norm: float):
     """Scale all gradients together so that their global L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping as a device scalar (reading it as a float syncs a GPU, so
-    callers do that only when they log). Like torch.nn.utils.clip_grad_norm_, the factor is
-    max_norm / (norm + 1e-6), applied only when it is below 1.
+    Returns the norm before clipping as a device scalar in the gradients' dtype (reading it as a
+    float syncs a GPU, so callers do that only when they log). Like torch.nn.utils.clip_grad_norm_,
+    the factor is max_norm / (norm + 1e-6), applied only when it is below 1.
     """
     arrays = list(grads.values())
     xp = get_xp(arrays[0])
@@ -249,6 +252,9 @@ def cosine_lr(
     Warmup rises linearly over the steps 0 .. warmup_steps - 1, from max_lr / warmup_steps at step 0
     to max_lr at its last step. Then half a cosine period takes the rate from max_lr (at step
     warmup_steps) down to min_lr (at step total_steps), and it stays at min_lr from there on.
+
+    The rate is a Python float: a NumPy float64 would make every float32 update it multiplies
+    float64 (NumPy 2's promotion), doubling the optimiser's memory traffic.
 
     Derivation (a6):
         Warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps. Then, with progress going

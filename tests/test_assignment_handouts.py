@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from minilora.assignments.catalog import ASSIGNMENTS
+from minilora.assignments import handout
+from minilora.assignments.catalog import ANSWERS_FILE, ASSIGNMENTS, later_than
 from minilora.assignments.grading import grade
 from minilora.assignments.handout import (
     HANDOUTS_DIR,
@@ -20,25 +21,54 @@ from minilora.assignments.handout import (
     notebook_cells,
     part_title,
     solutions_path,
+    written_questions,
 )
-from minilora.assignments.release import BEGIN, END, PACKAGE_DIR, derivation_blocks, hole_functions, release
+from minilora.assignments.release import (
+    BEGIN,
+    DEFAULT_POLICY,
+    END,
+    PACKAGE_DIR,
+    POLICY_FILE,
+    derivation_blocks,
+    hole_functions,
+    release,
+    solutions_elsewhere,
+    student_copy,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WITH_HANDOUTS = sorted(a for a in ASSIGNMENTS if handout_path(a).is_file())
-SECTIONS = ["## Learning goals", "## Shapes", "## Pitfalls", "## Points", "## Written questions"]
+SECTIONS = [
+    "## Learning goals",
+    "## Shapes",
+    "## Pitfalls",
+    "## Points",
+    "## Written questions",
+    "## Deliverables",
+]
 
 
-def test_a1_to_a5_have_a_handout_and_worked_solutions_that_install_with_the_package():
-    assert {"a1", "a2", "a3", "a4", "a5"} <= set(WITH_HANDOUTS)
-    for assignment_id in ("a1", "a2", "a3", "a4", "a5"):
-        assert solutions_path(assignment_id).is_file(), f"{assignment_id} has a handout but no solutions"
-    package_data = re.search(
-        r'^"minilora.assignments" = \[(.*)\]$', (REPO / "pyproject.toml").read_text(), re.M
-    )
-    patterns = package_data.group(1)
-    assert '"handouts/*.md"' in patterns  # the wheel of test_gradescope_export.py holds them
-    for path in HANDOUTS_DIR.iterdir():  # every file there is a handout or its solutions
-        assert path.name.removesuffix("_solutions.md").removesuffix(".md") in WITH_HANDOUTS, path.name
+def package_data() -> list[str]:
+    """Every file of the source tree that pyproject's package-data puts into a wheel."""
+    table = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1].split("\n[")[0]
+    files = []
+    for package, patterns in re.findall(r'^"([\w.]+)" = \[(.*)\]', table, re.M):
+        folder = REPO.joinpath(*package.split("."))
+        files += [path for pattern in re.findall(r'"([^"]+)"', patterns) for path in folder.glob(pattern)]
+    return files
+
+
+def test_every_assignment_has_a_handout_and_worked_solutions_that_no_wheel_carries():
+    assert set(WITH_HANDOUTS) == set(ASSIGNMENTS)
+    for assignment_id in ASSIGNMENTS:
+        path = solutions_path(assignment_id)
+        assert path.is_file(), f"{assignment_id} has a handout but no solutions"
+        assert PACKAGE_DIR not in path.parents, "the worked solutions must not be package data"
+    shipped = package_data()
+    assert handout_path("a1") in shipped and DEFAULT_POLICY in shipped  # the wheels hold them
+    assert [path for path in shipped if "solution" in path.name.lower()] == []
+    for path in HANDOUTS_DIR.iterdir():  # every file there is a handout
+        assert path.name.removesuffix(".md") in WITH_HANDOUTS, path.name
 
 
 def table_rows(text: str) -> dict:
@@ -111,24 +141,31 @@ def test_the_check_cells_pass_on_the_reference_and_each_stops_at_a_blank_hole(
     assert all(str(err).startswith(f"{assignment_id}: ") for err in checks)
 
 
-def key_lines(assignment_id: str) -> tuple[list, list]:
-    """The code lines of the assignment's holes and the lines of its Derivation blocks, in the library."""
+def marked_lines(source: str, tag: str) -> tuple[list, list]:
+    """The code lines of one assignment's holes in a source text, and the lines of its Derivation blocks."""
+    holes, inside = [], False
+    for line in source.split("\n"):
+        begin = BEGIN.match(line)
+        if begin:
+            inside = begin.group(2) == tag
+        elif END.match(line):
+            inside = False
+        elif inside:
+            code = line.split("  #")[0].strip()
+            if len(code) >= 6 and re.search(r"[A-Za-z_]", code) and not code.startswith("#"):
+                holes.append(code)
+    derivations = [line.strip() for block in derivation_blocks(source, tag) for line in block if line.strip()]
+    return holes, derivations
+
+
+def key_lines(assignment_id: str, tags=None) -> tuple[list, list]:
+    """The code lines of the holes of ``tags`` (default: the assignment's own) in the assignment's
+    files, and the lines of their Derivation blocks."""
     holes, derivations = [], []
-    for relative in ASSIGNMENTS[assignment_id].sources:
-        source = (PACKAGE_DIR / relative).read_text()
-        inside = False
-        for line in source.split("\n"):
-            begin = BEGIN.match(line)
-            if begin:
-                inside = begin.group(2) == assignment_id
-            elif END.match(line):
-                inside = False
-            elif inside:
-                code = line.split("  #")[0].strip()
-                if len(code) >= 6 and re.search(r"[A-Za-z_]", code) and not code.startswith("#"):
-                    holes.append(code)
-        for block in derivation_blocks(source, assignment_id):
-            derivations += [line.strip() for line in block if line.strip()]
+    for tag in tags or [assignment_id]:
+        for relative in ASSIGNMENTS[assignment_id].sources:
+            found = marked_lines((PACKAGE_DIR / relative).read_text(), tag)
+            holes, derivations = holes + found[0], derivations + found[1]
     return holes, derivations
 
 
@@ -151,6 +188,7 @@ def test_the_student_copy_gives_away_no_hole_and_no_derivation_and_the_solved_co
     assert f"Derivation ({assignment_id}):" not in blank
     assert not (tmp_path / "blank" / f"{assignment_id}_solutions.md").exists()
     release(assignment_id, tmp_path / "solved", solved=True)
+    assert solutions_elsewhere(assignment_id) is None  # from a source tree, the release copies them
     solved = released_text(tmp_path / "solved", student_only=True)
     assert [line for line in holes if line not in solved] == []
     assert [line for line in derivations if line not in solved] == []
@@ -159,6 +197,77 @@ def test_the_student_copy_gives_away_no_hole_and_no_derivation_and_the_solved_co
     # a student release written over a solved one with --force takes the answers away again
     release(assignment_id, tmp_path / "solved", force=True)
     assert not solutions.exists()
+
+
+@pytest.mark.parametrize("assignment_id", WITH_HANDOUTS)
+def test_a_blank_release_carries_no_later_assignments_answer(assignment_id, tmp_path):
+    holes, derivations = key_lines(assignment_id, later_than(assignment_id))
+    release(assignment_id, tmp_path)
+    blank = released_text(tmp_path)
+    assert [line for line in holes if line in blank] == []
+    assert [line for line in derivations if line in blank] == []
+    assert [later for later in later_than(assignment_id) if f"Derivation ({later}):" in blank] == []
+    if assignment_id == "a5":  # lora/layer.py holds a7's rsLoRA hole
+        assert holes and 'raise NotImplementedError("a7: ' in (tmp_path / "student" / "layer.py").read_text()
+
+
+def with_later_holes() -> list[str]:
+    return [a for a in ASSIGNMENTS if any(key_lines(a, later_than(a)))]
+
+
+@pytest.mark.parametrize("assignment_id", with_later_holes())
+def test_a_blank_release_with_only_its_own_holes_filled_scores_full_marks(assignment_id, tmp_path):
+    """A later hole left open in aN's files must lie off every path aN's grader runs."""
+    release(assignment_id, tmp_path)
+    for relative in ASSIGNMENTS[assignment_id].sources:
+        package = ".".join(["minilora", *Path(relative).parent.parts])
+        filled = student_copy((PACKAGE_DIR / relative).read_text(), later_than(assignment_id), package)
+        (tmp_path / "student" / Path(relative).name).write_text(filled)
+    score = grade(assignment_id, tmp_path)
+    assert score.earned == score.total, score.table()
+
+
+@pytest.mark.parametrize("assignment_id", WITH_HANDOUTS)
+def test_a_release_writes_the_answers_template_with_each_questions_points_and_the_policy(
+    assignment_id, tmp_path
+):
+    text = handout_path(assignment_id).read_text()
+    questions = written_questions(text)
+    assert len(questions) == len(re.findall(r"^\d\. ", text.split("## Written questions")[1], re.M))
+    assert all(points > 0 for _, points, _ in questions), "every written question carries its points"
+    release(assignment_id, tmp_path)
+    answers = (tmp_path / ANSWERS_FILE).read_text()
+    total = sum(points for _, points, _ in questions)
+    assert answers.startswith(f"# {assignment_id}: written answers ({total} points")
+    for number, points, question in questions:
+        assert f"## Question {number} ({points} points)\n\n> {question}\n" in answers
+    deliverables = text.split("\n## Deliverables\n")[1]
+    assert ANSWERS_FILE in deliverables and f"{total} in all" in deliverables
+    for relative in ASSIGNMENTS[assignment_id].sources:
+        assert f"`student/{Path(relative).name}`" in deliverables, relative
+    assert ANSWERS_FILE in ASSIGNMENTS[assignment_id].optional
+    assert (tmp_path / POLICY_FILE).read_text() == DEFAULT_POLICY.read_text()
+    course = tmp_path / "course-policy.md"
+    course.write_text("# Our course's policy\n")
+    release(assignment_id, tmp_path / "again", policy=course)
+    assert (tmp_path / "again" / POLICY_FILE).read_text() == "# Our course's policy\n"
+
+
+def test_a_solved_release_without_the_source_trees_solutions_says_where_they_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(handout, "SOLUTIONS_DIR", tmp_path / "no-such-folder")  # as in an installed wheel
+    release("a1", tmp_path / "solved", solved=True)
+    assert not (tmp_path / "solved" / "a1_solutions.md").exists()
+    line = solutions_elsewhere("a1")
+    assert "\n" not in line and "docs/assignments/solutions/a1.md" in line
+
+
+def test_the_instructors_guide_counts_parts_points_and_bugs_from_the_graders():
+    guide = handout.GUIDE.read_text()
+    assert guide == handout.guide_text(), (
+        "docs/instructors.md is stale: run `python -m minilora.assignments.handout`"
+    )
+    assert "Seven assignments," in guide and len(ASSIGNMENTS) == 7
+    assert "## Isolation levels" in guide
 
 
 def test_a_derivation_block_ends_at_the_first_line_no_deeper_than_its_header():
@@ -223,4 +332,5 @@ def test_a_solved_release_notebook_runs_top_to_bottom_in_a_kernel_and_its_grader
     )
     client.execute()  # raises CellExecutionError if any cell fails
     printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
-    assert re.search(r"^total\s+10/10$", printed, flags=re.MULTILINE), printed
+    points = sum(points for _, points in grader_parts("a5"))
+    assert re.search(rf"^total\s+{points}/{points}$", printed, flags=re.MULTILINE), printed

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ANSWERS_FILE = "answers.md"  # the written answers: a release writes the template, the student hands it back
+A1_TO_A3_FILES = ("linear.py", "gelu.py", "cross_entropy.py", "layernorm.py", "embedding.py", "attention.py")
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -11,6 +14,7 @@ class Assignment:
     title: str
     teaches: str
     sources: tuple  # library files, relative to the minilora package, whose holes this assignment opens
+    optional: tuple = (ANSWERS_FILE,)  # handed in beside student/, graded by hand; missing costs no part
 
 
 ASSIGNMENTS = {
@@ -50,6 +54,7 @@ ASSIGNMENTS = {
         "AdamW's bias correction and decoupled weight decay, global gradient clipping, warmup and cosine "
         "decay, and a tiny GPT trained by your optimiser on your own a1-a3 layers",
         ("optim.py", "assignments/train_tiny.py"),
+        optional=(ANSWERS_FILE, *A1_TO_A3_FILES),  # the student's own layers train the tiny GPT where present
     ),
     "a7": Assignment(
         "a7",
@@ -65,3 +70,9 @@ def get_assignment(assignment_id: str) -> Assignment:
     if assignment_id not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment_id!r}; choose one of {sorted(ASSIGNMENTS)}")
     return ASSIGNMENTS[assignment_id]
+
+
+def later_than(assignment_id: str) -> list[str]:
+    """The assignments after this one, in catalog order: their answers are not out yet when it is."""
+    ids = list(ASSIGNMENTS)
+    return ids[ids.index(get_assignment(assignment_id).id) + 1 :]

@@ -10,8 +10,13 @@ The points table sits between two marker lines and is generated from the grader'
 writes the grader's points, and a test checks that the committed handout holds the same table.
 ``python -m minilora.assignments.handout`` rewrites the tables after a grader's points change.
 
-handouts/aN_solutions.md holds the worked derivations and the answers to the written questions, for
-TAs: only a solved release (``release --solved``) carries it.
+The worked derivations and the answers to the written questions, for TAs, are not package data: no
+installed minilora (a student's included) carries them. They live in the source repository, in
+docs/assignments/solutions/aN.md beside the package, and only a solved release (``release --solved``)
+made from a source tree copies them.
+
+Each written question carries its points, ``1. **(2 points)** ...``: the release writes them into
+``answers.md``, the template a student fills in and hands back beside student/.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from .catalog import ASSIGNMENTS, get_assignment
 
 HANDOUTS_DIR = Path(__file__).resolve().parent / "handouts"
 GRADERS_DIR = Path(__file__).resolve().parent / "graders"
+SOLUTIONS_DIR = Path(__file__).resolve().parents[2] / "docs" / "assignments" / "solutions"  # source tree only
+SOLUTIONS_IN_REPOSITORY = "docs/assignments/solutions"  # where they are, for a message from an installed copy
+GUIDE = SOLUTIONS_DIR.parent.parent / "instructors.md"  # docs/instructors.md, in a source tree only
+SUMMARY_BEGIN = (
+    "<!-- BEGIN SUMMARY: generated from the graders and bugs/ by `python -m minilora.assignments.handout` -->"
+)
+SUMMARY_END = "<!-- END SUMMARY -->"
+QUESTION = re.compile(r"^(\d+)\. \*\*\((\d+) points?\)\*\* (.*)$")
 POINTS_BEGIN = "<!-- BEGIN POINTS: generated from the grader by `python -m minilora.assignments.handout` -->"
 POINTS_END = "<!-- END POINTS -->"
 CODE_BLOCK = re.compile(r"^```python\n(.*?)^```\n?", re.DOTALL | re.MULTILINE)
@@ -66,8 +79,9 @@ def handout_path(assignment_id: str) -> Path:
 
 
 def solutions_path(assignment_id: str) -> Path:
+    """The worked solutions beside the package's source tree (absent from an installed wheel)."""
     get_assignment(assignment_id)
-    return HANDOUTS_DIR / f"{assignment_id}_solutions.md"
+    return SOLUTIONS_DIR / f"{assignment_id}.md"
 
 
 def handout_text(assignment_id: str) -> str:
@@ -80,6 +94,36 @@ def handout_text(assignment_id: str) -> str:
     head, rest = text.split(POINTS_BEGIN)
     _, tail = rest.split(POINTS_END)
     return f"{head}{POINTS_BEGIN}\n{points_table(assignment_id)}\n{POINTS_END}{tail}"
+
+
+def written_questions(text: str) -> list[tuple[int, int, str]]:
+    """(number, points, question) of each of a handout's written questions, its lines joined."""
+    section = text.split("\n## Written questions\n")[1].split("\n## ")[0]
+    questions = []
+    for line in section.split("\n"):
+        match = QUESTION.match(line)
+        if match:
+            questions.append([int(match.group(1)), int(match.group(2)), match.group(3)])
+        elif questions and line.startswith("   ") and line.strip():
+            questions[-1][2] += " " + line.strip()
+    return [tuple(question) for question in questions]
+
+
+def answers_template(assignment_id: str) -> str:
+    """The ``answers.md`` a release writes: each written question with its points and room to answer."""
+    questions = written_questions(handout_path(assignment_id).read_text())
+    total = sum(points for _, points, _ in questions)
+    lines = [
+        f"# {assignment_id}: written answers ({total} points, graded by hand)",
+        "",
+        "Name:",
+        "",
+        "AI tools used, and for what (see policy.md):",
+        "",
+    ]
+    for number, points, question in questions:
+        lines += [f"## Question {number} ({points} points)", "", f"> {question}", "", "Your answer:", "", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def notebook_cells(text: str) -> list[tuple[str, str]]:
@@ -103,14 +147,45 @@ def check_cells(assignment_id: str) -> list[str]:
     return [source for kind, source in notebook_cells(handout_text(assignment_id)) if kind == "code"]
 
 
+def summary_table() -> str:
+    """The instructor's guide's table: per assignment its graded parts, their points and its planted bugs,
+    counted from the graders and bugs/ (so that no count in the guide goes stale)."""
+    bugs_dir = GRADERS_DIR.parent / "bugs"
+    rows = ["| assignment | graded parts | points | planted bugs |", "| --- | ---: | ---: | ---: |"]
+    totals = [0, 0, 0]
+    for assignment_id in ASSIGNMENTS:
+        parts = grader_parts(assignment_id)
+        counts = (
+            len(parts),
+            sum(points for _, points in parts),
+            len(list(bugs_dir.glob(f"{assignment_id}_*.patch"))),
+        )
+        totals = [total + count for total, count in zip(totals, counts)]
+        rows.append(f"| {assignment_id} | {counts[0]} | {counts[1]} | {counts[2]} |")
+    rows.append(f"| **all {len(ASSIGNMENTS)}** | **{totals[0]}** | **{totals[1]}** | **{totals[2]}** |")
+    return "\n".join(rows)
+
+
+def guide_text() -> str:
+    """docs/instructors.md with its summary table (re)generated."""
+    text = GUIDE.read_text()
+    head, rest = text.split(SUMMARY_BEGIN)
+    _, tail = rest.split(SUMMARY_END)
+    return f"{head}{SUMMARY_BEGIN}\n{summary_table()}\n{SUMMARY_END}{tail}"
+
+
 def write_handouts() -> list[Path]:
-    """Rewrite every handout's points table from its grader; returns the files that changed."""
+    """Rewrite every handout's points table from its grader, and the guide's summary table in a source
+    tree; returns the files that changed."""
     changed = []
     for assignment_id in ASSIGNMENTS:
         path = handout_path(assignment_id)
         if path.is_file() and path.read_text() != (text := handout_text(assignment_id)):
             path.write_text(text)
             changed.append(path)
+    if GUIDE.is_file() and GUIDE.read_text() != (text := guide_text()):
+        GUIDE.write_text(text)
+        changed.append(GUIDE)
     return changed
 
 

@@ -3,7 +3,9 @@
 1. the reference (a release with every hole filled) scores full marks;
 2. the untouched release scores zero, and the grader still runs to the end;
 3. each planted bug (bugs/<id>_*.patch, applied to the reference release with ``git apply``) loses
-   points, and loses them on a numeric check (an assertion or a gradient check), not by crashing.
+   points, and loses them on a numeric check (an assertion or a gradient check), not by crashing;
+4. every score is the same on each of the seeds it is graded on (three fresh ones by default), so
+   two students with the same code get the same mark whatever inputs their run drew.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from .grading import grade
 from .release import STUDENT_DIR, release
 
 BUGS_DIR = Path(__file__).resolve().parent / "bugs"
-NUMERIC_FAILURES = {"AssertionError", "GradCheckError"}
+NUMERIC_FAILURES = {"AssertionError", "GradCheckError", "ArgumentModified"}
+SEEDS = 3  # how many seeds verify grades everything on
 
 
 def planted_bugs(assignment_id: str) -> list[Path]:
@@ -37,46 +40,54 @@ def apply_patch(release_dir: Path, patch: Path) -> None:
         raise RuntimeError(f"{patch.name} no longer applies to the reference: {completed.stderr.strip()}")
 
 
-def verify(assignment_id: str, seed: int | None = None) -> dict:
-    """Grade the reference, the blank release and every planted bug; returns the scores by name.
+def verify(assignment_id: str, seeds=None) -> dict:
+    """Grade the reference, the blank release and every planted bug on each seed: {name: [Score per seed]}.
 
-    All are graded on the inputs of one ``seed`` (a fresh one by default, kept in each Score), so a
-    planted bug that slips through can be graded again on the very inputs that missed it.
+    ``seeds`` defaults to SEEDS fresh ones (kept in each Score), so a planted bug that slips through
+    can be graded again on the very inputs that missed it.
     """
-    seed = secrets.randbelow(2**31) if seed is None else seed
+    seeds = [secrets.randbelow(2**31) for _ in range(SEEDS)] if seeds is None else list(seeds)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         release(assignment_id, tmp / "reference", solved=True)
         release(assignment_id, tmp / "blank")
-        scores = {
-            "reference": grade(assignment_id, tmp / "reference", seed=seed),
-            "blank": grade(assignment_id, tmp / "blank", seed=seed),
-        }
+        folders = {"reference": tmp / "reference", "blank": tmp / "blank"}
         for patch in planted_bugs(assignment_id):
-            target = tmp / patch.stem
-            release(assignment_id, target, solved=True)
-            apply_patch(target, patch)
-            scores[patch.stem] = grade(assignment_id, target, seed=seed)
-    return scores
+            folders[patch.stem] = tmp / patch.stem
+            release(assignment_id, folders[patch.stem], solved=True)
+            apply_patch(folders[patch.stem], patch)
+        return {
+            name: [grade(assignment_id, folder, seed=seed) for seed in seeds]
+            for name, folder in folders.items()
+        }
 
 
 def problems(assignment_id: str, scores: dict) -> list[str]:
-    """What is wrong with an assignment's scores (empty when the pipeline holds)."""
+    """What is wrong with an assignment's scores, {name: [Score per seed]} (empty when the pipeline holds)."""
     found = []
-    reference, blank = scores["reference"], scores["blank"]
-    if reference.earned != reference.total:
-        found.append(f"the reference scores {reference.earned}/{reference.total}")
-    if blank.earned != 0 or len(blank.parts) != len(reference.parts):
-        found.append(f"the blank release scores {blank.earned}/{blank.total} over {len(blank.parts)} parts")
+    for name, runs in scores.items():
+        earned = [score.earned for score in runs]
+        if len(set(earned)) > 1:
+            seeds = [score.seed for score in runs]
+            found.append(f"{name} scores {earned} on seeds {seeds}: its score depends on the inputs drawn")
+    for reference in scores["reference"]:
+        if reference.earned != reference.total:
+            found.append(f"the reference scores {reference.earned}/{reference.total} (seed {reference.seed})")
+    for blank in scores["blank"]:
+        if blank.earned != 0 or len(blank.parts) != len(scores["reference"][0].parts):
+            found.append(
+                f"the blank release scores {blank.earned}/{blank.total} over {len(blank.parts)} parts"
+            )
     bugs = [name for name in scores if name not in ("reference", "blank")]
     if len(bugs) < 2:
         found.append(f"only {len(bugs)} planted bugs")
     for name in bugs:
-        lost = [part for part in scores[name].parts if part["earned"] < part["points"]]
-        if not lost:
-            found.append(f"{name} loses no points")
-        elif not any(part["error"] in NUMERIC_FAILURES for part in lost):
-            found.append(f"{name} loses points only through {[part['error'] for part in lost]}")
+        for score in scores[name]:
+            lost = [part for part in score.parts if part["earned"] < part["points"]]
+            if not lost:
+                found.append(f"{name} loses no points (seed {score.seed})")
+            elif not any(part["error"] in NUMERIC_FAILURES for part in lost):
+                found.append(f"{name} loses points only through {[part['error'] for part in lost]}")
     return found
 
 

@@ -152,6 +152,107 @@ BUGS = [
         "dwpe[: cache.seq_len] = dx[0]",
     ),
     ("a5", "layer.py", "forgot_scale_in_dh", "    dh *= cache.scaling\n", ""),
+    # a1-a3: a frozen bias's gradient summed anyway, a causal mask right only for T_q = T_k, float64
+    # leaking out of a float32 layer, an argument changed in place (its caller reuses it), and a
+    # backward that differentiates its own forward numerically
+    (
+        "a1",
+        "linear.py",
+        "compute_db_ignored",
+        "db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None",
+        "db = dout_rows.sum(axis=0) if cache.has_bias else None",
+    ),
+    (
+        "a1",
+        "linear.py",
+        "float64_bias_gradient",
+        "db = dout_rows.sum(axis=0) if cache.has_bias and compute_db else None",
+        'db = dout_rows.sum(axis=0, dtype="float64") if cache.has_bias and compute_db else None',
+    ),
+    (
+        "a1",
+        "cross_entropy.py",
+        "float64_one_hot",
+        "onehot = xp.zeros_like(cache.probs)",
+        "onehot = xp.zeros(cache.probs.shape)",
+    ),
+    (
+        "a1",
+        "cross_entropy.py",
+        "logits_shifted_in_place",
+        "shifted = logits - logits.max(axis=-1, keepdims=True)",
+        "logits -= logits.max(axis=-1, keepdims=True)\n    shifted = logits",
+    ),
+    (
+        "a1",
+        "gelu.py",
+        "dout_scaled_in_place",
+        "dx = dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx)",
+        "dout *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx\n    dx = dout",
+    ),
+    (
+        "a1",
+        "gelu.py",
+        "backward_by_complex_step_of_the_forward",
+        "dx = dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx)",
+        "dx = dout * gelu_forward(x + 1e-30j)[0].imag / 1e-30",
+    ),
+    (
+        "a2",
+        "embedding.py",
+        "float64_zero_table",
+        "dtable = xp.zeros((V, C), dtype=dout.dtype)",
+        "dtable = xp.zeros((V, C))",
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "float64_weight_gradient",
+        "dw = (dout * xhat).reshape(-1, C).sum(axis=0)",
+        'dw = (dout * xhat).reshape(-1, C).sum(axis=0, dtype="float64")',
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "dout_scaled_in_place",
+        "    dxhat = dout * w  # (..., C)\n",
+        "    dxhat = dout  # (..., C)\n    dxhat *= w\n",
+    ),
+    (
+        "a2",
+        "layernorm.py",
+        "x_centred_in_place",
+        "var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # (..., 1)\n"
+        "    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)\n"
+        "    xhat = (x - mean) * rstd",
+        "x -= mean\n"
+        "    var = (x**2).mean(axis=-1, keepdims=True)  # (..., 1)\n"
+        "    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)\n"
+        "    xhat = x * rstd",
+    ),
+    (
+        "a3",
+        "attention.py",
+        "causal_mask_from_the_scores_shape",
+        "scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)",
+        "scores = scores + xp.triu(xp.full(scores.shape[-2:], -xp.inf, dtype=scores.dtype), k=1)",
+    ),
+    ("a3", "attention.py", "causal_bias_on_the_diagonal", "k=T_k - T_q + 1)", "k=1)"),
+    (
+        "a3",
+        "attention.py",
+        "float64_causal_bias",
+        "xp.full((T_q, T_k), -xp.inf, dtype=dtype)",
+        "xp.full((T_q, T_k), -xp.inf)",
+    ),
+    (
+        "a3",
+        "attention.py",
+        "float64_scale",
+        "scale = 1.0 / math.sqrt(q.shape[-1])",
+        "scale = 1.0 / xp.sqrt(q.shape[-1])",
+    ),
+    ("a3", "attention.py", "q_scaled_in_place", "q = q * scale", "q *= scale"),
     # a6: the optimiser's classic slips, each caught by the update or the schedule written out
     ("a6", "optim.py", "no_bias_correction_of_m", "step_size = lr_p / bias_correction1", "step_size = lr_p"),
     (

@@ -1,16 +1,22 @@
 """Making a release: student copies of an assignment's files, with its holes opened, and a notebook.
 
 A hole is the code between ``# BEGIN SOLUTION aN: hint`` and ``# END SOLUTION``. In the student
-copy of assignment aN, each of aN's holes becomes ``raise NotImplementedError("aN: hint")``; the
-holes of other assignments keep their reference code (markers removed), and relative imports point
-at the installed minilora, so everything outside the holes is the reference. ``solved=True`` keeps
-every hole's code: the reference in the release's own layout, which must score full marks.
+copy of assignment aN, each of aN's holes becomes ``raise NotImplementedError("aN: hint")``, and so
+does each hole of a later assignment (catalog order) in the same files: a7's answer must not ship in
+a5's copy of lora/layer.py. Holes of earlier assignments keep their reference code (markers removed):
+those are past due. Relative imports point at the installed minilora, so everything outside the holes
+is the reference. A later hole is placed so that aN's graded paths never run through it: a blank aN
+with only aN's holes filled scores full marks. ``solved=True`` keeps every hole's code: the reference
+in the release's own layout, which must score full marks.
 
 A docstring may also hold the derivation a hole asks for: a line ``Derivation (aN):`` and the
 indented block under it (it ends at the first non-blank line indented no deeper than the header).
 The student copy of aN leaves such blocks out, so a backward's formula never sits right above its
 hole; the solved copy keeps them. A release also carries the handout (handouts/aN.md, see
-handout.py) and its notebook; a solved release adds the worked solutions for TAs (aN_solutions.md).
+handout.py), its notebook, ``answers.md`` (the written questions with their points, to fill in and
+hand back) and ``policy.md`` (the honour code and AI-tool policy: templates/policy.md, or the
+course's own); a solved release made from a source tree adds the worked solutions for TAs
+(aN_solutions.md, from docs/assignments/solutions/aN.md: no installed minilora carries them).
 """
 
 from __future__ import annotations
@@ -23,13 +29,20 @@ import sys
 from pathlib import Path
 
 from ..version import __version__
-from .catalog import get_assignment
-from .handout import handout_path, handout_text, notebook_cells, solutions_path
-from .sandbox import first_line
+from .catalog import ANSWERS_FILE, get_assignment, later_than
+from .handout import (
+    SOLUTIONS_IN_REPOSITORY,
+    answers_template,
+    handout_path,
+    handout_text,
+    notebook_cells,
+    solutions_path,
+)
+from .sandbox import PACKAGE_DIR, STUDENT_DIR, first_line
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
-STUDENT_DIR = "student"
 RELEASE_RECORD = "release.json"  # which assignment, from which minilora version, solved or not
+POLICY_FILE = "policy.md"  # the honour code and AI-tool policy, in every release
+DEFAULT_POLICY = Path(__file__).resolve().parent / "templates" / "policy.md"
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION (a\d+): (.*)$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
 DERIVATION = re.compile(r"^(\s*)Derivation \((a\d+)\):\s*$")
@@ -68,8 +81,12 @@ def derivation_blocks(source: str, assignment_id: str) -> list[list[str]]:
     return blocks
 
 
-def student_copy(source: str, assignment_id: str, package: str, solved: bool = False) -> str:
-    """The text of a student's copy of one library file (see the module docstring)."""
+def student_copy(source: str, assignment_id, package: str, solved: bool = False) -> str:
+    """The text of a student's copy of one library file (see the module docstring).
+
+    ``assignment_id`` is one id, or a collection of ids whose holes and derivations are all opened.
+    """
+    opened = {assignment_id} if isinstance(assignment_id, str) else set(assignment_id)
     out, skipping, derivation = [], False, None  # derivation: the indent of the block being left out
     for line in source.split("\n"):
         if derivation is not None:
@@ -84,7 +101,7 @@ def student_copy(source: str, assignment_id: str, package: str, solved: bool = F
         begin = BEGIN.match(line)
         if begin:
             indent, tag, hint = begin.groups()
-            skipping = tag == assignment_id and not solved
+            skipping = tag in opened and not solved
             if skipping:
                 out.append(f'{indent}raise NotImplementedError("{tag}: {hint}")')
             continue
@@ -92,7 +109,7 @@ def student_copy(source: str, assignment_id: str, package: str, solved: bool = F
             skipping = False
             continue
         block = DERIVATION.match(line)
-        if block and block.group(2) == assignment_id and not solved and not skipping:
+        if block and block.group(2) in opened and not solved and not skipping:
             derivation = len(block.group(1))
             continue
         if not skipping:
@@ -121,12 +138,18 @@ def module_name(relative_path: str) -> str:
     return Path(relative_path).stem
 
 
-def release(assignment_id: str, out_dir, solved: bool = False, force: bool = False) -> Path:
+def opened_by(assignment_id: str) -> set:
+    """The assignments whose holes a blank release of this one opens: itself and every later one."""
+    return {assignment_id, *later_than(assignment_id)}
+
+
+def release(assignment_id: str, out_dir, solved: bool = False, force: bool = False, policy=None) -> Path:
     """Write <out>/student/<file>.py for each of the assignment's files, <out>/<id>.md (the handout),
-    <out>/<id>.ipynb and <out>/release.json; a solved release adds <out>/<id>_solutions.md.
+    <out>/<id>.ipynb, <out>/answers.md, <out>/policy.md (``policy``, a file, or the default) and
+    <out>/release.json; a solved release from a source tree adds <out>/<id>_solutions.md.
 
     A folder that already holds a student/ with files is refused unless ``force``: it may be a
-    student's work.
+    student's work (an answers.md there is kept unless ``force``, for the same reason).
     """
     assignment = get_assignment(assignment_id)
     out_dir = Path(out_dir)
@@ -139,29 +162,25 @@ def release(assignment_id: str, out_dir, solved: bool = False, force: bool = Fal
     student.mkdir(parents=True, exist_ok=True)
     holes = []
     for relative in assignment.sources:
-        path = PACKAGE_DIR / relative
-        package = ".".join(["minilora", *Path(relative).parent.parts])
-        source = path.read_text()
+        source = (PACKAGE_DIR / relative).read_text()
         markers = [BEGIN.match(line) for line in source.split("\n")]
         holes += [(relative, m.group(3)) for m in markers if m and m.group(2) == assignment_id]
-        header = (
-            f"# {assignment.title} ({assignment_id}): your copy of minilora/{relative}.\n"
-            f"# Fill in every hole that raises NotImplementedError; everything else is the reference.\n"
-        )
-        (student / Path(relative).name).write_text(
-            header + student_copy(source, assignment_id, package, solved)
-        )
+        (student / Path(relative).name).write_text(student_file(assignment, relative, source, solved))
     if not holes:
         raise ValueError(f"assignment {assignment_id} has no holes in {assignment.sources}")
     handout = handout_path(assignment_id)
     text = handout_text(assignment_id) if handout.is_file() else None
     if text is not None:
         (out_dir / f"{assignment_id}.md").write_text(text)
-    solutions = solutions_path(assignment_id)
+        answers = out_dir / ANSWERS_FILE
+        if force or not answers.exists():
+            answers.write_text(answers_template(assignment_id))
+    (out_dir / POLICY_FILE).write_text(Path(policy or DEFAULT_POLICY).read_text())
+    solutions, copied = solutions_path(assignment_id), out_dir / solutions_name(assignment_id)
     if solved and solutions.is_file():
-        (out_dir / solutions.name).write_text(solutions.read_text())
+        copied.write_text(solutions.read_text())
     elif not solved:
-        (out_dir / solutions.name).unlink(missing_ok=True)  # a student release never carries the answers
+        copied.unlink(missing_ok=True)  # a student release never carries the answers
     write_notebook(assignment, holes, out_dir / f"{assignment_id}.ipynb", text)
     record = {
         "assignment": assignment_id,
@@ -171,6 +190,35 @@ def release(assignment_id: str, out_dir, solved: bool = False, force: bool = Fal
     }
     (out_dir / RELEASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+def student_file(assignment, relative: str, source: str, solved: bool) -> str:
+    """One student file: a header saying what to fill in, then the student copy of the library file."""
+    package = ".".join(["minilora", *Path(relative).parent.parts])
+    later = sorted(opened_by(assignment.id) - {assignment.id})
+    header = (
+        f"# {assignment.title} ({assignment.id}): your copy of minilora/{relative}.\n"
+        f'# Fill in every hole that raises NotImplementedError("{assignment.id}: ..."); everything '
+        "else is the reference.\n"
+    )
+    if not solved and any(tag in later for tag in re.findall(r"# BEGIN SOLUTION (a\d+):", source)):
+        header += "# A hole of a later assignment stays open here: it is not part of this one.\n"
+    return header + student_copy(source, opened_by(assignment.id), package, solved)
+
+
+def solutions_name(assignment_id: str) -> str:
+    """The worked solutions' name in a solved release."""
+    return f"{assignment_id}_solutions.md"
+
+
+def solutions_elsewhere(assignment_id: str) -> str | None:
+    """One line saying where the worked solutions are when this minilora cannot copy them, else None."""
+    if solutions_path(assignment_id).is_file():
+        return None
+    return (
+        f"no worked solutions copied: an installed minilora carries none; they are "
+        f"{SOLUTIONS_IN_REPOSITORY}/{assignment_id}.md in minilora's source repository"
+    )
 
 
 def write_notebook(assignment, holes, path: Path, handout: str | None = None) -> None:
@@ -242,6 +290,10 @@ class StudentModules:
 
     def __iter__(self):
         return iter(sorted(path.stem for path in self.folder.glob("*.py")))
+
+    def loaded(self) -> list:
+        """The modules imported so far."""
+        return list(self._modules.values())
 
 
 def student_folder(release_dir) -> Path:

@@ -7,23 +7,18 @@ back. Plain data crosses the boundary by value (NumPy arrays of numbers, Python 
 None, and tuples, lists and dicts of them); anything else (a cache, a model) stays in the child and
 comes back as a handle, which the grader can pass to later calls or call methods on.
 
-Why: the child can do anything a Python program can, but only in the child. It cannot reach the
-grader's checks, its scores or its score file, and whatever it prints is discarded. The parent
-reads the child's replies as JSON and NumPy's ``.npy`` bytes with pickling refused, so a reply can
-carry numbers, never code. The child runs in a fresh temporary working directory, under a CPU-time
-and an address-space limit (``resource``, on POSIX), and every call has a deadline: a part that runs
-past it is stopped and loses its points.
+Why: the child can do anything a Python program can, but only in the child. Whatever it prints is
+discarded, and the parent reads its replies as JSON and NumPy's ``.npy`` bytes with pickling
+refused, so a reply can carry numbers, never code. Each part's child gets a fresh folder of its own
+(a private copy of the submission and an empty working folder, removed when the part ends), a
+minimal environment, its own session, a CPU-time and an address-space limit, and a deadline for
+every call: a part that runs past it is stopped and loses its points. When the part ends, the child
+and every process it started are killed, a grandchild that left the session included.
 
-The child refuses to let the student's code call the reference implementation of the functions the
-assignment asks for (any function of that name defined inside the installed minilora package): such
-a call makes the part fail with a message. What a local grader cannot prevent: the library is
-installed, so a student can copy a reference body into their own file, and code in the child can
-switch the child's own guard off. The numbers are still checked in the parent, so what a submission
-cannot do is score without producing the right numbers itself for inputs drawn anew in each run.
-
-Where the grader runs as root (a Gradescope container), ``MINILORA_SANDBOX_USER`` names an
-unprivileged user for the children: the student's code then cannot write the results, the installed
-library or anything else the grader owns (gradescope.py sets it; see docs/instructors.md).
+The child imports a student build of minilora (student_build.py): the graded assignment's bodies
+are holes there, so a submission that calls, copies or execs minilora's own body of a graded
+function gets the hole. How far the child is kept from the grader's user, files and processes is
+the isolation level (isolation.py), chosen once per grading run.
 """
 
 from __future__ import annotations
@@ -33,18 +28,25 @@ import io
 import json
 import os
 import select
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this minilora package
+from .isolation import minimal_environment
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
+STUDENT_DIR = "student"  # the folder of a release (or a part's private copy) that holds the student's files
+
 CPU_SECONDS = 300  # CPU time of one child (one part)
 MEMORY_BYTES = 8 * 1024**3  # address space of one child
 NUMERIC_KINDS = "biufc"  # the array dtypes that may cross: bool, integers, floats, complex
-SANDBOX_USER_ENV_VAR = "MINILORA_SANDBOX_USER"  # if set, the children run as this user (needs root)
 
 
 class SandboxError(RuntimeError):
@@ -120,43 +122,53 @@ def decode(data, handle=Handle):
     raise SandboxError(f"unknown kind {kind!r} in a message")
 
 
-class StudentProcess:
-    """One child holding a release's student modules; ``process["gelu"]`` is a proxy of student/gelu.py.
+class ArgumentModified(AssertionError):
+    """The student's function changed an array the grader gave it: the library's callers reuse theirs."""
 
-    ``guarded`` names the functions the assignment asks for: the child refuses calls to minilora's
-    own functions of those names. ``part_seconds`` is the deadline of the whole part, shared by its calls.
+
+class StudentProcess:
+    """One child holding a submission's student modules; ``process["gelu"]`` is a proxy of student/gelu.py.
+
+    ``submission`` is a folder holding student/, ``build_root`` the folder holding the student build's
+    minilora/, ``isolation`` an isolation.Isolation, ``hidden`` the folders a namespace child must see
+    empty. ``part_seconds`` is the deadline of the whole part, shared by its calls.
     """
 
-    def __init__(self, release_dir, guarded=(), part_seconds: float = 120.0):
+    def __init__(self, submission, build_root, isolation, part_seconds: float = 120.0, hidden=()):
         self.deadline = time.monotonic() + part_seconds
         self.part_seconds = part_seconds
+        self.workspace = private_workspace(Path(submission), isolation)
         to_child_read, self._to_child = os.pipe()
         self._from_child, from_child_write = os.pipe()
-        # -I: no environment variables, no user site, no current directory on the path; the path to this
-        # very minilora is given explicitly, so the child runs the grader's own library.
-        bootstrap = (
-            f"import sys; sys.path.insert(0, {str(LIBRARY_ROOT)!r}); "
-            "from minilora.assignments.sandbox_child import main; main(sys.argv[1:])"
-        )
-        command = [
-            sys.executable,
-            "-I",
-            "-c",
-            bootstrap,
-            str(to_child_read),
-            str(from_child_write),
-            os.fspath(release_dir),
-            json.dumps(list(guarded)),
-            str(CPU_SECONDS),
-            str(MEMORY_BYTES),
-        ]
+        plan = {
+            "in": to_child_read,
+            "out": from_child_write,
+            "release": str(self.workspace / "release"),
+            "workdir": str(self.workspace / "work"),
+            "cpu_seconds": CPU_SECONDS,
+            "memory_bytes": MEMORY_BYTES,
+        }
+        if isolation.level == "namespaces":
+            plan["confine"] = {
+                "package": [str(Path(build_root) / "minilora"), str(PACKAGE_DIR)],
+                "hide": hideable(hidden, build_root, self.workspace),
+                "writable": str(self.workspace),
+                "reach": interpreter_reach(isolation.uid, isolation.gid),
+                "uid": isolation.uid,
+                "gid": isolation.gid,
+            }
+        # -I: no environment variables, no user site, no current directory on the path; -B: no bytecode
+        command = [sys.executable, "-I", "-B", "-c", bootstrap(build_root), json.dumps(plan)]
         self._child = subprocess.Popen(
-            command,
+            isolation.wrap(command),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(to_child_read, from_child_write),
-            **unprivileged_user(),
+            env=minimal_environment(self.workspace / "work"),
+            cwd=self.workspace / "work",
+            start_new_session=True,
+            **isolation.popen_arguments(),
         )
         os.close(to_child_read)
         os.close(from_child_write)
@@ -168,8 +180,9 @@ class StudentProcess:
     def request(self, message: dict):
         """Send one request; wait for its reply until the part's deadline; the decoded result."""
         os.write(self._to_child, json.dumps(message).encode() + b"\n")
-        line = self._read_line()
-        reply = json.loads(line)
+        reply = json.loads(self._read_line())
+        if reply.get("kind") == "argument_modified":
+            raise ArgumentModified(reply["error"])
         if "error" in reply:
             raise StudentError(reply["error"])
         return decode(reply["result"], handle=lambda number: RemoteObject(self, ("handle", number)))
@@ -195,26 +208,131 @@ class StudentProcess:
         return line
 
     def close(self) -> None:
-        """Stop the child (and anything it is running)."""
+        """Stop the child and everything it started, and remove the part's folder."""
         if self._child.poll() is None:
             self._child.kill()
             self._child.wait()
+        kill_descendants()
         for fd in (self._to_child, self._from_child):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        shutil.rmtree(self.workspace, ignore_errors=True)
 
 
-def unprivileged_user() -> dict:
-    """``Popen`` arguments that run a child as the user ``MINILORA_SANDBOX_USER`` names, if it is set."""
-    name = os.environ.get(SANDBOX_USER_ENV_VAR)
-    if not name:
+def hideable(hidden, *needed) -> list[str]:
+    """The folders of ``hidden`` a child can do without: none that holds the interpreter, the build or
+    the part's folder (a submission graded from a folder that holds its own virtual environment)."""
+    needed = [Path(path).resolve() for path in (*needed, sys.prefix, sys.base_prefix)]
+    return [str(path) for path in map(Path, hidden) if not any(want.is_relative_to(path) for want in needed)]
+
+
+def private_workspace(submission: Path, isolation) -> Path:
+    """A fresh folder only the child's user may enter: release/student/ (a copy of the submission's
+    files) and work/ (the child's working folder)."""
+    workspace = Path(tempfile.mkdtemp(prefix="minilora-part-"))
+    student = workspace / "release" / STUDENT_DIR
+    student.mkdir(parents=True)
+    (workspace / "work").mkdir()
+    for path in (submission / STUDENT_DIR).iterdir():
+        if path.is_file() and not path.is_symlink():
+            shutil.copyfile(path, student / path.name)
+    if isolation.uid is not None:
+        for path in (workspace, *workspace.rglob("*")):
+            os.chown(path, isolation.uid, isolation.gid)
+    return workspace
+
+
+def kill_descendants(spare=frozenset()) -> None:
+    """SIGKILL every process below this one but those in ``spare`` (and theirs), and reap the killed.
+
+    The grader is the reaper of orphans (isolation.harden_grader), so a grandchild that called
+    ``setsid`` and lost its parent is this process's child again, and is found here (Linux: /proc)."""
+    for _ in range(100):
+        victims = [pid for pid in descendants(os.getpid(), spare)]
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in victims:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # not this process's child: its own parent reaps it
+                pass
+
+
+def children() -> set[int]:
+    """This process's living children now."""
+    return set(descendants(os.getpid(), depth=1))
+
+
+def descendants(root: int, spare=frozenset(), depth: int | None = None) -> list[int]:
+    """The living processes below ``root`` (zombies left out), skipping ``spare`` and what is below them."""
+    children = {}
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc/self").exists() else ():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, level = [], [root]
+    while level and (depth is None or depth > 0):
+        level = [child for parent in level for child in children.get(parent, []) if child not in spare]
+        found += level
+        depth = None if depth is None else depth - 1
+    return found
+
+
+def bootstrap(build_root) -> str:
+    """The ``-c`` program of a child: the student build (or, for a probe, this minilora) first on the path."""
+    root = os.fspath(build_root) if build_root else os.fspath(PACKAGE_DIR.parent)
+    return (
+        f"import sys; sys.path.insert(0, {root!r}); "
+        "from minilora.assignments.sandbox_child import main; main(sys.argv[1:])"
+    )
+
+
+def probe_command(uid, gid, confined: bool = True) -> list:
+    """The command of a child that starts as a part's child would (confined, or not), prints
+    'isolated' and ends."""
+    plan = {"probe": True}
+    if confined:
+        plan["confine"] = {"uid": uid, "gid": gid, "reach": interpreter_reach(uid, gid)}
+    return [sys.executable, "-I", "-B", "-c", bootstrap(None), json.dumps(plan)]
+
+
+def interpreter_reach(uid, gid) -> dict:
+    """{a folder the user ``uid`` cannot enter: [the interpreter's folders below it]}: what a namespace
+    child must make reachable to run this Python (empty for the grader's own user)."""
+    if uid is None:
         return {}
-    import pwd
+    import site
 
-    record = pwd.getpwnam(name)
-    return {"user": record.pw_uid, "group": record.pw_gid, "extra_groups": []}
+    paths = {sys.base_prefix, sys.prefix, *site.getsitepackages(), str(Path(sys.executable).resolve().parent)}
+    outermost = [
+        path for path in paths if not any(Path(path).is_relative_to(other) for other in paths - {path})
+    ]
+    reach = {}
+    for path in sorted(outermost):
+        blocked = first_closed_folder(Path(path), uid, gid)
+        if blocked is not None:
+            reach.setdefault(str(blocked), []).append(path)
+    return reach
+
+
+def first_closed_folder(path: Path, uid: int, gid: int):
+    """The outermost folder on the way to ``path`` that user ``uid`` (group ``gid``) may not enter, or None."""
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
+        if not info.st_mode & bit:
+            return folder
+    return None
 
 
 class RemoteObject:
@@ -274,4 +392,27 @@ def counted(remote_function, *args, **kwargs):
     process, target, name = remote_function._process, remote_function._target, remote_function._name
     message = _call(target, name, args, kwargs)
     message["op"] = "counted_call"
+    return process.request(message)
+
+
+def mutating(remote_function, *args, **kwargs):
+    """Call ``remote_function`` with the argument check off: for a function documented to work in place."""
+    process, target, name = remote_function._process, remote_function._target, remote_function._name
+    message = _call(target, name, args, kwargs)
+    message["may_modify"] = True
+    return process.request(message)
+
+
+def counted_calls(remote_function, names, *args, **kwargs):
+    """Call ``remote_function`` counting the calls it makes to the student's functions ``names``:
+    ``(result, {name: calls})``.
+
+    The count follows code objects, in the calling thread and in threads started during the call:
+    a backward that runs its own forward (numeric differentiation of it) is counted, however it
+    names the function. Its limit: a copy of the forward's body under another name is not counted.
+    """
+    process, target, name = remote_function._process, remote_function._target, remote_function._name
+    message = _call(target, name, args, kwargs)
+    message["op"] = "count_calls"
+    message["count"] = list(names)
     return process.request(message)

@@ -1,17 +1,25 @@
-"""The child side of sandbox.py: imports a release's student modules and answers the grader's calls.
+"""The child side of sandbox.py: confines itself, imports a release's student modules, answers calls.
 
-Started as ``python -I -m minilora.assignments.sandbox_child IN OUT RELEASE GUARDED CPU MEMORY``: it
-reads one JSON request per line from file descriptor IN and writes one JSON reply per line to OUT.
-Its standard output and error go nowhere, so nothing the student's code prints reaches the grader.
+Started as ``python -I -B -c BOOTSTRAP PLAN`` (BOOTSTRAP puts the student build first on the path;
+PLAN is JSON: the pipe descriptors, the release folder, the working folder, the limits, and for the
+``namespaces`` level the confinement). It reads one JSON request per line from one pipe and writes
+one JSON reply per line to the other. Its standard output and error go nowhere, so nothing the
+student's code prints reaches the grader.
+
+Two checks run around every call. An array the grader sent must come back unchanged unless the
+grader called the function through ``sandbox.mutating`` (the library's callers reuse their
+arrays, so a layer that edits its input breaks them). And ``counted_calls`` counts the calls made
+to given functions of the student's modules (by code object, in every thread), so a grader can
+bound how often a backward runs its own forward.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
+import threading
 
 import numpy as np
 
@@ -19,7 +27,89 @@ from ..backend import count_matmuls
 from .release import StudentImportError, StudentModules
 from .sandbox import NUMERIC_KINDS, Handle, decode, encode, first_line
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # the installed minilora/
+MS_NOSUID, MS_BIND, MS_REC, MS_PRIVATE = 2, 4096, 16384, 1 << 18
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = (
+    428,
+    429,
+    442,
+)  # the same numbers on every Linux architecture
+AT_FDCWD, AT_RECURSIVE, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = -100, 0x8000, 1, 0x4
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, LAST_CAPABILITY = 24, 38, 63
+CHILD_PROCESSES = 256  # RLIMIT_NPROC of a sandbox user: a fork bomb stops there
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]  # fmt: skip
+
+
+def _checked(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def confine(plan: dict) -> None:
+    """The ``namespaces`` level, run as the namespace's root before any student code: make reachable
+    the interpreter's folders the sandbox user could not enter, hide, make the file system read-only
+    but the part's folder, then become the sandbox user or drop every capability."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source, target, fstype, flags, data=None):
+        encoded = [None if s is None else os.fsencode(s) for s in (source, target, fstype, data)]
+        _checked(libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]), f"mount {target}")
+
+    def set_attributes(path, attr_set=0, attr_clr=0, flags=0):
+        attr = MountAttr(attr_set, attr_clr, 0, 0)
+        result = libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(path), flags, ctypes.byref(attr),
+                              ctypes.sizeof(attr))  # fmt: skip
+        _checked(result, f"mount_setattr {path}")
+
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for blocked, paths in plan.get("reach", {}).items():  # e.g. a Python under a home only root may enter
+        clones = [
+            libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(p), OPEN_TREE_CLONE | AT_RECURSIVE)
+            for p in paths
+        ]
+        if min(clones) < 0:
+            _checked(-1, f"open_tree under {blocked}")
+        mount("tmpfs", blocked, "tmpfs", MS_NOSUID, "size=64k,mode=0755")
+        for path, clone in zip(paths, clones):
+            os.makedirs(path, exist_ok=True)
+            moved = libc.syscall(
+                SYS_MOVE_MOUNT, clone, b"", AT_FDCWD, os.fsencode(path), MOVE_MOUNT_F_EMPTY_PATH
+            )
+            _checked(moved, f"move_mount {path}")
+    if plan.get("package"):
+        build, real = plan["package"]
+        mount(build, real, None, MS_BIND | MS_REC)
+    for path in plan.get("hide", []):
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_NOSUID, "size=64k,mode=0555")
+    writable = plan.get("writable")
+    if writable:
+        mount(writable, writable, None, MS_BIND)
+    set_attributes("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, flags=AT_RECURSIVE)
+    if writable:
+        set_attributes(writable, attr_clr=MOUNT_ATTR_RDONLY)
+    drop_privileges(libc, plan.get("uid"), plan.get("gid"))
+
+
+def drop_privileges(libc, uid, gid) -> None:
+    """Become ``uid`` (root grading), or stay the user namespace's root with no capability at all."""
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NPROC, (CHILD_PROCESSES, CHILD_PROCESSES))
+    else:
+        for capability in range(LAST_CAPABILITY + 1):
+            libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0)  # no exec can get one back
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+        _checked(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    _checked(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
 def limit_resources(cpu_seconds: int, memory_bytes: int) -> None:
@@ -32,29 +122,38 @@ def limit_resources(cpu_seconds: int, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
 
-class ReferenceGuard:
-    """Notes any call, while armed, to a function of minilora's own whose name the assignment asks for.
+def arrays_in(value):
+    """Every numpy array inside a structure of plain data."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif type(value) in (tuple, list):
+        for item in value:
+            yield from arrays_in(item)
+    elif type(value) is dict:
+        for item in value.values():
+            yield from arrays_in(item)
 
-    A profile hook cannot safely raise (Python removes a hook that raises), so it only records; the
-    dispatcher turns a record into a refusal of the whole call.
-    """
 
-    def __init__(self, names):
-        self.names = frozenset(names)
-        self.violation = None
+class ArgumentModified(Exception):
+    """The student's function changed an array it was given (the grader sees an ArgumentModified)."""
+
+
+class CallCounter:
+    """A profile hook counting calls of some code objects, in this thread and in threads it starts."""
+
+    def __init__(self, codes: dict):
+        self.codes, self.counts = codes, dict.fromkeys(codes.values(), 0)
 
     def __call__(self, frame, event, arg):
-        code = frame.f_code
-        if event == "call" and code.co_name in self.names and code.co_filename.startswith(PACKAGE_DIR):
-            self.violation = self.violation or f"{Path(code.co_filename).name}:{code.co_name}"
+        if event == "call" and frame.f_code in self.codes:
+            self.counts[self.codes[frame.f_code]] += 1
 
 
 class Dispatcher:
     """Runs requests against the student modules and the values held by handle."""
 
-    def __init__(self, release_dir, guard: ReferenceGuard):
+    def __init__(self, release_dir):
         self.modules = StudentModules(release_dir)
-        self.guard = guard
         self.held = []  # values kept in this process, by handle number
 
     def keep(self, value):
@@ -83,29 +182,55 @@ class Dispatcher:
         kind, key = target
         return self.modules[key] if kind == "module" else self.held[key]
 
+    def code_objects(self, names) -> dict:
+        """{code object: name} of the loaded student modules' functions of these names."""
+        codes = {}
+        for module in self.modules.loaded():
+            for name in names:
+                function = getattr(module, name, None)
+                if hasattr(function, "__code__"):
+                    codes[function.__code__] = name
+        return codes
+
     def run(self, message: dict):
         obj = self.target(message["target"])
-        if message["op"] == "get":
-            return self.keep(getattr(obj, message["name"]))
         function = obj if message["name"] is None else getattr(obj, message["name"])
-        args = self.resolve(decode(message["args"]))
-        kwargs = self.resolve(decode(message["kwargs"]))
-        self.guard.violation = None
-        sys.setprofile(self.guard)
-        try:
-            if message["op"] == "counted_call":
-                with count_matmuls() as log:
-                    result = function(*args, **kwargs)
-                result = (result, [list(map(list, product)) for product in log.products])
-            else:
+        sent_args, sent_kwargs = decode(message["args"]), decode(message["kwargs"])
+        sent = list(arrays_in((sent_args, sent_kwargs)))
+        before = [array.copy() for array in sent]
+        args, kwargs = self.resolve(sent_args), self.resolve(sent_kwargs)
+        op = message["op"]
+        if op == "counted_call":
+            with count_matmuls() as log:
                 result = function(*args, **kwargs)
-        finally:
-            sys.setprofile(None)
-        if self.guard.violation:
-            raise PermissionError(
-                f"the submission called minilora's own {self.guard.violation}: write the function yourself"
-            )
+            result = (result, [list(map(list, product)) for product in log.products])
+        elif op == "count_calls":
+            result = self.count_calls(function, message["count"], args, kwargs)
+        else:
+            result = function(*args, **kwargs)
+        if not message.get("may_modify"):
+            for number, (array, original) in enumerate(zip(sent, before)):
+                if array.shape != original.shape or not np.array_equal(array, original, equal_nan=True):
+                    raise ArgumentModified(
+                        f"the function changed array argument {number} (shape {original.shape}) it was "
+                        "given: work on a copy, the library's callers reuse their arrays"
+                    )
         return self.keep(result)
+
+    def count_calls(self, function, names, args, kwargs):
+        """``(result, {name: calls})``: the calls made to the named student functions during the call."""
+        counter = CallCounter(self.code_objects(names))
+        threading.setprofile(counter)
+        sys.setprofile(counter)
+        try:
+            result = function(*args, **kwargs)
+        finally:
+            switched_off = sys.getprofile() is not counter
+            sys.setprofile(None)
+            threading.setprofile(None)
+        if switched_off:
+            raise PermissionError("the submission switched off the call counter")
+        return result, counter.counts
 
 
 def error_line(err: BaseException) -> str:
@@ -113,22 +238,29 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(str(err))}".rstrip(": ")
 
 
-def main(argv) -> None:
-    read_fd, write_fd, release_dir, guarded, cpu_seconds, memory_bytes = argv
-    limit_resources(int(cpu_seconds), int(memory_bytes))
-    release_dir = str(Path(release_dir).resolve())
-    os.chdir(tempfile.mkdtemp(prefix="minilora-part-"))  # a fresh working directory for the part
-    dispatcher = Dispatcher(release_dir, ReferenceGuard(json.loads(guarded)))
-    requests, replies = os.fdopen(int(read_fd), "rb"), os.fdopen(int(write_fd), "wb", buffering=0)
+def serve(plan: dict) -> None:
+    """Answer requests until the grader closes the pipe."""
+    dispatcher = Dispatcher(plan["release"])
+    requests, replies = os.fdopen(plan["in"], "rb"), os.fdopen(plan["out"], "wb", buffering=0)
     for line in requests:
         try:
             reply = {"result": encode(dispatcher.run(json.loads(line)))}
         except StudentImportError as err:
             reply = {"error": str(err)}
+        except ArgumentModified as err:
+            reply = {"error": str(err), "kind": "argument_modified"}
         except BaseException as err:  # whatever the student's code raises is the part's failure
             reply = {"error": error_line(err)}
         replies.write(json.dumps(reply).encode() + b"\n")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def main(argv) -> None:
+    plan = json.loads(argv[0])
+    if plan.get("confine"):
+        confine(plan["confine"])
+    if plan.get("probe"):
+        print("isolated", flush=True)
+        return
+    limit_resources(plan["cpu_seconds"], plan["memory_bytes"])
+    os.chdir(plan["workdir"])
+    serve(plan)

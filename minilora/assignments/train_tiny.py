@@ -14,6 +14,9 @@ cannot be known, so the loss stays above (ln 3) / T even for a perfect model.
 
 Nothing lies beside this file in the library (minilora/assignments/), so there the run uses
 minilora's own optimiser and layers: that is the reference run the grader's threshold comes from.
+The grader takes the trained parameters back and measures their held-out loss itself
+(``held_out_loss``, with minilora's reference model, on sequences it draws): the losses this run
+reports are for you to read, and the grade never rests on them.
 """
 
 from __future__ import annotations
@@ -100,12 +103,24 @@ def counting_batch(rng, batch_size: int = B, T: int = CONFIG.block_size, V: int 
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def held_out_loss(params: dict, x, y) -> float:
+    """The mean cross-entropy of a tiny GPT with ``params`` on (x, y), by minilora's reference layers.
+
+    The grader's measure of a trained model: it runs in the grader's process on the parameters
+    ``train_tiny_gpt`` hands back, so no layer or loss of the submission enters it.
+    """
+    model = GPT(CONFIG, params)
+    model.ops = REFERENCE_OPS
+    return float(model.forward(x, y)[1])
+
+
 def train_tiny_gpt(seed: int, steps: int = STEPS) -> dict:
     """Train the tiny GPT from weights and batches drawn from ``seed``; see the module docstring.
 
-    Returns {"losses": the training loss of every step (before its update), "eval_before" and
-    "eval_after": the loss on EVAL_SEQUENCES held-out sequences before and after training, "layers":
-    the a1-a3 files used, "optim": where the optimiser came from}.
+    Returns {"params": the trained parameters (float32, by name), "losses": the training loss of
+    every step (before its update), "eval_before" and "eval_after": the loss on EVAL_SEQUENCES
+    held-out sequences before and after training, "layers": the a1-a3 files used, "optim": where the
+    optimiser came from}. The grader uses only "params" (and "layers" in its message).
     """
     optim = optim_module()
     ops, used = layer_ops()
@@ -127,6 +142,7 @@ def train_tiny_gpt(seed: int, steps: int = STEPS) -> dict:
         optimizer.step(grads, lr)
         losses.append(float(loss))
     return {
+        "params": model.params,
         "losses": losses,
         "eval_before": eval_before,
         "eval_after": float(model.forward(*eval_batch)[1]),
@@ -138,16 +154,27 @@ def train_tiny_gpt(seed: int, steps: int = STEPS) -> dict:
 def adamw_steps(params: dict, grad_steps: list, lrs: list, **adamw_kwargs) -> list:
     """Your AdamW on copies of ``params``: one step per (grads, lr); the parameters after each step.
 
-    ``adamw_kwargs`` go to ``AdamW(params, names, ...)`` (betas, eps, weight_decay, decay_names); the
-    GPT's embeddings are left undecayed, as in training (``no_decay=GPT.no_decay``).
+    ``adamw_kwargs`` go to ``AdamW(params, names, ...)`` (betas, eps, weight_decay, decay_names,
+    lr_scale); the GPT's embeddings are left undecayed, as in training (``no_decay=GPT.no_decay``).
+    The gradients go to the step as given, not copied: a step updates its parameters in place and
+    must leave its gradients as they were (a training loop may log them, or accumulate into them).
     """
     params = {name: np.array(value, copy=True) for name, value in params.items()}
     optimizer = optim_module().AdamW(params, list(params), **{"no_decay": GPT.no_decay, **adamw_kwargs})
     after = []
     for grads, lr in zip(grad_steps, lrs, strict=True):
-        optimizer.step({name: np.array(g, copy=True) for name, g in grads.items()}, lr)
+        optimizer.step(grads, lr)
         after.append({name: value.copy() for name, value in params.items()})
     return after
+
+
+def rate_times(update, *schedule_args) -> object:
+    """Your cosine_lr(*schedule_args) times ``update``, multiplied here, where the rate's own type counts.
+
+    A NumPy float64 rate crosses to the grader as a plain number; here it still promotes a float32
+    update to float64, as it would every update of a training run.
+    """
+    return optim_module().cosine_lr(*schedule_args) * update
 
 
 def clip_copies(grads: dict, max_norm: float):
@@ -158,10 +185,14 @@ def clip_copies(grads: dict, max_norm: float):
 
 
 def scale_copies(arrays: list, total_norm, max_norm: float) -> list:
-    """Your scale_to_norm on copies of ``arrays``: the scaled copies."""
-    arrays = [np.array(a, copy=True) for a in arrays]
-    optim_module().scale_to_norm(arrays, np.asarray(total_norm), max_norm)
-    return arrays
+    """Your scale_to_norm on copies of ``arrays``: the copies, after it scaled them.
+
+    It gets a list of its own: the arrays must change in place, as clip_grad_norm's list of a
+    dict's values does, not be replaced in the list. ``total_norm`` goes as given, and must stay.
+    """
+    copies = [np.array(a, copy=True) for a in arrays]
+    optim_module().scale_to_norm(list(copies), total_norm, max_norm)
+    return copies
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def add_assignment_parser(subparsers) -> None:
             sub.add_argument(
                 "--force", action="store_true", help="overwrite a student/ folder that holds files"
             )
+            sub.add_argument(
+                "--policy", default=None, help="the course's honour code and AI-tool policy, written as "
+                "policy.md (default: minilora's, assignments/templates/policy.md)",
+            )  # fmt: skip
         if action == "export":
             sub.add_argument(
                 "--gradescope", action="store_true", required=True,
@@ -72,28 +76,48 @@ def add_assignment_parser(subparsers) -> None:
             sub.add_argument(
                 "--csv", default=None, help="with --roster: write the class's scores to this file"
             )
+            sub.add_argument(
+                "--sandbox-user", default=None, help="when grading as root: the unprivileged user the "
+                "student's code runs as (default: minilora-sandbox, created if missing)",
+            )  # fmt: skip
+    wheel = actions.add_parser(
+        "student-wheel", help="build minilora for student machines: every hole open, no graders or answers"
+    )
+    wheel.add_argument("--out", required=True, help="the folder to write the wheel into")
+    wheel.add_argument(
+        "--first", choices=sorted(ASSIGNMENTS), default=None,
+        help="open this assignment's holes and the later ones' (default: all); earlier ones stay the reference",
+    )  # fmt: skip
     parser.set_defaults(run=run_assignment_command)
 
 
 def run_assignment_command(args) -> None:
     from ..assignments.catalog import ASSIGNMENTS
     from ..assignments.grading import Score, grade, grade_roster, write_scores_csv
+    from ..assignments.isolation import choose_isolation
     from ..assignments.pipeline import problems, verify
-    from ..assignments.release import release
+    from ..assignments.release import release, solutions_elsewhere
 
     require_extras(args.action)
-    if args.action == "export":
+    if args.action == "student-wheel":
+        from ..assignments.student_wheel import build_student_wheel
+
+        print(f"wrote {build_student_wheel(args.out, first=args.first)}: pip install it on student machines")
+    elif args.action == "export":
         from ..assignments.gradescope import export_gradescope
 
         out = export_gradescope(args.assignment, args.out or f"{args.assignment}-autograder.zip")
         print(f"wrote {out}: upload it as the assignment's autograder on Gradescope (docs/instructors.md)")
     elif args.action == "release":
-        out = release(args.assignment, args.out, solved=args.solved, force=args.force)
+        out = release(args.assignment, args.out, solved=args.solved, force=args.force, policy=args.policy)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
+        if args.solved and (elsewhere := solutions_elsewhere(args.assignment)):
+            print(elsewhere)
     elif args.action == "grade" and args.submission is not None:
-        print(grade(args.assignment, args.submission, seed=args.seed).table())
+        isolation = choose_isolation(args.sandbox_user)
+        print(grade(args.assignment, args.submission, seed=args.seed, isolation=isolation).table())
     elif args.action == "grade":
-        results = grade_roster(args.assignment, args.roster, seed=args.seed)
+        results = grade_roster(args.assignment, args.roster, seed=args.seed, sandbox_user=args.sandbox_user)
         for student, score in results.items():
             print(
                 f"{student:<30} "
@@ -105,10 +129,12 @@ def run_assignment_command(args) -> None:
         ids = sorted(ASSIGNMENTS) if args.assignment == "all" else [args.assignment]
         failed = []
         for assignment_id in ids:
-            scores = verify(assignment_id, seed=args.seed)
-            print(f"{assignment_id}: inputs drawn with seed {scores['reference'].seed}")
-            for name, score in scores.items():
-                print(f"{assignment_id} {name}: {score.earned}/{score.total}")
+            scores = verify(assignment_id, seeds=None if args.seed is None else [args.seed])
+            print(f"{assignment_id}: inputs drawn with seeds {[score.seed for score in scores['reference']]}")
+            for name, runs in scores.items():
+                print(
+                    f"{assignment_id} {name}: " + ", ".join(f"{score.earned}/{score.total}" for score in runs)
+                )
             failed += problems(assignment_id, scores)
         if failed:
             raise RuntimeError("; ".join(failed))

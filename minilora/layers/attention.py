@@ -35,9 +35,13 @@ def causal_bias(xp, T_q: int, T_k: int, dtype):
     """(T_q, T_k) additive mask for queries at the last T_q of T_k positions: -inf on every later key.
 
     Query i sits at position T_k - T_q + i and may attend to keys 0..T_k - T_q + i. In training
-    T_q = T_k and this is the upper triangle above the diagonal.
+    T_q = T_k and this is the upper triangle above the diagonal; in generation T_q is the few new
+    positions (cached_attention_forward), where a triangle read off the diagonal alone masks keys the
+    queries may see.
     """
-    return xp.triu(xp.full((T_q, T_k), -xp.inf, dtype=dtype), k=T_k - T_q + 1)
+    # BEGIN SOLUTION a3: -inf where key j comes after query i's position T_k - T_q + i, 0 elsewhere
+    return xp.triu(xp.full((T_q, T_k), -xp.inf, dtype=dtype), k=T_k - T_q + 1)  # (T_q, T_k)
+    # END SOLUTION
 
 
 def split_heads(qkv, n_head: int):

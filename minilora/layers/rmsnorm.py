@@ -39,18 +39,23 @@ def rmsnorm_forward(x, w, eps: float):
 def rmsnorm_backward(dout, cache: RMSNormCache):
     """Gradients of y = xhat * w.   Returns (dx, dw).
 
-    The forward was y = xhat * w, so dw = sum(dout * xhat) over all rows and dxhat = dout * w.
-    Since xhat = x * rstd with rstd = (mean(x^2) + eps)^(-1/2), and d rstd / dx_j = -rstd^3 x_j / C,
-    the chain rule gives two terms:
+    A close cousin of a2's LayerNorm backward, so a student build opens it with a2's holes.
 
-        dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+    Derivation (a2):
+        The forward was y = xhat * w, so dw = sum(dout * xhat) over all rows and dxhat = dout * w.
+        Since xhat = x * rstd with rstd = (mean(x^2) + eps)^(-1/2), and d rstd / dx_j = -rstd^3 x_j / C,
+        the chain rule gives two terms:
 
-    the first direct, the second through rstd. LayerNorm's third term (through the mean) is absent.
+            dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+
+        the first direct, the second through rstd. LayerNorm's third term (through the mean) is absent.
     """
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     C = xhat.shape[-1]
+    # BEGIN SOLUTION a2: RMSNorm's backward: dx through xhat and rstd, dw summed over every row
     dxhat = dout * w  # (..., C), from y = xhat * w
     mean_dxhat_xhat = (dxhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1), the path through rstd
     dx = rstd * (dxhat - xhat * mean_dxhat_xhat)  # (..., C)
     dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,), summed over every row
+    # END SOLUTION
     return dx, dw

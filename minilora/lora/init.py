@@ -96,7 +96,9 @@ def init_lora_factors(
 
 
 def pissa_factors(W, r: int, scaling: float):
-    """PiSSA's factors of one weight W (C_in, C_out), float64 NumPy: lora_A (r, C_in), lora_B (C_out, r).
+    """PiSSA's factors of one NumPy weight W (C_in, C_out): lora_A (r, C_in), lora_B (C_out, r), in W's dtype.
+
+    init_pissa_factors hands it W in float64; a float32 W gives float32 factors.
 
     They hold W's top-r singular directions: s lora_A^T lora_B^T is the best rank-r approximation of
     W (in the Frobenius norm), and the singular values are split evenly between the two factors, so
@@ -134,26 +136,6 @@ def init_pissa_factors(lora_config: LoraConfig, weights: dict) -> tuple[dict, di
         residual = W64 - s * lora_A.T @ lora_B.T  # frozen: in the base's dtype
         residuals[f"{name}.weight"] = to_device(residual.astype(W.dtype), device)
     return factors, residuals
-
-
-def reduce_rank(lora_A, lora_B, rank: int):
-    """Factors of rank ``rank`` with the same product lora_A^T lora_B^T, when that product's rank allows.
-
-    lora_A (k, C_in), lora_B (C_out, k) -> (rank, C_in), (C_out, rank), float64 NumPy. The product
-    M = lora_A^T lora_B^T (C_in, C_out) has rank <= min(k, C_in, C_out), so when that is <= ``rank``
-    the result is exact (to rounding); otherwise it is M's best rank-``rank`` approximation.
-
-    With QR factorisations lora_A^T = Q_A R_A and lora_B = Q_B R_B, M = Q_A (R_A R_B^T) Q_B^T, and
-    the small core R_A R_B^T = U S V^T gives M = (Q_A U) S (Q_B V)^T; S is shared evenly as in PiSSA.
-    """
-    Q_A, R_A = np.linalg.qr(to_numpy(lora_A).astype(np.float64).T)  # (C_in, j), (j, k)
-    Q_B, R_B = np.linalg.qr(to_numpy(lora_B).astype(np.float64))  # (C_out, j'), (j', k)
-    U, S, Vt = np.linalg.svd(R_A @ R_B.T)  # the core (j, j') = U S V^T
-    root = np.sqrt(S[:rank])  # (rank,)
-    lora_A_new = root[:, None] * (Q_A @ U[:, :rank]).T  # (rank, C_in)
-    lora_B_new = (Q_B @ Vt[:rank].T) * root[None, :]  # (C_out, rank)
-    # C order: safetensors' NumPy writer stores a transposed (Fortran-order) array's buffer as is
-    return np.ascontiguousarray(lora_A_new), np.ascontiguousarray(lora_B_new)
 
 
 def init_dora_magnitudes(weights: dict, factors: dict, scaling: float) -> dict:

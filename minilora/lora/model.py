@@ -38,12 +38,14 @@ from contextlib import contextmanager
 from functools import cache
 from typing import NamedTuple
 
-from ..backend import device_of, get_xp, to_device, weights_fingerprint
+import numpy as np
+
+from ..backend import device_of, get_xp, to_device, to_numpy, weights_fingerprint
 from ..layers import make_dropout_mask
 from ..llama import Llama
 from ..model import GPT
 from .config import LoraConfig, select_target_modules
-from .init import Adapter, combined_adapter, create_adapter, reduce_rank
+from .init import Adapter, combined_adapter, create_adapter
 from .ops import REFERENCE_LORA_OPS
 
 
@@ -368,6 +370,26 @@ class LoraModel:
         )
 
 
+def reduce_rank(lora_A, lora_B, rank: int):
+    """Factors of rank ``rank`` with the same product lora_A^T lora_B^T, when that product's rank allows.
+
+    lora_A (k, C_in), lora_B (C_out, k) -> (rank, C_in), (C_out, rank), float64 NumPy. The product
+    M = lora_A^T lora_B^T (C_in, C_out) has rank <= min(k, C_in, C_out), so when that is <= ``rank``
+    the result is exact (to rounding); otherwise it is M's best rank-``rank`` approximation.
+
+    With QR factorisations lora_A^T = Q_A R_A and lora_B = Q_B R_B, M = Q_A (R_A R_B^T) Q_B^T, and
+    the small core R_A R_B^T = U S V^T gives M = (Q_A U) S (Q_B V)^T; S is shared evenly as in PiSSA.
+    """
+    Q_A, R_A = np.linalg.qr(to_numpy(lora_A).astype(np.float64).T)  # (C_in, j), (j, k)
+    Q_B, R_B = np.linalg.qr(to_numpy(lora_B).astype(np.float64))  # (C_out, j'), (j', k)
+    U, S, Vt = np.linalg.svd(R_A @ R_B.T)  # the core (j, j') = U S V^T
+    root = np.sqrt(S[:rank])  # (rank,)
+    lora_A_new = root[:, None] * (Q_A @ U[:, :rank]).T  # (rank, C_in)
+    lora_B_new = (Q_B @ Vt[:rank].T) * root[None, :]  # (C_out, rank)
+    # C order: safetensors' NumPy writer stores a transposed (Fortran-order) array's buffer as is
+    return np.ascontiguousarray(lora_A_new), np.ascontiguousarray(lora_B_new)
+
+
 def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
     """A PiSSA adapter as an equivalent plain LoRA against the original base, of rank 2r (or less).
 
@@ -379,7 +401,7 @@ def as_plain_lora(adapter: Adapter) -> tuple[LoraConfig, dict]:
 
     A plain LoRA's rank may not exceed min(C_in, C_out) of any module it adapts, and with
     r > min(C_in, C_out) / 2 that change has rank at most min(C_in, C_out) < 2r anyway: then it is
-    written exactly at that rank (init.reduce_rank; config.select_target_modules keeps PiSSA to
+    written exactly at that rank (reduce_rank, above; config.select_target_modules keeps PiSSA to
     ranks where this is exact), so that whatever is saved loads again.
     """
     config = adapter.config

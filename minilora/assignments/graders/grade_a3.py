@@ -3,6 +3,9 @@
 The backward is checked against finite differences of a naive causal attention written here, not of
 the submission's own forward: a forward that attends to later positions has a self-consistent
 backward, and must not earn the backward's points with it.
+
+Every number a part feeds the submission is drawn from the part's ``rng``: the inputs, the upstream
+gradients, the dropout mask, which positions change and how many queries a cached call sends.
 """
 
 import numpy as np
@@ -32,6 +35,16 @@ def naive_attention(qkv, n_head, mask=None):
                     weights = weights * mask[b, h, t, : t + 1]
                 out[b, t, h * hs : (h + 1) * hs] = weights @ v[: t + 1]
     return out
+
+
+def split(qkv):
+    """(B, T, 3C) -> q, k, v, each (B, H, T, hs): the layout split_heads gives."""
+    return qkv.reshape(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)
+
+
+def merge(y):
+    """(B, H, T_q, hs) -> (B, T_q, C): the heads side by side, as merge_heads joins them."""
+    return y.transpose(0, 2, 1, 3).reshape(B, y.shape[2], C)
 
 
 def check_backward_against_the_naive_attention(m, qkv, rng, mask=None):
@@ -70,11 +83,12 @@ def test_attention_backward_with_dropout_matches_finite_differences(student, rng
 def test_no_position_sees_a_later_one(student, rng):
     m = student["attention"]
     qkv = rng.standard_normal((B, T, 3 * C))
+    t = int(rng.integers(1, T))  # positions t.. change, 0..t-1 must not notice
     changed = qkv.copy()
-    changed[:, -1] += 10.0  # only the last position's q, k and v
+    changed[:, t:] += 10.0 * rng.standard_normal((B, T - t, 3 * C))  # their q, k and v
     before, after = m.attention_forward(qkv, H)[0], m.attention_forward(changed, H)[0]
     np.testing.assert_array_equal(
-        after[:, :-1], before[:, :-1], err_msg="an earlier output moved: it saw the future"
+        after[:, :t], before[:, :t], err_msg="an earlier output moved: it saw the future"
     )
 
 
@@ -93,5 +107,21 @@ def test_attention_keeps_float32(student, rng):
     qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
     out, cache = m.attention_forward(qkv, H)
     assert out.dtype == np.float32, "float32 in, float32 out"
-    assert m.attention_backward(np.ones_like(out), cache).dtype == np.float32, "float32 in, float32 out"
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    assert m.attention_backward(dout, cache).dtype == np.float32, "float32 in, float32 out"
     np.testing.assert_allclose(out, naive_attention(qkv.astype(np.float64), H), rtol=1e-4, atol=1e-5)
+    y, q_scaled, att, _ = m.scaled_dot_product_attention(*split(qkv))
+    assert y.dtype == q_scaled.dtype == att.dtype == np.float32, "float32 in, float32 out"
+
+
+@pytest.mark.points(2)
+def test_the_last_queries_attend_over_every_key_as_in_generation(student, rng):
+    """Generation (cached_attention_forward) sends the queries of the last T_q positions against the
+    keys of all T_k: each query sees the keys up to its own position, as in full attention. A mask
+    read off the scores' diagonal is right only when T_q = T_k."""
+    qkv = rng.standard_normal((B, T, 3 * C))
+    T_q = int(rng.integers(2, T))  # 2 .. T-1 new positions: the first of them has a later key to hide
+    q, k, v = split(qkv)  # (B, H, T, hs) each
+    y, _, att, _ = student["attention"].scaled_dot_product_attention(q[:, :, -T_q:], k, v)
+    assert att.shape == (B, H, T_q, T), f"att has shape {att.shape}, not (B, H, T_q, T_k)"
+    np.testing.assert_allclose(merge(y), naive_attention(qkv, H)[:, -T_q:], rtol=1e-10, atol=1e-12)
