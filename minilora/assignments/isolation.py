@@ -31,11 +31,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .sandbox import probe_command
+
 SANDBOX_USER_ENV_VAR = "MINILORA_SANDBOX_USER"  # names the user the children run as (the grader is root)
 DEFAULT_SANDBOX_USER = "minilora-sandbox"  # created when the grader is root and no user is named
 NAMESPACE_FLAGS = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # the only ones passed on
 
 
 class RefusedToGrade(RuntimeError):
@@ -70,13 +71,6 @@ class Isolation:
         if self.level == "user":
             return {"user": self.uid, "group": self.gid, "extra_groups": []}
         return {}
-
-
-def minimal_environment(home) -> dict:
-    """The whole environment a child gets: a path, a locale, its home, and the BLAS thread counts."""
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.fspath(home)}
-    env.update({name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ})
-    return env
 
 
 def _libc():
@@ -121,8 +115,6 @@ def namespaces_work(as_root: bool, uid: int | None, gid: int | None) -> bool:
     """Whether a namespace child starts here: one probe per process, through the real launch path."""
     if not sys.platform.startswith("linux") or not shutil.which("unshare"):
         return False
-    from .sandbox import probe_command
-
     probe = Isolation("namespaces", uid, gid)
     completed = subprocess.run(probe.wrap(probe_command(uid, gid)), capture_output=True, timeout=60)
     return completed.returncode == 0 and completed.stdout.strip() == b"isolated"

@@ -39,13 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .isolation import minimal_environment
-
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # minilora/
 STUDENT_DIR = "student"  # the folder of a release (or a part's private copy) that holds the student's files
 
 CPU_SECONDS = 300  # CPU time of one child (one part)
 MEMORY_BYTES = 8 * 1024**3  # address space of one child
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # the only ones passed on
 NUMERIC_KINDS = "biufc"  # the array dtypes that may cross: bool, integers, floats, complex
 
 
@@ -226,6 +225,13 @@ def hideable(hidden, *needed) -> list[str]:
     the part's folder (a submission graded from a folder that holds its own virtual environment)."""
     needed = [Path(path).resolve() for path in (*needed, sys.prefix, sys.base_prefix)]
     return [str(path) for path in map(Path, hidden) if not any(want.is_relative_to(path) for want in needed)]
+
+
+def minimal_environment(home) -> dict:
+    """The whole environment a child gets: a path, a locale, its home, and the BLAS thread counts."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.fspath(home)}
+    env.update({name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ})
+    return env
 
 
 def private_workspace(submission: Path, isolation) -> Path:
