@@ -28,6 +28,7 @@ Reading order:
     fast/              the fast path: CPU and GPU layer functions and steps, data parallelism
     lab/               benchmarks, the memory ledger, experiments, plots, the demo, the PyTorch peers
     cli/               the ``minilora`` command, one thin subcommand per job
+    __main__.py        ``python -m minilora``: the same command line
     assignments/       the autograded course assignments, cut from this source
 """
 
