@@ -7,9 +7,10 @@ A config is the family's contract with the rest of minilora (nanoGPT's ``GPTConf
 the model needs to know about itself; so does ours, for its consumers too): every parameter's name
 and shape (``parameter_shapes``), the linear layers an adapter may target (``linear_modules``),
 where block i's names begin (``block_prefix``), the key/value heads a cache keeps (``n_kv_head``)
-and the dropout the model applies. LoRA, the accounting, the optimiser, generation and the fast
-path ask these instead of testing which family they were handed (llama.py's ``LlamaConfig`` states
-the same facts for the Llama family).
+and the dropout the model applies; and the family's defaults for fine-tuning (``default_lora_targets``,
+``default_eval_windows``), which the command line reads where ``--base`` names the family. LoRA, the
+accounting, the optimiser, generation and the fast path ask these instead of testing which family they
+were handed (llama.py's ``LlamaConfig`` states the same facts for the Llama family).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class GPTConfig(ConfigFields):
     bias: bool = True  # biases in the linear and LayerNorm layers (GPT-2 has them)
 
     family: ClassVar[str] = "gpt"  # the family's name, as the fast path's per-family twins know it
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("c_attn",)  # finetune --targets unless given (PEFT's)
+    default_eval_windows: ClassVar[int] = 64  # finetune --eval-windows unless given (validation windows)
 
     def __post_init__(self):
         for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

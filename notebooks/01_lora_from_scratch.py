@@ -31,11 +31,14 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.gradcheck import check_layer
 from minilora.lora.config import LoraConfig
 from minilora.lora.init import init_lora_factors
 from minilora.lora.layer import lora_delta_weight, lora_linear_backward, lora_linear_forward, lora_scaling
 from minilora.optim import AdamW
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## The forward pass

@@ -32,6 +32,7 @@ import numpy as np
 
 from minilora import GPT, GPTConfig, LoraConfig, add_lora, get_preset, init_params
 from minilora.backend import count_matmuls
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.gradcheck import GradCheckError, check_layer, check_model
 from minilora.layers import (
     attention_backward,
@@ -48,6 +49,8 @@ from minilora.layers import (
     linear_forward,
 )
 from minilora.lora.accounting import format_table, lora_parameter_table
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## A one-block model

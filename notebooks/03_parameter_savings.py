@@ -39,6 +39,7 @@ import numpy as np
 
 import minilora as ml
 from minilora.backend import count_matmuls
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.fast.distributed.mpi_step import MpiStep
 from minilora.fast.distributed.traffic import SMOLLM2_SHAPE, step_bytes, traffic_table
 from minilora.fast.distributed.world import World
@@ -48,6 +49,8 @@ from minilora.lora.accounting import format_table, lora_parameter_table, lora_tr
 from minilora.lora.layer import lora_delta_weight
 from minilora.optim import AdamW
 from minilora.training.step import train_step
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## The models

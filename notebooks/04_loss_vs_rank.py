@@ -49,9 +49,12 @@ import numpy as np
 from IPython.display import display
 
 import minilora as ml
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.lab.experiment_plots import plot_rank
 from minilora.lab.experiments import full_spec, load_results, lora_spec, summarize_point
 from minilora.lab.small_sweep import committed_summaries, measure, run_live, run_protocol, seed_gap
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## Part 1, live: the base on windows of 128 bytes

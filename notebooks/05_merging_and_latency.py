@@ -29,6 +29,9 @@ import numpy as np
 
 import minilora as ml
 from minilora.backend import count_matmuls
+from minilora.fast.cpu.inference import use_one_blas_thread
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 folio = ml.load_corpus("shakespeare_folio")
 idx = folio.val[:64][None, :].astype(np.int64)  # one window of 64 bytes of held-out Folio text, (1, 64)

@@ -29,7 +29,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora as ml
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.lora.layer import lora_delta_weight
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## Two adapters

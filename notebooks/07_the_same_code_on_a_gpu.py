@@ -55,12 +55,15 @@ from minilora import (
     load_model,
 )
 from minilora.backend import BackendError, get_backend, get_xp, host_rng, synchronize, to_device, to_numpy
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.fast.cpu.ops import CPU_OPS
 from minilora.fast.cuda.ops import CUDA_OPS  # importing the fast path's namespace never imports CuPy
 from minilora.jobs.finetune import make_optimizer
 from minilora.layers import REFERENCE_OPS, layernorm_backward, layernorm_forward
 from minilora.training.batches import get_batch
 from minilora.training.step import train_step
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## Is there a GPU?

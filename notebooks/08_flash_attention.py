@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minilora.backend import count_matmuls
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.gradcheck import check_layer, relative_error
 from minilora.layers import (
     attention_backward,
@@ -46,6 +47,8 @@ from minilora.layers import (
     merge_heads,
 )
 from minilora.layers.attention import causal_bias, scaled_dot_product_attention, split_heads
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 rng = np.random.default_rng(0)
 

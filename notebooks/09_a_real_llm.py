@@ -46,6 +46,7 @@ from IPython.display import Image, display
 
 import minilora
 from minilora.backend import count_matmuls
+from minilora.fast.cpu.inference import use_one_blas_thread
 from minilora.gradcheck import check_model
 from minilora.io.bases import load_base
 from minilora.io.data import load_corpus, tokenize_corpus
@@ -67,6 +68,8 @@ from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.training.evaluate import bits_per_byte
 from minilora.training.loop import TrainSettings
+
+blas_threads = use_one_blas_thread()  # as a training step: a Jupyter kernel starts with one per core
 
 # %% [markdown]
 # ## The model and its tokenizer

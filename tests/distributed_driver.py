@@ -4,6 +4,9 @@
 fixed global batch of 5 sequences; rank 0 saves the trainable parameters, the losses and the bytes
 sent per step to OUT (.npz).
 
+``fit SEED``: ``minilora.fit`` of a float64 tiny GPT for one step on a small random corpus, with
+``TrainSettings(seed=SEED)``.
+
 ``pretrain-dies RANK STEP HOW OUT ...``: the pretrain command with OUT, whose step makes rank RANK
 stop at step STEP, by ``os._exit(1)`` (HOW "exit") or by raising (HOW "raise").
 """
@@ -45,6 +48,21 @@ def train(out: str, mode: str) -> None:
         np.savez(out, losses=np.array(losses), bytes_sent=step.bytes_sent, **trainable)
 
 
+def fit(seed: int) -> None:
+    from minilora import fit as fit_model
+    from minilora.config import GPTConfig
+    from minilora.io.data import Corpus
+    from minilora.model import GPT, init_params
+    from minilora.training.loop import TrainSettings
+
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=256)
+    model = GPT(config, init_params(config, seed=1, dtype=np.float64))
+    tokens = np.random.default_rng(0).integers(0, 256, 200).astype(np.uint8)  # (200,) bytes
+    corpus = Corpus("random", tokens[:160], tokens[160:])
+    settings = TrainSettings(steps=1, batch_size=2, warmup_steps=0, eval_windows=1, seed=seed)
+    fit_model(model, corpus, settings, progress=False)
+
+
 def pretrain_dies(rank: int, at_step: int, how: str, cli_args: list[str]) -> None:
     import minilora.jobs.pretrain as pretrain_job
     from minilora.cli import main
@@ -72,6 +90,8 @@ def pretrain_dies(rank: int, at_step: int, how: str, cli_args: list[str]) -> Non
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         train(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "fit":
+        fit(int(sys.argv[2]))
     elif sys.argv[1] == "pretrain-dies":
         pretrain_dies(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
     else:

@@ -143,7 +143,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(AdamW, "step", step_then_poison)
     with pytest.raises(
-        TrainingDiverged, match=r"step 6: the loss became nan; the checkpoint of step 4 in .* is intact"
+        TrainingDiverged, match=r"step 6: the loss became nan; the best checkpoint kept is .*, of step 4"
     ):
         run(tmp_path)
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)

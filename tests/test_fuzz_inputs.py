@@ -97,7 +97,7 @@ def test_train_settings_are_valid_or_name_the_field(values):
 # (command, flag, what a value that parses must be)
 NUMERIC_FLAGS = [
     ("eval", "--batch-size", lambda v: type(v) is int and v >= 1),
-    ("eval", "--max-windows", lambda v: type(v) is int and v >= 1),
+    ("eval", "--eval-windows", lambda v: type(v) is int and v >= 1),
     ("generate", "--max-new-tokens", lambda v: type(v) is int and v >= 0),
     ("generate", "--temperature", lambda v: math.isfinite(v) and v >= 0),
     ("generate", "--top-k", lambda v: type(v) is int and v >= 1),

@@ -9,6 +9,9 @@ at the ``process`` level too.
 """
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -92,13 +95,18 @@ def test_a_grandchild_that_left_the_session_does_not_outlive_its_part(tmp_path, 
     assert not marker.exists(), "a process of the submission was still running after grading"
 
 
-TAMPER = f"""
+def tamper(conftest) -> str:
+    """An attack that appends a hook to the grader file ``conftest``."""
+    return f"""
 try:
-    with open({str(CONFTEST)!r}, "a") as grader:
+    with open({str(conftest)!r}, "a") as grader:
         grader.write("\\nRESULTS.clear()  # tampered\\n")
 except OSError:
     pass
 """
+
+
+TAMPER = tamper(CONFTEST)
 
 
 def test_a_submission_cannot_change_an_installed_grader(tmp_path):
@@ -113,22 +121,36 @@ def test_a_submission_cannot_change_an_installed_grader(tmp_path):
     assert not changed, "the child wrote to the installed grader"
 
 
-def test_a_grader_changed_by_a_same_user_submission_is_refused_now_and_on_the_regrade(tmp_path):
-    before = CONFTEST.read_bytes()
-    folder = attacked_release(tmp_path, TAMPER)
+REGRADE_IN_A_COPY = """
+import sys
+from minilora.assignments.grading import grade
+from minilora.assignments.isolation import Isolation, RefusedToGrade
+from minilora.assignments.release import release
+for folder in (sys.argv[1], release("a1", sys.argv[2], solved=True)):  # the attacker, then a classmate
     try:
-        with pytest.raises(RefusedToGrade, match="conftest.py changed"):
-            grade("a1", folder, seed=1, isolation=PROCESS, parts=QUICK)
-        with pytest.raises(RefusedToGrade, match="conftest.py changed"):
-            grade(
-                "a1",
-                release("a1", tmp_path / "classmate", solved=True),
-                seed=1,
-                isolation=PROCESS,
-                parts=QUICK,
-            )
-    finally:
-        CONFTEST.write_bytes(before)
+        grade("a1", folder, seed=1, isolation=Isolation("process"), parts=sys.argv[3])
+        print("graded")
+    except RefusedToGrade as err:
+        print(err)
+"""
+
+
+def test_a_grader_changed_by_a_same_user_submission_is_refused_now_and_on_the_regrade(tmp_path):
+    """The attack really writes the grader it runs under, so it runs against a copy of the package
+    in a process of its own: the installed one, which other tests grade with meanwhile, stays whole."""
+    install = tmp_path / "install"
+    shutil.copytree(PACKAGE_DIR, install / "minilora", ignore=shutil.ignore_patterns("__pycache__"))
+    copied_conftest = install / "minilora" / CONFTEST.relative_to(PACKAGE_DIR)
+    folder = attacked_release(tmp_path, tamper(copied_conftest))
+    result = subprocess.run(
+        [sys.executable, "-c", REGRADE_IN_A_COPY, str(folder), str(tmp_path / "classmate"), QUICK],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(install)},
+    )  # fmt: skip
+    assert "tampered" in copied_conftest.read_text(), result.stderr  # the attack did reach the copy
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all("conftest.py changed" in line for line in lines), (
+        result.stdout + result.stderr
+    )
 
 
 VANDAL = """

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minilora.io.hf_checkpoint import HF_CONFIG, HF_WEIGHTS, save_hf_llama
+from minilora.io.run_folder import RunFolderError
 from minilora.llama import EMBED, Llama, LlamaConfig, init_llama_params
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
@@ -82,7 +83,7 @@ def test_an_export_refuses_to_overwrite_an_adapter_model_or_an_existing_folder(t
     merged = model.merge_and_unload()
     save_hf_llama(merged, tmp_path)
     before = (tmp_path / HF_WEIGHTS).read_bytes()
-    with pytest.raises(FileExistsError, match="already holds config.json, model.safetensors"):
+    with pytest.raises(RunFolderError, match="holds the result of an earlier minilora merge.*--overwrite"):
         save_hf_llama(merged, tmp_path, "float16")
     assert (tmp_path / HF_WEIGHTS).read_bytes() == before
     save_hf_llama(merged, tmp_path, "float16", overwrite=True)

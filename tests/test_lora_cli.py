@@ -120,10 +120,13 @@ def test_every_lora_subcommand_has_help(command, capsys):
 def test_finetune_writes_the_adapter_its_config_and_metrics(adapter, base_dir):
     out, _ = adapter
     assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.previous.safetensors",  # the adapter of the evaluation before the last
         "adapter.safetensors",
         "adapter_config.json",
         "finetune_metrics.json",
         "finetune_state.json",  # what --resume continues from: the adapter and its optimiser state
+        "finetune_state.previous.json",
+        "finetune_state.previous.safetensors",
         "finetune_state.safetensors",
     ]
     metrics = json.loads((out / "finetune_metrics.json").read_text())
@@ -236,8 +239,8 @@ def test_finetune_all_linear_with_lora_only_biases(base_dir, tmp_path):
         (["--r", "1000"], r"rank r=1000 is larger than min(C_in, C_out) = 16 of transformer.h.0.attn.c_attn"),
         (
             ["--targets", "q_proj"],
-            "match no module; the modules that can be adapted are: transformer.h.0.attn.c_attn, "
-            "transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj",
+            "match no module; the modules that can be adapted are block 0 x {attn.c_attn, attn.c_proj, "
+            "mlp.c_fc, mlp.c_proj} (a name matches by suffix), or all-linear",
         ),
         (["--layers", "3"], "layers_to_transform [3] out of range"),
         (["--alpha", "0"], "LoraConfig.lora_alpha must be in (0, inf), got 0.0"),

@@ -159,8 +159,8 @@ def test_merging_onto_the_quantized_base_writes_a_float16_checkpoint_transformer
     assert main(argv) == 0
     assert "a Hugging Face Llama checkpoint in float16" in capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_size < 2.01 * 134_515_008  # two bytes a parameter
-    assert main(argv) == 1  # the folder is there now: not overwritten without --force
-    assert "choose another folder or --force" in capsys.readouterr().err
+    assert main(argv) == 1  # the folder is there now: not overwritten without --overwrite
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     ids = np.array([smollm2.tokenizer.encode("Now is the winter of our discontent")])
     ours = load_adapter(smollm2.model, adapter_dir).forward(ids)[0]  # the float32 base with the adapter

@@ -30,6 +30,7 @@ from ..io.adapters import AdapterError
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
 from ..training.loop import TrainingDiverged
+from ..version import __version__
 from . import (
     assignment_command,
     base_commands,
@@ -40,6 +41,20 @@ from . import (
     lora_commands,
 )
 from .arg_types import OneLineErrorParser
+
+# The modules each of minilora's extras brings (pyproject.toml), for the one line that names a missing one.
+EXTRA_OF_MODULE = {
+    "gguf": "llm",
+    "regex": "llm",
+    "cupy": "cuda12",
+    "ml_dtypes": "cuda12",
+    "nbformat": "notebooks",
+    "jupytext": "notebooks",
+    "nbclient": "notebooks",
+    "ipykernel": "notebooks",
+    "pytest": "dev",
+    "mpi4py": "mpi",
+}
 
 EXPECTED_ERRORS = (
     AdapterError,
@@ -61,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="minilora", description="LoRA fine-tuning from first principles on NumPy (CPU) or CuPy (GPU)."
     )
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     demo_command.register(subparsers)
     base_commands.register(subparsers)
@@ -112,6 +128,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return args
 
 
+def missing_module(err: ImportError) -> str | None:
+    """The top-level name of the module an import failed to find, through the errors that wrap it."""
+    while isinstance(err, ImportError):
+        if err.name:
+            return err.name.partition(".")[0]
+        err = err.__cause__
+    return None
+
+
+def out_of_memory_line(err: MemoryError) -> str:
+    """One line for an allocation that failed: the size NumPy names, if it named one, and what to lower."""
+    said = f" ({err})" if str(err) else ""
+    return (
+        f"out of memory{said}: lower --batch-size, the model's size (--n-embd, --n-layer) or --max-new-tokens"
+    )
+
+
 def main(argv=None) -> int:
     args = parse_arguments(argv)
     try:
@@ -122,6 +155,16 @@ def main(argv=None) -> int:
             args.run(args)
     except EXPECTED_ERRORS as err:
         print(f"minilora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ImportError as err:
+        extra = EXTRA_OF_MODULE.get(missing_module(err))
+        if extra is None:
+            raise
+        print(f"minilora {args.command}: error: needs the {extra} extra: pip install 'minilora[{extra}]' "
+              f"(no module named {missing_module(err)!r})", file=sys.stderr)  # fmt: skip
+        return 1
+    except MemoryError as err:  # a size that passed the checks before allocating (jobs/memory_check.py)
+        print(f"minilora {args.command}: error: {out_of_memory_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted; checkpoints written before are intact", file=sys.stderr)

@@ -23,6 +23,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_old_name(parser, action: argparse.Action, old_name: str) -> None:
+    """Accept ``old_name`` for ``action``'s flag as well, hidden from --help, where the flag's help names it.
+
+    Each name reports its own errors (``argument --max-windows: ...``), so the alias costs nothing but a line.
+    """
+    parser.add_argument(
+        old_name, dest=action.dest, type=action.type, default=action.default, help=argparse.SUPPRESS
+    )
+    action.help = f"{action.help} (old name: {old_name})"
+
+
 def _integer(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
@@ -76,3 +87,17 @@ def probability(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1)")
     return value
+
+
+def block_indices(text: str) -> tuple[int, ...]:
+    """Comma-separated block indices, each an integer >= 0 (``0,2``): an empty or bad item is named."""
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give block indices such as 0,1")
+    return tuple(_block_index(item) for item in items)
+
+
+def _block_index(item: str) -> int:
+    if not (item.isascii() and item.isdigit()):  # "-1", "x" and "1.5" are refused alike
+        raise argparse.ArgumentTypeError(f"{item!r} is not a block index (an integer >= 0)")
+    return int(item)

@@ -50,8 +50,9 @@ def add_assignment_parser(subparsers) -> None:
             sub.add_argument("--out", required=True, help="the folder to write")
             sub.add_argument("--solved", action="store_true", help="keep the reference code in the holes")
             sub.add_argument(
-                "--force", action="store_true", help="overwrite a student/ folder that holds files"
-            )
+                "--overwrite", "--force", dest="overwrite", action="store_true",
+                help="overwrite a student/ folder that holds files (--force is its old name)",
+            )  # fmt: skip
             sub.add_argument(
                 "--policy", default=None, help="the course's honour code and AI-tool policy, written as "
                 "policy.md (default: minilora's, assignments/templates/policy.md)",
@@ -109,7 +110,10 @@ def run_assignment_command(args) -> None:
         out = export_gradescope(args.assignment, args.out or f"{args.assignment}-autograder.zip")
         print(f"wrote {out}: upload it as the assignment's autograder on Gradescope (docs/instructors.md)")
     elif args.action == "release":
-        out = release(args.assignment, args.out, solved=args.solved, force=args.force, policy=args.policy)
+        from ..io.run_folder import refuse_output_over_inputs
+
+        refuse_output_over_inputs(args.out, [("--policy", args.policy)])
+        out = release(args.assignment, args.out, solved=args.solved, force=args.overwrite, policy=args.policy)
         print(f"wrote {out}/student/ and {out}/{args.assignment}.ipynb")
         if args.solved and (elsewhere := solutions_elsewhere(args.assignment)):
             print(elsewhere)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from ..backend import DEVICE_ENV_VAR, DEVICES
@@ -12,9 +12,17 @@ from ..io.bases import SMOLLM2
 from ..io.data import SHIPPED_CORPORA
 from ..quant import QUANTIZED_FORMATS
 from ..training.loop import TrainSettings
-from .arg_types import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from .arg_types import (
+    add_old_name,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+WARMUP_NOTE = "or a tenth of --steps where the run is not longer than that"  # settings_from_flags
 SMOLLM2_EVAL_BLOCK_SIZE = 256  # the windows finetune trains and scores SmolLM2 on (lora_commands.py)
 TRAINING_FLAG_TYPES = {  # the argparse type of each TrainSettings flag: bad values fail as they are typed
     **dict.fromkeys(
@@ -35,16 +43,39 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
-    """One flag per TrainSettings field (--steps, --lr, ...); unset flags stay None."""
+def add_training_flags(
+    parser: argparse.ArgumentParser, defaults: TrainSettings, notes: dict | None = None
+) -> None:
+    """One flag per TrainSettings field (--steps, --lr, ...); unset flags stay None.
+
+    ``notes``: a field's default said in words where one number does not tell it (a per-family default).
+    """
+    notes = {"warmup_steps": f"{defaults.warmup_steps}, {WARMUP_NOTE}", **(notes or {})}
     training = parser.add_argument_group("training")
     for f in fields(TrainSettings):
         training.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=TRAINING_FLAG_TYPES[f.name],
             default=None,
-            help=f"(default {getattr(defaults, f.name)})",
+            help=f"(default {notes.get(f.name, getattr(defaults, f.name))})",
         )
+
+
+def settings_from_flags(defaults: TrainSettings, given: dict) -> TrainSettings:
+    """The run's settings: the training flags ``given`` over ``defaults``, with the warm-up fitted to the run.
+
+    A warm-up that does not end before the last step leaves the learning rate below --lr for the
+    whole run: given, it is refused (one line); the default is cut to a tenth of the run instead.
+    """
+    steps = given.get("steps", defaults.steps)
+    if "warmup_steps" not in given and defaults.warmup_steps >= steps:
+        given = {**given, "warmup_steps": steps // 10}
+    elif given.get("warmup_steps", 0) >= steps:
+        raise ValueError(
+            f"--warmup-steps {given['warmup_steps']} is not shorter than --steps {steps}: the learning rate "
+            f"would never reach --lr; give --warmup-steps below {steps}"
+        )
+    return replace(defaults, **given)
 
 
 def given_training_flags(args) -> dict:
@@ -89,10 +120,18 @@ def add_resume_flags(parser: argparse.ArgumentParser, what: str) -> None:
         action="store_true",
         help=f"continue from {what}; training flags given here override its settings (--steps is the total)",
     )
+    add_overwrite_flag(parser, "the run in --out")
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str, old_name: str | None = None) -> None:
+    """--overwrite: replace ``what``, once the new result is complete; ``old_name`` (--force) is kept as an alias."""
+    names = ("--overwrite",) if old_name is None else ("--overwrite", old_name)
+    alias = "" if old_name is None else f"; {old_name} is its old name"
     parser.add_argument(
-        "--overwrite",
+        *names,
+        dest="overwrite",
         action="store_true",
-        help="replace the run in --out: its files are removed before training starts",
+        help=f"replace {what} once the new one is complete (never a file or folder minilora did not write{alias})",
     )
 
 
@@ -102,7 +141,7 @@ def run_pretrain(args) -> None:
     given = given_training_flags(args)
     shape_changes = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     config = get_preset(args.preset, **shape_changes)
-    settings = TrainSettings(**given)
+    settings = settings_from_flags(TrainSettings(), given)
     if not args.resume:
         label = " ".join([args.preset, *(f"{k}={v}" for k, v in shape_changes.items())])
         print(f"pretraining {label} {config.to_dict()} on {args.corpus} for {settings.steps} steps")
@@ -231,9 +270,11 @@ def add_eval_parser(subparsers) -> None:
         help=f"window length of --base smollm2, in tokens (default {SMOLLM2_EVAL_BLOCK_SIZE}, as finetune trains)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument(
-        "--max-windows", type=positive_int, default=None, help="evaluate this many windows, spread evenly"
-    )
+    windows = parser.add_argument(
+        "--eval-windows", type=positive_int, default=None,
+        help="evaluate this many windows, spread evenly (default: all of the split)",
+    )  # fmt: skip
+    add_old_name(parser, windows, "--max-windows")
     add_device_flag(parser)
     parser.set_defaults(run=run_eval)
 
@@ -251,14 +292,14 @@ def run_eval(args) -> None:
     corpus = corpus if base.is_byte_level else tokenize_corpus(corpus, base.tokenizer)
     data = getattr(corpus, args.split)
     T = model.config.block_size
-    windows = len(window_starts(len(data), T, args.max_windows))
-    size = f"{bytes_scored(data, T, args.max_windows, corpus.token_bytes):,} bytes in {windows:,} windows"
+    windows = len(window_starts(len(data), T, args.eval_windows))
+    size = f"{bytes_scored(data, T, args.eval_windows, corpus.token_bytes):,} bytes in {windows:,} windows"
     chosen = [args.use] if args.use is not None else names
     for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
         if name is not None:
             model.set_adapter(name)
         with cpu_inference(model):  # on the CPU, training's policy: fast layers, one-threaded BLAS
-            bpb = bits_per_byte(model, data, args.batch_size, args.max_windows, True, corpus.token_bytes)
+            bpb = bits_per_byte(model, data, args.batch_size, args.eval_windows, True, corpus.token_bytes)
         label = "" if name is None else f" with adapter {name!r}"
         print(f"{args.corpus} {args.split}{label}: {bpb:.4f} bits/byte ({size})")
 
@@ -295,9 +336,11 @@ def run_generate(args) -> None:
     from ..fast import accelerate_generation
     from ..fast.cpu.inference import cpu_inference
     from ..generate import generate
+    from ..jobs.memory_check import check_generation_memory
     from .prompt_text import printable, read_prompt
 
     prompt = read_prompt(args.prompt)  # before the model loads: a bad path fails at once
+    check_generation_memory(args.max_new_tokens)  # and a token buffer that cannot fit
     base, model, _ = load_for_inference(args)
     decoder = accelerate_generation(model)  # on a GPU, the step as a CUDA graph; else the reference
     with cpu_inference(model):  # on the CPU, training's policy: fast layers, one-threaded BLAS

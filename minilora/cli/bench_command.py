@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRESETS
-from .arg_types import non_negative_int, positive_float, positive_int
+from .arg_types import add_old_name, non_negative_int, positive_float, positive_int
 from .base_commands import add_memory_flags, add_quantized_flag
 from .lora_commands import lora_config_from_args
 
@@ -55,7 +55,10 @@ def add_bench_parser(subparsers) -> None:
         default=None,
         help="T (default: the preset's block size; smollm2 256 tokens)",
     )
-    run.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
+    warmup = run.add_argument(
+        "--warmup-steps", dest="warmup", type=positive_int, default=2, help="untimed steps first"
+    )
+    add_old_name(run, warmup, "--warmup")
     run.add_argument("--steps", type=positive_int, default=5, help="timed steps per run")
     run.add_argument("--repeats", type=positive_int, default=3, help="runs (alternating with the peer's)")
     run.add_argument(
@@ -171,9 +174,19 @@ def settings_from_args(args):
     )
 
 
+def corpus_read(args) -> list:
+    """(flag, path) of the corpus files bench reads, none for random tokens: --out appends to none of them."""
+    from ..io.data import corpus_files
+
+    return [] if args.corpus == "random" else [("--corpus", path) for path in corpus_files(args.corpus)]
+
+
 def run_bench_command(args) -> None:
+    from ..io.run_folder import refuse_output_over_inputs
     from ..lab.bench import run_bench
 
+    if args.out:  # before the timing: the file it appends to must not be the corpus it reads
+        refuse_output_over_inputs(args.out, corpus_read(args))
     log = None if args.quiet else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result = run_bench(settings_from_args(args), log=log)
     line = json.dumps(result)

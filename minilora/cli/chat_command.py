@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..io.bases import SMOLLM2_CONTEXT
 from .arg_types import non_negative_float, non_negative_int, positive_int
 from .base_commands import add_adapter_flags, add_device_flag, with_adapters
+from .prompt_text import stdin_lines
 
 
 def add_chat_parser(subparsers) -> None:
@@ -34,12 +36,17 @@ def run_chat_command(args) -> None:
     from ..io.bases import load_base
     from ..lab.chat import ChatSession
 
+    if args.max_new_tokens >= SMOLLM2_CONTEXT:  # before the model loads: no answer could be that long
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} does not fit SmolLM2's {SMOLLM2_CONTEXT} positions with "
+            "a conversation before it: ask for fewer"
+        )
     print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
     base = load_base(args.base, args.device, quantized=args.quantized)
     model, _ = with_adapters(base.model, args)
     session = ChatSession(model, base.tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed)  # fmt: skip
-    messages = [args.message] if args.message is not None else (line.rstrip("\n") for line in sys.stdin)
+    messages = [args.message] if args.message is not None else stdin_lines()
     for message in messages:
         if message.strip():
             print(session.ask(message), flush=True)

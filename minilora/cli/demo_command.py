@@ -38,8 +38,14 @@ def add_demo_parser(subparsers) -> None:
 def run_demo_command(args) -> None:
     from dataclasses import replace
 
+    from ..io.data import SHIPPED_BASE, corpus_files
+    from ..io.run_folder import refuse_output_over_inputs
     from ..lab.demo import QUICK_DEMO, DemoSettings, run_demo
 
+    corpora = [*corpus_files("shakespeare_modern"), *corpus_files("shakespeare_folio")]
+    refuse_output_over_inputs(
+        args.out, [("demo's base", SHIPPED_BASE), *(("demo's corpus", f) for f in corpora)]
+    )
     settings = replace(QUICK_DEMO if args.quick else DemoSettings(), seed=args.seed)
     if args.steps is not None:
         settings = replace(settings, steps=args.steps)

@@ -42,8 +42,11 @@ def add_experiment_parser(subparsers) -> None:
 
 def run_experiment_command(args) -> None:
     from ..backend import resolve_device
+    from ..io.bases import base_file
+    from ..io.run_folder import refuse_output_over_inputs
     from ..lab.experiments import EXPERIMENTS, run_experiment, summarize_only
 
+    refuse_output_over_inputs(args.out, [("--base", base_file(args.base))])
     names = [*EXPERIMENTS, "memory"] if "all" in args.names else args.names
     for name in names:
         print(f"experiment {name}")

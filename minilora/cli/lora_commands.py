@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..io.bases import SMOLLM2
+from ..config import GPTConfig
+from ..io.bases import SMOLLM2, base_family
+from ..llama import LlamaConfig
 from ..lora.config import BIASES, INITS, LoraConfig
 from ..training.loop import TrainSettings
-from .arg_types import positive_float, positive_int, probability
+from .arg_types import block_indices, positive_float, positive_int, probability
 from .base_commands import (
     SMOLLM2_EVAL_BLOCK_SIZE,
     add_checkpoint_flag,
     add_corpus_flag,
     add_device_flag,
     add_memory_flags,
+    add_overwrite_flag,
     add_quantized_flag,
     add_resume_flags,
     add_training_flags,
     given_training_flags,
+    settings_from_flags,
 )
 
 # Fine-tuning runs are short: fewer steps and warmup than pretraining, no weight decay, and a
@@ -27,6 +31,13 @@ FINETUNE_DEFAULTS = TrainSettings(
     steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0, eval_interval=100, eval_windows=64
 )
 FULL_FINETUNE_LR = 3e-4
+EVAL_WINDOWS_NOTE = (
+    f"the family's: {GPTConfig.default_eval_windows} for a GPT, {LlamaConfig.default_eval_windows} for "
+    "--base smollm2, whose windows cost far more on a CPU"
+)
+# The flags that describe the adapter: --full refuses any of them given a value other than its default.
+LORA_ONLY = ("r", "alpha", "lora_dropout", "targets", "layers", "rslora", "variant", "init", "loraplus_ratio",
+             "bias")  # fmt: skip
 SMOLLM2_BLOCK_SIZE = SMOLLM2_EVAL_BLOCK_SIZE  # SmolLM2's windows: 256 BPE tokens, ~850 bytes of Shakespeare
 
 
@@ -57,11 +68,18 @@ def add_finetune_parser(subparsers) -> None:
     )
     lora.add_argument(
         "--targets",
-        default="c_attn",
+        default=None,
         help="comma-separated module names matched by suffix (c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; "
-        "for smollm2 q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), or all-linear",
+        "for smollm2 q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), or all-linear (default: "
+        f"the family's, {','.join(GPTConfig.default_lora_targets)} for a GPT and "
+        f"{','.join(LlamaConfig.default_lora_targets)} for smollm2)",
     )
-    lora.add_argument("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
+    lora.add_argument(
+        "--layers",
+        type=block_indices,
+        default=None,
+        help="comma-separated block indices to adapt (default: all)",
+    )
     lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     lora.add_argument(
         "--variant",
@@ -87,7 +105,7 @@ def add_finetune_parser(subparsers) -> None:
         action="store_true",
         help=f"full fine-tuning instead of LoRA, with --lr {FULL_FINETUNE_LR} unless given",
     )
-    add_training_flags(parser, FINETUNE_DEFAULTS)
+    add_training_flags(parser, FINETUNE_DEFAULTS, {"eval_windows": EVAL_WINDOWS_NOTE})
     parser.add_argument(
         "--block-size", type=positive_int, default=None,
         help=f"tokens per training window of --base smollm2 (default {SMOLLM2_BLOCK_SIZE}); a GPT's is its own",
@@ -98,7 +116,9 @@ def add_finetune_parser(subparsers) -> None:
     add_resume_flags(parser, "the run in --out (finetune_state.safetensors; its base, corpus and LoRA flags)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(parser)
-    parser.set_defaults(run=run_finetune)
+    parser.set_defaults(
+        run=run_finetune, lora_defaults={dest: parser.get_default(dest) for dest in LORA_ONLY}
+    )
 
 
 def lora_config_from_args(args, default_targets: str | None = None) -> LoraConfig | None:
@@ -111,14 +131,13 @@ def lora_config_from_args(args, default_targets: str | None = None) -> LoraConfi
         return None
     flags, defaults = vars(args), LoraConfig()
     targets = args.targets or default_targets
-    layers = flags.get("layers")
     variant = flags.get("variant", "lora")
     return LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
         lora_dropout=flags.get("lora_dropout", defaults.lora_dropout),
         target_modules=targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(",")),
-        layers_to_transform=None if layers is None else tuple(int(i) for i in layers.split(",")),
+        layers_to_transform=flags.get("layers"),
         use_rslora=flags.get("rslora", defaults.use_rslora),
         init="pissa" if variant == "pissa" else flags.get("init", defaults.init),
         bias=flags.get("bias", defaults.bias),
@@ -126,16 +145,41 @@ def lora_config_from_args(args, default_targets: str | None = None) -> LoraConfi
     )
 
 
+def refuse_lora_flags_under_full(args) -> None:
+    """--full trains every weight: a LoRA flag given beside it would be ignored, so it is refused (one line)."""
+    if not args.full:
+        return
+    given = [flag_text(dest, getattr(args, dest)) for dest, default in args.lora_defaults.items()
+             if getattr(args, dest) != default]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"--full trains every weight, so {', '.join(given)} (LoRA's) would be ignored: leave out --full "
+            "to train an adapter, or leave out the LoRA flags"
+        )
+
+
+def flag_text(dest: str, value) -> str:
+    """A flag as it was given: ``--r 4``, ``--layers 0,1``, a bare ``--rslora``."""
+    flag = f"--{dest.replace('_', '-')}"
+    if value is True:
+        return flag
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+
+
 def run_finetune(args) -> None:
     from ..jobs.finetune import finetune
 
+    refuse_lora_flags_under_full(args)
     given = given_training_flags(args)
     if args.full and "lr" not in given:
         given = {"lr": FULL_FINETUNE_LR, "min_lr": FULL_FINETUNE_LR / 10, **given}
     if "lr" in given and "min_lr" not in given:
         given["min_lr"] = given["lr"] / 10
-    settings = replace(FINETUNE_DEFAULTS, **given)
-    lora_config = lora_config_from_args(args)
+    family = base_family(args.base)  # its defaults: the modules to adapt, the validation windows
+    settings = settings_from_flags(
+        replace(FINETUNE_DEFAULTS, eval_windows=family.default_eval_windows), given
+    )
+    lora_config = lora_config_from_args(args, ",".join(family.default_lora_targets))
     block_size = args.block_size
     if block_size is None and args.base == SMOLLM2:
         block_size = SMOLLM2_BLOCK_SIZE
@@ -158,12 +202,13 @@ def run_finetune(args) -> None:
         dtype=args.dtype,
     )
     print(metrics["summary"])
+    before, after = metrics["val_bits_per_byte_before"], metrics["val_bits_per_byte_after"]
     print(
-        f"{args.corpus} val: {metrics['val_bits_per_byte_before']:.4f} -> {metrics['val_bits_per_byte_after']:.4f} "
+        f"{metrics['corpus']} val: {before:.4f} -> {after:.4f} "
         f"bits/byte, {metrics['result']['tokens_per_second']:,.0f} tokens/s, {metrics['result']['wall_seconds']:.1f} s"
     )
-    held = "in float32" if args.quantized is None else f"held quantized ({args.quantized})"
-    if args.dtype == "bfloat16":
+    held = "in float32" if metrics["quantized"] is None else f"held quantized ({metrics['quantized']})"
+    if metrics["dtype"] == "bfloat16":  # what the run used: a resumed run's come from its state
         held = "in float32 on disk, held in bfloat16 for training"
     print(
         f"saved {metrics['saved']} ({metrics['saved_bytes']:,} bytes; the base's weights are "
@@ -192,36 +237,70 @@ def add_merge_parser(subparsers) -> None:
         "--dtype", choices=("float32", "float16"), default="float32",
         help="--base smollm2: the dtype of the merged weights in the file",
     )  # fmt: skip
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite a merged SmolLM2 folder already there"
-    )
+    add_overwrite_flag(parser, "the result of an earlier merge in --out", "--force")
     add_device_flag(parser)
     parser.set_defaults(run=run_merge)
 
 
-def run_merge(args) -> None:
-    from ..backend import resolve_device
-    from ..io.adapters import load_adapter
-    from ..io.bases import load_base
-    from ..io.checkpoint import save_checkpoint, sidecar_path
-    from ..io.provenance import provenance
+def merged_output_state(args):
+    """How merge judges what is at --out already: a Hugging Face folder (smollm2) or a merged checkpoint file."""
+    from functools import partial
+
+    from ..io.checkpoint import checkpoint_output_state
+    from ..io.run_folder import folder_output_state
+
+    return (
+        folder_output_state
+        if args.base == SMOLLM2
+        else partial(checkpoint_output_state, written_kind="merged")
+    )
+
+
+def check_merge_output(args) -> None:
+    """Refuse, before the base loads, an --out that is an input, or holds what merge may not replace."""
+    from ..io.bases import base_file
+    from ..io.checkpoint import sidecar_path
+    from ..io.run_folder import check_output
 
     if args.base != SMOLLM2:
         sidecar_path(args.out)  # a name its own JSON sidecar would overwrite is refused before the work
+        if args.dtype != "float32":
+            raise ValueError("--dtype applies to --base smollm2; a GPT checkpoint is merged in float32")
+    inputs = [("--base", base_file(args.base)), ("--adapter", args.adapter)]
+    check_output(args.out, "merge", args.overwrite, inputs, merged_output_state(args))
+
+
+def run_merge(args) -> None:
+    from ..io.adapters import load_adapter
+    from ..io.bases import load_base
+
+    check_merge_output(args)
     base = load_base(args.base, args.device, quantized=args.quantized)
     lora_model = load_adapter(base.model, args.adapter, args.allow_base_mismatch)
     merged = lora_model.merge_and_unload()
     if args.base == SMOLLM2:
         from ..io.hf_checkpoint import save_hf_llama
 
-        save_hf_llama(merged, args.out, args.dtype, overwrite=args.force)
+        save_hf_llama(merged, args.out, args.dtype, overwrite=args.overwrite)
         print(
             f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
             f"(a Hugging Face Llama checkpoint in {args.dtype}, {merged.num_parameters():,} parameters)"
         )
         return
-    if args.dtype != "float32":
-        raise ValueError("--dtype applies to --base smollm2; a GPT checkpoint is merged in float32")
+    save_merged_checkpoint(args, base, lora_model, merged)
+    print(
+        f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
+        f"({merged.num_parameters():,} parameters, as the base)"
+    )
+
+
+def save_merged_checkpoint(args, base, lora_model, merged) -> None:
+    """The merged GPT as a checkpoint at --out, under the output's lock (replacing only an earlier merge's)."""
+    from ..backend import resolve_device
+    from ..io.checkpoint import save_checkpoint
+    from ..io.provenance import provenance
+    from ..io.run_folder import claimed_output
+
     metadata = {
         "kind": "merged",
         "config": merged.config.to_dict(),
@@ -230,33 +309,29 @@ def run_merge(args) -> None:
         "lora_config": lora_model.lora_config.to_dict(),
         "provenance": provenance(resolve_device(args.device)),
     }
-    save_checkpoint(args.out, merged.params, metadata)
-    print(
-        f"merged {len(lora_model.adapted_modules)} adapted weights into {args.out} "
-        f"({merged.num_parameters():,} parameters, as the base)"
-    )
+    with claimed_output(args.out, "merge", args.overwrite, merged_output_state(args)):
+        save_checkpoint(args.out, merged.params, metadata)
 
 
 def add_info_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="describe a checkpoint or an adapter",
-        description="Print a checkpoint's config and parameter table, or an adapter's LoRA settings, "
-        "per-module table and trainable-parameter summary.",
+        help="describe any file minilora writes: a checkpoint, an adapter or its run, PEFT, HF, GGUF",
+        description="Print a checkpoint's config and parameter table; an adapter's LoRA settings, "
+        "per-module table and trainable-parameter summary (and, for a run folder, what the run did); a "
+        "PEFT adapter folder's or a Hugging Face checkpoint folder's config and tensors; or a GGUF file's.",
     )
-    parser.add_argument("path", help="a checkpoint file or run directory, or an adapter directory")
+    parser.add_argument(
+        "path",
+        help="a checkpoint file or run folder, an adapter folder, a PEFT or HF folder, or a .gguf file",
+    )
     parser.set_defaults(run=run_info)
 
 
 def run_info(args) -> None:
-    from pathlib import Path
+    from ..io.info import describe
 
-    from ..io.adapters import ADAPTER_WEIGHTS
-    from ..io.info import describe_adapter, describe_checkpoint
-
-    path = Path(args.path)
-    is_adapter = (path / ADAPTER_WEIGHTS).is_file() or path.name == ADAPTER_WEIGHTS
-    print(describe_adapter(path) if is_adapter else describe_checkpoint(path))
+    print(describe(args.path))
 
 
 def add_peft_parsers(subparsers) -> None:
@@ -271,9 +346,7 @@ def add_peft_parsers(subparsers) -> None:
     add_checkpoint_flag(export, "--base")
     export.add_argument("--adapter", required=True, help="the minilora adapter directory")
     export.add_argument("--out", required=True, help="the PEFT adapter directory to write")
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace a PEFT adapter already in --out (refused otherwise)"
-    )
+    add_overwrite_flag(export, "a PEFT adapter an earlier export-peft wrote in --out")
     export.add_argument("--allow-base-mismatch", action="store_true")
     add_device_flag(export)
     export.set_defaults(run=run_export_peft)
@@ -286,15 +359,19 @@ def add_peft_parsers(subparsers) -> None:
     add_checkpoint_flag(imported, "--base")
     imported.add_argument("--peft", required=True, help="the PEFT adapter directory")
     imported.add_argument("--out", required=True, help="the minilora adapter directory to write")
+    add_overwrite_flag(imported, "an adapter an earlier import-peft wrote in --out")
     add_device_flag(imported)
     imported.set_defaults(run=run_import_peft)
 
 
 def run_export_peft(args) -> None:
     from ..io.adapters import load_adapter
-    from ..io.bases import load_base
+    from ..io.bases import base_file, load_base
     from ..io.peft import export_peft
+    from ..io.run_folder import check_output
 
+    inputs = [("--base", base_file(args.base)), ("--adapter", args.adapter)]
+    check_output(args.out, "export-peft", args.overwrite, inputs)
     base = load_base(args.base, args.device)
     model = load_adapter(base.model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
     path = export_peft(model, args.out, overwrite=args.overwrite)
@@ -302,12 +379,24 @@ def run_export_peft(args) -> None:
 
 
 def run_import_peft(args) -> None:
-    from ..io.adapters import save_adapter
-    from ..io.bases import load_base
-    from ..io.peft import import_peft
+    from pathlib import Path
 
+    from ..io.adapters import ADAPTER_WEIGHTS, save_adapter
+    from ..io.bases import base_file, load_base
+    from ..io.peft import import_peft
+    from ..io.run_folder import check_output, write_output_folder
+
+    check_output(
+        args.out, "import-peft", args.overwrite, [("--base", base_file(args.base)), ("--peft", args.peft)]
+    )
     model = import_peft(load_base(args.base, args.device).model, args.peft)
-    path = save_adapter(model, args.out, allow_noop=True, extra={"imported_from": str(args.peft)})
+    extra = {"imported_from": str(args.peft)}
+
+    def write(folder) -> None:
+        save_adapter(model, folder, allow_noop=True, extra=extra)
+
+    write_output_folder(args.out, write, "import-peft", args.overwrite)
+    path = Path(args.out) / ADAPTER_WEIGHTS
     print(f"wrote {path} ({len(model.adapted_modules)} adapted modules, r={model.lora_config.r})")
 
 

@@ -38,6 +38,12 @@ def read_prompt(value: str) -> str:
     return _utf8(payload, f"--prompt file {str(path)!r}")
 
 
+def stdin_lines():
+    """Standard input's lines as they come, without their line ends; ValueError naming a line that is not UTF-8."""
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        yield _utf8(raw, f"standard input line {number}").rstrip("\r\n")
+
+
 def _utf8(payload: bytes, source: str) -> str:
     try:
         return payload.decode("utf-8")

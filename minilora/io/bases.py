@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import GPTConfig
+from ..llama import LlamaConfig
 from .checkpoint import load_model, resolve_checkpoint_path
 from .data import SHIPPED_BASE
 from .tokenizer import ByteTokenizer
@@ -33,6 +35,22 @@ class Base:
     @property
     def is_byte_level(self) -> bool:
         return isinstance(self.tokenizer, ByteTokenizer)
+
+
+def base_family(spec: str | None) -> type:
+    """The config class of the family ``spec`` names, known before any weight is read.
+
+    SmolLM2 is a Llama; every checkpoint minilora reads is a GPT. The command line takes the family's
+    fine-tuning defaults from it (``default_lora_targets``, ``default_eval_windows``).
+    """
+    return LlamaConfig if spec == SMOLLM2 else GPTConfig
+
+
+def base_file(spec: str | None):
+    """The file ``load_base(spec)`` reads: the shipped base or a checkpoint; None for smollm2 (fetched later)."""
+    if spec == SMOLLM2:
+        return None
+    return resolve_checkpoint_path(SHIPPED_BASE if spec is None else spec)
 
 
 def load_base(spec: str | None = None, device: str | None = None, block_size: int | None = None,

@@ -58,7 +58,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     """The conversations of a JSON Lines file, each line checked: {"messages": [{"role", "content"}, ...]}."""
     path = Path(path)
     conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = utf8_line(raw, path, number)
         if not line.strip():
             continue
         try:
@@ -78,6 +79,16 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
             f"{path}: needs at least two conversations (training and validation), got {len(conversations)}"
         )
     return conversations
+
+
+def utf8_line(raw: bytes, path: Path, number: int) -> str:
+    """Line ``number`` of ``path`` as text; ChatDataError naming the file, the line and the byte if not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ChatDataError(
+            f"{path}:{number}: not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} of the line"
+        ) from None
 
 
 def render(conversations: list[list[dict]]) -> bytes:

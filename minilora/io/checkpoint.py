@@ -7,7 +7,9 @@ beside it (``<name>.json``); the safetensors file is the authority.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, and then renamed over
 the old file. A rename within one file system is atomic, so a crash or an error at any point leaves
-either the old checkpoint or the new one, never a mixture or a truncated file.
+either the old checkpoint or the new one, never a mixture or a truncated file. A training run keeps
+the checkpoint before the current one too (``keep_previous``: ``x.safetensors`` is linked as
+``x.previous.safetensors`` before it is replaced), so a checkpoint that turns out bad is not the only one.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from ..backend import to_numpy
@@ -97,6 +101,34 @@ def sidecar_path(path) -> Path:
     return sidecar
 
 
+def previous_path(path) -> Path:
+    """Where the file before ``path``'s current one is kept: ``x.safetensors`` -> ``x.previous.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def keep_previous(path, sidecar: bool = True) -> None:
+    """Before ``path`` is replaced, make its current file ``previous_path(path)`` too (its JSON sidecar alike).
+
+    A hard link (a copy where links are not supported) under a temporary name, renamed over the
+    previous one: ``path`` itself is never missing, and the previous file is whole, old or older.
+    """
+    path = Path(path)
+    pairs = [(path, previous_path(path))]
+    if sidecar:
+        pairs.append((sidecar_path(path), sidecar_path(previous_path(path))))
+    for current, previous in pairs:
+        if not current.is_file():
+            continue
+        staged = temp_path(previous)
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(current, staged)
+        except OSError:
+            shutil.copy2(current, staged)
+        os.replace(staged, previous)
+
+
 def save_checkpoint(path, params: dict, metadata: dict, optimizer_state: dict | None = None) -> None:
     """Save parameters, optional optimiser state and JSON-able metadata to ``path`` atomically."""
     sidecar = sidecar_path(path)  # checked before anything is written
@@ -129,6 +161,46 @@ def load_checkpoint(path) -> Checkpoint:
     if "optimizer_step_count" in metadata:
         optimizer = {"step_count": metadata["optimizer_step_count"], "buffers": buffers}
     return Checkpoint(params=params, optimizer=optimizer, metadata=metadata)
+
+
+def metadata_document(path: Path) -> str | None:
+    """The JSON text a checkpoint file holds in its metadata, read from its header alone; None if it has none."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get(METADATA_KEY)
+    except (OSError, SafetensorError):
+        return None
+
+
+def document_kind(document: str):
+    """The ``kind`` a checkpoint's metadata document records (None if it records none, or is no JSON object)."""
+    try:
+        parsed = json.loads(document)
+    except ValueError:
+        return None
+    return parsed.get("kind") if isinstance(parsed, dict) else None
+
+
+def checkpoint_output_state(path, command: str, written_kind: str) -> tuple[list[str], str | None]:
+    """(what exists of the output ``path`` and its sidecar, why it may not be replaced or None).
+
+    Only a checkpoint whose metadata says ``written_kind`` (what ``command`` writes: "merged" for
+    merge) may be replaced, and a JSON sidecar beside it only if it is that checkpoint's own: a
+    pretraining checkpoint replaced by a merge loses its optimiser state, a user's ``x.json`` is theirs.
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    held = [p.name for p in (path, sidecar) if p.exists()]
+    if path.is_dir():
+        return held, "is a folder, not a checkpoint file"
+    document = metadata_document(path) if path.is_file() else None
+    if path.exists() and document is None:
+        return held, f"is not a checkpoint minilora {command} wrote"
+    if document is not None and (kind := document_kind(document)) != written_kind:
+        return held, f"is a {kind!r} checkpoint, not one minilora {command} wrote"
+    if sidecar.exists() and (document is None or sidecar.read_bytes() != (document + "\n").encode()):
+        return held, f"would take {sidecar} as its JSON sidecar, a file minilora {command} did not write"
+    return held, None
 
 
 BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.")  # a GPT block's parameters: transformer.h.<i>.

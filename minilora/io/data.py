@@ -103,10 +103,23 @@ def load_chat_corpus(name_or_path: str) -> Corpus:
     return Corpus(name, read_only(chat_data.render(train)), read_only(chat_data.render(val)))
 
 
+def corpus_files(name_or_path: str) -> list[Path]:
+    """The files ``load_corpus(name_or_path)`` reads: a shipped corpus's two splits, or the path itself."""
+    shipped = "devils_dictionary" if name_or_path == DEVILS_DICTIONARY_CHAT else name_or_path
+    if shipped in SHIPPED_CORPORA:
+        return [shipped_path(shipped, split) for split in ("train", "val")]
+    return [Path(name_or_path)]
+
+
+def shipped_path(name: str, split: str) -> Path:
+    """The file of one split of a shipped corpus: data/NAME.SPLIT.txt.xz."""
+    return DATA_DIR / f"{name}.{split}.txt.xz"
+
+
 @functools.cache  # read-only arrays, safe to share: each file is decompressed once per process
 def read_shipped(name: str, split: str) -> np.ndarray:
     """Decompress one split of a shipped corpus into a read-only uint8 array."""
-    path = DATA_DIR / f"{name}.{split}.txt.xz"
+    path = shipped_path(name, split)
     if not path.is_file():
         raise CorpusError(
             f"shipped corpus file missing: {path} (reinstall minilora: `pip install .` or "

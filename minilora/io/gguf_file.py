@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..validate import check_int
+
 # The config's keys, each read from the metadata key "llama." + the name on the right.
 LLAMA_CONFIG_KEYS = {
     "n_layer": "block_count",  # transformer blocks
@@ -63,8 +65,26 @@ LLAMA_CONFIG_KEYS = {
 }
 
 
+# What gguf's reader raises on a header it cannot follow: a count or a length that runs past the end
+# (IndexError from an empty slice of the memory map), a duplicated key (KeyError), bytes that are not
+# a valid type or string (ValueError, UnicodeDecodeError among them), a size that overflows.
+READER_FAILURES = (ValueError, IndexError, KeyError, OverflowError, MemoryError)
+
+
+LLAMA_COUNTS = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_inner", "block_size")  # integers >= 1
+
+
 class GGUFError(ValueError):
-    """A file is not a GGUF file minilora can read; the message names the problem."""
+    """A file is not a GGUF file minilora can read; the message names the file and the problem."""
+
+
+def corrupt(path: Path, err: Exception) -> GGUFError:
+    """The one-line error for a GGUF file whose header or tensor table gguf's reader could not follow."""
+    size = path.stat().st_size
+    return GGUFError(
+        f"{path} is not a GGUF file gguf can read: it is truncated or corrupt ({size:,} bytes; "
+        f"{type(err).__name__}: {err})"
+    )
 
 
 def import_gguf():
@@ -84,8 +104,18 @@ def open_gguf(path: str | os.PathLike):
         raise GGUFError(f"no such GGUF file: {path}")
     try:
         return gguf.GGUFReader(path)
-    except ValueError as err:  # the reader's complaint about the magic number, version or layout
-        raise GGUFError(f"{path} is not a GGUF file gguf can read: {err}") from err
+    except READER_FAILURES as err:  # the magic number, the version, or a header it cannot follow
+        raise corrupt(path, err) from err
+
+
+def read_gguf(path: str | os.PathLike):
+    """An open reader on ``path`` and the file's metadata (metadata_of); GGUFError naming the file if either fails."""
+    path = Path(path)
+    reader = open_gguf(path)
+    try:
+        return reader, metadata_of(reader)
+    except READER_FAILURES as err:  # a string that is not UTF-8, a value of a type gguf does not know
+        raise corrupt(path, err) from err
 
 
 def metadata_of(reader) -> dict:
@@ -95,7 +125,7 @@ def metadata_of(reader) -> dict:
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a GGUF file, keys as in the file ("llama.block_count", "tokenizer.ggml.tokens")."""
-    return metadata_of(open_gguf(path))
+    return read_gguf(path)[1]
 
 
 def llama_config(metadata: dict) -> dict:
@@ -115,11 +145,24 @@ def llama_config(metadata: dict) -> dict:
     if missing:
         raise GGUFError(f"the GGUF metadata lacks {missing}, needed for the model's config")
     config = {name: metadata[f"llama.{key}"] for name, key in LLAMA_CONFIG_KEYS.items()}
+    for name in LLAMA_COUNTS:  # before anything divides by them
+        try:
+            config[name] = check_int(f"llama.{LLAMA_CONFIG_KEYS[name]}", config[name], minimum=1)
+        except ValueError as err:
+            raise GGUFError(f"the GGUF metadata's {err}") from None
     config["head_size"] = config["n_embd"] // config["n_head"]
     config["rope_dim"] = metadata.get("llama.rope.dimension_count", config["head_size"])
     config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     config["name"] = metadata.get("general.name", "")
     return config
+
+
+def file_config(path, metadata: dict) -> dict:
+    """llama_config of the file ``path``'s metadata; its GGUFError names the file."""
+    try:
+        return llama_config(metadata)
+    except GGUFError as err:
+        raise GGUFError(f"{path}: {err}") from err
 
 
 def load_gguf_blocks(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str | None, np.ndarray, tuple]]]:
@@ -129,8 +172,8 @@ def load_gguf_blocks(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str
     "q8_0", its raw bytes (rows, bytes per row) uint8, (rows, values per row)), or (None, float32
     values, their shape) for the float tensors. minilora.quant reads the blocks.
     """
-    reader = open_gguf(path)
-    config = llama_config(metadata_of(reader))
+    reader, metadata = read_gguf(path)
+    config = file_config(path, metadata)
     tensors = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
@@ -155,8 +198,8 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     Each array is a fresh, writable copy; the file is not held open afterwards.
     """
     gguf = import_gguf()
-    reader = open_gguf(path)
-    config = llama_config(metadata_of(reader))
+    reader, metadata = read_gguf(path)
+    config = file_config(path, metadata)
     tensors = {}
     for tensor in reader.tensors:
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne[0] (fastest) first

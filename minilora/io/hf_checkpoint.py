@@ -10,7 +10,8 @@ field names, and every tensor under its Hugging Face name in ``torch.nn.Linear``
 
 A matrix held quantized is written dequantized, so a merged QLoRA model (the dequantized base plus
 the adapter folded in, ``LoraModel.merge_and_unload``) becomes an ordinary dense checkpoint, in
-float32 or float16. The tokenizer is not written: it is the base model's own.
+float32 or float16. The tokenizer is not written: it is the base model's own. The folder also holds
+minilora's manifest (``.minilora-output.json``), which transformers ignores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ..llama import EMBED, Llama
 from .checkpoint import atomic_write_bytes
+from .run_folder import write_output_folder
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -62,7 +64,12 @@ def hf_tensor(name: str, value, dtype) -> np.ndarray:
 
 
 def save_hf_llama(model: Llama, directory, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write ``model`` (a plain Llama: merge an adapter first) as a Hugging Face checkpoint folder."""
+    """Write ``model`` (a plain Llama: merge an adapter first) as a Hugging Face checkpoint folder.
+
+    The folder is written whole (run_folder.write_output_folder): weights and config are renamed
+    into place together, so no crash leaves float16 weights beside a float32 config. A folder
+    there already is replaced only with ``overwrite``, and only if an earlier merge wrote it.
+    """
     if model.config.family != "llama" or model.has_adapters:
         raise ValueError(
             f"save_hf_llama writes a plain Llama, got {type(model).__name__}: merge_and_unload() first"
@@ -74,14 +81,12 @@ def save_hf_llama(model: Llama, directory, dtype: str = "float32", overwrite: bo
             "this Llama keeps GGUF's adjacent-pair q/k rows; Hugging Face's are rotate-half: "
             "build it with rope_pairing='half' to export it"
         )
-    directory = Path(directory)
-    existing = [name for name in (HF_CONFIG, HF_WEIGHTS) if (directory / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{directory} already holds {', '.join(existing)}: choose another folder or --force"
-        )
     tensors = {name: hf_tensor(name, value, HF_DTYPES[dtype]) for name, value in model.params.items()}
-    atomic_write_bytes(directory / HF_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
     config = json.dumps(hf_llama_config(model, dtype), indent=2) + "\n"
-    atomic_write_bytes(directory / HF_CONFIG, config.encode())
-    return directory
+
+    def write(folder: Path) -> None:
+        atomic_write_bytes(folder / HF_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(folder / HF_CONFIG, config.encode())
+
+    write_output_folder(directory, write, "merge", overwrite)
+    return Path(directory)

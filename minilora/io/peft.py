@@ -32,7 +32,7 @@ from ..lora.model import LoraModel, as_plain_lora, lora_model_over
 from .adapters import AdapterError, install_adapter
 from .checkpoint import atomic_write_bytes
 from .json_text import read_json_object
-from .run_folder import write_folder_whole
+from .run_folder import write_output_folder
 from .safetensors_read import read_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -60,8 +60,8 @@ def export_peft(model: LoraModel, directory, overwrite: bool = False) -> Path:
     """Write the active adapter in PEFT's format (a PiSSA adapter as its equivalent rank-2r LoRA).
 
     The two files are written into a temporary folder renamed whole into ``directory``
-    (run_folder.write_folder_whole), so new weights never meet an old config. A non-empty
-    ``directory`` is refused unless ``overwrite`` (and it holds only a PEFT adapter's files).
+    (run_folder.write_output_folder), so new weights never meet an old config. A folder there
+    already is replaced only with ``overwrite``, and only if an earlier export-peft wrote it.
     """
     adapter = model.adapter
     config, tensors = adapter.config, {name: adapter.tensors[name] for name in adapter.trainable}
@@ -99,7 +99,7 @@ def export_peft(model: LoraModel, directory, overwrite: bool = False) -> Path:
             folder / PEFT_CONFIG, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
         )
 
-    write_folder_whole(directory, write, (PEFT_WEIGHTS, PEFT_CONFIG), overwrite)
+    write_output_folder(directory, write, "export-peft", overwrite)
     return Path(directory) / PEFT_WEIGHTS
 
 

@@ -1,4 +1,8 @@
-"""Run folders that a run never loses: one writer at a time, no silent overwrite, a writable disk.
+"""Outputs that a command never loses: one writer at a time, no silent overwrite, a writable disk.
+
+Every command that takes ``--out`` first refuses an output that is one of its own inputs, or a
+folder holding one (``refuse_output_over_inputs``): ``finetune --base runs/x --out runs/x`` would
+otherwise write over the base it is about to read.
 
 A training job claims its output folder before it trains (``claim_run_folder``), in four steps:
 
@@ -10,25 +14,35 @@ A training job claims its output folder before it trains (``claim_run_folder``),
 2. a probe: a temporary file created, written, flushed and removed, so that a read-only or
    missing folder is found before the training, not at the first save after it.
 3. leftovers: temporary files of atomic writes (``.<name>.tmp-<pid>``, checkpoint.temp_path)
-   whose writer is no longer alive are removed; nothing else is touched.
+   and the staging folder of a replacing run beside it, whose writer is no longer alive, are
+   removed; nothing else is touched.
 4. the refusal: a folder that already holds a run's files is refused unless the job resumes it
-   or was told to replace it (``overwrite``: those files, and only those, are removed first).
+   or was told to replace it (``overwrite``). A replacing run writes into a staging folder beside
+   (``.<name>.tmp-<pid>``) and is swapped in when it ends; until then the old run stays whole,
+   and a run that fails or is killed leaves it as it was. A folder holding anything but a run's
+   files is not minilora's to replace, and is refused even then.
 
-A folder whose files only make sense together (a PEFT adapter's weights and config) is written
-whole instead (``write_folder_whole``): into a temporary folder beside it, then renamed into place.
+The result of a conversion (``merge``, ``export-peft``, ``import-peft``) is claimed the same way
+(``claimed_output``): a lock beside it (``.<name>.lock``), and an existing result replaced only
+with ``overwrite``, only if minilora's same command wrote it, and only once the new one is
+complete. A folder whose files only make sense together (a PEFT adapter's weights and config, a
+Hugging Face checkpoint's) is written whole (``write_folder_whole``): into a staging folder beside
+it, with a manifest (``.minilora-output.json``: the command, the files) that says it is
+minilora's, then renamed into place. Readers see the old folder or the new one, never a mixture.
 
-Locks are advisory and POSIX: without ``fcntl`` (Windows) step 1 is skipped.
+Locks are advisory and POSIX: without ``fcntl`` (Windows) no second writer is detected.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import TEMP_NAME, temp_path
+from .checkpoint import TEMP_NAME, atomic_write_bytes, temp_path
 
 try:
     import fcntl
@@ -36,50 +50,77 @@ except ImportError:  # Windows: no advisory locks, a second writer is not detect
     fcntl = None
 
 LOCK_NAME = ".minilora.lock"
+MANIFEST_NAME = ".minilora-output.json"  # in a folder written whole: which command wrote it, which files
 
 
 class RunFolderError(ValueError):
-    """An output folder is in use, holds a run already, or cannot be written; the message names it."""
+    """An output is in use, holds a result already, is an input, or cannot be written; the message names it."""
 
 
 def cannot_write(directory, err: OSError) -> RunFolderError:
     return RunFolderError(f"cannot write to {directory}: {err.strerror or err}")
 
 
+def refuse_output_over_inputs(out, inputs) -> None:
+    """RunFolderError if ``out`` is one of ``inputs`` or a folder holding one, before anything is written.
+
+    ``inputs``: (flag, path) pairs of what the command reads, e.g. ("--base", "runs/x"); a path of
+    None (smollm2, fetched later) or of no file (the read fails, naming it) is skipped. Paths are
+    compared resolved, symbolic links followed.
+    """
+    target = Path(out).resolve()
+    for flag, path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        read = Path(path).resolve()
+        if read == target or target in read.parents:
+            relation = "is" if read == target else "holds"
+            raise RunFolderError(
+                f"--out {out} {relation} the {flag} input {path}: writing there would destroy what this "
+                "command reads; choose another --out"
+            )
+
+
 @contextmanager
 def folder_lock(directory):
     """Hold an exclusive lock on ``directory`` for the ``with`` block; refuse if another process has it."""
-    directory = Path(directory)
-    lock_path = directory / LOCK_NAME
+    with path_lock(Path(directory) / LOCK_NAME, directory):
+        yield
+
+
+@contextmanager
+def path_lock(lock_path: Path, locked_thing):
+    """Hold an exclusive lock on the file ``lock_path`` for the ``with`` block; messages name ``locked_thing``."""
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise cannot_write(directory, err) from err
+        raise cannot_write(lock_path.parent, err) from err
     locked = False
     try:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # never wait: refuse at once
             except BlockingIOError:
-                raise in_use(directory, os.pread(fd, 32, 0)) from None
+                raise in_use(locked_thing, os.pread(fd, 32, 0)) from None
             if not same_file(fd, lock_path):  # its holder removed it as we opened it: it is another's now
-                raise in_use(directory, b"")
+                raise in_use(locked_thing, b"")
         locked = True
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:  # a full disk: the pid cannot be recorded, so the folder is no place to write
+            raise cannot_write(locked_thing, err) from err
         yield
     finally:
-        if locked:
+        if locked and same_file(fd, lock_path):  # a folder swapped in under us holds no lock of ours
             lock_path.unlink(missing_ok=True)  # before the lock goes, so no one locks a removed file
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def in_use(directory, holder: bytes) -> RunFolderError:
+def in_use(thing, holder: bytes) -> RunFolderError:
     pid = holder.decode(errors="replace").strip()
     by = f" (pid {pid})" if pid.isdigit() else ""
-    return RunFolderError(
-        f"{directory} is in use by another run{by}; wait for it to end or choose another --out"
-    )
+    return RunFolderError(f"{thing} is in use by another run{by}; wait for it to end or choose another --out")
 
 
 def same_file(fd: int, path: Path) -> bool:
@@ -115,26 +156,89 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_writers_temp(path: Path) -> bool:
+    """True if ``path`` is named as a temporary of temp_path and its writer has died."""
+    match = TEMP_NAME.fullmatch(path.name)
+    return bool(match) and not pid_alive(int(match["pid"]))
+
+
 def remove_stale_temp_files(directory) -> list[Path]:
     """Remove the temporary files of atomic writes in ``directory`` whose writer has died; returns them."""
     removed = []
     for path in sorted(Path(directory).iterdir()):
-        match = TEMP_NAME.fullmatch(path.name)
-        if match and path.is_file() and not pid_alive(int(match["pid"])):
+        if path.is_file() and dead_writers_temp(path):
             path.unlink()
             removed.append(path)
     return removed
 
 
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders of ``target`` (``.<name>.tmp-<pid>`` beside it) whose writer has died."""
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        if path.is_dir() and dead_writers_temp(path):
+            shutil.rmtree(path)
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``: the old one renamed aside, the new one renamed in, the old removed.
+
+    A crash between the two renames leaves the old folder whole as ``.<name>.old-<pid>``.
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside)
+
+
+class RunFolder:
+    """Where a claimed run writes: its folder (``final``), or a staging folder beside it while it replaces a run.
+
+    ``finish`` swaps the staging folder in (the run is complete); ``discard`` removes it (the run
+    failed), leaving the old run as it was. For a run written in place both do nothing.
+    """
+
+    def __init__(self, final: Path, replacing: bool = False):
+        self.final = final
+        self.path = temp_path(final) if replacing else final
+        if replacing:
+            remove_stale_staging(final)
+            try:
+                self.path.mkdir()
+            except OSError as err:
+                raise cannot_write(final.parent, err) from err
+
+    def finish(self) -> None:
+        if self.path != self.final and self.path.exists():
+            swap_folder(self.path, self.final)
+
+    def discard(self) -> None:
+        if self.path != self.final and self.path.exists():
+            shutil.rmtree(self.path)
+
+
+def foreign_names(directory: Path, run_files) -> list[str]:
+    """What ``directory`` holds besides a run's files, its lock and temporary files: none of minilora's doing."""
+    ours = {*run_files, LOCK_NAME}
+    return sorted(
+        p.name for p in directory.iterdir() if p.name not in ours and not TEMP_NAME.fullmatch(p.name)
+    )
+
+
 @contextmanager
-def claim_run_folder(directory, run_files, resume: bool = False, overwrite: bool = False):
+def claim_run_folder(directory, run_files, resume: bool = False, overwrite: bool = False, inputs=()):
     """Lock, probe and clean ``directory`` (made if missing) for a run that writes ``run_files``.
 
-    A folder holding any of ``run_files`` is refused unless ``resume`` (the job continues that run)
-    or ``overwrite`` (those files are removed before training starts). Yields the folder's Path.
+    ``directory`` must not be, nor hold, one of ``inputs`` ((flag, path) pairs). A folder holding
+    any of ``run_files`` is refused unless ``resume`` (the job continues that run) or ``overwrite``
+    (the new run is written beside and replaces the folder when the ``with`` block ends without an
+    error; refused if the folder holds anything else). Yields the RunFolder to write into.
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+    refuse_output_over_inputs(directory, inputs)
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -143,51 +247,127 @@ def claim_run_folder(directory, run_files, resume: bool = False, overwrite: bool
     with folder_lock(directory):
         probe_writable(directory)
         remove_stale_temp_files(directory)
+        remove_stale_staging(directory)  # a killed replacing run's, beside the folder
         existing = [name for name in run_files if (directory / name).exists()]
         if existing and not (resume or overwrite):
             raise RunFolderError(
                 f"{directory} holds a run already ({', '.join(existing)}); pass --resume to continue it "
                 "or --overwrite to replace it"
             )
-        if overwrite:
-            for name in existing:
-                (directory / name).unlink()
-        yield directory
+        foreign = foreign_names(directory, run_files) if existing and overwrite else []
+        if foreign:
+            raise RunFolderError(
+                f"{directory} holds files that are not a minilora run's ({', '.join(foreign)}); "
+                "--overwrite replaces only a run folder: choose another --out"
+            )
+        folder = RunFolder(directory, replacing=bool(existing) and overwrite)
+        try:
+            yield folder
+        except BaseException:
+            folder.discard()
+            raise
+        folder.finish()
 
 
-def write_folder_whole(directory, write, replaceable, overwrite: bool = False) -> Path:
-    """Have ``write(folder)`` fill a new folder, then put it at ``directory`` by renaming it whole.
+def manifest_problem(directory: Path, kind: str) -> str | None:
+    """Why the folder ``directory`` is not a result of minilora's ``kind`` (by its manifest), or None."""
+    held = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST_NAME)
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        written_by, files = manifest["written_by"], set(manifest["files"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return f"holds files minilora {kind} did not write ({', '.join(held)})"
+    if written_by != f"minilora {kind}":
+        return f"was written by {written_by}, not by minilora {kind}"
+    others = [name for name in held if name not in files]
+    if others:
+        return f"holds files minilora {kind} did not write ({', '.join(others)})"
+    return None
 
-    Readers see the old folder or the new one, never a mixture: the files are written into
-    ``.<name>.tmp-<pid>`` beside ``directory`` first. A ``directory`` that holds files is refused
-    unless ``overwrite``, and even then if it holds anything but the names in ``replaceable``. It
-    is renamed aside, the new folder renamed in and the old one removed; a crash in between leaves
-    the old folder complete as ``.<name>.old-<pid>``.
+
+def folder_output_state(path: Path, kind: str) -> tuple[list[str], str | None]:
+    """(what the output folder ``path`` holds, why it may not be replaced or None) for a folder result."""
+    if not path.exists():
+        return [], None
+    if not path.is_dir():
+        return [path.name], f"is a file, not a folder minilora {kind} wrote"
+    held = sorted(p.name for p in path.iterdir())
+    return held, manifest_problem(path, kind) if held else None
+
+
+def refuse_existing_output(path, kind: str, overwrite: bool, state=folder_output_state) -> None:
+    """RunFolderError if ``path`` holds a result: always if minilora's ``kind`` did not write it.
+
+    A result that it wrote is refused unless ``overwrite``. ``state(path, kind)``: (the names held
+    there, why they may not be replaced or None).
+    """
+    path = Path(path)
+    held, problem = state(path, kind)
+    if not held:
+        return
+    if problem is not None:
+        raise RunFolderError(
+            f"{path} {problem}; it is not replaced even with --overwrite: choose another --out"
+        )
+    if not overwrite:
+        raise RunFolderError(
+            f"{path} holds the result of an earlier minilora {kind} ({', '.join(held)}); "
+            "pass --overwrite to replace it"
+        )
+
+
+def check_output(out, kind: str, overwrite: bool, inputs, state=folder_output_state) -> None:
+    """Before a command reads anything: refuse an ``out`` that is or holds one of ``inputs``, or a result there.
+
+    The result is checked again, under the lock, when it is written (``claimed_output``).
+    """
+    refuse_output_over_inputs(out, inputs)
+    refuse_existing_output(out, kind, overwrite, state)
+
+
+@contextmanager
+def claimed_output(path, kind: str, overwrite: bool = False, state=folder_output_state):
+    """Lock the output ``path`` of the command ``kind`` (beside it) and refuse a result there; yields its Path.
+
+    See refuse_existing_output for ``overwrite`` and ``state``. The caller writes it whole.
+    """
+    path = Path(path).absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise cannot_write(path.parent, err) from err
+    with path_lock(path.with_name(f".{path.name}.lock"), path):
+        refuse_existing_output(path, kind, overwrite, state)
+        yield path
+
+
+def write_folder_whole(directory, write, kind: str) -> Path:
+    """Have ``write(folder)`` fill a new folder, add minilora's manifest, then swap it in at ``directory``.
+
+    The files are written into ``.<name>.tmp-<pid>`` beside ``directory`` first; a failure or a
+    kill at any point leaves ``directory`` as it was (a killed writer's staging folder is removed
+    by the next write). The caller has claimed ``directory`` (``claimed_output``).
     """
     directory = Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise RunFolderError(f"{directory} is a file, not a folder")
-    held = sorted(path.name for path in directory.iterdir()) if directory.exists() else []
-    if held and not overwrite:
-        raise RunFolderError(f"{directory} is not empty ({', '.join(held)}); pass --overwrite to replace it")
-    foreign = [name for name in held if name not in replaceable]
-    if foreign:
-        raise RunFolderError(f"{directory} holds other files ({', '.join(foreign)}); choose another --out")
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(directory)
     staging = temp_path(directory)
     if staging.exists():  # left by this very process (the pid is ours) after an earlier failure
         shutil.rmtree(staging)
     staging.mkdir()
     try:
         write(staging)
-        if held:
-            aside = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, aside)
-            os.replace(staging, directory)
-            shutil.rmtree(aside)
-        else:
-            os.replace(staging, directory)  # an empty folder is replaced in one rename
+        manifest = {"written_by": f"minilora {kind}", "files": sorted(p.name for p in staging.iterdir())}
+        atomic_write_bytes(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # an empty folder (made by hand, or by a test) is replaced in one rename
+        swap_folder(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return directory
+
+
+def write_output_folder(directory, write, kind: str, overwrite: bool = False) -> Path:
+    """Claim ``directory`` as the result of minilora's ``kind`` and write it whole (``write(folder)`` fills it)."""
+    with claimed_output(directory, kind, overwrite) as path:
+        return write_folder_whole(path, write, kind)

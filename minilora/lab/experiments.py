@@ -224,9 +224,29 @@ def run_all(specs: list[RunSpec], results_path: Path, device: str, workers: int,
 
 
 def load_results(path: Path) -> list[dict]:
-    if not Path(path).is_file():
+    """The result rows of a runs.jsonl (none if it is missing); ValueError naming the file and a bad line."""
+    path = Path(path)
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = enumerate(path.read_bytes().splitlines(), start=1)
+    return [result_row(raw, path, number) for number, raw in lines if raw.strip()]
+
+
+def result_row(raw: bytes, path: Path, number: int) -> dict:
+    """Line ``number`` of the runs.jsonl ``path``: one run's JSON object, else a ValueError naming the line."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{number}: not UTF-8 text (byte offset {err.start} of the line)") from None
+    except json.JSONDecodeError as err:
+        row, problem = None, f"{err.msg} at offset {err.pos} of the line"
+    else:
+        problem = f"a JSON {type(row).__name__}"
+    if not isinstance(row, dict):
+        raise ValueError(
+            f"{path}:{number}: not a JSON object ({problem}); each line is one finished run: fix or delete it"
+        )
+    return row
 
 
 def best_lr(rows: list[dict], point: RunSpec) -> float:

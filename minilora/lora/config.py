@@ -111,6 +111,35 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def block_ranges(blocks: list[int]) -> str:
+    """Block indices as runs: [0, 1, 2, 5] -> "blocks 0-2, 5"; [3] -> "block 3"."""
+    runs, start = [], blocks[0]
+    for previous, index in zip(blocks, [*blocks[1:], None]):
+        if index != previous + 1:
+            runs.append(str(start) if start == previous else f"{start}-{previous}")
+            start = index
+    return f"block{'s' if len(blocks) > 1 else ''} {', '.join(runs)}"
+
+
+def module_summary(model_config) -> str:
+    """The adaptable modules as their pattern, "blocks 0-29 x {self_attn.q_proj, ...}", not one name each."""
+    blocks_of: dict[str, list[int]] = {}  # a module's name inside its block -> the blocks that have it
+    outside = []  # modules in no block
+    for name in model_config.linear_modules():
+        block = next(
+            (i for i in range(model_config.n_layer) if name.startswith(model_config.block_prefix(i))), None
+        )
+        if block is None:
+            outside.append(name)
+        else:
+            blocks_of.setdefault(name.removeprefix(model_config.block_prefix(block)), []).append(block)
+    groups: dict[tuple[int, ...], list[str]] = {}  # modules that the same blocks have, together
+    for module, blocks in blocks_of.items():
+        groups.setdefault(tuple(blocks), []).append(module)
+    parts = [f"{block_ranges(list(blocks))} x {{{', '.join(modules)}}}" for blocks, modules in groups.items()]
+    return "; ".join(parts + outside)
+
+
 def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tuple[int, int]]:
     """The modules to adapt, with their weight shapes; a clear error when the choice is not possible."""
     shapes = model_config.linear_modules()
@@ -125,8 +154,8 @@ def select_target_modules(lora_config: LoraConfig, model_config) -> dict[str, tu
         chosen = {name: shape for name, shape in chosen.items() if any(name.startswith(k) for k in keep)}
     if not chosen:
         raise ValueError(
-            f"target_modules {lora_config.target_modules!r} match no module; the modules "
-            f"that can be adapted are: {', '.join(shapes)}"
+            f"target_modules {lora_config.target_modules!r} match no module; the modules that can be "
+            f"adapted are {module_summary(model_config)} (a name matches by suffix), or all-linear"
         )
     for name, (C_in, C_out) in chosen.items():
         if lora_config.r > min(C_in, C_out):

@@ -34,13 +34,35 @@ def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None
     return chosen * block_size
 
 
+def bytes_of(targets: np.ndarray, token_bytes: np.ndarray | None = None) -> int:
+    """The bytes of text that target ids spell: one each for byte-level ids, token_bytes[id] for subwords."""
+    return targets.size if token_bytes is None else int(token_bytes[targets].sum())
+
+
+def loss_in_bits_per_byte(
+    mean_nats: float, targets: np.ndarray, token_bytes: np.ndarray | None = None
+) -> float:
+    """A mean cross-entropy over ``targets`` (nats per token) as bits per byte of the text they spell.
+
+    mean_nats * n_targets is the targets' total in nats; divided by the bytes they spell and by ln 2
+    it is what ``bits_per_byte`` reports for a split, here for one batch (the progress bar's figure).
+    """
+    return mean_nats * targets.size / bytes_of(targets, token_bytes) / math.log(2)
+
+
 def bytes_scored(
     data: np.ndarray, block_size: int, max_windows: int | None = None, token_bytes: np.ndarray | None = None
 ) -> int:
     """The bytes of text whose prediction ``bits_per_byte`` scores with the same windows: its divisor."""
     starts = window_starts(len(data), block_size, max_windows)
     targets = data[starts[:, None] + 1 + np.arange(block_size)]  # (n_windows, T) ids scored
-    return targets.size if token_bytes is None else int(token_bytes[targets].sum())
+    return bytes_of(targets, token_bytes)
+
+
+def evaluation_line(split: str, data: np.ndarray, block_size: int, max_windows: int | None = None) -> str:
+    """What an evaluation is about to score, said before it starts: "evaluating val: 8 windows of 256 tokens"."""
+    windows = len(window_starts(len(data), block_size, max_windows))
+    return f"evaluating {split}: {windows:,} window{'s' if windows != 1 else ''} of {block_size} tokens"
 
 
 def bits_per_byte(
@@ -65,5 +87,5 @@ def bits_per_byte(
         y = data[positions + 1].astype(np.int64)
         _, loss, _ = model.forward(x, y)
         total_nats += float(loss) * y.size  # the loss is a mean over the batch's B*T targets
-        total_bytes += y.size if token_bytes is None else int(token_bytes[y].sum())
+        total_bytes += bytes_of(y, token_bytes)
     return total_nats / total_bytes / math.log(2)

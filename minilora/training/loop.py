@@ -13,17 +13,21 @@ seeded with (seed, DATA_STREAM, step) and the dropout masks from a device genera
 state and k, and k steps + save + resume + (N - k) steps reproduce N steps exactly.
 
 A loss value is read (forcing a GPU sync) only every ``log_interval`` steps and at evaluations. A
-non-finite loss, and before a save a non-finite validation value or parameter, stop training with
-TrainingDiverged: a checkpoint is written only when everything in it is finite, so the last one on
-disk, written before things went wrong, is left as it was. The message says which one that is, or
-that there is none.
+non-finite loss, and before a save a non-finite validation value or parameter, or a validation
+value above DIVERGENCE_FACTOR times the best one saved so far (finite, but the run has blown up),
+stop training with TrainingDiverged: a checkpoint is written only when everything in it is finite
+and the run has not diverged, so the ones on disk, written before things went wrong, are left as
+they were. The jobs keep two of them, the current and the previous one; the message names the
+better of those (its path and step), or says that there is none.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -31,10 +35,11 @@ from ..backend import all_finite, host_rng, synchronize
 from ..optim import cosine_lr
 from ..validate import check_float, check_int
 from .batches import get_batch
-from .evaluate import bits_per_byte
+from .evaluate import bits_per_byte, evaluation_line, loss_in_bits_per_byte
 from .step import TrainingStep
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
+DIVERGENCE_FACTOR = 4.0  # a validation value above this multiple of the best saved one: diverged, not saved
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,18 +96,20 @@ def train_loop(
     progress: bool = True,
     report: bool = True,
     step=None,
-    saved_step: int | None = None,
-    saved_in=None,
+    saved: tuple[int, float] | None = None,
+    checkpoint_paths: tuple | None = None,
 ) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to ``settings.steps``; see the module docstring.
 
     ``save(step, val_bits_per_byte)``, if given, writes a checkpoint after each evaluation; the
-    loss, the validation value and the trainable parameters are checked to be finite first, so a
-    diverged model is never saved. ``saved_step``: the step of the checkpoint already on disk (the
-    one a resumed run started from), None if there is none; ``saved_in``: where the checkpoints go
-    (a folder), for the divergence message. ``progress`` shows a progress bar; ``report`` prints a
-    line per evaluation. ``step`` does one optimiser step's work on a batch of grad_accum x batch_size
-    rows, called as ``train_step`` is (default: the reference halves, ``TrainingStep``, with grad_accum).
+    loss, the validation value and the trainable parameters are checked to be finite first, and the
+    validation value to be at most DIVERGENCE_FACTOR times the best saved one, so a diverged model
+    is never saved. ``saved``: (step, val_bits_per_byte) of the checkpoint already on disk (the one
+    a resumed run started from), None if there is none; ``checkpoint_paths``: (current, previous),
+    the files the latest save and the one before it are in, for the divergence message.
+    ``progress`` shows a progress bar; ``report`` prints a line per evaluation. ``step`` does one
+    optimiser step's work on a batch of grad_accum x batch_size rows, called as ``train_step`` is
+    (default: the reference halves, ``TrainingStep``, with grad_accum).
     """
     if start_step >= settings.steps:
         raise ValueError(f"nothing to train: the run is at step {start_step} and steps is {settings.steps}")
@@ -110,6 +117,7 @@ def train_loop(
     step = TrainingStep(grad_accum=settings.grad_accum) if step is None else step
     xp = model.xp
     result = TrainResult()
+    kept = SavedCheckpoints(checkpoint_paths, [] if saved is None else [saved])
     started, eval_seconds = time.perf_counter(), 0.0  # evaluation time is excluded from tokens/s
     bar = tqdm(
         range(start_step, settings.steps),
@@ -130,27 +138,30 @@ def train_loop(
         if done % settings.log_interval == 0 or done == settings.steps or step_index == start_step:
             loss_value = float(loss)  # syncs the device
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    _diverged_message(f"the loss became {loss_value}", step_index, saved_step, saved_in)
-                )
-            result.losses.append({"step": done, "loss": loss_value, "lr": lr})
+                raise TrainingDiverged(kept.diverged_message(f"the loss became {loss_value}", step_index))
+            batch_bits = loss_in_bits_per_byte(loss_value, y, corpus.token_bytes)  # as validation reports it
+            result.losses.append({"step": done, "loss": loss_value, "bits_per_byte": batch_bits, "lr": lr})
             tokens_per_second = (done - start_step) * B * T / (time.perf_counter() - started - eval_seconds)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            bar.set_postfix(
+                {"bits/byte": f"{batch_bits:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_second:,.0f}"}
+            )
         if done % settings.eval_interval == 0 or done == settings.steps:
             synchronize(xp)
             eval_started = time.perf_counter()
+            if report:
+                say(bar, f"step {done}: {evaluation_line('val', corpus.val, T, settings.eval_windows)}")
             val = bits_per_byte(
-                model, corpus.val, settings.batch_size, settings.eval_windows, token_bytes=corpus.token_bytes
+                model, corpus.val, settings.batch_size, settings.eval_windows, progress, corpus.token_bytes
             )
             result.evals.append({"step": done, "val_bits_per_byte": val})
             if report:
-                bar.write(f"step {done}: val {val:.4f} bits/byte")
+                say(bar, f"step {done}: val {val:.4f} bits/byte")
             if save is not None:
-                problem = _unsaveable(model, float(loss), val)
+                problem = _unsaveable(model, float(loss), val) or kept.blown_up(val)
                 if problem is not None:
-                    raise TrainingDiverged(_diverged_message(problem, step_index, saved_step, saved_in))
+                    raise TrainingDiverged(kept.diverged_message(problem, step_index))
                 save(done, val)
-                saved_step = done
+                kept.saved(done, val)
             eval_seconds += time.perf_counter() - eval_started
     bar.close()
     synchronize(xp)
@@ -160,6 +171,12 @@ def train_loop(
         (settings.steps - start_step) * B * T / train_seconds if train_seconds > 0 else 0.0
     )
     return result
+
+
+def say(bar, line: str) -> None:
+    """Print ``line`` above the progress bar and flush it, so that a log file shows it at once."""
+    bar.write(line)
+    sys.stdout.flush()
 
 
 def _unsaveable(model, loss_value: float, val: float) -> str | None:
@@ -173,14 +190,45 @@ def _unsaveable(model, loss_value: float, val: float) -> str | None:
     return None
 
 
-def _diverged_message(what: str, step: int, saved_step: int | None, saved_in) -> str:
-    where = "" if saved_in is None else f" in {saved_in}"
-    kept = (
-        f"no checkpoint was written{where}"
-        if saved_step is None
-        else f"the checkpoint of step {saved_step}{where} is intact"
-    )
-    return (
-        f"training stopped at step {step}: {what}; {kept}. Try a lower learning rate (--lr) "
-        "or gradient clipping (--grad-clip)."
-    )
+class SavedCheckpoints:
+    """The checkpoints a run has on disk, for the divergence check and its message.
+
+    ``entries``: (step, val_bits_per_byte) of the current one and the previous one, newest first;
+    ``paths``: (current, previous), the files they are in, or None where the caller names none
+    (then only the latest save is known to be on disk).
+    """
+
+    def __init__(self, paths: tuple | None, entries: list):
+        self.paths, self.entries = paths, list(entries)
+        self.best = min((val for _, val in self.entries), default=math.inf)  # over every save, kept or not
+
+    def saved(self, step: int, val: float) -> None:
+        self.entries = [(step, val), *self.entries][:2]  # the save before the previous one is replaced
+        self.best = min(self.best, val)
+
+    def blown_up(self, val: float) -> str | None:
+        """Why ``val`` says the run has diverged (above DIVERGENCE_FACTOR x the best saved), or None."""
+        if val > DIVERGENCE_FACTOR * self.best:
+            return (
+                f"the validation bits per byte became {val:,.4f}, more than {DIVERGENCE_FACTOR:g} times "
+                f"the best so far ({self.best:.4f})"
+            )
+        return None
+
+    def diverged_message(self, what: str, step: int) -> str:
+        """The one line TrainingDiverged carries: what went wrong at ``step``, and which checkpoint is kept."""
+        return (
+            f"training stopped at step {step}: {what}; {self.kept()}. Try a lower learning rate (--lr) "
+            "or gradient clipping (--grad-clip)."
+        )
+
+    def kept(self) -> str:
+        """Which checkpoint is kept: the better of the two on disk (path, step, value), or that none was written."""
+        if not self.entries:
+            where = "" if self.paths is None else f" in {Path(self.paths[0]).parent}"
+            return f"no checkpoint was written{where}"
+        kept = self.entries if self.paths is not None else self.entries[:1]  # a caller's save may keep one
+        index = min(range(len(kept)), key=lambda i: kept[i][1])
+        step, val = self.entries[index]
+        which = f"that of step {step}" if self.paths is None else f"{self.paths[index]}, of step {step}"
+        return f"the best checkpoint kept is {which} ({val:.4f} bits/byte)"

@@ -9,6 +9,7 @@ they ran with OpenBLAS's default (a thread per core) and the reference layer fun
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,6 +17,21 @@ import numpy as np
 from .host_memory import retain_freed_memory
 from .ops import CPU_OPS
 from .sharded_step import _blas_controller
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def use_one_blas_thread() -> int:
+    """From now on in this process, BLAS uses one thread, unless the environment sets a count; returns it.
+
+    For a Jupyter kernel (each notebook's first cell calls it): the kernel starts with OpenBLAS's
+    default, a thread per core, for every product a training step leaves to it (the evaluations,
+    the merges), and two threads on two busy cores wait for each other. ``notebooks/build.py`` sets
+    the same through the environment; a kernel opened from Jupyter has none of it.
+    """
+    if not any(name in os.environ for name in BLAS_THREAD_VARIABLES):
+        _blas_controller().limit(limits=1, user_api="blas")  # kept: the limit is never restored
+    return min(info["num_threads"] for info in _blas_controller().info() if info["user_api"] == "blas")
 
 
 @contextmanager
