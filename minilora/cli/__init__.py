@@ -1,7 +1,8 @@
 """The ``minilora`` command line: one subcommand per job, each a thin layer over the Python API.
 
 This file builds the parser from each command module's ``register`` and runs the chosen subcommand;
-an error a user can cause ends as one line on stderr and exit code 1. The command line sits above
+an error a user can cause ends as one line on stderr and exit code 1, a missing extra's module too
+(the line names the extra to install, EXTRA_OF_MODULE). The command line sits above
 the reference and the fast path, and nothing in the library imports it.
 
 Reading order:

@@ -282,7 +282,7 @@ def add_eval_parser(subparsers) -> None:
 def run_eval(args) -> None:
     from ..fast.cpu.inference import cpu_inference
     from ..io.data import load_corpus, tokenize_corpus
-    from ..training.evaluate import bits_per_byte, bytes_scored, window_starts
+    from ..training.evaluate import bits_per_byte, bytes_scored, evaluation_line, window_starts
 
     block_size = args.block_size
     if block_size is None and args.checkpoint == SMOLLM2:
@@ -295,6 +295,7 @@ def run_eval(args) -> None:
     windows = len(window_starts(len(data), T, args.eval_windows))
     size = f"{bytes_scored(data, T, args.eval_windows, corpus.token_bytes):,} bytes in {windows:,} windows"
     chosen = [args.use] if args.use is not None else names
+    print(evaluation_line(args.split, data, T, args.eval_windows), flush=True)  # before a long wait
     for name in chosen or [None]:  # every loaded adapter in turn, or the plain checkpoint
         if name is not None:
             model.set_adapter(name)
