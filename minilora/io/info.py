@@ -270,9 +270,8 @@ def describe_peft(path: Path) -> str:
     )
     return "\n".join([
         f"PEFT adapter {path}",
-        ", ".join(f"{key}={config.get(key)}" for key in settings),
-        f"{len(modules)} adapted modules, {sum(math.prod(s) for s in shapes.values()):,} parameters "
-        f"({', '.join(f'{n} {dtype}' for dtype, n in sorted(dtypes.items()))})",
+        settings_line(config, settings),
+        f"{len(modules)} adapted modules, {parameters_line(shapes, dtypes)}",
     ])  # fmt: skip
 
 
@@ -284,10 +283,20 @@ def describe_hf_checkpoint(path: Path) -> str:
             "intermediate_size", "vocab_size", "max_position_embeddings", "torch_dtype")  # fmt: skip
     return "\n".join([
         f"Hugging Face checkpoint {path} ({config.get('architectures')})",
-        ", ".join(f"{key}={config.get(key)}" for key in keys),
-        f"{len(shapes)} tensors, {sum(math.prod(s) for s in shapes.values()):,} parameters "
-        f"({', '.join(f'{n} {dtype}' for dtype, n in sorted(dtypes.items()))})",
+        settings_line(config, keys),
+        f"{len(shapes)} tensors, {parameters_line(shapes, dtypes)}",
     ])  # fmt: skip
+
+
+def settings_line(config: dict, keys) -> str:
+    """``key=value`` for each of ``keys`` in a JSON config, comma-separated (None where it is missing)."""
+    return ", ".join(f"{key}={config.get(key)}" for key in keys)
+
+
+def parameters_line(shapes: dict, dtypes: dict) -> str:
+    """The parameters the tensors of ``shapes`` hold, and how many tensors each dtype holds."""
+    counted = ", ".join(f"{n} {dtype}" for dtype, n in sorted(dtypes.items()))
+    return f"{sum(math.prod(shape) for shape in shapes.values()):,} parameters ({counted})"
 
 
 def describe_gguf(path: Path) -> str:

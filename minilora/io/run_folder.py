@@ -203,8 +203,7 @@ class RunFolder:
     def __init__(self, final: Path, replacing: bool = False):
         self.final = final
         self.path = temp_path(final) if replacing else final
-        if replacing:
-            remove_stale_staging(final)
+        if replacing:  # claim_run_folder has removed a dead writer's staging folder already
             try:
                 self.path.mkdir()
             except OSError as err:
