@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import REFERENCE_OPS
+from .activation_memory import check_frozen_head
+from .layers import IGNORE, REFERENCE_OPS
 from .validate import check_int
 from .weight_formats import WeightFormat, format_of
 
@@ -87,7 +88,10 @@ class LanguageModel:
         return self.config.dropout > 0
 
     def set_activation_memory(self, gradient_checkpointing: bool = False, loss_chunk_rows: int | None = None):
-        """Turn the two switches that trade compute for activation memory, where the family has them."""
+        """Turn the two switches that trade compute for activation memory, where the family has them.
+
+        Loss chunks are refused here, before any step, for a trainable output head (activation_memory.py).
+        """
         if not gradient_checkpointing and loss_chunk_rows is None:
             return
         if not self.supports_activation_memory:
@@ -96,6 +100,7 @@ class LanguageModel:
             )
         if loss_chunk_rows is not None:
             loss_chunk_rows = check_int("loss_chunk_rows", loss_chunk_rows, minimum=1)
+            check_frozen_head(self)
         self.gradient_checkpointing, self.loss_chunk_rows = gradient_checkpointing, loss_chunk_rows
 
     @property
@@ -120,11 +125,12 @@ class LanguageModel:
         names = self.trainable_names if trainable_only else self.params
         return sum(int(self.params[name].size) for name in names)
 
-    def check_token_ids(self, ids, what: str = "idx"):
+    def check_token_ids(self, ids, what: str = "idx", ignore_allowed: bool = False):
         """Validate a (B, T) array of token ids, on the host, and move it to the model's device.
 
         CuPy wraps out-of-range indices around silently, so the range check must happen before the
         ids reach the GPU: pass host (NumPy) arrays. Device arrays are trusted to be checked already.
+        ``ignore_allowed``: IGNORE may stand for an id (a target that is not scored, layers/cross_entropy.py).
         """
         if ids.ndim != 2:
             raise ValueError(f"{what} must have shape (B, T), got {tuple(ids.shape)}")
@@ -134,7 +140,8 @@ class LanguageModel:
         if T > self.config.block_size:
             raise ValueError(f"{what} has {T} positions, more than block_size={self.config.block_size}")
         if isinstance(ids, np.ndarray) and ids.size:
-            bad = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
+            outside = (ids < 0) | (ids >= self.config.vocab_size)
+            bad = np.flatnonzero(outside & (ids != IGNORE) if ignore_allowed else outside)
             if bad.size:
                 position = np.unravel_index(bad[0], ids.shape)
                 raise ValueError(
@@ -167,6 +174,32 @@ class LanguageModel:
             grads[bias] = db
         return dx
 
+    def check_positions(self, positions, idx):
+        """Positions of packed rows, checked on the host, shaped like idx, and moved to the model's device.
+
+        A packed row holds several examples one after another (training/examples.py); positions[b, t]
+        is token t's position within its example, so each row counts 0, 1, 2, ... and starts again at
+        0 where an example starts, and nowhere else.
+        """
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions have shape {tuple(positions.shape)}, idx has {tuple(idx.shape)}")
+        if positions.dtype.kind not in "iu":
+            raise TypeError(f"positions must hold integers, got dtype {positions.dtype}")
+        if isinstance(positions, np.ndarray) and positions.size:
+            before = np.concatenate([np.full((positions.shape[0], 1), -1), positions[:, :-1]], axis=1)
+            bad = np.argwhere((positions != before + 1) & (positions != 0))
+            if bad.size:
+                b, t = (int(i) for i in bad[0])
+                raise ValueError(
+                    f"positions must count 0, 1, 2, ... within each example and restart at 0: row {b} has "
+                    f"{int(positions[b, t])} at column {t}, after {int(before[b, t])}"
+                )
+        return self.xp.asarray(positions)
+
+    def example_start(self, positions, T: int):
+        """(B, T) where each token's example begins in its row, t - positions[b, t]; None for unpacked rows."""
+        return None if positions is None else self.xp.arange(T) - positions
+
     def first_position(self, T: int, kv_cache=None) -> int:
         """Where the T new positions start: 0, or after the kv_cache.length cached ones in generation."""
         start = 0 if kv_cache is None else kv_cache.length
@@ -175,8 +208,8 @@ class LanguageModel:
         return start
 
     def check_targets(self, targets, idx):
-        """Targets checked like token ids, shaped like idx, and moved to the model's device."""
-        targets = self.check_token_ids(targets, "targets")
+        """Targets checked like token ids (IGNORE allowed), shaped like idx, and moved to the model's device."""
+        targets = self.check_token_ids(targets, "targets", ignore_allowed=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets have shape {tuple(targets.shape)}, idx has {tuple(idx.shape)}")
         return targets

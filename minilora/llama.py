@@ -22,17 +22,16 @@ the same blocks with a key/value cache (``forward(idx, kv_cache=...)``).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from .activation_memory import checkpointed_block_forward, chunked_head_loss
 from .backend import to_device
-from .language_model import LanguageModel
-from .layers import ROPE_PAIRINGS, LayerOps, merge_heads, rope_tables, to_heads
+from .language_model import LanguageModel, LinearHookCache
+from .layers import ROPE_PAIRINGS, LayerOps, merge_heads, rope_tables, rope_tables_at, to_heads
 from .validate import ConfigFields, check_bool, check_choice, check_float, check_int
-from .weight_formats import WeightFormat
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm"
@@ -155,65 +154,47 @@ class LlamaBlockCache(NamedTuple):
     swiglu: object
     down_proj: object
 
-    def activations(self, model, i: int, rope) -> LlamaBlockCache:
-        """What block i's backward reads: this cache itself (see BlockCheckpoint for the other kind)."""
+    def activations(self, model, i: int, rope, example_start) -> LlamaBlockCache:
+        """What block i's backward reads: this cache itself (activation_memory.BlockCheckpoint is the other kind)."""
         return self
 
 
-class BlockCheckpoint(NamedTuple):
-    """What gradient checkpointing keeps of a block instead of its activations (recomputed in backward)."""
-
-    x: object  # (B, T, C) the block's input
-    dropout_rng: object  # a copy of the dropout generator as the block found it (same masks again), or None
-
-    def activations(self, model, i: int, rope) -> LlamaBlockCache:
-        """Block i run again from its input with the same dropout masks: the cache its backward reads."""
-        return model.block_forward(i, self.x, rope, copy.deepcopy(self.dropout_rng))[1]
-
-
 class HeadLoss(NamedTuple):
-    """The output head's cache and the loss's: the head's weight format keeps the backward to use."""
+    """The output head's cache and the loss's: the head's cache keeps the format whose backward to use."""
 
-    format: WeightFormat  # how the head's weight is held (a quantized tied table gives only dx)
-    head: object  # the head's layer cache
+    head: LinearHookCache  # the head's weight format (a quantized tied table gives only dx) and layer cache
     loss: object  # CrossEntropyCache
 
     def backward(self, model, dloss: float):
         """(dx (B, T, C), the head weight's gradient (C, V) or None): the loss, then the head, backwards."""
         dlogits = model.ops.cross_entropy_backward(dloss, self.loss)  # (B, T, V)
         train_head = model.is_trainable(model.head_weight_name)
-        dx, dW_head, _ = self.format.linear_backward(model.ops, dlogits, self.head, train_head, False)
+        dx, dW_head, _ = self.head.format.linear_backward(
+            model.ops, dlogits, self.head.layer, train_head, False
+        )
         return dx, dW_head
-
-
-class ChunkedHeadLoss(NamedTuple):
-    """The head and the loss taken a chunk of rows at a time: only the input's gradient is kept."""
-
-    dx: object  # (B, T, C) d(loss)/d(final norm's output) for dloss = 1; the (B, T, V) logits never exist
-
-    def backward(self, model, dloss: float):
-        """(dx, None): the head's gradient was formed in the forward, and the head is frozen."""
-        return self.dx * dloss, None
 
 
 class LlamaCache(NamedTuple):
     ops: LayerOps  # the layer functions that made this cache
     token_embedding: object  # the lookup's cache (None for a quantized table: frozen)
     rope: tuple  # the (cos, sin) tables, to recompute checkpointed blocks
-    blocks: list  # one LlamaBlockCache (or BlockCheckpoint) per layer
+    example_start: object  # packed rows: (B, T) where each token's example starts; else None
+    blocks: list  # one LlamaBlockCache (or activation_memory.BlockCheckpoint) per layer
     norm: object
-    loss: object  # HeadLoss, or ChunkedHeadLoss; None when no targets were given
+    loss: object  # HeadLoss, or activation_memory.ChunkedHeadLoss; None when no targets were given
 
 
 class Llama(LanguageModel):
     """A Llama-family model: its config, its flat parameter dict, and which parameters are frozen.
 
     Two switches trade compute for activation memory in training (both off by default, see
-    ``set_activation_memory``): ``gradient_checkpointing`` keeps only each block's input and
-    recomputes the block's activations in the backward (one more forward of every block);
-    ``loss_chunk_rows = n`` takes the output head and the cross-entropy n rows at a time, so the
-    (B, T, V) logits never exist whole (with a frozen head; the gradient with respect to the head's
-    input is made in the forward, chunk by chunk, while each chunk's probabilities exist).
+    ``set_activation_memory`` and activation_memory.py, which the GPT shares): ``gradient_checkpointing``
+    keeps only each block's input and recomputes the block's activations in the backward (one more
+    forward of every block); ``loss_chunk_rows = n`` takes the output head and the cross-entropy n
+    rows at a time, so the (B, T, V) logits never exist whole (with a frozen head; the gradient with
+    respect to the head's input is made in the forward, chunk by chunk, while each chunk's
+    probabilities exist).
     """
 
     embedding_name = EMBED
@@ -240,8 +221,11 @@ class Llama(LanguageModel):
         """The RMSNorm after the last block: (out, cache)."""
         return self._norm_forward(NORM, x)
 
-    def block_forward(self, i: int, x, rope, rng, kv_cache=None):
-        """One block.   x: (B, T, C) -> (B, T, C); rope: the (cos, sin) tables of these positions."""
+    def block_forward(self, i: int, x, rope, example_start, rng, kv_cache=None):
+        """One block.   x: (B, T, C) -> (B, T, C); rope: the (cos, sin) tables of these positions.
+
+        example_start: (B, T) for packed rows (layers/attention.py), or None.
+        """
         ops, config, p = self.ops, self.config, f"model.layers.{i}"
         H, H_kv = config.n_head, config.n_kv_head
         cos, sin = rope
@@ -253,7 +237,7 @@ class Llama(LanguageModel):
         k, rope_k = ops.rope_forward(to_heads(k, H_kv), cos, sin, config.rope_pairing)  # (B, H_kv, T, hs)
         v = to_heads(v, H_kv)  # (B, H_kv, T, hs)
         if kv_cache is None:
-            y, attn = ops.gqa_attention_forward(q, k, v)  # (B, H, T, hs)
+            y, attn = ops.gqa_attention_forward(q, k, v, None, example_start)  # (B, H, T, hs)
         else:  # generation: the new positions attend over the cached ones too
             keys, values = kv_cache.keys[i], kv_cache.values[i]
             y, attn = ops.cached_gqa_attention_forward(q, k, v, keys, values, kv_cache.length), None
@@ -295,11 +279,13 @@ class Llama(LanguageModel):
         dh = dh + self.linear_backward(f"{p}.self_attn.v_proj", merge_heads(dv), cache.v_proj, grads)
         return dx + self._norm_backward(f"{p}.input_layernorm", dh, cache.input_norm, grads)
 
-    def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None):
+    def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None, positions=None):
         """Logits for every position, and the mean cross-entropy if targets are given.
 
         idx, targets: (B, T) token ids; dropout_rng serves LoRA's dropout (the model has none);
         kv_cache (generate.KVCache): idx holds only the positions after the kv_cache.length cached ones.
+        positions: (B, T) for rows that pack several examples (training/examples.py): each token's
+        position within its example, which sets its rotation and keeps its attention in its example.
         Returns (logits (B, T, V), loss or None, cache for ``backward``; None with kv_cache).
         With ``loss_chunk_rows`` the logits are never made whole: None is returned for them.
         """
@@ -311,67 +297,56 @@ class Llama(LanguageModel):
         x, token_embedding = self.formats[EMBED].embedding_forward(
             ops, idx, self.params[EMBED], compute_dtype
         )
-        rope = rope_tables(T, config.head_size, start, config.rope_theta, x.dtype, self.xp)  # (T, hs/2) each
+        rope, example_start = self._rope_and_examples(positions, idx, start, x.dtype)
         checkpointing = self.gradient_checkpointing and targets is not None and kv_cache is None
         blocks = []
         for i in range(config.n_layer):
             if checkpointing:  # keep the input; the block's caches are let go as soon as it returns
-                blocks.append(BlockCheckpoint(x, copy.deepcopy(dropout_rng)))
-                x = self.block_forward(i, x, rope, dropout_rng)[0]
+                x, block = checkpointed_block_forward(
+                    self, i, x, rope, example_start, dropout_rng=dropout_rng
+                )
             else:
-                x, block = self.block_forward(i, x, rope, dropout_rng, kv_cache)
-                blocks.append(block)
+                x, block = self.block_forward(i, x, rope, example_start, dropout_rng, kv_cache)
+            blocks.append(block)
         x, norm = self.final_norm(x)
         if self.loss_chunk_rows is not None and targets is not None and kv_cache is None:
-            loss, head_loss = self._chunked_head_loss(x, self.check_targets(targets, idx))
-            return None, loss, LlamaCache(ops, token_embedding, rope, blocks, norm, loss=head_loss)
-        logits, fmt, head = self._head_forward(x)  # (B, T, V)
+            loss, head_loss = chunked_head_loss(self, x, self.check_targets(targets, idx))
+            return None, loss, LlamaCache(ops, token_embedding, rope, example_start, blocks, norm, head_loss)
+        logits, head = self.head_forward(x)  # (B, T, V)
         if kv_cache is not None:
             kv_cache.length = start + T
             return logits, None, None
         loss, loss_cache = self.loss_forward(logits, targets, idx)
-        head_loss = None if loss_cache is None else HeadLoss(format=fmt, head=head, loss=loss_cache)
-        return logits, loss, LlamaCache(ops, token_embedding, rope, blocks, norm, loss=head_loss)
+        head_loss = None if loss_cache is None else HeadLoss(head=head, loss=loss_cache)
+        return logits, loss, LlamaCache(ops, token_embedding, rope, example_start, blocks, norm, head_loss)
 
-    def _head_forward(self, x):
+    def _rope_and_examples(self, positions, idx, start: int, dtype):
+        """The rotary tables of these positions, (T, hs/2) each, and None; for packed rows each row's own
+        tables, (B, 1, T, hs/2), and where each token's example starts, (B, T)."""
+        config, T = self.config, idx.shape[1]
+        if positions is None:
+            return rope_tables(T, config.head_size, start, config.rope_theta, dtype, self.xp), None
+        positions = self.check_positions(positions, idx)
+        return rope_tables_at(positions, config.head_size, config.rope_theta, dtype), self.example_start(
+            positions, T
+        )
+
+    def head_forward(self, x):
         """logits = x W_head, through the pair of the format W_head is held in.   x: (..., C) -> (..., V).
 
         Tied, W_head is the embedding transposed (for a quantized table, its blocks read as (C, V)).
+        Returns (logits, the head's LinearHookCache).
         """
         name = self.head_weight_name
         fmt, weight = self.formats[name], self.params[name]
         logits, head = fmt.linear_forward(
             self.ops, x, fmt.transpose(weight) if name == EMBED else weight, None
         )
-        return logits, fmt, head
+        return logits, LinearHookCache(format=fmt, layer=head)
 
-    def _chunked_head_loss(self, x, targets):
-        """Mean cross-entropy of the head's logits, loss_chunk_rows rows at a time, and its dx.
-
-        The loss is the model's last function and its gradient needs nothing after it, so each
-        chunk's dlogits = (p - onehot) / N is formed while the chunk's probabilities exist, and sent
-        through the frozen head at once. x: (B, T, C), targets: (B, T) -> (loss, ChunkedHeadLoss).
-        """
-        if self.is_trainable(self.head_weight_name):
-            raise ValueError(
-                f"loss_chunk_rows needs a frozen output head, but {self.head_weight_name!r} is trainable: "
-                "set loss_chunk_rows = None"
-            )
-        B, T, C = x.shape
-        N, chunk = B * T, self.loss_chunk_rows
-        rows, flat_targets = x.reshape(N, C), targets.reshape(N)
-        dx = self.xp.empty_like(rows)  # (N, C)
-        loss = 0.0
-        for r0 in range(0, N, chunk):
-            r1 = min(r0 + chunk, N)
-            weight = (r1 - r0) / N  # this chunk's share of the mean
-            logits, fmt, head = self._head_forward(rows[r0:r1])  # (n, V)
-            part, ce = self.ops.cross_entropy_forward(logits, flat_targets[r0:r1])
-            del logits  # the probabilities in ce are all the chunk keeps
-            loss = loss + weight * part
-            dlogits = self.ops.cross_entropy_backward(weight, ce)
-            dx[r0:r1] = fmt.linear_backward(self.ops, dlogits, head, False, False)[0]
-        return loss, ChunkedHeadLoss(dx=dx.reshape(B, T, C))
+    def frozen_head_backward(self, dlogits, head: LinearHookCache):
+        """The head's input gradient alone, its weight's never made.   dlogits: (..., V) -> (..., C)."""
+        return head.format.linear_backward(self.ops, dlogits, head.layer, False, False)[0]
 
     def backward(self, cache: LlamaCache, dloss: float = 1.0) -> dict:
         """Gradients of the loss for every trainable parameter, keyed like ``params``."""
@@ -383,7 +358,9 @@ class Llama(LanguageModel):
             grads[f"{HEAD}.weight"] = dW_head
         dx = self._norm_backward(NORM, dx, cache.norm, grads)
         for i in reversed(range(self.config.n_layer)):
-            block = cache.blocks[i].activations(self, i, cache.rope)  # a checkpointed block runs again
+            block = cache.blocks[i].activations(
+                self, i, cache.rope, cache.example_start
+            )  # a checkpoint runs again
             dx = self.block_backward(i, dx, block, grads)
         if self.is_trainable(EMBED):
             dembed = self.ops.embedding_backward(dx, cache.token_embedding)  # (V, C)

@@ -322,7 +322,7 @@ assert sum(methods["full fine-tuning"]) > 15 * sum(methods["QLoRA (file's blocks
 # %% [markdown]
 # That is what a run holds between steps. A step needs more: its activations, which LoRA does not
 # shrink (every block's input, attention probabilities and MLP values are kept for the backward,
-# and at 4 x 256 tokens the (B, T, V) logits alone are 200 MB). The Llama model has two switches
+# and at 4 x 256 tokens the (B, T, V) logits alone are 200 MB). Both model families have two switches
 # that trade compute for that memory: `gradient_checkpointing` keeps only each block's input and
 # runs the block again in the backward (one more forward), and `loss_chunk_rows` takes the head and
 # the loss a chunk of positions at a time, so the logits never exist whole. Measured here with

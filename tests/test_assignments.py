@@ -111,7 +111,9 @@ def test_a_broken_file_costs_only_its_own_parts_and_a_failure_says_what_was_wron
     release("a1", tmp_path, solved=True)
     (tmp_path / "student" / "gelu.py").write_text("def gelu_forward(x:\n")  # a syntax error
     cross_entropy = tmp_path / "student" / "cross_entropy.py"
-    cross_entropy.write_text(cross_entropy.read_text().replace("* (dloss / N)", "* dloss"))  # forgot the mean
+    cross_entropy.write_text(
+        cross_entropy.read_text().replace("* (dloss * cache.weights[:, None])", "* dloss")
+    )  # forgot the mean
     score = grade("a1", tmp_path)
     assert part(score, "test_linear_backward_matches_finite_differences")["earned"] == 3
     assert part(score, "test_gelu_forward_on_drawn_inputs")["earned"] == 0

@@ -62,8 +62,8 @@ def test_a_broken_a1_layer_beside_the_optimiser_costs_the_training_part_only(tmp
     folder = a6_with_the_a1_to_a3_files(tmp_path / "a6")
     edit(  # a1 handed in with the gradient's sign flipped: every step climbs the loss
         folder / STUDENT_DIR / "cross_entropy.py",
-        "dlogits = (cache.probs - onehot) * (dloss / N)",
-        "dlogits = (onehot - cache.probs) * (dloss / N)",
+        "dlogits = (cache.probs - onehot) * (dloss * cache.weights[:, None])",
+        "dlogits = (onehot - cache.probs) * (dloss * cache.weights[:, None])",
     )
     score = grade("a6", folder, seed=SEED)
     training = part(score, "test_a_tiny_gpt_trained_with_your_optimiser_reaches_the_reference_loss")

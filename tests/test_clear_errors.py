@@ -57,14 +57,14 @@ def little_memory(monkeypatch):
 @pytest.fixture
 def nothing_allocated(monkeypatch):
     """Building weights or a batch fails the test: a refusal must come before either."""
+    import minilora.io.data
     import minilora.jobs.pretrain
-    import minilora.training.loop
 
     def allocated(*args, **kwargs):
         raise AssertionError("weights or a batch were allocated before the size was refused")
 
     monkeypatch.setattr(minilora.jobs.pretrain, "init_params", allocated)
-    monkeypatch.setattr(minilora.training.loop, "get_batch", allocated)
+    monkeypatch.setattr(minilora.io.data, "get_batch", allocated)  # a text corpus's train_batch
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +433,7 @@ def test_a_gguf_file_claiming_no_heads_names_the_key_and_the_file(tmp_path):
 
 def test_a_conversations_file_that_is_not_utf8_names_the_file_line_and_offset(tmp_path, capsys):
     path = tmp_path / "chats.jsonl"
-    good = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    good = json.dumps({"prompt": "hi", "completion": "hello"})
     path.write_bytes(f"{good}\n{good}\n".encode() + b'{"messages": "caf\xe9"}\n')
     before = path.read_bytes()
     with pytest.raises(ValueError, match=f"^{path}:3: not UTF-8 text: byte 0xe9 at offset 17 of the line"):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import minilora.io.data
 import minilora.jobs.pretrain
-import minilora.training.loop
 from minilora.cli import main, parse_arguments
 from minilora.config import GPTConfig
 from minilora.io.checkpoint import load_checkpoint, save_checkpoint
@@ -308,14 +308,14 @@ def test_finetune_keeps_the_previous_adapter_and_state_beside_the_current_ones(t
 
 
 def test_a_finite_but_blown_up_validation_stops_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):
-    real = minilora.training.loop.bits_per_byte
+    real = minilora.io.data.bits_per_byte
     calls = []
 
     def blown_up_at_the_third_evaluation(*args, **kwargs):  # what issue 32 saw: 12,843,934 against 7.475
         calls.append(1)
         return real(*args, **kwargs) if len(calls) < 3 else 12_843_934.0
 
-    monkeypatch.setattr(minilora.training.loop, "bits_per_byte", blown_up_at_the_third_evaluation)
+    monkeypatch.setattr(minilora.io.data, "bits_per_byte", blown_up_at_the_third_evaluation)
     assert pretrain_into(tmp_path, 12) == 1
     (line,) = error_lines(capsys)
     names = ("checkpoint.safetensors", "checkpoint.previous.safetensors")

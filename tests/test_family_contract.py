@@ -86,7 +86,9 @@ class Toy(LanguageModel):
     no_decay = ("embed",)
     peft_fan_in_fan_out = True
 
-    def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None):
+    def forward(self, idx, targets=None, dropout_rng=None, kv_cache=None, positions=None):
+        if positions is not None:  # a family without attention has nothing to keep packed examples apart
+            raise ValueError("the toy family does not pack examples in a row")
         ops = self.ops
         idx = self.check_token_ids(idx)
         x, embedding = ops.embedding_forward(idx, self.params["embed"])  # (B, T, C)

@@ -77,7 +77,7 @@ def test_a_per_micro_batch_mean_would_not_be_the_big_batchs_gradient():
     step = TrainingStep(grad_accum=2)
     _, weighted = step.accumulate(model, x, y)
 
-    def unweighted(model, x, y, dropout_key=None, dloss=1.0):
+    def unweighted(model, x, y, dropout_key=None, dloss=1.0, positions=None):
         loss, cache = model.forward(x, y)[1:]
         return loss, model.backward(cache, 1.0)
 

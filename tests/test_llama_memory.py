@@ -7,8 +7,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from minilora.activation_memory import BlockCheckpoint, ChunkedHeadLoss
 from minilora.gradcheck import check_model
-from minilora.llama import BlockCheckpoint, ChunkedHeadLoss, Llama, LlamaConfig, init_llama_params
+from minilora.llama import Llama, LlamaConfig, init_llama_params
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.quant import quantize_nf4

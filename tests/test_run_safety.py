@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import minilora.io.checkpoint
+import minilora.io.data
 import minilora.jobs.pretrain
-import minilora.training.loop
 from minilora.cli import main
 from minilora.config import GPTConfig
 from minilora.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -67,14 +67,14 @@ def poison_after(step_count: int, monkeypatch) -> None:
 
 
 def test_nan_validation_with_finite_weights_is_not_saved(tmp_path, monkeypatch):
-    real = minilora.training.loop.bits_per_byte
+    real = minilora.io.data.bits_per_byte
     calls = []
 
     def nan_at_the_second_evaluation(*args, **kwargs):  # what --lr 1e3 gives: weights finite, val NaN
         calls.append(1)
         return real(*args, **kwargs) if len(calls) == 1 else float("nan")
 
-    monkeypatch.setattr(minilora.training.loop, "bits_per_byte", nan_at_the_second_evaluation)
+    monkeypatch.setattr(minilora.io.data, "bits_per_byte", nan_at_the_second_evaluation)
     with pytest.raises(TrainingDiverged) as raised:
         run(tmp_path)
     assert "validation bits per byte became nan" in str(raised.value)

@@ -22,7 +22,7 @@ BUGS = [
         "a1",
         "cross_entropy.py",
         "forgot_mean",
-        "(cache.probs - onehot) * (dloss / N)",
+        "(cache.probs - onehot) * (dloss * cache.weights[:, None])",
         "(cache.probs - onehot) * dloss",
     ),
     (
@@ -152,6 +152,35 @@ BUGS = [
         "dwpe[: cache.seq_len] = dx[0]",
     ),
     ("a5", "layer.py", "forgot_scale_in_dh", "    dh *= cache.scaling\n", ""),
+    # a4: dloss, the loss gradient a data-parallel or accumulation step passes, and a float64 leak
+    (
+        "a4",
+        "model.py",
+        "dloss_ignored",
+        "cross_entropy_backward(dloss, cache.loss)",
+        "cross_entropy_backward(1.0, cache.loss)",
+    ),
+    (
+        "a4",
+        "model.py",
+        "dloss_as_a_float64_array",
+        "cross_entropy_backward(dloss, cache.loss)",
+        "cross_entropy_backward(self.xp.asarray(dloss), cache.loss)",
+    ),
+    (
+        "a4",
+        "model.py",
+        "dloss_twice_on_the_tied_head",
+        "+ dW_head.T  # (V, C)",
+        "+ dloss * dW_head.T  # (V, C)",
+    ),
+    (
+        "a4",
+        "model.py",
+        "float64_position_gradient",
+        "dwpe = self.xp.zeros(self.params[WPE].shape, dtype=dx.dtype)",
+        "dwpe = self.xp.zeros(self.params[WPE].shape)",
+    ),
     # a1-a3: a frozen bias's gradient summed anyway, a causal mask right only for T_q = T_k, float64
     # leaking out of a float32 layer, an argument changed in place (its caller reuses it), and a
     # backward that differentiates its own forward numerically

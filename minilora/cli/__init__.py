@@ -15,6 +15,7 @@ Reading order:
     chat_command.py        chat, with SmolLM2-135M-Instruct
     bench_command.py       bench: time training steps, print one JSON line
     experiment_command.py  experiment: the measurements behind docs/experiments
+    task_commands.py       evaluate-task (held-out task scores beside baselines), task-data (a task's training file)
     assignment_command.py  assignment: release, grade, verify, export
     __main__.py            ``python -m minilora.cli``, the same as the ``minilora`` script
 """
@@ -40,6 +41,7 @@ from . import (
     demo_command,
     experiment_command,
     lora_commands,
+    task_commands,
 )
 from .arg_types import OneLineErrorParser
 
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     assignment_command.register(subparsers)
     bench_command.register(subparsers)
     chat_command.register(subparsers)
+    task_commands.register(subparsers)
     return parser
 
 

@@ -184,16 +184,20 @@ def add_quantized_flag(parser, purpose: str) -> None:
     )  # fmt: skip
 
 
-def add_memory_flags(parser) -> None:
-    """Activation memory traded for compute in a SmolLM2 step (the Llama model's two switches)."""
+def add_memory_flags(parser, scope: str = "") -> None:
+    """Activation memory traded for compute in a training step (both families' switches, activation_memory.py).
+
+    ``scope`` begins each help line where a command takes the flags for some models only.
+    """
+    where = f"{scope}: " if scope else ""
     parser.add_argument(
         "--gradient-checkpointing", action="store_true",
-        help="--base smollm2: keep only each block's input and recompute its activations in the backward",
+        help=f"{where}keep only each block's input and recompute its activations in the backward",
     )  # fmt: skip
     parser.add_argument(
         "--loss-chunk-rows", type=positive_int, default=None, metavar="N",
-        help="--base smollm2: the output head and the loss N positions at a time, so the (B, T, V) logits "
-        "never exist whole (e.g. 256)",
+        help=f"{where}the output head and the loss N positions at a time, so the (B, T, V) logits "
+        "never exist whole (a frozen head, as under LoRA; e.g. 256)",
     )  # fmt: skip
 
 

@@ -89,7 +89,7 @@ def add_bench_parser(subparsers) -> None:
     )
     run.add_argument("--no-trace-memory", action="store_true", help="skip the extra tracemalloc step")
     add_quantized_flag(run, "smollm2 only: QLoRA, the frozen matrices in blocks")
-    add_memory_flags(run)
+    add_memory_flags(run, "smollm2 only")
     run.add_argument(
         "--tf32",
         action="store_true",

@@ -112,6 +112,18 @@ def add_finetune_parser(subparsers) -> None:
     )  # fmt: skip
     add_quantized_flag(parser, "QLoRA on --base smollm2: keep its frozen matrices in blocks")
     add_memory_flags(parser)
+    chat = parser.add_argument_group("conversations (--corpus *.jsonl or devils_dictionary_chat)")
+    chat.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="train on every token, the system and user messages and the template's markers too "
+        "(default: the assistant's replies alone)",
+    )
+    chat.add_argument(
+        "--packing",
+        action="store_true",
+        help="several conversations per row, each attending only to itself (default: one per row, padded)",
+    )
     parser.add_argument("--out", default="runs/finetune", help="directory for the adapter and metrics")
     add_resume_flags(parser, "the run in --out (finetune_state.safetensors; its base, corpus and LoRA flags)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,6 +212,8 @@ def run_finetune(args) -> None:
         settings_overrides=given_training_flags(args) if args.resume else None,
         overwrite=args.overwrite,
         dtype=args.dtype,
+        train_on_prompt=args.train_on_prompt,
+        packing=args.packing,
     )
     print(metrics["summary"])
     before, after = metrics["val_bits_per_byte_before"], metrics["val_bits_per_byte_after"]

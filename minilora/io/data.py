@@ -11,6 +11,8 @@ streaming corpora larger than memory, epochs and sampling without replacement, p
 Shape letters: B batch size, T block size (context length).
 """
 
+from __future__ import annotations
+
 import functools
 import lzma
 from dataclasses import dataclass
@@ -18,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..training.batches import get_batch
+from ..training.evaluate import bits_per_byte, evaluation_line
+from ..training.examples import Batch
 from . import chat_data
-from .chat_data import DEVILS_DICTIONARY_CHAT
+from .chat_data import DEVILS_DICTIONARY_CHAT, ChatCorpus
 
 SHIPPED_CORPORA = ("shakespeare_modern", "shakespeare_folio", "kjv", "devils_dictionary")
 PACKAGE_DATA_DIR = Path(__file__).resolve().parents[1] / "_data"  # a wheel's copy of data/ (setup.py)
@@ -46,6 +51,35 @@ class Corpus:
     train: np.ndarray  # (N_train,) uint8 bytes, or int32 token ids
     val: np.ndarray  # (N_val,)
     token_bytes: np.ndarray | None = None  # (V,) UTF-8 bytes per token id; None: one byte per token
+
+    # What the training loop asks of a corpus; ChatCorpus answers the same with examples.
+
+    def train_batch(self, B: int, T: int, rng: np.random.Generator) -> Batch:
+        """B windows of T tokens at random offsets, and their targets (training/batches.py)."""
+        return Batch(*get_batch(self.train, B, T, rng))
+
+    def val_bits_per_byte(
+        self, model, batch_size: int, max_windows: int | None, progress: bool = False
+    ) -> float:
+        """The model's bits per byte on ``max_windows`` validation windows spread over the split (all: None)."""
+        return bits_per_byte(model, self.val, batch_size, max_windows, progress, self.token_bytes)
+
+    def evaluation_line(self, T: int, max_windows: int | None) -> str:
+        """What ``val_bits_per_byte`` is about to score."""
+        return evaluation_line("val", self.val, T, max_windows)
+
+    def configured(self, train_on_prompt: bool = False, packing: bool = False) -> Corpus:
+        """This corpus: a loss mask and packing are choices for conversations, which a text has not."""
+        if train_on_prompt or packing:
+            raise CorpusError(
+                f"--train-on-prompt and --packing apply to conversations (*.jsonl or {DEVILS_DICTIONARY_CHAT}); "
+                f"{self.name!r} is running text"
+            )
+        return self
+
+    def encoded(self, tokenizer) -> Corpus:
+        """This corpus in a subword tokenizer's ids (``tokenize_corpus``)."""
+        return tokenize_corpus(self, tokenizer)
 
 
 def load_corpus(name_or_path: str) -> Corpus:
@@ -86,7 +120,7 @@ def load_corpus(name_or_path: str) -> Corpus:
     return Corpus(path.stem, train, val)
 
 
-def load_chat_corpus(name_or_path: str) -> Corpus:
+def load_chat_corpus(name_or_path: str) -> ChatCorpus:
     """Conversations in the chat format as a corpus (io/chat_data.py): the Devil's Dictionary's, or a file's."""
     if name_or_path == DEVILS_DICTIONARY_CHAT:
         train = chat_data.dictionary_conversations(
@@ -100,7 +134,7 @@ def load_chat_corpus(name_or_path: str) -> Corpus:
             raise CorpusError(f"no such file of conversations: {name_or_path!r}")
         train, val = chat_data.split_conversations(chat_data.read_conversations(path))
         name = path.stem
-    return Corpus(name, read_only(chat_data.render(train)), read_only(chat_data.render(val)))
+    return ChatCorpus(name, train, val)
 
 
 def corpus_files(name_or_path: str) -> list[Path]:

@@ -228,6 +228,19 @@ def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = False) -
     where the model's reply starts. The markers are special tokens: BPETokenizer.encode turns each
     into one id.
     """
+    pieces = chat_pieces(messages)
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n", False))
+    return "".join(text for text, _ in pieces)
+
+
+def chat_pieces(messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces: ``chat_prompt``'s text, cut where training starts or stops.
+
+    trained is True for what the assistant says, its content and the "<|im_end|>" that ends it (so
+    that a fine-tuned model learns to stop), and False for the system and user messages and the
+    template's own markers: the tokens a loss mask keeps out of the loss (io/chat_data.py).
+    """
     if not messages:
         raise ValueError("chat_prompt needs at least one message")
     for position, message in enumerate(messages):
@@ -238,10 +251,10 @@ def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = False) -
             raise ValueError(
                 f"message {position} must be a dict with str 'role' and 'content', got {message!r}"
             )
-    parts = []
+    pieces = []
     if messages[0]["role"] != "system":
-        parts.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
-    parts += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
-    if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+        pieces.append((f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n", False))
+    for m in messages:
+        said = m["role"] == "assistant"
+        pieces += [(f"<|im_start|>{m['role']}\n", False), (f"{m['content']}<|im_end|>", said), ("\n", False)]
+    return pieces

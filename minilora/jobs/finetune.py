@@ -23,13 +23,12 @@ from ..fast.distributed.world import current_world, from_writer
 from ..io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from ..io.bases import Base, base_file, load_base
 from ..io.checkpoint import CheckpointError, check_params_fit, keep_previous, previous_path, save_checkpoint
-from ..io.data import corpus_files, load_corpus, tokenize_corpus
+from ..io.data import corpus_files, load_corpus
 from ..io.provenance import provenance
 from ..lora.accounting import model_summary_line
 from ..lora.config import LoraConfig
 from ..lora.model import add_lora
 from ..optim import AdamW
-from ..training.evaluate import bits_per_byte, evaluation_line
 from ..training.loop import TrainSettings, train_loop
 from .memory_check import TrainedModel, check_training_memory
 from .resume import TrainingRun, check_saved_fields, claimed_run, saved_config, saved_settings
@@ -135,6 +134,8 @@ class FinetuneRun:
     gradient_checkpointing: bool
     loss_chunk_rows: int | None
     dtype: str
+    train_on_prompt: bool = False  # conversations: train on every token, not the assistant's alone
+    packing: bool = False  # conversations: several per row (training/examples.py), not one per row
 
     @classmethod
     def from_metadata(cls, saved: dict, path) -> FinetuneRun:
@@ -154,6 +155,9 @@ class FinetuneRun:
             gradient_checkpointing=saved["gradient_checkpointing"],
             loss_chunk_rows=saved["loss_chunk_rows"],
             dtype=saved.get("dtype", "float32"),  # written before bf16 training existed: float32
+            # written before loss masks (0.2): such a run resumes with the assistant's tokens, padded
+            train_on_prompt=saved.get("train_on_prompt", False),
+            packing=saved.get("packing", False),
         )
 
     @property
@@ -178,6 +182,8 @@ def finetune(
     settings_overrides: dict | None = None,
     overwrite: bool = False,
     dtype: str = "float32",
+    train_on_prompt: bool = False,
+    packing: bool = False,
     say=say_now,
 ):
     """Fine-tune the base ``base_spec`` names (io/bases.py) on ``corpus``; LoRA unless ``lora_config`` is None.
@@ -191,13 +197,15 @@ def finetune(
     The folder is locked for the whole run (io/run_folder.py). ``block_size``: the training windows
     of SmolLM2 (a GPT's is its own). ``quantized``: SmolLM2's frozen matrices held in blocks (QLoRA): "gguf" (the
     file's own), "q4_1", "q8_0" or "nf4". ``gradient_checkpointing`` and ``loss_chunk_rows``: the
-    Llama model's switches that trade compute for activation memory (llama.py). ``dtype``
+    switches that trade compute for activation memory, in both families (activation_memory.py). ``dtype``
     "bfloat16" (LoRA on a GPU, over a GPT or SmolLM2): the frozen base and the activations in bf16,
-    the adapter and its optimiser state in float32 (docs/gpu.md, mixed precision).
+    the adapter and its optimiser state in float32 (docs/gpu.md, mixed precision). For conversations
+    (io/chat_data.py), ``train_on_prompt`` trains on every token instead of the assistant's, and
+    ``packing`` puts several conversations in a row (training/examples.py).
     """
     device = resolve_device(device)
     asked = FinetuneRun(base_spec, corpus, lora_config, settings, loraplus_ratio, block_size, quantized,
-                        gradient_checkpointing, loss_chunk_rows, dtype)  # fmt: skip
+                        gradient_checkpointing, loss_chunk_rows, dtype, train_on_prompt, packing)  # fmt: skip
     inputs = [] if resume else files_read(base_spec, corpus)
     with claimed_run(out_dir, RUN_FILES, STATE_NAME, "finetune", resume, overwrite, inputs) as run:
         job = asked if run.state is None else resumed_run(asked, run)
@@ -206,7 +214,7 @@ def finetune(
         loaded, model = build_model(job, device)
         check_finetune_memory(job, model, device)
         fingerprint = base_fingerprint(run, job, loaded, model)
-        data = finetune_corpus(job.corpus, loaded)
+        data = finetune_corpus(job, loaded)
         val_before = validation_before(run, model, data, job.settings, progress, say)
         metadata = run_metadata(job, loaded, model, fingerprint, val_before, device)
         optimizer = make_optimizer(model, job.settings, job.loraplus_ratio)
@@ -293,10 +301,11 @@ def base_fingerprint(run: TrainingRun, job: FinetuneRun, loaded: Base, model) ->
     return fingerprint
 
 
-def finetune_corpus(corpus: str, loaded: Base):
-    """The corpus in the base's tokens: bytes for a GPT, SmolLM2's BPE ids for SmolLM2."""
-    data = load_corpus(corpus)
-    return data if loaded.is_byte_level else tokenize_corpus(data, loaded.tokenizer)
+def finetune_corpus(job: FinetuneRun, loaded: Base):
+    """The run's corpus in the base's tokens (bytes for a GPT, SmolLM2's BPE ids), masked and laid out as asked."""
+    data = load_corpus(job.corpus)
+    data = data if loaded.is_byte_level else data.encoded(loaded.tokenizer)
+    return data.configured(job.train_on_prompt, job.packing)
 
 
 def validation_before(run: TrainingRun, model, data, settings: TrainSettings, progress: bool, say) -> float:
@@ -307,12 +316,8 @@ def validation_before(run: TrainingRun, model, data, settings: TrainSettings, pr
     if run.state is not None:
         return run.state.metadata["val_bits_per_byte_before"]
     if progress:
-        say(
-            f"before training: {evaluation_line('val', data.val, model.config.block_size, settings.eval_windows)}"
-        )
-    return bits_per_byte(
-        model, data.val, settings.batch_size, settings.eval_windows, progress, data.token_bytes
-    )
+        say(f"before training: {data.evaluation_line(model.config.block_size, settings.eval_windows)}")
+    return data.val_bits_per_byte(model, settings.batch_size, settings.eval_windows, progress)
 
 
 def run_metadata(
@@ -332,6 +337,8 @@ def run_metadata(
         "gradient_checkpointing": model.gradient_checkpointing,
         "loss_chunk_rows": model.loss_chunk_rows,
         "dtype": job.dtype,
+        "train_on_prompt": job.train_on_prompt,
+        "packing": job.packing,
         "base_fingerprint": fingerprint,
         "config": model.config.to_dict(),
         "settings": asdict(job.settings),

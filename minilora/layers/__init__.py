@@ -9,7 +9,7 @@ Reading order:
 
     linear.py            y = x W + b, W of shape (C_in, C_out); the backward can skip dW (LoRA's saving)
     gelu.py              GELU with GPT-2's tanh approximation
-    cross_entropy.py     softmax and cross-entropy fused into one layer, a mean over positions
+    cross_entropy.py     softmax and cross-entropy fused into one layer, a mean over the scored positions
     layernorm.py         LayerNorm over the channel axis; the cache keeps xhat and rstd
     embedding.py         token and position tables: a lookup, and a backward that sums repeated rows
     dropout.py           inverted dropout with an explicit mask
@@ -32,7 +32,7 @@ from .attention import (
     cached_attention_forward,
     merge_heads,
 )
-from .cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from .cross_entropy import IGNORE, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .dropout import dropout_backward, dropout_forward, make_dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .flash_attention import (
@@ -55,7 +55,7 @@ from .linear import LinearCache, linear_backward, linear_forward
 from .ops import REFERENCE_OPS, LayerOps
 from .residual import residual_add
 from .rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
-from .rope import ROPE_PAIRINGS, RopeCache, rope_backward, rope_forward, rope_tables
+from .rope import ROPE_PAIRINGS, RopeCache, rope_backward, rope_forward, rope_tables, rope_tables_at
 from .swiglu import SwiGLUCache, sigmoid, swiglu_backward, swiglu_forward
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "attention_forward",
     "cached_attention_forward",
     "merge_heads",
+    "IGNORE",
     "CrossEntropyCache",
     "cross_entropy_backward",
     "cross_entropy_forward",
@@ -104,6 +105,7 @@ __all__ = [
     "rope_backward",
     "rope_forward",
     "rope_tables",
+    "rope_tables_at",
     "SwiGLUCache",
     "sigmoid",
     "swiglu_backward",

@@ -7,6 +7,15 @@ sequence goes through the same two batched matmuls: no Python loop over batch, h
     att = softmax(q k^T / sqrt(hs) + causal)      (B, H, T, T), row t attends to positions <= t
     y   = dropout(att) v                          (B, H, T, hs), then heads are concatenated
 
+A row may pack several examples one after another (training/examples.py). Then every token attends
+only within its own example: with ``example_start`` (B, T), the position in the row where each
+query's example begins, the scores also get -inf on every key before it (``example_bias``), and
+causal plus example masks make the block-diagonal causal mask
+
+    query i sees key j  <=>  example_start[i] <= j <= i
+
+so that a packed row computes what its examples would compute each in a row of its own.
+
 The output projection (``c_proj``) is an ordinary linear layer and lives outside this function.
 For generation, ``cached_attention_forward`` runs the same attention for a few new positions
 against the keys and values of every earlier one, kept in a key/value cache (see generate.py).
@@ -44,6 +53,17 @@ def causal_bias(xp, T_q: int, T_k: int, dtype):
     # END SOLUTION
 
 
+def example_bias(example_start, T_k: int, dtype):
+    """(B, 1, T_q, T_k) additive mask of packed rows: -inf on every key before the query's example starts.
+
+    example_start: (B, T_q) integer, the row position where each query's example begins (0 for a
+    row of one sequence). Broadcasts over the heads.
+    """
+    xp = get_xp(example_start)
+    before = xp.arange(T_k)[None, None, :] < example_start[:, :, None]  # (B, T_q, T_k)
+    return xp.where(before, -xp.inf, 0.0).astype(dtype)[:, None]  # (B, 1, T_q, T_k)
+
+
 def split_heads(qkv, n_head: int):
     """(B, T, 3C) -> q, k, v, each (B, H, T, hs) (views, no copy)."""
     B, T, C3 = qkv.shape
@@ -60,20 +80,24 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
 
 
-def scaled_dot_product_attention(q, k, v, dropout_mask=None):
-    """softmax(q k^T / sqrt(hs) + causal) v, batched over (B, H).
+def scaled_dot_product_attention(q, k, v, dropout_mask=None, example_start=None):
+    """softmax(q k^T / sqrt(hs) + causal [+ example]) v, batched over (B, H).
 
     q: (B, H, T_q, hs), the last T_q positions; k, v: (B, H, T_k, hs), every position so far, or
     (B, 1, T_k, hs), one key/value head that the matmuls broadcast to all H query heads (that is how
-    gqa_attention.py reuses this function). Returns (y (B, H, T_q, hs), the scaled q, the
-    probabilities att (B, H, T_q, T_k), the scale).
+    gqa_attention.py reuses this function). example_start: (B, T_q) for packed rows, or None.
+    Returns (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
     """
     xp = get_xp(q)
-    # BEGIN SOLUTION a3: scaled q k^T, causal mask, row softmax, dropout, times v
+    # BEGIN SOLUTION a3: scaled q k^T and the causal mask
     scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale  # scaling q (T hs values) is cheaper than scaling q k^T (T^2 values)
     scores = matmul(q, k.swapaxes(-1, -2))  # (B, H, T_q, T_k)
     scores = scores + causal_bias(xp, q.shape[2], k.shape[2], scores.dtype)  # no attending to later keys
+    # END SOLUTION
+    if example_start is not None:  # packed rows: no attending to an earlier example's keys either
+        scores = scores + example_bias(example_start, k.shape[2], scores.dtype)
+    # BEGIN SOLUTION a3: row softmax, dropout, times v
     att = xp.exp(scores - scores.max(axis=-1, keepdims=True))  # softmax is shift-invariant: no overflow
     att = att / att.sum(axis=-1, keepdims=True)  # (B, H, T_q, T_k), rows sum to 1
     att_used = att if dropout_mask is None else att * dropout_mask
@@ -82,14 +106,15 @@ def scaled_dot_product_attention(q, k, v, dropout_mask=None):
     return y, q, att, scale
 
 
-def attention_forward(qkv, n_head: int, dropout_mask=None):
+def attention_forward(qkv, n_head: int, dropout_mask=None, example_start=None):
     """Causal self-attention.   qkv: (B, T, 3C) -> y: (B, T, C).
 
     ``dropout_mask`` (B, H, T, T), if given, multiplies the attention probabilities (GPT-2's
-    attn_pdrop); it already holds the 1 / (1 - p) scaling.
+    attn_pdrop); it already holds the 1 / (1 - p) scaling. ``example_start`` (B, T): packed rows
+    (see the module), or None.
     """
     q, k, v = split_heads(qkv, n_head)  # each (B, H, T, hs)
-    y, q_scaled, att, scale = scaled_dot_product_attention(q, k, v, dropout_mask)
+    y, q_scaled, att, scale = scaled_dot_product_attention(q, k, v, dropout_mask, example_start)
     cache = AttentionCache(q=q_scaled, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
     return merge_heads(y), cache  # (B, T, C)
 

@@ -33,6 +33,14 @@ of them; all queries that see a tile are handled at once, vectorised over batch 
 kernel would also split the queries into tiles, one thread block each, to fit on-chip memory; the
 arithmetic is the same. This module is the reference for such a kernel: the model does not call it.
 
+Packed rows (attention.py): with ``example_start`` (B, T) every query sees only its own example's
+keys, so a tile's scores also get -inf on the keys before each query's example, and a query that has
+seen no key yet keeps m = -inf, which the update treats as "nothing seen" (its terms are 0). The
+queries that see a key tile at all are those whose example starts before the tile ends: a prefix
+of the queries from the tile's start on (example starts only grow along a row), so the tile is
+taken for that prefix alone, and a tile no query of any row sees is skipped. That is the saving
+packing makes in the kernels, tile by tile.
+
 Shapes: B batch, H heads, T positions, hs head size; a tile holds the n = end - start positions
 [start, end), n = block except for a shorter last tile.
 """
@@ -43,7 +51,7 @@ import math
 from typing import NamedTuple
 
 from ..backend import get_xp, matmul
-from .attention import causal_bias
+from .attention import causal_bias, example_bias
 
 DEFAULT_BLOCK = 64  # positions per key/value tile (not GPT's block_size, the context length)
 
@@ -56,6 +64,7 @@ class FlashAttentionCache(NamedTuple):
     logsumexp: object  # (B, H, T) L, the log of each row's softmax denominator: P = exp(s - L)
     block: int  # positions per key/value tile
     scale: float  # 1/sqrt(hs)
+    example_start: object  # (B, T) for packed rows, or None
 
 
 def check_inputs(q, k, v, block: int) -> None:
@@ -77,22 +86,38 @@ def tile_causal_bias(xp, n_queries: int, n_keys: int, dtype):
     return xp.concatenate([diagonal, below])  # (n_queries, n_keys)
 
 
-def tile_scores(q_scaled, k, start: int, end: int):
-    """Scores of key tile [start, end) for the queries from ``start`` on: (B, H, T - start, end - start)."""
+def tile_scores(q_scaled, k, start: int, end: int, stop: int, example_start=None):
+    """Scores of key tile [start, end) for the queries start..stop-1: (B, H, stop - start, end - start)."""
     xp = get_xp(q_scaled)
-    scores = matmul(q_scaled[:, :, start:], k[:, :, start:end].swapaxes(-1, -2))  # (B, H, T - start, n)
-    return scores + tile_causal_bias(xp, scores.shape[2], end - start, scores.dtype)
+    scores = matmul(q_scaled[:, :, start:stop], k[:, :, start:end].swapaxes(-1, -2))  # (B, H, m, n)
+    scores += tile_causal_bias(xp, stop - start, end - start, scores.dtype)
+    if (
+        example_start is not None
+    ):  # keys before a query's example: -inf (the keys count from the tile's start)
+        scores += example_bias(example_start[:, start:stop] - start, end - start, scores.dtype)
+    return scores
 
 
-def tiles(T: int, block: int):
-    """(start, end) of each key/value tile; the last one is shorter when block does not divide T."""
-    return [(start, min(start + block, T)) for start in range(0, T, block)]
+def tiles(T: int, block: int, example_start=None):
+    """(start, end, stop) of each key/value tile that some query sees: keys [start, end), queries start..stop-1.
+
+    Without packing every query from the tile's start on sees the tile (stop = T); with packing, only
+    those whose example starts before ``end`` (in some row), and a tile none sees is left out.
+    """
+    spans = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        stop = T if example_start is None else int((example_start < end).sum(axis=1).max())
+        if stop > start:
+            spans.append((start, end, stop))
+    return spans
 
 
-def flash_attention(q, k, v, block: int = DEFAULT_BLOCK):
+def flash_attention(q, k, v, block: int = DEFAULT_BLOCK, example_start=None):
     """softmax(q k^T / sqrt(hs) + causal) v over key/value tiles, with the online softmax.
 
-    q, k, v: (B, H, T, hs). Returns out (B, H, T, hs) and L (B, H, T), each row's logsumexp.
+    q, k, v: (B, H, T, hs); example_start: (B, T) for packed rows, or None. Returns out (B, H, T, hs)
+    and L (B, H, T), each row's logsumexp.
     """
     check_inputs(q, k, v, block)
     xp = get_xp(q)
@@ -101,27 +126,28 @@ def flash_attention(q, k, v, block: int = DEFAULT_BLOCK):
     m = xp.full((B, H, T), -xp.inf, dtype=q.dtype)  # running row max: nothing seen yet
     row_sum = xp.zeros((B, H, T), dtype=q.dtype)  # l, the running denominator sum_j exp(s_j - m)
     acc = xp.zeros((B, H, T, hs), dtype=q.dtype)  # running output, sum_j exp(s_j - m) v_j
-    for start, end in tiles(T, block):
-        scores = tile_scores(q_scaled, k, start, end)  # (B, H, T - start, n)
-        m_old = m[:, :, start:]  # (B, H, T - start)
-        m_new = xp.maximum(m_old, scores.max(axis=-1))  # finite: every query sees a key of its first tile
-        rescale = xp.exp(m_old - m_new)  # moves the earlier terms to the new max (0 before any tile)
-        p = xp.exp(scores - m_new[..., None])  # (B, H, T - start, n), 0 where masked
-        row_sum[:, :, start:] = rescale * row_sum[:, :, start:] + p.sum(axis=-1)
-        acc[:, :, start:] = rescale[..., None] * acc[:, :, start:] + matmul(p, v[:, :, start:end])
-        m[:, :, start:] = m_new
-    out = acc / row_sum[..., None]  # (B, H, T, hs), each row normalised once
+    for start, end, stop in tiles(T, block, example_start):
+        scores = tile_scores(q_scaled, k, start, end, stop, example_start)  # (B, H, stop - start, n)
+        m_old = m[:, :, start:stop]  # (B, H, stop - start)
+        m_new = xp.maximum(m_old, scores.max(axis=-1))  # -inf for a query that has seen no key yet
+        m_shift = xp.where(m_new == -xp.inf, 0.0, m_new)  # what exp subtracts: 0 where nothing is seen
+        rescale = xp.exp(m_old - m_shift)  # moves the earlier terms to the new max (0 before any key)
+        p = xp.exp(scores - m_shift[..., None])  # (B, H, stop - start, n), 0 where masked
+        row_sum[:, :, start:stop] = rescale * row_sum[:, :, start:stop] + p.sum(axis=-1)
+        acc[:, :, start:stop] = rescale[..., None] * acc[:, :, start:stop] + matmul(p, v[:, :, start:end])
+        m[:, :, start:stop] = m_new
+    out = acc / row_sum[..., None]  # (B, H, T, hs), each row normalised once (every query sees itself)
     return out, m + xp.log(row_sum)  # L = m + log l, (B, H, T)
 
 
-def flash_attention_forward(q, k, v, block: int = DEFAULT_BLOCK):
+def flash_attention_forward(q, k, v, block: int = DEFAULT_BLOCK, example_start=None):
     """Causal attention over tiles.   q, k, v: (B, H, T, hs) -> out: (B, H, T, hs).
 
     The cache keeps q, k, v, out and the logsumexp L (B, H, T): O(T) numbers per head beyond the
     inputs and output, where plain attention keeps the (B, H, T, T) probabilities.
     """
-    out, logsumexp = flash_attention(q, k, v, block)
-    cache = FlashAttentionCache(q, k, v, out, logsumexp, block, scale=1.0 / math.sqrt(q.shape[-1]))
+    out, logsumexp = flash_attention(q, k, v, block, example_start)
+    cache = FlashAttentionCache(q, k, v, out, logsumexp, block, 1.0 / math.sqrt(q.shape[-1]), example_start)
     return out, cache
 
 
@@ -143,15 +169,14 @@ def flash_attention_backward(dout, cache: FlashAttentionCache):
     T = q_scaled.shape[2]
     D = (dout * cache.out).sum(axis=-1)  # (B, H, T): sum_j P_ij dP_ij, before any tile
     dq_scaled = xp.zeros_like(q_scaled)  # (B, H, T, hs), summed over tiles
-    dk_tiles, dv_tiles = [], []  # (B, H, n, hs) each, in tile order
-    for start, end in tiles(T, cache.block):
-        p = xp.exp(tile_scores(q_scaled, k, start, end) - L[:, :, start:, None])  # (B, H, T - start, n)
-        dout_seen = dout[:, :, start:]  # (B, H, T - start, hs), the queries that see this tile
-        dv_tiles.append(matmul(p.swapaxes(-1, -2), dout_seen))  # (B, H, n, hs)
-        dp = matmul(dout_seen, v[:, :, start:end].swapaxes(-1, -2))  # (B, H, T - start, n)
-        ds = p * (dp - D[:, :, start:, None])  # (B, H, T - start, n), the softmax's backward
-        dq_scaled[:, :, start:] += matmul(ds, k[:, :, start:end])  # (B, H, T - start, hs)
-        dk_tiles.append(matmul(ds.swapaxes(-1, -2), q_scaled[:, :, start:]))  # (B, H, n, hs)
-    dk = xp.concatenate(dk_tiles, axis=2)  # (B, H, T, hs)
-    dv = xp.concatenate(dv_tiles, axis=2)  # (B, H, T, hs)
+    dk, dv = xp.zeros_like(k), xp.zeros_like(v)  # (B, H, T, hs): a tile no query sees keeps 0
+    for start, end, stop in tiles(T, cache.block, cache.example_start):
+        scores = tile_scores(q_scaled, k, start, end, stop, cache.example_start)  # (B, H, m, n)
+        p = xp.exp(scores - L[:, :, start:stop, None])  # (B, H, m, n), m = stop - start queries
+        dout_seen = dout[:, :, start:stop]  # (B, H, m, hs), the queries that see this tile
+        dv[:, :, start:end] = matmul(p.swapaxes(-1, -2), dout_seen)  # (B, H, n, hs)
+        dp = matmul(dout_seen, v[:, :, start:end].swapaxes(-1, -2))  # (B, H, m, n)
+        ds = p * (dp - D[:, :, start:stop, None])  # (B, H, m, n), the softmax's backward
+        dq_scaled[:, :, start:stop] += matmul(ds, k[:, :, start:end])  # (B, H, m, hs)
+        dk[:, :, start:end] = matmul(ds.swapaxes(-1, -2), q_scaled[:, :, start:stop])  # (B, H, n, hs)
     return dq_scaled * cache.scale, dk, dv

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..backend import get_xp
 from .attention import AttentionCache, scaled_dot_product_attention, scaled_dot_product_attention_backward
 
 
@@ -92,27 +93,30 @@ def check_heads(q, k, v):
     return H, H_kv
 
 
-def grouped_scaled_dot_product_attention(q, k, v, dropout_mask=None):
+def grouped_scaled_dot_product_attention(q, k, v, dropout_mask=None, example_start=None):
     """softmax(q k^T / sqrt(hs) + causal) v, each query head against the key/value head of its group.
 
     q: (B, H, T_q, hs), the last T_q positions; k, v: (B, H_kv, T_k, hs), every position so far;
-    dropout_mask: (B, H, T_q, T_k) or None, already holding the 1 / (1 - p) scaling. Returns
-    (y (B, H, T_q, hs), the scaled q, the probabilities att (B, H, T_q, T_k), the scale).
+    dropout_mask: (B, H, T_q, T_k) or None, already holding the 1 / (1 - p) scaling; example_start:
+    (B, T_q) for packed rows (attention.py), or None. Returns (y (B, H, T_q, hs), the scaled q, the
+    probabilities att (B, H, T_q, T_k), the scale).
     """
     _, H_kv = check_heads(q, k, v)
     mask = None if dropout_mask is None else fold_groups(dropout_mask, H_kv)
-    y, q, att, scale = scaled_dot_product_attention(*(fold_groups(x, H_kv) for x in (q, k, v)), mask)
+    starts = None if example_start is None else get_xp(q).repeat(example_start, H_kv, axis=0)  # (B*H_kv, T_q)
+    y, q, att, scale = scaled_dot_product_attention(*(fold_groups(x, H_kv) for x in (q, k, v)), mask, starts)
     y, q, att = (unfold_groups(x, H_kv) for x in (y, q, att))  # (B, H, T_q, hs) and att (B, H, T_q, T_k)
     return y, q, att, scale
 
 
-def gqa_attention_forward(q, k, v, dropout_mask=None):
+def gqa_attention_forward(q, k, v, dropout_mask=None, example_start=None):
     """Grouped-query causal self-attention.   q: (B, H, T, hs), k, v: (B, H_kv, T, hs) -> y: (B, H, T, hs).
 
     H and H_kv are read from the shapes. ``dropout_mask`` (B, H, T, T), if given, multiplies the
-    attention probabilities; it already holds the 1 / (1 - p) scaling.
+    attention probabilities; it already holds the 1 / (1 - p) scaling. ``example_start`` (B, T):
+    packed rows (attention.py), or None.
     """
-    y, q_scaled, att, scale = grouped_scaled_dot_product_attention(q, k, v, dropout_mask)
+    y, q_scaled, att, scale = grouped_scaled_dot_product_attention(q, k, v, dropout_mask, example_start)
     cache = GQAAttentionCache(q=q_scaled, k=k, v=v, att=att, dropout_mask=dropout_mask, scale=scale)
     return y, cache
 

@@ -32,8 +32,8 @@ ROPE_PAIRINGS = ("half", "adjacent")
 
 
 class RopeCache(NamedTuple):
-    cos: object  # (T, hs/2) cos of each position's angle, per pair
-    sin: object  # (T, hs/2) sin of the same
+    cos: object  # (T, hs/2) cos of each position's angle, per pair; (B, 1, T, hs/2) for packed rows
+    sin: object  # the sin of the same
     pairing: str  # "half" or "adjacent": which dimensions were rotated together
 
 
@@ -45,11 +45,27 @@ def rope_tables(T: int, hs: int, start: int, theta: float, dtype, xp):
     computed in float64 whatever ``dtype`` the tables are returned in: at position 10^4 a float32
     angle would already be off by up to 5e-4 radian. ``xp`` is the array module to build them in.
     """
+    return _tables_at(xp.arange(start, start + T, dtype=xp.float64), hs, theta, dtype)  # (T, hs/2) each
+
+
+def rope_tables_at(positions, hs: int, theta: float, dtype):
+    """cos and sin at each token's own position, for packed rows: positions (B, T) -> (B, 1, T, hs/2) each.
+
+    A packed row holds several examples, and each example's positions start again at 0
+    (training/examples.py), so the angles differ from row to row; the tables broadcast over the heads.
+    """
+    xp = get_xp(positions)
+    cos, sin = _tables_at(positions.astype(xp.float64), hs, theta, dtype)  # (B, T, hs/2) each
+    return cos[:, None], sin[:, None]
+
+
+def _tables_at(position, hs: int, theta: float, dtype):
+    """cos and sin of position * theta^(-2j/hs), in float64, returned in ``dtype``: (..., hs/2) each."""
+    xp = get_xp(position)
     if hs % 2 != 0:
         raise ValueError(f"RoPE rotates pairs of dimensions; head size {hs} is odd")
-    position = xp.arange(start, start + T, dtype=xp.float64)  # (T,)
     inv_freq = 1.0 / theta ** (xp.arange(0, hs, 2, dtype=xp.float64) / hs)  # (hs/2,), 1 down to ~1/theta
-    angle = position[:, None] * inv_freq[None, :]  # (T, hs/2), an outer product
+    angle = position[..., None] * inv_freq  # (..., hs/2), an outer product
     return xp.cos(angle).astype(dtype), xp.sin(angle).astype(dtype)
 
 
@@ -71,17 +87,20 @@ def _join_pairs(x1, x2, pairing: str, xp):
 def rope_forward(x, cos, sin, pairing: str = "half"):
     """Rotate every pair (x1, x2) of x: x1' = x1 cos - x2 sin, x2' = x1 sin + x2 cos.
 
-    x: (B, H, T, hs) queries or keys; cos, sin: (T, hs/2) from ``rope_tables``, in x's dtype
-    -> out: (B, H, T, hs). The default pairing is Hugging Face's, the layout of the state dicts
-    minilora reads.
+    x: (B, H, T, hs) queries or keys; cos, sin: (T, hs/2) from ``rope_tables``, or (B, 1, T, hs/2)
+    from ``rope_tables_at`` for packed rows, in x's dtype -> out: (B, H, T, hs). The default pairing
+    is Hugging Face's, the layout of the state dicts minilora reads.
     """
     xp = get_xp(x)
     if pairing not in ROPE_PAIRINGS:
         raise ValueError(f"unknown RoPE pairing {pairing!r}; choose one of {ROPE_PAIRINGS}")
-    T, hs = x.shape[-2:]
-    if cos.shape != (T, hs // 2) or sin.shape != (T, hs // 2):
+    B, _, T, hs = x.shape
+    shapes = ((T, hs // 2), (B, 1, T, hs // 2))
+    if cos.shape not in shapes or sin.shape != cos.shape:
         # a (1, hs/2) table would broadcast silently over every position: refuse it
-        raise ValueError(f"RoPE tables have shape {cos.shape}, expected (T, hs/2) = {(T, hs // 2)}")
+        raise ValueError(
+            f"RoPE tables have shape {cos.shape}, expected (T, hs/2) = {shapes[0]} or {shapes[1]}"
+        )
     x1, x2 = _split_pairs(x, pairing)  # (B, H, T, hs/2) each
     out = _join_pairs(x1 * cos - x2 * sin, x1 * sin + x2 * cos, pairing, xp)  # (B, H, T, hs)
     return out, RopeCache(cos=cos, sin=sin, pairing=pairing)

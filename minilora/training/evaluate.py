@@ -12,7 +12,9 @@ byte of the text scored, and comparable with the byte-level models' numbers.
 
 The text is cut into non-overlapping windows of block_size inputs (plus the byte after each, as its
 last target), so every scored byte is predicted from the bytes before it in its window; the
-incomplete window at the end is left out.
+incomplete window at the end is left out. Conversations are scored as examples instead
+(training/examples.py), on the targets the loss scores, the assistant's: a target equal to IGNORE
+counts neither nats nor bytes (``bits_per_byte_of``, over any batches).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import math
 
 import numpy as np
 from tqdm import tqdm
+
+from ..layers import IGNORE
+from .examples import Batch
 
 
 def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None) -> np.ndarray:
@@ -34,20 +39,26 @@ def window_starts(n_tokens: int, block_size: int, max_windows: int | None = None
     return chosen * block_size
 
 
+def scored_targets(targets: np.ndarray) -> np.ndarray:
+    """The targets the loss scores (not IGNORE), flat."""
+    return targets[targets != IGNORE]
+
+
 def bytes_of(targets: np.ndarray, token_bytes: np.ndarray | None = None) -> int:
-    """The bytes of text that target ids spell: one each for byte-level ids, token_bytes[id] for subwords."""
-    return targets.size if token_bytes is None else int(token_bytes[targets].sum())
+    """The bytes of text that the scored target ids spell: one each byte-level, token_bytes[id] for subwords."""
+    scored = scored_targets(targets)
+    return scored.size if token_bytes is None else int(token_bytes[scored].sum())
 
 
 def loss_in_bits_per_byte(
     mean_nats: float, targets: np.ndarray, token_bytes: np.ndarray | None = None
 ) -> float:
-    """A mean cross-entropy over ``targets`` (nats per token) as bits per byte of the text they spell.
+    """A mean cross-entropy over the scored ``targets`` (nats per token) as bits per byte of the text they spell.
 
-    mean_nats * n_targets is the targets' total in nats; divided by the bytes they spell and by ln 2
+    mean_nats * n_scored is the targets' total in nats; divided by the bytes they spell and by ln 2
     it is what ``bits_per_byte`` reports for a split, here for one batch (the progress bar's figure).
     """
-    return mean_nats * targets.size / bytes_of(targets, token_bytes) / math.log(2)
+    return mean_nats * scored_targets(targets).size / max(bytes_of(targets, token_bytes), 1) / math.log(2)
 
 
 def bytes_scored(
@@ -79,13 +90,27 @@ def bits_per_byte(
     """
     T = model.config.block_size
     starts = window_starts(len(data), T, max_windows)
+    batches = (window_batch(data, starts[i : i + batch_size], T) for i in range(0, len(starts), batch_size))
+    return bits_per_byte_of(model, batches, token_bytes, progress, total=-(-len(starts) // batch_size))
+
+
+def window_batch(data: np.ndarray, starts: np.ndarray, T: int) -> Batch:
+    """The windows of T inputs at ``starts`` (B,) and their targets one token later: a (B, T) batch."""
+    positions = starts[:, None] + np.arange(T)  # (B, T) offsets into data
+    return Batch(data[positions].astype(np.int64), data[positions + 1].astype(np.int64))
+
+
+def bits_per_byte_of(
+    model, batches, token_bytes=None, progress: bool = False, total: int | None = None
+) -> float:
+    """Cross-entropy of ``model`` over ``batches`` (training/examples.Batch) in bits per byte of the scored text.
+
+    Each batch's loss is the mean over its scored targets, so it counts times their number; IGNORE
+    targets add neither nats nor bytes. ``total``: the number of batches, for the progress bar.
+    """
     total_nats, total_bytes = 0.0, 0
-    batches = range(0, len(starts), batch_size)
-    for i in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-        positions = starts[i : i + batch_size, None] + np.arange(T)  # (B, T)
-        x = data[positions].astype(np.int64)
-        y = data[positions + 1].astype(np.int64)
-        _, loss, _ = model.forward(x, y)
-        total_nats += float(loss) * y.size  # the loss is a mean over the batch's B*T targets
-        total_bytes += bytes_of(y, token_bytes)
+    for batch in tqdm(batches, desc="eval", unit="batch", total=total, disable=not progress, leave=False):
+        _, loss, _ = model.forward(batch.x, batch.y, positions=batch.positions)
+        total_nats += float(loss) * scored_targets(batch.y).size
+        total_bytes += bytes_of(batch.y, token_bytes)
     return total_nats / total_bytes / math.log(2)

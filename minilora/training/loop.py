@@ -34,8 +34,7 @@ from tqdm import tqdm
 from ..backend import all_finite, host_rng, synchronize
 from ..optim import cosine_lr
 from ..validate import check_float, check_int
-from .batches import get_batch
-from .evaluate import bits_per_byte, evaluation_line, loss_in_bits_per_byte
+from .evaluate import loss_in_bits_per_byte
 from .step import TrainingStep
 
 DATA_STREAM, DROPOUT_STREAM = 0, 1  # independent random streams derived from one seed
@@ -130,16 +129,17 @@ def train_loop(
     )
     for step_index in bar:
         lr = cosine_lr(step_index, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr)
-        x, y = get_batch(corpus.train, B, T, host_rng(settings.seed, DATA_STREAM, step_index))  # (B, T) each
-        loss = step(
-            model, optimizer, x, y, lr, settings.grad_clip, (settings.seed, DROPOUT_STREAM, step_index)
-        )
+        batch = corpus.train_batch(B, T, host_rng(settings.seed, DATA_STREAM, step_index))  # (B, T) each
+        dropout_key = (settings.seed, DROPOUT_STREAM, step_index)
+        loss = step(model, optimizer, batch.x, batch.y, lr, settings.grad_clip, dropout_key, batch.positions)
         done = step_index + 1
         if done % settings.log_interval == 0 or done == settings.steps or step_index == start_step:
             loss_value = float(loss)  # syncs the device
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(kept.diverged_message(f"the loss became {loss_value}", step_index))
-            batch_bits = loss_in_bits_per_byte(loss_value, y, corpus.token_bytes)  # as validation reports it
+            batch_bits = loss_in_bits_per_byte(
+                loss_value, batch.y, corpus.token_bytes
+            )  # as validation reports it
             result.losses.append({"step": done, "loss": loss_value, "bits_per_byte": batch_bits, "lr": lr})
             tokens_per_second = (done - start_step) * B * T / (time.perf_counter() - started - eval_seconds)
             bar.set_postfix(
@@ -149,10 +149,8 @@ def train_loop(
             synchronize(xp)
             eval_started = time.perf_counter()
             if report:
-                say(bar, f"step {done}: {evaluation_line('val', corpus.val, T, settings.eval_windows)}")
-            val = bits_per_byte(
-                model, corpus.val, settings.batch_size, settings.eval_windows, progress, corpus.token_bytes
-            )
+                say(bar, f"step {done}: {corpus.evaluation_line(T, settings.eval_windows)}")
+            val = corpus.val_bits_per_byte(model, settings.batch_size, settings.eval_windows, progress)
             result.evals.append({"step": done, "val_bits_per_byte": val})
             if report:
                 say(bar, f"step {done}: val {val:.4f} bits/byte")

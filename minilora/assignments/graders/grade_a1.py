@@ -204,3 +204,20 @@ def test_no_backward_runs_its_forward(student, rng):
         ce.cross_entropy_backward, ["cross_entropy_forward"], rng.uniform(0.5, 2.0), cache
     )
     assert calls == {"cross_entropy_forward": 0}, f"cross_entropy_backward ran cross_entropy_forward: {calls}"
+
+
+@pytest.mark.points(1)
+def test_cross_entropy_scores_only_the_targets_not_ignored(student, rng):
+    """Instruction tuning marks the prompt's targets IGNORE (-100): the loss is the mean over the other
+    rows, and the ignored rows get no gradient. A plain mean would train on the prompt, or index row -100."""
+    m = student["cross_entropy"]
+    logits, targets = 3 * rng.standard_normal((2, 5, 6)), rng.integers(0, 6, (2, 5))
+    targets[0, 1:4] = targets[1, 0] = -100
+    scored = targets != -100
+    expected = -log_softmax(logits)[scored, targets[scored]].mean()
+    loss, cache = m.cross_entropy_forward(logits, targets)
+    assert float(loss) == pytest.approx(expected, rel=1e-12), "the mean over the scored rows alone"
+    dloss = rng.uniform(0.5, 2.0)
+    onehot = np.where(scored[..., None], np.eye(6)[np.where(scored, targets, 0)], 0.0)
+    expected_grad = dloss * (np.exp(log_softmax(logits)) - onehot) * scored[..., None] / scored.sum()
+    np.testing.assert_allclose(m.cross_entropy_backward(dloss, cache), expected_grad, rtol=1e-10, atol=1e-13)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from ...backend import get_xp, matmul
-from ...layers.attention import causal_bias
+from ...layers.attention import causal_bias, example_bias
 from ...layers.gqa_attention import GQAAttentionCache, check_heads, group_heads, ungroup_heads
 from ...layers.rmsnorm import RMSNormCache
 from ...layers.swiglu import SwiGLUCache
@@ -74,7 +74,7 @@ def rmsnorm_backward(dout, cache: RMSNormCache):
     return dx, dw
 
 
-def gqa_attention_forward(q, k, v, dropout_mask=None):
+def gqa_attention_forward(q, k, v, dropout_mask=None, example_start=None):
     """Grouped-query causal attention with the softmax in place on the scores.   See the reference."""
     xp = get_xp(q)
     H, H_kv = check_heads(q, k, v)
@@ -83,6 +83,8 @@ def gqa_attention_forward(q, k, v, dropout_mask=None):
     q = q * scale
     att = ungroup_heads(matmul(group_heads(q, H_kv), k.swapaxes(-1, -2)), H)  # (B, H, T, T) scores
     att += causal_bias(xp, T, T, att.dtype)
+    if example_start is not None:  # packed rows: each token attends within its own example
+        att += example_bias(example_start, T, att.dtype)  # (B, 1, T, T), broadcast over the heads
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)

@@ -18,6 +18,7 @@ from dataclasses import replace
 from ...backend import get_xp
 from ...layers import REFERENCE_OPS, AttentionCache, CrossEntropyCache, GeluCache, LayerNormCache
 from ...layers.attention import merge_heads, split_heads
+from ...layers.cross_entropy import IGNORE, scored_weights
 from ...layers.gelu import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 from ...layers.gqa_attention import to_heads
 from ...layers.layernorm import LAYERNORM_EPS
@@ -89,9 +90,10 @@ def layernorm_backward(dout, cache: LayerNormCache):
     return dx, dw, db
 
 
-def attention_forward(qkv, n_head: int, dropout_mask=None):
+def attention_forward(qkv, n_head: int, dropout_mask=None, example_start=None):
     """Causal self-attention as grouped-query attention with H_kv = H (llama_ops: the softmax in place)."""
-    y, cache = llama_ops.gqa_attention_forward(*split_heads(qkv, n_head), dropout_mask)  # (B, H, T, hs)
+    q, k, v = split_heads(qkv, n_head)
+    y, cache = llama_ops.gqa_attention_forward(q, k, v, dropout_mask, example_start)  # (B, H, T, hs)
     return merge_heads(y), AttentionCache(*cache)
 
 
@@ -108,23 +110,28 @@ def attention_backward(dout, cache: AttentionCache):
 
 
 def cross_entropy_forward(logits, targets):
-    """Softmax cross-entropy with exp and the normalisation in the buffer of the shifted logits."""
+    """Softmax cross-entropy with exp and the normalisation in the buffer of the shifted logits.
+
+    The weighted mean over the scored targets, as the reference's (IGNORE targets weigh 0).
+    """
     xp = get_xp(logits)
     logits_shape = logits.shape
     V = logits_shape[-1]
     logits = logits.reshape(-1, V)  # (N, V)
     targets = targets.reshape(-1)  # (N,)
+    weights = scored_weights(targets, logits.dtype)  # (N,)
+    targets = xp.where(targets == IGNORE, 0, targets)
     shifted = logits - logits.max(axis=-1, keepdims=True)  # (N, V)
-    target_logit = xp.take_along_axis(shifted, targets[:, None], axis=-1)  # (N, 1)
+    target_logit = xp.take_along_axis(shifted, targets[:, None], axis=-1)[:, 0]  # (N,)
     probs = xp.exp(shifted, out=shifted)  # unnormalised for now
     sum_exp = probs.sum(axis=-1, keepdims=True)  # (N, 1)
-    loss = (xp.log(sum_exp) - target_logit).mean()
+    loss = (weights * (xp.log(sum_exp[:, 0]) - target_logit)).sum()
     probs /= sum_exp
-    return loss, CrossEntropyCache(probs=probs, targets=targets, logits_shape=logits_shape)
+    return loss, CrossEntropyCache(probs=probs, targets=targets, weights=weights, logits_shape=logits_shape)
 
 
 def cross_entropy_backward(dloss, cache: CrossEntropyCache):
-    """dlogits = dloss * (probs - onehot(targets)) / N, built in the buffer of probs.
+    """dlogits = dloss * weights * (probs - onehot(targets)), built in the buffer of probs.
 
     The (N, V) probabilities are the largest array of a step (V = 49,152 for SmolLM2), and nothing
     reads them after this: the cache serves one backward, as a training step's does.
@@ -133,7 +140,7 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     N = cache.probs.shape[0]
     dlogits = cache.probs  # (N, V), overwritten
     dlogits[xp.arange(N), cache.targets] -= 1.0
-    dlogits *= dloss / N
+    dlogits *= dloss * cache.weights[:, None]
     return dlogits.reshape(cache.logits_shape)
 
 

@@ -10,9 +10,10 @@ Python's GIL, so the threads really run at the same time; the model's forward an
 functions of their inputs (the caches are returned, not stored), so the threads share nothing but
 the read-only weights.
 
-The arithmetic is unchanged. The loss is a mean over all B T positions, so a shard of B_i sequences
-contributes B_i / B of it: its backward is seeded with dloss = B_i / B, and the summed gradients
-equal the one-piece backward's up to float rounding (a test checks this in float64).
+The arithmetic is unchanged. The loss is a mean over the batch's n scored targets, so a shard with
+n_i of them contributes n_i / n of it (B_i / B when every target is scored): its backward is seeded
+with dloss = n_i / n (``training.step.share_of_scored``), and the summed gradients equal the
+one-piece backward's up to float rounding (a test checks this in float64).
 
 With one shard the step is the reference ``train_step``. Dropout masks are drawn per shard from
 (seed, stream, step, shard) when there are several shards, so results with dropout depend on the
@@ -28,7 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 from ...backend import device_rng
-from ...training.step import TrainingStep, apply_update, forward_backward, split_bounds
+from ...training.step import (
+    TrainingStep,
+    apply_update,
+    forward_backward,
+    rows_of,
+    share_of_scored,
+    split_bounds,
+)
 
 THREADS_ENV_VAR = "MINILORA_CPU_THREADS"
 
@@ -55,19 +63,23 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-def sharded_forward_backward(model, x, y, dropout_key: tuple[int, ...] | None, bounds, dloss: float = 1.0):
+def sharded_forward_backward(
+    model, x, y, dropout_key: tuple[int, ...] | None, bounds, dloss: float = 1.0, positions=None
+):
     """Loss and summed gradients of the shards ``bounds`` of one batch, one thread each.
 
-    x, y: (B, T) token ids -> (loss 0-d array, grads dict), the same as one piece up to rounding:
-    the first half of a step (``training.step.forward_backward``), dloss included.
+    x, y: (B, T) token ids, positions (B, T) or None -> (loss 0-d array, grads dict), the same as
+    one piece up to rounding: the first half of a step (``training.step.forward_backward``), dloss included.
     """
-    xp, B = model.xp, x.shape[0]
+    xp = model.xp
 
     def run_shard(shard: int):
         start, stop = bounds[shard]
         rng = None if dropout_key is None else device_rng(xp, *dropout_key, shard)
-        loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)[1:]  # logits freed now
-        weight = (stop - start) / B  # this shard's share of the mean over the whole batch
+        loss, cache = model.forward(
+            x[start:stop], y[start:stop], dropout_rng=rng, positions=rows_of(positions, start, stop)
+        )[1:]  # the logits are freed now
+        weight = share_of_scored(y, start, stop)  # this shard's share of the mean over the whole batch
         return loss * weight, model.backward(cache, dloss=dloss * weight)
 
     with _blas_controller().limit(limits=1, user_api="blas"):  # one core per shard
@@ -89,11 +101,11 @@ class ShardedForwardBackward:
     def __init__(self, shards: int | None = None):
         self.shards = shards
 
-    def __call__(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+    def __call__(self, model, x, y, dropout_key=None, dloss: float = 1.0, positions=None):
         bounds = split_bounds(x.shape[0], cpu_threads() if self.shards is None else self.shards)
         if len(bounds) == 1:
-            return forward_backward(model, x, y, dropout_key, dloss)
-        return sharded_forward_backward(model, x, y, dropout_key, bounds, dloss)
+            return forward_backward(model, x, y, dropout_key, dloss, positions)
+        return sharded_forward_backward(model, x, y, dropout_key, bounds, dloss, positions)
 
 
 def sharded_train_step(shards: int | None = None, grad_accum: int = 1) -> TrainingStep:

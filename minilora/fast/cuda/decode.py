@@ -95,7 +95,7 @@ class GraphedDecoder:
         model, params = self.step_model, self.model.params
         x = decode_embedding(self.ids, self.counters, params[WTE], params[WPE])  # (B, 1, C)
         for i in range(model.config.n_layer):
-            x, _ = model.block_forward(i, x, None, self.step_cache)
+            x, _ = model.block_forward(i, x, None, None, self.step_cache)  # unpacked, no dropout
         x, _ = model.final_norm(x)
         logits, _ = model.ops.linear_forward(x, params[WTE].T)  # tied head, (B, 1, V)
         self.logits[...] = logits[:, 0]

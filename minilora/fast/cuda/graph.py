@@ -14,8 +14,10 @@ their values during the capture). With gradient accumulation the graph replays o
 
 What makes replaying safe:
 
-- Static inputs. The graph reads the batch from two device buffers that never move; each step
-  copies its batch into them first.
+- Static inputs. The graph reads the batch (x, y, and the positions of packed rows) and the
+  backward's seed from device buffers that never move; each call copies its own into them first.
+  The seed changes from micro-batch to micro-batch when targets are masked (its share of the step's
+  scored targets, training/step.py), so it is a buffer too, not a number frozen by the capture.
 - A private memory pool. Every array the step allocates during the warm-up and the capture comes
   from a pool that only this graph uses, so the addresses baked into the graph are never handed to
   another array between replays. The warm-up steps run the same code first, so during the capture
@@ -49,6 +51,14 @@ def cuda_train_step(grad_accum: int = 1) -> TrainingStep:
     return TrainingStep(apply_update=fused_apply_update, grad_accum=grad_accum)
 
 
+def seed_dtype(model):
+    """The dtype of the backward's seed: the trainable parameters' float64, else float32 (bf16's losses are float32)."""
+    import cupy
+
+    trainable = model.params[model.trainable_names[0]]
+    return cupy.float64 if trainable.dtype == cupy.float64 else cupy.float32
+
+
 class GraphedStep(TrainingStep):
     """A training step for one model and optimiser on a GPU: ``warmup`` eager steps, then graph replays.
 
@@ -80,11 +90,13 @@ class GraphedStep(TrainingStep):
         self.pool = cupy.cuda.MemoryPool()
         self.graph = None
         self.calls = 0
-        self.x = self.y = None  # the static input buffers, made on the first call
-        self.dloss = None  # the backward's seed, fixed by the capture (1 / grad_accum for even micro-batches)
+        self.inputs = None  # {"x", "y"[, "positions"]}: the static batch buffers, made on the first call
+        self.seeds = None  # {"dloss"}: the backward's seed, a 0-d buffer
         self.outputs = None  # (loss, grads) written by every replay
 
-    def __call__(self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None):
+    def __call__(
+        self, model, optimizer, x, y, lr: float | None, grad_clip: float, dropout_key=None, positions=None
+    ):
         """The ``train_step`` signature; the model, optimiser and clip must be the ones captured."""
         if model is not self.model or optimizer is not self.optimizer or grad_clip != self.grad_clip:
             raise ValueError(
@@ -93,27 +105,24 @@ class GraphedStep(TrainingStep):
         caller = self.cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # the step starts after the caller's earlier work
         with self.stream:  # the uploads, the replays and the update, in this stream's order
-            loss = super().__call__(model, optimizer, x, y, lr, grad_clip)
+            loss = super().__call__(model, optimizer, x, y, lr, grad_clip, positions=positions)
         caller.wait_event(self.stream.record())  # the caller's later work (reading the loss) waits for it
         return loss
 
-    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0, positions=None):
         """The captured first half on (x, y): (loss, grads), both overwritten by the next replay."""
-        ids = (model.check_token_ids(x, "idx"), model.check_token_ids(y, "targets"))  # host range check
-        if self.dloss is None:
-            self.dloss = dloss
-        if dloss != self.dloss:
-            raise ValueError(f"GraphedStep captured a backward seeded with {self.dloss}, got {dloss}")
-        return self._forward_backward(*ids)
+        inputs = {"x": model.check_token_ids(x, "idx"), "y": model.check_targets(y, x)}  # host range checks
+        if positions is not None:
+            inputs["positions"] = model.check_positions(positions, x)
+        return self._forward_backward(inputs, dloss)
 
-    def _forward_backward(self, x, y):
+    def _forward_backward(self, inputs: dict, dloss):
         cupy = self.cupy
         with cupy.cuda.using_allocator(self.pool.malloc):
-            if self.x is None:
-                self.x, self.y = cupy.empty_like(x), cupy.empty_like(y)
-            if x.shape != self.x.shape or y.shape != self.y.shape:
-                raise ValueError(f"GraphedStep was built for batches of shape {self.x.shape}, got {x.shape}")
-            self.x[...], self.y[...] = x, y
+            if self.inputs is None:
+                self.inputs = {name: cupy.empty_like(value) for name, value in inputs.items()}
+                self.seeds = {"dloss": cupy.empty((), dtype=seed_dtype(self.model))}
+            self.copy_inputs(inputs, dloss)
             self.calls += 1
             if self.calls <= self.warmup:
                 return self._step()
@@ -128,6 +137,23 @@ class GraphedStep(TrainingStep):
             self.graph.launch(self.stream)
             return self.outputs
 
+    def copy_inputs(self, inputs: dict, dloss) -> None:
+        """This call's batch and seed into the static buffers, after checking that they fit them."""
+        static = self.inputs
+        if set(inputs) != set(static):
+            raise ValueError(
+                "GraphedStep was captured with packed rows (positions) and is now called without, or the "
+                "other way round: make a new one"
+            )
+        for name, value in inputs.items():
+            if value.shape != static[name].shape:
+                raise ValueError(
+                    f"GraphedStep was built for batches of shape {static['x'].shape}, got {value.shape}"
+                )
+            static[name][...] = value
+        self.seeds["dloss"].fill(dloss)
+
     def _step(self):
-        _, loss, cache = self.model.forward(self.x, self.y)
-        return loss, self.model.backward(cache, dloss=self.dloss)
+        inputs = self.inputs
+        _, loss, cache = self.model.forward(inputs["x"], inputs["y"], positions=inputs.get("positions"))
+        return loss, self.model.backward(cache, dloss=self.seeds["dloss"])

@@ -3,7 +3,8 @@
 This is ``fast.cpu.sharded_step`` with processes instead of threads, so it can span machines. Every
 rank draws the same global batch of B sequences (the batch is a function of seed and step), keeps
 its rows ``split_bounds(B, size)[rank]``, and runs forward and backward on them with the backward
-seeded with dloss = B_i / B: its share of the mean over the whole batch. The trainable gradients
+seeded with dloss = n_i / n, its share of the mean over the whole batch's scored targets
+(``training.step.share_of_scored``: B_i / B when every target is scored). The trainable gradients
 (and the shard's loss) are then packed into one flat buffer, exchanged, and summed; every rank ends
 with the whole batch's gradients, clips them and takes the same optimiser step, so the parameters
 stay identical on every rank without ever being sent.
@@ -32,21 +33,24 @@ import time
 import numpy as np
 
 from ...backend import device_rng
-from ...training.step import TrainingStep, apply_update, split_bounds
+from ...training.step import TrainingStep, apply_update, rows_of, share_of_scored, split_bounds
 from ..cpu.sharded_step import _blas_controller
 from .world import World
 
 
-def shard_forward_backward(model, x, y, dropout_key, start: int, stop: int, shard_id: int | None, dloss=1.0):
-    """This shard's weighted loss and gradients: rows start:stop of (B, T) x, y, weighted B_i / B."""
-    B = x.shape[0]
+def shard_forward_backward(
+    model, x, y, dropout_key, start: int, stop: int, shard_id: int | None, dloss=1.0, positions=None
+):
+    """This shard's weighted loss and gradients: rows start:stop of (B, T) x, y, weighted n_i / n."""
     rng = (
         None
         if dropout_key is None
         else device_rng(model.xp, *dropout_key, *(() if shard_id is None else (shard_id,)))
     )
-    loss, cache = model.forward(x[start:stop], y[start:stop], dropout_rng=rng)[1:]  # the logits freed now
-    weight = (stop - start) / B  # this shard's share of the mean over all B sequences
+    loss, cache = model.forward(
+        x[start:stop], y[start:stop], dropout_rng=rng, positions=rows_of(positions, start, stop)
+    )[1:]  # the logits are freed now
+    weight = share_of_scored(y, start, stop)  # this shard's share of the mean over the whole batch
     return loss * weight, model.backward(cache, dloss=dloss * weight)
 
 
@@ -93,7 +97,7 @@ class MpiStep(TrainingStep):
         """Bytes this rank sends in one exchange (its buffer to each of the size - 1 others)."""
         return 0 if self.buffers is None else self.buffers[0].nbytes * (self.world.size - 1)
 
-    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0):
+    def forward_backward(self, model, x, y, dropout_key=None, dloss: float = 1.0, positions=None):
         """The whole batch's loss and gradients, every rank computing its rows and all of them summed."""
         world = self.world
         start, stop = split_bounds(x.shape[0], world.size)[world.rank] if x.shape[0] >= world.size else (0, 0)
@@ -103,7 +107,9 @@ class MpiStep(TrainingStep):
             )
         shard_id = world.rank if world.size > 1 else None
         with _blas_controller().limit(limits=1, user_api="blas"):  # one core per rank, as one per shard
-            loss, grads = shard_forward_backward(model, x, y, dropout_key, start, stop, shard_id, dloss)
+            loss, grads = shard_forward_backward(
+                model, x, y, dropout_key, start, stop, shard_id, dloss, positions
+            )
         if self.buffers is None:
             n = sum(grads[name].size for name in self.names)
             dtype = grads[self.names[0]].dtype

@@ -29,7 +29,7 @@ import math
 from typing import NamedTuple
 
 from ....backend import matmul
-from ....layers.attention import merge_heads, split_heads
+from ....layers.attention import example_bias, merge_heads, split_heads
 from . import flash_attention
 from .attention_softmax import causal_probs_from_lse, causal_softmax, causal_softmax_backward
 from .blocks import compute_dtype
@@ -51,11 +51,16 @@ class CudaAttentionCache(NamedTuple):
     scale: float  # 1/sqrt(hs)
 
 
-def attention_forward(qkv, n_head: int, dropout_mask=None):
-    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), CudaAttentionCache or FlashAttentionCache)."""
+def attention_forward(qkv, n_head: int, dropout_mask=None, example_start=None):
+    """Causal self-attention.   qkv: (B, T, 3C) -> (y (B, T, C), CudaAttentionCache or FlashAttentionCache).
+
+    Packed rows (``example_start`` (B, T), layers/attention.py) take the cuBLAS route, their example
+    mask added to the scores, and keep the probabilities (the log-sum-exp route would lose the mask).
+    """
     import cupy
 
-    if USE_FLASH and flash_attention.supports(qkv.shape[-1] // (3 * n_head), qkv.dtype):
+    flash = USE_FLASH and flash_attention.supports(qkv.shape[-1] // (3 * n_head), qkv.dtype)
+    if flash and example_start is None:
         return flash_attention.attention_forward(qkv, n_head, dropout_mask)
 
     T = qkv.shape[1]
@@ -67,7 +72,10 @@ def attention_forward(qkv, n_head: int, dropout_mask=None):
     # hands cuBLAS a plain or transposed stack of matrices instead of copying a strided view again.
     k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     att = matmul(q, k.swapaxes(-1, -2))  # (B, H, T, T) scores
-    lse = cupy.empty(att.shape[:-1], dtype=compute_dtype(att.dtype)) if T >= LSE_MIN_T else None  # (B, H, T)
+    if example_start is not None:
+        att += example_bias(example_start, T, att.dtype)  # (B, 1, T, T): -inf before each query's example
+    long = T >= LSE_MIN_T and example_start is None
+    lse = cupy.empty(att.shape[:-1], dtype=compute_dtype(att.dtype)) if long else None  # (B, H, T)
     causal_softmax(att, lse)  # scores -> probabilities, in place
     if dropout_mask is not None:
         dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)

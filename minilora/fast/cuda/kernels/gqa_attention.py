@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ....backend import matmul
+from ....layers.attention import example_bias
 from ....layers.gqa_attention import GQAAttentionCache, check_heads, group_heads, ungroup_heads
 from . import attention, flash_attention
 from .attention_softmax import causal_softmax, causal_softmax_backward
@@ -83,15 +84,17 @@ def _sum_groups(dx, H_kv: int):
     return out
 
 
-def gqa_attention_forward(q, k, v, dropout_mask=None):
+def gqa_attention_forward(q, k, v, dropout_mask=None, example_start=None):
     """Grouped-query causal attention.   q: (B, H, T, hs), k, v: (B, H_kv, T, hs) -> (y, cache).
 
     y: (B, H, T, hs), on the flash route a view of a (B, T, H, hs) array (merge_heads is then free).
+    Packed rows (``example_start`` (B, T), layers/attention.py) take the cuBLAS route, their example
+    mask added to the scores.
     """
     import cupy
 
     H, H_kv = check_heads(q, k, v)
-    if _uses_flash(q):
+    if _uses_flash(q) and example_start is None:
         B, _, T, hs = q.shape
         q = cupy.ascontiguousarray(q)  # (B, H, T, hs): the strides of the repeated keys and values
         k, v = _repeat_kv(k, H // H_kv), _repeat_kv(v, H // H_kv)  # (B, H, T, hs) each
@@ -105,6 +108,8 @@ def gqa_attention_forward(q, k, v, dropout_mask=None):
     q = q * scale  # (B, H, T, hs), contiguous
     k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
     att = ungroup_heads(matmul(group_heads(q, H_kv), k.swapaxes(-1, -2)), H)  # (B, H, T, T) scores
+    if example_start is not None:
+        att += example_bias(example_start, q.shape[2], att.dtype)  # (B, 1, T, T), over the heads
     causal_softmax(att)  # scores -> probabilities, in place
     if dropout_mask is not None:
         dropout_mask = cupy.ascontiguousarray(dropout_mask, dtype=att.dtype)
