@@ -20,7 +20,7 @@ from minilora.llama import Llama, LlamaConfig, init_llama_params
 from minilora.lora.config import LoraConfig
 from minilora.lora.model import add_lora
 from minilora.model import GPT, init_params
-from minilora.training.examples import Example, pack_rows, packed_batch, padded_batch
+from minilora.training.examples import Example, ExampleSet, pack_rows, packed_batch, padded_batch
 from minilora.training.loop import TrainSettings
 from minilora.training.step import TrainingStep, forward_backward
 
@@ -114,14 +114,9 @@ def test_a_graph_captured_packed_step_trains_as_eager_steps(family, grad_accum):
     optimizers = [make_optimizer(m, TrainSettings(lr=1e-2, weight_decay=0.1)) for m in pair]
     graphed = GraphedStep(pair[1], optimizers[1], grad_clip=1.0, warmup=1, grad_accum=grad_accum)
     eager = TrainingStep(grad_accum=grad_accum)
-    rows = None
+    source = ExampleSet(examples(seed=3, n=40), packing=True)
     for step in range(5):  # the masks and the micro-batches' shares differ at every step
-        _, packed = both_layouts(seed=10 + step)
-        rows = rows or packed.x.shape[0]
-        batch = [
-            a[:rows] if a.shape[0] >= rows else np.pad(a, ((0, rows - a.shape[0]), (0, 0))) for a in packed
-        ]
-        x, y, positions = batch[0], np.where(batch[1] == 0, IGNORE, batch[1]), batch[2]
+        x, y, positions = source.train_batch(4, T, np.random.default_rng(step))  # always 4 rows: one graph
         want = float(eager(pair[0], optimizers[0], x, y, None, 1.0, positions=positions))
         got = float(graphed(pair[1], optimizers[1], x, y, None, 1.0, positions=positions))
         assert got == pytest.approx(want, rel=1e-5)
