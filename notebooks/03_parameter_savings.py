@@ -511,7 +511,7 @@ for L, H, C, T, V in grid:
 coefficients = np.linalg.lstsq(np.array(features, dtype=np.float64), np.array(per_token), rcond=None)[0]
 assert np.allclose(coefficients, np.round(coefficients), atol=1e-6), coefficients
 a, b, c, d, e, f = (int(round(x)) for x in coefficients)
-assert (a, b, c, d, e, f) == (21, 1, 2, 2, 2, 5)  # the breakdown read off the caches below
+assert (a, b, c, d, e, f) == (21, 1, 2, 2, 2, 8)  # the breakdown read off the caches below
 print(f"values cached per token: L ({a} C + {b} x H T + {c}) + {d} C + {e} V + {f}")
 
 
@@ -530,8 +530,9 @@ print("the formula predicts the presets' ledgers to the byte")
 # inputs of the four linear layers (C + C + C + 4C), the fused q, k, v (3C) and q again in the
 # heads' layout (C), GELU's input and its tanh (4C + 4C): 21 C; the attention probabilities, H T;
 # the two LayerNorms' 1 / std, 2. Outside the blocks: the final LayerNorm's normalised input and the
-# head's input (2C), the logits and their softmax (2V), and the ids and targets (int64, 4 values' worth)
-# with the final LayerNorm's 1 / std (5). The attention term H T is what makes long contexts
+# head's input (2C), the logits and their softmax (2V), the ids and targets (int64, 4 values' worth),
+# the loss's copy of the targets with IGNORE replaced (int64, 2) and each target's weight in the
+# mean (1), and the final LayerNorm's 1 / std: 8. The attention term H T is what makes long contexts
 # expensive.
 #
 # ## GPT-3 175B: the LoRA paper's figures, from their formulas
