@@ -28,8 +28,8 @@ SCALED = {  # a block that trains for minutes as written: (its text, the few ste
                 ("max_new_tokens=200", "max_new_tokens=20")],
 }  # fmt: skip
 SHELL_SCALED = {  # per command: the flags set (or added) to cut its cost; None: a flag without a value
-    "finetune": {"--steps": "2", "--batch-size": "1", "--block-size": "32", "--eval-windows": "1", "--quiet": None},
-    "eval": {"--block-size": "32", "--eval-windows": "1"},
+    "finetune": {"--steps": "2", "--batch-size": "1", "--block-size": "64", "--eval-windows": "1", "--quiet": None},
+    "eval": {"--block-size": "64", "--eval-windows": "1"},
     "generate": {"--max-new-tokens": "4"},
     "chat": {"--max-new-tokens": "4"},
     "bench": {"--steps": "1", "--repeats": "1", "--warmup-steps": "1", "--batch-size": "1", "--seq-len": "16",

@@ -113,4 +113,9 @@ def bits_per_byte_of(
         _, loss, _ = model.forward(batch.x, batch.y, positions=batch.positions)
         total_nats += float(loss) * scored_targets(batch.y).size
         total_bytes += bytes_of(batch.y, token_bytes)
+    if total_bytes == 0:
+        raise ValueError(
+            "no target of the evaluated text is scored: the assistant's replies start after the block of "
+            f"{model.config.block_size} tokens; give a larger --block-size"
+        )
     return total_nats / total_bytes / math.log(2)
