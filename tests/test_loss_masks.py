@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_grad_accumulation import STEPS, assert_same_parameters, lora_models
 
-from minilora.config import get_preset
 from minilora.fast.cpu.ops import CPU_OPS
-from minilora.fast.cpu.sharded_step import sharded_train_step
-from minilora.fast.distributed.mpi_step import MpiStep
-from minilora.fast.distributed.world import World
 from minilora.gradcheck import check_layer, check_model
 from minilora.layers import IGNORE, cross_entropy_backward, cross_entropy_forward
-from minilora.lora.config import LoraConfig
-from minilora.lora.model import add_lora
-from minilora.model import GPT, init_params
-from minilora.optim import AdamW
 from minilora.training.evaluate import loss_in_bits_per_byte
 from minilora.training.step import TrainingStep, forward_backward
-
-CONFIG = get_preset("tiny", block_size=16)
 
 
 def masked_targets(rng, shape, vocab, scored_share=0.4):
@@ -71,17 +62,6 @@ def test_a_batch_with_nothing_scored_has_loss_zero_and_no_gradient():
     assert float(loss) == 0.0 and not cross_entropy_backward(1.0, cache).any()
 
 
-def lora_models(n: int):
-    models = []
-    for _ in range(n):
-        base = GPT(CONFIG, init_params(CONFIG, seed=3, dtype=np.float64))
-        models.append(add_lora(base, LoraConfig(r=4, target_modules="all-linear", init="random")))
-    optimizers = [
-        AdamW(m.params, m.trainable_names, lr=1e-2, weight_decay=0.1, no_decay=m.no_decay) for m in models
-    ]
-    return models, optimizers
-
-
 def masked_batch(rows: int, seed: int):
     """Rows whose scored share differs a lot from row to row: a per-micro-batch mean is then wrong."""
     rng = np.random.default_rng(seed)
@@ -90,13 +70,6 @@ def masked_batch(rows: int, seed: int):
     y = np.where(rng.random((rows, 16)) < shares, rng.integers(0, 256, (rows, 16)), IGNORE)
     y[:, -1] = rng.integers(0, 256, rows)  # every row scores at least one target
     return x, y
-
-
-STEPS = {
-    "reference": lambda n: TrainingStep(grad_accum=n),
-    "threads": lambda n: sharded_train_step(shards=2, grad_accum=n),
-    "mpi, one rank": lambda n: MpiStep(World(0, 1), lora_models(1)[0][0].trainable_names, grad_accum=n),
-}
 
 
 @pytest.mark.parametrize("kind", list(STEPS))
@@ -108,10 +81,7 @@ def test_masked_micro_batches_equal_one_batch(kind, n, rows):
         loss_one = STEPS[kind](1)(models[0], optimizers[0], x, y, None, 0.5)
         loss_n = STEPS[kind](n)(models[1], optimizers[1], x, y, None, 0.5)
         assert float(loss_n) == pytest.approx(float(loss_one), rel=1e-12)
-        for name in models[0].params:
-            np.testing.assert_allclose(
-                models[0].params[name], models[1].params[name], rtol=1e-12, atol=1e-12, err_msg=name
-            )
+        assert_same_parameters(models[0], models[1])
 
 
 def test_a_mean_per_micro_batch_would_not_be_the_batchs_loss_or_gradient():

@@ -116,6 +116,7 @@ class ExampleSet:
     def __init__(self, examples: list[Example], packing: bool = False):
         self.examples = list(examples)
         self.packing = packing
+        self.shortest = min(len(example.ids) - 1 for example in self.examples)  # inputs of the shortest
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -127,7 +128,7 @@ class ExampleSet:
         """
         if not self.packing:
             return padded_batch([self.examples[i] for i in rng.integers(0, len(self), B)], T)
-        shortest = min(lengths(self.examples, T))
+        shortest = min(self.shortest, T)  # its input length in a row of T
         drawn = rng.integers(
             0, len(self), B * (T // shortest) + 1
         )  # more than B rows can hold, whatever is drawn
